@@ -1,0 +1,28 @@
+"""Pure tensor math of stable regions. Nothing here imports the model layer."""
+
+from .curve import (
+    RayCurve,
+    cumulants,
+    radius_pade,
+    radius_quadratic,
+    radius_series,
+    series_coefficients,
+)
+from .fisher import FisherOperator, effective_rank
+from .head import LogitHead
+from .lanczos import lanczos_topk
+from .roots import first_crossing
+
+__all__ = [
+    "FisherOperator",
+    "LogitHead",
+    "RayCurve",
+    "cumulants",
+    "effective_rank",
+    "first_crossing",
+    "lanczos_topk",
+    "radius_pade",
+    "radius_quadratic",
+    "radius_series",
+    "series_coefficients",
+]

@@ -1,0 +1,140 @@
+"""The KL along a ray, exactly and as closed forms of any order.
+
+Along ``h + t v`` let ``delta(t) = z(t) - z(0)`` be the change of the logits. Then
+
+    KL(p || p_t) = log E_p[exp delta(t)] - E_p[delta(t)]
+
+With a linear head ``delta = t a``, ``a = J v``, and this is ``K(t) - t K'(0)`` with ``K`` the
+cumulant generating function of ``a`` under ``p``: exact, convex, O(V) per ``t``.
+
+Expanding ``delta = t a1 + t^2/2 a2 + t^3/6 a3`` (``a_k``: k-th derivative of the logits
+along the ray; ``a2 = a3 = 0`` for a linear head) gives
+
+    KL = c2 t^2/2 + c3 t^3/6 + c4 t^4/24 + O(t^5)
+    c2 = Var(a1)                                   (= v^T H v)
+    c3 = k3(a1) + 3 Cov(a1, a2)
+    c4 = k4(a1) + 6 E[(a1 - Ea1)^2 (a2 - Ea2)] + 3 Var(a2) + 4 Cov(a1, a3)
+
+where ``k3, k4`` are the third and fourth cumulants under ``p``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .head import LogitHead
+
+
+def _centered(p: Tensor, a: Tensor) -> Tensor:
+    return a - (p * a).sum(-1, keepdim=True)
+
+
+def cumulants(p: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean and 2nd-4th cumulants of ``a`` under ``p`` along the last axis."""
+    mean = (p * a).sum(-1)
+    c = a - mean[..., None]
+    m2 = (p * c**2).sum(-1)
+    m3 = (p * c**3).sum(-1)
+    m4 = (p * c**4).sum(-1)
+    return mean, m2, m3, m4 - 3.0 * m2**2
+
+
+def series_coefficients(p: Tensor, derivs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c2, c3, c4)`` of the KL series from the logit derivatives ``[a1, a2, a3]``.
+
+    ``p`` broadcasts against each ``a_k`` (shape (..., V)); missing ``a2``/``a3`` mean zero.
+    """
+    a1 = derivs[0]
+    c1 = _centered(p, a1)
+    var1 = (p * c1**2).sum(-1)
+    k3 = (p * c1**3).sum(-1)
+    k4 = (p * c1**4).sum(-1) - 3.0 * var1**2
+    c2, c3, c4 = var1, k3, k4
+    if len(derivs) > 1:
+        c2a = _centered(p, derivs[1])
+        c3 = c3 + 3.0 * (p * c1 * c2a).sum(-1)
+        c4 = c4 + 6.0 * (p * c1**2 * c2a).sum(-1) + 3.0 * (p * c2a**2).sum(-1)
+    if len(derivs) > 2:
+        c4 = c4 + 4.0 * (p * c1 * _centered(p, derivs[2])).sum(-1)
+    return c2, c3, c4
+
+
+def radius_quadratic(c2: Tensor, eps: float) -> Tensor:
+    """The published closed form ``sqrt(2 eps / c2)``; infinite where ``c2 = 0``."""
+    c2 = torch.as_tensor(c2, dtype=torch.float64)
+    return torch.where(c2 > 0, torch.sqrt(2.0 * eps / c2.clamp_min(1e-300)), torch.inf)
+
+
+def radius_pade(c2: Tensor, c3: Tensor, eps: float) -> Tensor:
+    """Root of the [2/1] Pade approximant of the KL series, in closed form.
+
+    ``KL ~ (c2 t^2 / 2) / (1 + beta t)``, ``beta = -c3 / (3 c2)``, matches the series to third
+    order; like the exact curve (``KL ~ t (max a - E a)`` for large t) it grows only linearly
+    when ``c3 < 0``, and it always has exactly one positive root:
+
+        t = (eps beta + sqrt(eps^2 beta^2 + 2 c2 eps)) / c2
+    """
+    c2 = torch.as_tensor(c2, dtype=torch.float64)
+    c3 = torch.as_tensor(c3, dtype=torch.float64)
+    safe = c2.clamp_min(1e-300)
+    beta = -c3 / (3.0 * safe)
+    # Written to avoid cancellation when eps*beta < 0: t = 2 eps / (sqrt(D) - eps beta).
+    root = torch.sqrt((eps * beta) ** 2 + 2.0 * safe * eps)
+    t = torch.where(
+        beta >= 0, (eps * beta + root) / safe, 2.0 * eps / (root - eps * beta)
+    )
+    return torch.where(c2 > 0, t, torch.inf)
+
+
+def radius_series(coeffs: list[float], eps: float) -> float:
+    """Smallest positive root of ``sum_k coeffs[k] t^(k+2) / (k+2)! = eps``; inf if none."""
+    poly = [c / math.factorial(k + 2) for k, c in enumerate(coeffs)]
+    # numpy wants highest degree first; constant term -eps, no linear term.
+    roots = np.roots(list(reversed(poly)) + [0.0, -eps])
+    real = roots[(np.abs(roots.imag) <= 1e-9 * np.abs(roots)) & (roots.real > 0)].real
+    return float(real.min()) if real.size else math.inf
+
+
+@dataclass
+class RayCurve:
+    """Exact ``KL(p || p_t)`` along ``h + t v`` for one position and a batch of directions.
+
+    Built from the raw logits ``u0`` (V,) and their rate ``b = scale * W v`` (k, V). A linear
+    head uses the CGF; a softcapped head evaluates the real ``c tanh(u / c)`` at each ``t``.
+    """
+
+    head: LogitHead
+    u0: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        self.z0 = self.head.squash(self.u0)
+        self.logp = torch.log_softmax(self.z0, dim=-1)
+        self.p = self.logp.exp()
+        if self.b.ndim == 1:
+            self.b = self.b[None]
+        self._mean_b = (self.p * self.b).sum(-1)
+
+    @classmethod
+    def from_head(cls, head: LogitHead, h: Tensor, v: Tensor) -> RayCurve:
+        return cls(head, head.raw(h), head.direction(v))
+
+    def kl(self, t: Tensor | float) -> Tensor:
+        """KL at steps ``t`` (n,) for every direction: shape (n, k)."""
+        t = torch.as_tensor(t, dtype=self.b.dtype).reshape(-1, 1, 1)
+        if self.head.is_linear:
+            shifted = self.logp + t * self.b  # (n, k, V)
+            return torch.logsumexp(shifted, -1) - t[..., 0] * self._mean_b
+        zt = self.head.squash(self.u0 + t * self.b)
+        logpt = torch.log_softmax(zt, -1)
+        return (self.p * (self.logp - logpt)).sum(-1)
+
+    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Series coefficients ``(c2, c3, c4)`` per direction, shape (k,) each."""
+        derivs = self.head.logit_derivatives(self.u0, self.b, order=3)
+        return series_coefficients(self.p, derivs)

@@ -1,0 +1,139 @@
+"""The pre-logit curvature ``H``: softmax Fisher information pulled back through the head.
+
+    H = J^T (diag(p) - p p^T) J,    J = dz/dh = diag(r) * scale * W
+
+``r = 1`` for a linear head and ``r = sech^2(u / c)`` under a softcap. ``H`` is the Hessian
+of ``KL(p || softmax(z(h + x)))`` at ``x = 0`` (the KL's gradient vanishes there, so the
+head's own curvature does not enter) and of the next-token cross-entropy for any target.
+
+Matrix-free product, for a batch of P positions at once (row i through operator i):
+
+    a = J v,   H v = J^T (p * a - p (p . a))          two O(V d) products
+
+``H = M^T M`` with ``M = (diag(sqrt p) - sqrt(p) p^T) J`` gives the dense form without a
+V x V matrix, and ``tr H = sum_i p_i ||J_i||^2 - ||J^T p||^2`` costs O(V d).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .head import LogitHead
+from .lanczos import lanczos_topk
+
+
+class FisherOperator:
+    """``H`` at P positions. ``p``: (P, V) probabilities; ``weight``: (V, d)."""
+
+    def __init__(
+        self,
+        weight: Tensor,
+        p: Tensor,
+        *,
+        scale: float = 1.0,
+        row_scale: Tensor | None = None,
+    ) -> None:
+        if p.ndim == 1:
+            p = p[None]
+            row_scale = None if row_scale is None else row_scale.reshape(1, -1)
+        self.weight = weight
+        self.p = p
+        self.scale = scale
+        self.row_scale = row_scale  # (P, V) or None
+
+    @classmethod
+    def from_head(cls, head: LogitHead, h: Tensor) -> FisherOperator:
+        """Curvature of ``KL(p || softmax(head(h + x)))`` at ``x = 0`` for h of shape (P, d)."""
+        h = h.reshape(-1, head.d_model)
+        u0 = head.raw(h)
+        p = torch.softmax(head.squash(u0), dim=-1)
+        return cls(head.weight, p, scale=head.scale, row_scale=head.jacobian_row_scale(u0))
+
+    @property
+    def batch(self) -> int:
+        return self.p.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.weight.shape[1]
+
+    def jvp(self, v: Tensor) -> Tensor:
+        """``J v``: (P, d) or (P, k, d) -> (P, V) or (P, k, V)."""
+        a = v @ self.weight.T
+        if self.scale != 1.0:
+            a = a * self.scale
+        if self.row_scale is not None:
+            a = a * (self.row_scale if v.ndim == 2 else self.row_scale[:, None])
+        return a
+
+    def vjp(self, g: Tensor) -> Tensor:
+        """``J^T g``: (P, V) -> (P, d)."""
+        if self.row_scale is not None:
+            g = g * self.row_scale
+        out = g @ self.weight
+        return out * self.scale if self.scale != 1.0 else out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for v of shape (P, d) (or (d,) when P = 1)."""
+        squeeze = v.ndim == 1
+        v = v.reshape(self.batch, self.d)
+        a = self.jvp(v)
+        fa = self.p * (a - (self.p * a).sum(-1, keepdim=True))
+        out = self.vjp(fa)
+        return out[0] if squeeze else out
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        """``v^T H v`` for directions v of shape (P, k, d) -> (P, k), as the variance of ``J v`` under p."""
+        a = self.jvp(v)
+        p = self.p[:, None]
+        mean = (p * a).sum(-1, keepdim=True)
+        return (p * (a - mean) ** 2).sum(-1)
+
+    def dense(self) -> Tensor:
+        """Dense ``H`` (P, d, d) via ``M^T M``; O(V d^2) per position, for tests and small d."""
+        out = []
+        for i in range(self.batch):
+            J = self.weight * self.scale
+            if self.row_scale is not None:
+                J = J * self.row_scale[i, :, None]
+            p = self.p[i]
+            sq = p.sqrt()
+            M = sq[:, None] * J - sq[:, None] * (p @ J)[None, :]
+            out.append(M.T @ M)
+        return torch.stack(out)
+
+    def trace(self) -> Tensor:
+        """``tr H`` per position, O(V d)."""
+        row_norm2 = (self.weight**2).sum(-1) * self.scale**2  # (V,)
+        pr = self.p if self.row_scale is None else self.p * self.row_scale**2
+        first = pr @ row_norm2
+        mean_row = self.vjp(self.p)  # J^T p
+        return first - (mean_row**2).sum(-1)
+
+    def start_vector(self) -> Tensor:
+        """A Lanczos start close to the top eigenvector: the top token's logit gradient minus its mean."""
+        top = self.p.argmax(-1)
+        e = torch.zeros_like(self.p)
+        e.scatter_(1, top[:, None], 1.0)
+        return self.vjp(e - self.p)
+
+    def top_eigenpairs(
+        self, k: int = 1, *, tol: float = 1e-12, max_iter: int | None = None, seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Largest k eigenpairs: (eigenvalues (P, k), eigenvectors (P, k, d))."""
+        g = torch.Generator(device=self.p.device).manual_seed(seed)
+        v0 = self.start_vector()
+        v0 = v0 + 1e-3 * v0.norm(dim=-1, keepdim=True) * torch.randn(
+            v0.shape, dtype=v0.dtype, device=v0.device, generator=g
+        ) / self.d**0.5
+        evals, evecs, _ = lanczos_topk(self.matvec, v0, k, tol=tol, max_iter=max_iter, generator=g)
+        return evals.clamp_min(0.0), evecs
+
+
+def effective_rank(trace: Tensor, lambda_max: Tensor) -> Tensor:
+    """``tr H / lambda_max``: how many directions carry the curvature (1 = one direction).
+
+    This is the intrinsic dimension of a PSD matrix; it lies in [1, rank H], and is 0 where H = 0.
+    """
+    return torch.where(lambda_max > 0, trace / lambda_max.clamp_min(1e-300), torch.zeros_like(trace))

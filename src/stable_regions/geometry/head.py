@@ -1,0 +1,90 @@
+"""The map from the pre-logit vector to the logits, as plain tensors.
+
+    u(h) = scale * (W h + b)              raw logits, linear in h
+    z(h) = c * tanh(u(h) / c)             final logit softcap (Gemma-2 style), if any
+
+Along a ray ``h + t v`` the raw logits move linearly, ``u(t) = u0 + t * scale * W v``,
+so every quantity along a ray costs one O(V d) product and then O(V) per step.
+With a softcap the logits are no longer linear in ``t``: the derivatives below carry
+the real nonlinearity instead of assuming the CGF form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """Unembedding ``W`` (V x d), optional bias (V), logit scale, optional softcap."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def is_linear(self) -> bool:
+        return self.softcap is None
+
+    def to(self, dtype: torch.dtype) -> LogitHead:
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return LogitHead(self.weight.to(dtype), bias, self.scale, self.softcap)
+
+    def raw(self, h: Tensor) -> Tensor:
+        """``scale * (W h + b)`` for ``h`` of shape (..., d)."""
+        u = h @ self.weight.T
+        if self.bias is not None:
+            u = u + self.bias
+        return u * self.scale if self.scale != 1.0 else u
+
+    def squash(self, u: Tensor) -> Tensor:
+        """Apply the softcap (identity for a linear head)."""
+        if self.softcap is None:
+            return u
+        return self.softcap * torch.tanh(u / self.softcap)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.squash(self.raw(h))
+
+    def direction(self, v: Tensor) -> Tensor:
+        """``d u / d t`` along ``h + t v``: ``scale * W v`` for ``v`` of shape (..., d)."""
+        b = v @ self.weight.T
+        return b * self.scale if self.scale != 1.0 else b
+
+    def squash_derivatives(self, u: Tensor, order: int) -> list[Tensor]:
+        """Derivatives ``g^(k)(u)``, k = 1..order, of the softcap ``g(u) = c tanh(u/c)``."""
+        if self.softcap is None:
+            ones = torch.ones_like(u)
+            return [ones] + [torch.zeros_like(u)] * (order - 1)
+        c = self.softcap
+        th = torch.tanh(u / c)
+        sech2 = 1.0 - th * th
+        out = [sech2, -(2.0 / c) * sech2 * th, -(2.0 / c**2) * sech2 * (1.0 - 3.0 * th * th)]
+        return out[:order]
+
+    def logit_derivatives(self, u0: Tensor, b: Tensor, order: int = 3) -> list[Tensor]:
+        """``d^k z / d t^k`` at ``t = 0`` along the ray whose raw logits are ``u0 + t b``.
+
+        ``u0`` has shape (..., V) and ``b`` shape (..., V) (or broadcastable).
+        Returns ``[a1, a2, ..., a_order]`` with ``a_k = g^(k)(u0) * b**k``.
+        """
+        g = self.squash_derivatives(u0, order)
+        return [g[k] * b ** (k + 1) for k in range(order)]
+
+    def jacobian_row_scale(self, u0: Tensor) -> Tensor | None:
+        """Per-logit factor ``D`` with ``dz/dh = D * scale * W``; None when ``D = 1``."""
+        if self.softcap is None:
+            return None
+        return self.squash_derivatives(u0, 1)[0]

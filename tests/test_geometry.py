@@ -1,0 +1,207 @@
+"""Geometry against independent references: autograd Hessians, dense eigh, known roots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stable_regions.geometry import (
+    FisherOperator,
+    LogitHead,
+    RayCurve,
+    effective_rank,
+    first_crossing,
+    lanczos_topk,
+    radius_pade,
+    radius_quadratic,
+    radius_series,
+)
+
+torch.set_default_dtype(torch.float64)
+
+HEADS = {
+    "linear": dict(bias=False, scale=1.0, softcap=None),
+    "bias": dict(bias=True, scale=1.0, softcap=None),
+    "scaled": dict(bias=True, scale=0.37, softcap=None),
+    "softcap": dict(bias=False, scale=1.0, softcap=4.0),
+    "softcap_bias_scale": dict(bias=True, scale=1.9, softcap=3.0),
+}
+
+
+def make_head(kind: str, V: int = 60, d: int = 10, seed: int = 0) -> tuple[LogitHead, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    spec = HEADS[kind]
+    W = torch.randn(V, d, generator=g)
+    b = torch.randn(V, generator=g) if spec["bias"] else None
+    head = LogitHead(W, b, spec["scale"], spec["softcap"])
+    h = torch.randn(d, generator=g)
+    return head, h
+
+
+def kl_reference(head: LogitHead, h: torch.Tensor):
+    """KL(p || softmax(z(h + x))) written out by hand, for autograd."""
+    logp = torch.log_softmax(head.logits(h), -1).detach()
+
+    def f(x):
+        return (logp.exp() * (logp - torch.log_softmax(head.logits(h + x), -1))).sum()
+
+    return f
+
+
+def rel(a, b):
+    return (a - b).norm() / b.norm()
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_fisher_matches_autograd_hessian(kind):
+    head, h = make_head(kind)
+    H_ref = torch.autograd.functional.hessian(kl_reference(head, h), torch.zeros_like(h))
+    op = FisherOperator.from_head(head, h[None])
+    assert rel(op.dense()[0], H_ref) < 1e-10
+    v = torch.randn(3, h.numel())
+    Hv = torch.stack([op.matvec(vi) for vi in v])
+    assert rel(Hv, v @ H_ref) < 1e-10
+    q = op.quadratic_form(v[None])[0]
+    q_ref = torch.einsum("kd,de,ke->k", v, H_ref, v)
+    assert torch.allclose(q, q_ref, rtol=1e-10, atol=0)
+    assert torch.isclose(op.trace()[0], torch.trace(H_ref), rtol=1e-10)
+    # Symmetric, PSD and (linear head without bias) the all-equal logit shift is in the null space.
+    evals_ref, evecs_ref = torch.linalg.eigh(H_ref)
+    assert evals_ref.min() > -1e-12 * evals_ref.max()
+    evals, evecs = op.top_eigenpairs(k=3)
+    assert torch.allclose(evals[0], evals_ref.flip(0)[:3], rtol=1e-9, atol=0)
+    overlap = (evecs[0] @ evecs_ref.flip(1)[:, :3]).abs().diagonal()
+    assert torch.allclose(overlap, torch.ones(3), atol=1e-8)
+
+
+def test_fisher_batch_rows_are_independent():
+    head, _ = make_head("softcap")
+    hs = torch.randn(4, head.d_model)
+    op = FisherOperator.from_head(head, hs)
+    v = torch.randn(4, head.d_model)
+    out = op.matvec(v)
+    for i in range(4):
+        single = FisherOperator.from_head(head, hs[i : i + 1])
+        assert rel(out[i], single.matvec(v[i])) < 1e-13
+
+
+def test_constant_logit_shift_is_null():
+    """H 1_logits = 0: a direction whose logit change is the same for every token."""
+    d, V = 8, 30
+    W = torch.randn(V, d)
+    W[:, 0] = 1.0  # coordinate 0 shifts every logit by the same amount
+    op = FisherOperator(W, torch.softmax(torch.randn(V), -1))
+    e0 = torch.zeros(d)
+    e0[0] = 1.0
+    assert op.matvec(e0).abs().max() < 1e-12
+
+
+def test_lanczos_matches_eigh_on_batch():
+    g = torch.Generator().manual_seed(3)
+    P, d = 5, 40
+    A = torch.randn(P, d, d, generator=g)
+    A = A @ A.transpose(1, 2) / d
+    evals, evecs, resid = lanczos_topk(lambda x: torch.einsum("pij,pj->pi", A, x), torch.randn(P, d, generator=g), k=4)
+    ref_vals, ref_vecs = torch.linalg.eigh(A)
+    assert torch.allclose(evals, ref_vals.flip(-1)[:, :4], rtol=1e-10, atol=0)
+    overlap = torch.einsum("pkd,pdk->pk", evecs, ref_vecs.flip(-1)[:, :, :4]).abs()
+    assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-8)
+
+
+def test_lanczos_low_rank_and_zero_operator():
+    d = 30
+    u = torch.randn(d)
+    A = torch.outer(u, u)  # rank one: Lanczos breaks down after one step
+    evals, evecs, _ = lanczos_topk(lambda x: x @ A, torch.randn(1, d), k=2)
+    assert torch.isclose(evals[0, 0], u @ u, rtol=1e-12)
+    assert abs(evals[0, 1]) < 1e-10 * (u @ u)
+    assert torch.isclose((evecs[0, 0] @ u).abs(), u.norm(), rtol=1e-12)
+    evals, evecs, _ = lanczos_topk(lambda x: 0 * x, torch.randn(1, d), k=1)
+    assert evals.abs().max() == 0 and torch.isclose(evecs.norm(), torch.tensor(1.0))
+
+
+def test_effective_rank_is_trace_over_top():
+    head, h = make_head("linear", V=80, d=12)
+    op = FisherOperator.from_head(head, h[None])
+    H = op.dense()[0]
+    ev = torch.linalg.eigvalsh(H)
+    r = effective_rank(op.trace(), op.top_eigenpairs(1)[0][:, 0])
+    assert torch.isclose(r[0], ev.sum() / ev.max(), rtol=1e-10)
+    assert 1.0 <= r[0] <= 12.0
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_exact_curve_matches_direct_kl(kind):
+    head, h = make_head(kind, seed=1)
+    v = torch.randn(2, head.d_model)
+    v = v / v.norm(dim=-1, keepdim=True)
+    curve = RayCurve.from_head(head, h, v)
+    ts = torch.tensor([1e-3, 0.1, 0.7, 3.0, -0.5])
+    got = curve.kl(ts)
+    f = kl_reference(head, h)
+    ref = torch.tensor([[float(f(t * vi)) for vi in v] for t in ts])
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_series_coefficients_match_autograd_derivatives(kind):
+    head, h = make_head(kind, seed=2)
+    v = torch.randn(head.d_model)
+    v = v / v.norm()
+    f = kl_reference(head, h)
+    t = torch.zeros((), requires_grad=True)
+    y = f(t * v)
+    derivs = []
+    for _ in range(4):
+        (y,) = torch.autograd.grad(y, t, create_graph=True)
+        derivs.append(y)
+    c2, c3, c4 = RayCurve.from_head(head, h, v[None]).coefficients()
+    assert abs(float(derivs[0].detach())) < 1e-12  # the KL is stationary at t = 0
+    assert math.isclose(float(c2[0]), float(derivs[1]), rel_tol=1e-10)
+    assert math.isclose(float(c3[0]), float(derivs[2]), rel_tol=1e-9)
+    assert math.isclose(float(c4[0]), float(derivs[3]), rel_tol=1e-9)
+    # and c2 is the quadratic form of H
+    op = FisherOperator.from_head(head, h[None])
+    assert math.isclose(float(c2[0]), float(op.quadratic_form(v[None, None])[0, 0]), rel_tol=1e-10)
+
+
+def test_radius_closed_forms():
+    c2, c3 = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.0, 3.0, -3.0])
+    eps = 0.05
+    q = radius_quadratic(c2, eps)
+    assert torch.allclose(q, torch.sqrt(torch.tensor(2 * eps / 2.0)).expand(3))
+    t = radius_pade(c2, c3, eps)
+    beta = -c3 / (3 * c2)
+    assert torch.allclose(c2 * t**2 / 2, eps * (1 + beta * t), rtol=1e-12)
+    assert t[1] < q[1] < t[2]  # positive skew: KL rises faster, so the boundary is nearer
+    assert math.isinf(float(radius_quadratic(torch.tensor(0.0), eps)))
+    assert math.isinf(float(radius_pade(torch.tensor(0.0), torch.tensor(1.0), eps)))
+    # series root of t^2 + t^3 = 2 (c2=2, c3=6): t = 1
+    assert math.isclose(radius_series([2.0, 6.0], 2.0), 1.0, rel_tol=1e-12)
+    # c2 t^2/2 - t^3/6 tops out at 2/3 for c2 = 1, c3 = -1: no root above that
+    assert math.isinf(radius_series([1.0, -1.0], 1.0))
+
+
+@pytest.mark.parametrize(
+    "f, level, root",
+    [
+        (lambda t: t**2, 2.0, math.sqrt(2.0)),
+        (lambda t: np.expm1(np.minimum(t, 50.0)), 0.3, math.log1p(0.3)),
+        (lambda t: 1e6 * t**3, 1e-9, 1e-5),
+        # not monotone: first crossing at 1.0 even though it dips afterwards
+        (lambda t: np.where(t < 1.5, t, 3.0 - t) + 0 * t, 1.0, 1.0),
+    ],
+)
+def test_first_crossing_known_roots(f, level, root):
+    got = first_crossing(lambda t: np.asarray(f(np.asarray(t, float)), float), level, t_start=1e-3, t_max=1e6, rtol=1e-10)
+    assert math.isclose(got, root, rel_tol=1e-8)
+    # starting above the crossing walks down to it
+    got = first_crossing(lambda t: np.asarray(f(np.asarray(t, float)), float), level, t_start=root * 1.3, t_max=1e6, rtol=1e-10)
+    assert math.isclose(got, root, rel_tol=1e-8)
+
+
+def test_first_crossing_never_reached():
+    assert math.isinf(first_crossing(lambda t: np.tanh(t), 2.0, t_start=1e-3, t_max=1e4))
