@@ -177,6 +177,15 @@ def test_radius_closed_forms():
     beta = -c3 / (3 * c2)
     assert torch.allclose(c2 * t**2 / 2, eps * (1 + beta * t), rtol=1e-12)
     assert t[1] < q[1] < t[2]  # positive skew: KL rises faster, so the boundary is nearer
+    # [2/2]: c2 t^2/2 = eps (1 + beta t + gamma t^2), and it reduces to [2/1] when gamma = 0
+    c4 = torch.tensor([0.5, -1.0, 4.0])
+    t22 = radius_pade(c2, c3, eps, c4)
+    gamma = beta**2 - c4 / (12 * c2)
+    assert torch.allclose(c2 * t22**2 / 2, eps * (1 + beta * t22 + gamma * t22**2), rtol=1e-12)
+    assert torch.allclose(radius_pade(c2, c3, eps, 12 * c2 * beta**2), t, rtol=1e-12)
+    # a [2/2] form that saturates below eps (large positive gamma) falls back to [2/1]
+    sat = radius_pade(torch.tensor(1.0), torch.tensor(0.0), 1.0, torch.tensor(-100.0))
+    assert torch.isclose(sat, radius_pade(torch.tensor(1.0), torch.tensor(0.0), 1.0))
     assert math.isinf(float(radius_quadratic(torch.tensor(0.0), eps)))
     assert math.isinf(float(radius_pade(torch.tensor(0.0), torch.tensor(1.0), eps)))
     # series root of t^2 + t^3 = 2 (c2=2, c3=6): t = 1

@@ -14,3 +14,9 @@ class ModelNotInstalledError(StableRegionsError):
 
 class UnsupportedModelError(StableRegionsError):
     """The model is not a supported causal decoder LM."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -70,24 +70,32 @@ def radius_quadratic(c2: Tensor, eps: float) -> Tensor:
     return torch.where(c2 > 0, torch.sqrt(2.0 * eps / c2.clamp_min(1e-300)), torch.inf)
 
 
-def radius_pade(c2: Tensor, c3: Tensor, eps: float) -> Tensor:
-    """Root of the [2/1] Pade approximant of the KL series, in closed form.
+def radius_pade(c2: Tensor, c3: Tensor, eps: float, c4: Tensor | None = None) -> Tensor:
+    """Root of a Pade approximant of the KL series, in closed form.
 
-    ``KL ~ (c2 t^2 / 2) / (1 + beta t)``, ``beta = -c3 / (3 c2)``, matches the series to third
-    order; like the exact curve (``KL ~ t (max a - E a)`` for large t) it grows only linearly
-    when ``c3 < 0``, and it always has exactly one positive root:
+    ``KL ~ (c2 t^2 / 2) / (1 + beta t + gamma t^2)`` with ``beta = -c3 / (3 c2)`` and
+    ``gamma = beta^2 - c4 / (12 c2)`` matches the series to fourth order ([2/2]); without
+    ``c4``, ``gamma = 0`` gives the third-order [2/1] form, which grows linearly for large t
+    like the exact curve and always has exactly one positive root. ``KL = eps`` is then
+    ``A t^2 - eps beta t - eps = 0`` with ``A = c2/2 - eps gamma``, whose first positive root is
 
-        t = (eps beta + sqrt(eps^2 beta^2 + 2 c2 eps)) / c2
+        t = 2 eps / (sqrt(D) - eps beta),   D = eps^2 beta^2 + 4 A eps
+
+    (a form without cancellation). Where the [2/2] form never reaches ``eps`` the [2/1]
+    root is returned. Infinite where ``c2 = 0``.
     """
     c2 = torch.as_tensor(c2, dtype=torch.float64)
     c3 = torch.as_tensor(c3, dtype=torch.float64)
     safe = c2.clamp_min(1e-300)
     beta = -c3 / (3.0 * safe)
-    # Written to avoid cancellation when eps*beta < 0: t = 2 eps / (sqrt(D) - eps beta).
-    root = torch.sqrt((eps * beta) ** 2 + 2.0 * safe * eps)
-    t = torch.where(
-        beta >= 0, (eps * beta + root) / safe, 2.0 * eps / (root - eps * beta)
-    )
+    t21 = 2.0 * eps / (torch.sqrt((eps * beta) ** 2 + 2.0 * safe * eps) - eps * beta)
+    t = t21
+    if c4 is not None:
+        gamma = beta**2 - torch.as_tensor(c4, dtype=torch.float64) / (12.0 * safe)
+        D = (eps * beta) ** 2 + 4.0 * (safe / 2.0 - eps * gamma) * eps
+        den = torch.sqrt(D.clamp_min(0.0)) - eps * beta
+        ok = (D >= 0) & (den > 0)
+        t = torch.where(ok, 2.0 * eps / torch.where(ok, den, torch.ones_like(den)), t21)
     return torch.where(c2 > 0, t, torch.inf)
 
 

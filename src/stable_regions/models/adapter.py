@@ -1,0 +1,209 @@
+"""One object per loaded model: its head as plain tensors, its hook points, its perturbations.
+
+Hook points use TransformerLens names:
+
+* ``blocks.{i}.hook_resid_pre``  - the residual stream entering block i (``embed`` = block 0's)
+* ``blocks.{i}.hook_resid_post`` - the residual stream leaving block i
+* ``ln_final.hook_normalized``   - the pre-logit vector: the input of the unembedding
+  (after the final norm, and after OPT's ``project_out`` where present)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import StableRegionsError, UnsupportedModelError
+from ..geometry import LogitHead
+from .architectures import ArchSpec, arch_for, get_path
+
+PRELOGIT = "ln_final.hook_normalized"
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class ModelAdapter:
+    """A supported causal decoder LM and its tokenizer, seen through hook points."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str | None = None) -> None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedModelError("expected a transformers PreTrainedModel (it has no .config)")
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is an encoder-decoder model; stable-regions needs a causal decoder LM"
+            )
+        self.arch: ArchSpec = arch_for(getattr(config, "model_type", None))
+        unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(unembed, nn.Linear):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no language-model head; load it as a *ForCausalLM model"
+            )
+        layers = get_path(model, self.arch.layers)
+        if layers is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not look like a {self.arch.family} causal LM (no {self.arch.layers})"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
+        self.layers: nn.ModuleList = layers
+        self.unembed: nn.Linear = unembed
+        softcap = getattr(config, "final_logit_softcapping", None)
+        self.head = LogitHead(
+            weight=unembed.weight.detach().to(torch.float64),
+            bias=None if unembed.bias is None else unembed.bias.detach().to(torch.float64),
+            scale=1.0,
+            softcap=float(softcap) if softcap else None,
+        )
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.head.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
+    def context_length(self) -> int | None:
+        for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(self.config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    def hook_points(self) -> list[str]:
+        names = []
+        for i in range(self.n_layers):
+            names += [f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_post"]
+        return names + [PRELOGIT]
+
+    def hook_for_layer(self, layer: str | int) -> str:
+        """``final`` -> pre-logit, ``embed`` -> block 0 input, ``i`` -> ``blocks.{i}.hook_resid_post``."""
+        if isinstance(layer, str) and layer in ("final", PRELOGIT):
+            return PRELOGIT
+        if isinstance(layer, str) and layer == "embed":
+            return "blocks.0.hook_resid_pre"
+        if isinstance(layer, str) and _BLOCK_HOOK.match(layer):
+            self._resolve(layer)
+            return layer
+        try:
+            index = int(layer)
+        except (TypeError, ValueError):
+            raise StableRegionsError(
+                f"unknown layer {layer!r}: use 'final', 'embed' or a block index 0..{self.n_layers - 1}"
+            ) from None
+        if not 0 <= index < self.n_layers:
+            raise StableRegionsError(f"layer {index} is out of range: this model has blocks 0..{self.n_layers - 1}")
+        return f"blocks.{index}.hook_resid_post"
+
+    # ------------------------------------------------------------ tokens
+    def tokenize(self, prompt: str) -> Tensor:
+        """Token ids (1, n) as the model would see the prompt (special tokens included)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise StableRegionsError("the prompt is empty: give some text to analyze")
+        if self.tokenizer is None:
+            raise StableRegionsError("this model has no tokenizer: pass one to stable_regions.wrap(model, tokenizer)")
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        limit = self.context_length
+        if limit is not None and ids.shape[1] > limit:
+            raise StableRegionsError(
+                f"the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}: shorten it"
+            )
+        return ids.to(self.device)
+
+    def token_strings(self, ids: Tensor | Sequence[int]) -> list[str]:
+        ids = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else list(ids)
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    # ------------------------------------------------------------ running
+    @torch.no_grad()
+    def prelogits(self, ids: Tensor) -> Tensor:
+        """The pre-logit vectors (n, d) of every position, in float64."""
+        captured: list[Tensor] = []
+
+        def grab(_module, args):
+            captured.append(args[0].detach())
+
+        handle = self.unembed.register_forward_pre_hook(grab)
+        try:
+            self.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        return captured[0][0].to(torch.float64)
+
+    @contextmanager
+    def perturbation(self, hook: str, position: int, deltas: Tensor) -> Iterator[None]:
+        """Add ``deltas[b]`` (batch, d) to the activation at ``hook``, position ``position``, batch row b."""
+        module, kind = self._resolve(hook)
+
+        def add(x: Tensor) -> Tensor:
+            x = x.clone()
+            x[:, position, :] += deltas.to(dtype=x.dtype, device=x.device)
+            return x
+
+        if kind == "pre":
+
+            def pre_hook(_module, args, kwargs):
+                if args:
+                    return (add(args[0]), *args[1:]), kwargs
+                key = "hidden_states" if "hidden_states" in kwargs else "input"
+                kwargs = dict(kwargs)
+                kwargs[key] = add(kwargs[key])
+                return args, kwargs
+
+            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+
+            def post_hook(_module, _args, output):
+                if isinstance(output, tuple):
+                    return (add(output[0]), *output[1:])
+                return add(output)
+
+            handle = module.register_forward_hook(post_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def perturbed_logits(self, ids: Tensor, hook: str, position: int, deltas: Tensor) -> Tensor:
+        """Next-token logits (batch, V) at ``position`` after adding each delta at ``hook``.
+
+        Runs the whole model on the prompt prefix up to ``position`` (causal: later tokens
+        cannot change it), one batch row per delta.
+        """
+        prefix = ids[:, : position + 1].expand(deltas.shape[0], -1)
+        with self.perturbation(hook, position, deltas):
+            out = self.model(input_ids=prefix, use_cache=False)
+        return out.logits[:, position, :].to(torch.float64)
+
+    def _resolve(self, hook: str) -> tuple[nn.Module, str]:
+        if hook == PRELOGIT:
+            return self.unembed, "pre"
+        m = _BLOCK_HOOK.match(hook)
+        if m is None:
+            raise StableRegionsError(f"unknown hook point {hook!r}: use one of blocks.{{i}}.hook_resid_pre/post or {PRELOGIT}")
+        index = int(m.group(1))
+        if not 0 <= index < self.n_layers:
+            raise StableRegionsError(f"block {index} is out of range: this model has blocks 0..{self.n_layers - 1}")
+        return self.layers[index], m.group(2)
