@@ -120,7 +120,9 @@ def check_positions(positions, n: int) -> list[int]:
     out = []
     for p in positions:
         if not isinstance(p, (int, np.integer)) or not -n <= int(p) < n:
-            raise StableRegionsError(f"position {p} is out of range: the prompt has {n} tokens (0..{n - 1})")
+            raise StableRegionsError(
+                f"position {p} is out of range: the prompt has {n} token{'s' if n != 1 else ''} (0..{n - 1})"
+            )
         out.append(int(p) % n)
     if not out:
         raise StableRegionsError("no positions given")
@@ -184,11 +186,19 @@ def analyze(
             curve = RayCurve.from_head(head, h[j], signed)
             c2, c3, c4 = curve.coefficients()
             scale = max(float(h[j].norm()), 1e-6)
+            # Per sign: closed-form radii, then the exact curve's and the model's crossings
+            # (the closed form only seeds the search brackets).
+            predicted = [[float(radius_pade(c2[s], c3[s], e, c4[s])) for e in eps_list] for s in (0, 1)]
             search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
-            from_curve = [measure_boundaries(_curve_kl(curve, s), eps_list, **search) for s in (0, 1)]
+            from_curve = [
+                measure_boundaries(_curve_kl(curve, s), eps_list, guesses=predicted[s], **search) for s in (0, 1)
+            ]
             measured = None
             if exact:
-                measured = [measure_boundaries(prelogit_kl(head.logits, h[j], s), eps_list, **search) for s in signed]
+                measured = [
+                    measure_boundaries(prelogit_kl(head.logits, h[j], signed[s]), eps_list, guesses=from_curve[s], **search)
+                    for s in (0, 1)
+                ]
             for e_idx, e in enumerate(eps_list):
                 rows.append(
                     dict(
@@ -202,7 +212,7 @@ def analyze(
                         lambda_max=float(lam[j]),
                         effective_rank=float(rank[j]),
                         radius_quadratic=float(radius_quadratic(lam[j], e)),
-                        radius_corrected=float(radius_pade(c2, c3, e, c4).min()),
+                        radius_corrected=min(r[e_idx] for r in predicted),
                         radius_curve=min(r[e_idx] for r in from_curve),
                         radius_exact=min(m[e_idx] for m in measured) if measured else math.nan,
                     )

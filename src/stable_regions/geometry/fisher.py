@@ -33,6 +33,7 @@ class FisherOperator:
         *,
         scale: float = 1.0,
         row_scale: Tensor | None = None,
+        row_norms2: Tensor | None = None,
     ) -> None:
         if p.ndim == 1:
             p = p[None]
@@ -41,6 +42,7 @@ class FisherOperator:
         self.p = p
         self.scale = scale
         self.row_scale = row_scale  # (P, V) or None
+        self._row_norms2 = row_norms2  # scale^2 ||W_i||^2, (V,), computed on demand
 
     @classmethod
     def from_head(cls, head: LogitHead, h: Tensor) -> FisherOperator:
@@ -48,7 +50,9 @@ class FisherOperator:
         h = h.reshape(-1, head.d_model)
         u0 = head.raw(h)
         p = torch.softmax(head.squash(u0), dim=-1)
-        return cls(head.weight, p, scale=head.scale, row_scale=head.jacobian_row_scale(u0))
+        return cls(
+            head.weight, p, scale=head.scale, row_scale=head.jacobian_row_scale(u0), row_norms2=head.row_norms2
+        )
 
     @property
     def batch(self) -> int:
@@ -105,9 +109,10 @@ class FisherOperator:
 
     def trace(self) -> Tensor:
         """``tr H`` per position, O(V d)."""
-        row_norm2 = (self.weight**2).sum(-1) * self.scale**2  # (V,)
+        if self._row_norms2 is None:
+            self._row_norms2 = (self.weight**2).sum(-1) * self.scale**2
         pr = self.p if self.row_scale is None else self.p * self.row_scale**2
-        first = pr @ row_norm2
+        first = pr @ self._row_norms2
         mean_row = self.vjp(self.p)  # J^T p
         return first - (mean_row**2).sum(-1)
 

@@ -12,6 +12,7 @@ the real nonlinearity instead of assuming the CGF form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -33,6 +34,11 @@ class LogitHead:
     @property
     def d_model(self) -> int:
         return self.weight.shape[1]
+
+    @cached_property
+    def row_norms2(self) -> Tensor:
+        """``scale^2 ||W_i||^2`` per vocabulary row (cached: an O(V d) pass)."""
+        return (self.weight**2).sum(-1) * self.scale**2
 
     @property
     def is_linear(self) -> bool:

@@ -25,12 +25,16 @@ def first_crossing(
     growth: float = 2.0,
     rtol: float = 1e-6,
     chunk: int = 16,
+    guess: float | None = None,
 ) -> float:
     """Smallest ``t`` in ``(0, t_max]`` where ``f(t) >= level`` (``f(0) < level`` assumed).
 
     Returns ``inf`` when ``f`` stays below ``level`` up to ``t_max``. If ``f(t_start)`` is
     already above, the grid walks down by ``growth`` until a point below is found.
     ``rtol`` is the relative tolerance on ``t`` (Brent's ``xtol = rtol * t``).
+    ``guess`` (a predicted root) adds grid points close around it to the first batch, so
+    Brent starts from a tight bracket; the geometric scan from ``t_start`` is unchanged,
+    so a crossing before the guess is still found first.
     """
     if not (level > 0 and math.isfinite(level)):
         raise ValueError(f"level must be positive and finite, got {level}")
@@ -43,10 +47,15 @@ def first_crossing(
         t /= growth
     lo = t
     hi = None
+    extra = np.array([])
+    if guess is not None and math.isfinite(guess) and guess > lo:
+        extra = guess * np.array([0.9, 0.98, 0.995, 0.999, 1.0, 1.001, 1.005, 1.02, 1.1])
     while hi is None:
         if lo >= t_max:
             return math.inf
         grid = lo * growth ** np.arange(1, chunk + 1)
+        grid = np.unique(np.concatenate([grid, extra[(extra > lo) & (extra < grid[-1])]]))
+        extra = np.array([])
         grid = grid[grid <= t_max * growth]
         vals = f(grid)
         above = np.nonzero(vals >= level)[0]

@@ -200,6 +200,9 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] = prin
 
 def convert_user_gguf(path: Path, log: Callable[[str], None]) -> Path:
     """Cache directory for a user's .gguf file, keyed by its content hash."""
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise StableRegionsError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     digest = sha256_file(path)
     target = cache_dir() / "models" / f"gguf-{digest[:16]}"
     if not is_converted(target):

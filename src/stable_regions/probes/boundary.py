@@ -45,8 +45,11 @@ def measure_boundaries(
     t_start: float,
     t_max: float,
     rtol: float = 1e-6,
+    guesses: Sequence[float] | None = None,
 ) -> list[float]:
     """First crossing of each ``eps`` (any order) by the KL function of one signed direction.
+
+    ``guesses`` (predicted radii, one per eps) only speed up the search (see ``first_crossing``).
 
     The crossings are found in increasing ``eps``, each search starting at the previous root:
     the first time the KL reaches a larger level cannot come before it reaches a smaller one.
@@ -55,7 +58,8 @@ def measure_boundaries(
     out = [np.inf] * len(eps)
     start = t_start
     for i in order:
-        root = first_crossing(kl, float(eps[i]), t_start=start, t_max=t_max, rtol=rtol)
+        guess = None if guesses is None else float(guesses[i])
+        root = first_crossing(kl, float(eps[i]), t_start=start, t_max=t_max, rtol=rtol, guess=guess)
         out[i] = root
         if not np.isfinite(root):
             break  # a larger eps cannot be reached either
