@@ -71,7 +71,22 @@ class ModelAdapter:
 
     @property
     def d_model(self) -> int:
+        """Width of the pre-logit vector (OPT's ``project_out`` can make it differ from the residual)."""
         return self.head.d_model
+
+    @property
+    def d_resid(self) -> int:
+        """Width of the residual stream between blocks."""
+        for attr in ("hidden_size", "n_embd", "d_model"):
+            value = getattr(self.config, attr, None)
+            if isinstance(value, int):
+                return value
+        return self.d_model
+
+    def hook_dim(self, hook: str) -> int:
+        """Width of the activation at a hook point."""
+        self._resolve(hook)
+        return self.d_model if hook == PRELOGIT else self.d_resid
 
     @property
     def vocab_size(self) -> int:
@@ -152,13 +167,18 @@ class ModelAdapter:
         return captured[0][0].to(torch.float64)
 
     @contextmanager
-    def perturbation(self, hook: str, position: int, deltas: Tensor) -> Iterator[None]:
-        """Add ``deltas[b]`` (batch, d) to the activation at ``hook``, position ``position``, batch row b."""
+    def perturbation(self, hook: str, position: int, deltas: Tensor, seq_len: int | None = None) -> Iterator[None]:
+        """Add ``deltas[b]`` (batch, d) to the activation at ``hook``, position ``position``, batch row b.
+
+        ``seq_len``: the prompt length, needed when the model hands the head only the last
+        positions (``logits_to_keep``): the index is then counted from the end.
+        """
         module, kind = self._resolve(hook)
 
         def add(x: Tensor) -> Tensor:
+            index = position if seq_len is None else position - (seq_len - x.shape[1])
             x = x.clone()
-            x[:, position, :] += deltas.to(dtype=x.dtype, device=x.device)
+            x[:, index, :] += deltas.to(dtype=x.dtype, device=x.device)
             return x
 
         if kind == "pre":
@@ -193,9 +213,9 @@ class ModelAdapter:
         cannot change it), one batch row per delta.
         """
         prefix = ids[:, : position + 1].expand(deltas.shape[0], -1)
-        with self.perturbation(hook, position, deltas):
-            out = self.model(input_ids=prefix, use_cache=False)
-        return out.logits[:, position, :].to(torch.float64)
+        with self.perturbation(hook, position, deltas, seq_len=position + 1):
+            out = self.model(input_ids=prefix, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, :].to(torch.float64)
 
     def _resolve(self, hook: str) -> tuple[nn.Module, str]:
         if hook == PRELOGIT:

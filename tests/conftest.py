@@ -1,0 +1,69 @@
+"""Small random-weight models of every supported architecture, and a character tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T.logging.set_verbosity_error()
+
+CHARS = [chr(i) for i in range(32, 127)] + ["\n", "é", "ü", "ß"]
+VOCAB = 128  # > len(CHARS) + specials: some logits belong to no token, as in real models
+
+
+def char_tokenizer() -> T.PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+def _common(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    base.update(kw)
+    return base
+
+
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_common(num_key_value_heads=2)),
+    "mistral": lambda: T.MistralConfig(**_common(num_key_value_heads=2)),
+    "qwen2": lambda: T.Qwen2Config(**_common(num_key_value_heads=2)),
+    "qwen3": lambda: T.Qwen3Config(**_common(num_key_value_heads=2, head_dim=8)),
+    "phi3": lambda: T.Phi3Config(**_common(num_key_value_heads=2)),
+    "gemma2": lambda: T.Gemma2Config(**_common(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)),
+    "gemma3": lambda: T.Gemma3TextConfig(**_common(num_key_value_heads=2, head_dim=8)),
+    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_common()),
+    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                               max_position_embeddings=64, word_embed_proj_dim=16, bos_token_id=1, eos_token_id=1, pad_token_id=0),
+}
+ARCH_NAMES = list(CONFIGS)
+
+
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> T.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        # Larger-than-init weights give peaked, varied next-token distributions like a trained model's.
+        out = model.get_output_embeddings()
+        out.weight.normal_(0.0, 0.6)
+        if out.bias is not None:
+            out.bias.normal_(0.0, 0.3)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def arch(request):
+    return request.param
