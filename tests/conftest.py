@@ -24,8 +24,17 @@ def char_tokenizer() -> T.PreTrainedTokenizerFast:
 
 
 def _common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     base.update(kw)
     return base
 
@@ -36,12 +45,32 @@ CONFIGS = {
     "qwen2": lambda: T.Qwen2Config(**_common(num_key_value_heads=2)),
     "qwen3": lambda: T.Qwen3Config(**_common(num_key_value_heads=2, head_dim=8)),
     "phi3": lambda: T.Phi3Config(**_common(num_key_value_heads=2)),
-    "gemma2": lambda: T.Gemma2Config(**_common(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)),
+    "gemma2": lambda: T.Gemma2Config(
+        **_common(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)
+    ),
     "gemma3": lambda: T.Gemma3TextConfig(**_common(num_key_value_heads=2, head_dim=8)),
-    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    ),
     "gpt_neox": lambda: T.GPTNeoXConfig(**_common()),
-    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                               max_position_embeddings=64, word_embed_proj_dim=16, bos_token_id=1, eos_token_id=1, pad_token_id=0),
+    "opt": lambda: T.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
 }
 ARCH_NAMES = list(CONFIGS)
 

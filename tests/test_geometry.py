@@ -20,7 +20,14 @@ from stable_regions.geometry import (
     radius_series,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 HEADS = {
     "linear": dict(bias=False, scale=1.0, softcap=None),
@@ -104,7 +111,9 @@ def test_lanczos_matches_eigh_on_batch():
     P, d = 5, 40
     A = torch.randn(P, d, d, generator=g)
     A = A @ A.transpose(1, 2) / d
-    evals, evecs, resid = lanczos_topk(lambda x: torch.einsum("pij,pj->pi", A, x), torch.randn(P, d, generator=g), k=4)
+    evals, evecs, resid = lanczos_topk(
+        lambda x: torch.einsum("pij,pj->pi", A, x), torch.randn(P, d, generator=g), k=4
+    )
     ref_vals, ref_vecs = torch.linalg.eigh(A)
     assert torch.allclose(evals, ref_vals.flip(-1)[:, :4], rtol=1e-10, atol=0)
     overlap = torch.einsum("pkd,pdk->pk", evecs, ref_vecs.flip(-1)[:, :, :4]).abs()
@@ -205,10 +214,22 @@ def test_radius_closed_forms():
     ],
 )
 def test_first_crossing_known_roots(f, level, root):
-    got = first_crossing(lambda t: np.asarray(f(np.asarray(t, float)), float), level, t_start=1e-3, t_max=1e6, rtol=1e-10)
+    got = first_crossing(
+        lambda t: np.asarray(f(np.asarray(t, float)), float),
+        level,
+        t_start=1e-3,
+        t_max=1e6,
+        rtol=1e-10,
+    )
     assert math.isclose(got, root, rel_tol=1e-8)
     # starting above the crossing walks down to it
-    got = first_crossing(lambda t: np.asarray(f(np.asarray(t, float)), float), level, t_start=root * 1.3, t_max=1e6, rtol=1e-10)
+    got = first_crossing(
+        lambda t: np.asarray(f(np.asarray(t, float)), float),
+        level,
+        t_start=root * 1.3,
+        t_max=1e6,
+        rtol=1e-10,
+    )
     assert math.isclose(got, root, rel_tol=1e-8)
 
 

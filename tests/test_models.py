@@ -116,7 +116,13 @@ def test_analyze_radius_exact_brackets_the_model_boundary(arch_name, tokenizer):
             assert math.isfinite(r) and r > 0
             inside = np.linspace(0.05, 0.999, 12) * r
             ts = torch.tensor(np.concatenate([inside, [1.001 * r]]))
-            kls = [kl_np(all_logp[pos], adapter.perturbed_logits(ids, PRELOGIT, pos, s * ts[:, None] * v[None])) for s in (1, -1)]
+            kls = [
+                kl_np(
+                    all_logp[pos],
+                    adapter.perturbed_logits(ids, PRELOGIT, pos, s * ts[:, None] * v[None]),
+                )
+                for s in (1, -1)
+            ]
             assert max(k_[:-1].max() for k_ in kls) < e  # no exit before r along either sign
             assert max(k_[-1] for k_ in kls) >= e  # and one sign exits just after r
     # the closed forms are finite and the curve radius equals the measured one on a linear/softcapped head
@@ -127,8 +133,12 @@ def test_analyze_radius_exact_brackets_the_model_boundary(arch_name, tokenizer):
 
 def test_one_hot_distribution_gives_large_radius_not_nan(tokenizer):
     model = tiny_model("llama", seed=5)
+    adapter = sr.wrap(model, tokenizer)
+    ids = adapter.tokenize("ab")
+    h = adapter.prelogits(ids)[-1]
     with torch.no_grad():
-        model.lm_head.weight.mul_(400.0)  # logit gaps of hundreds of nats: p is one-hot in float64
+        # token 7's logit is 1000 above the others (|others| < ~20): p is one-hot in float64
+        model.lm_head.weight[7] = 1000.0 * h / (h @ h)
     adapter = sr.wrap(model, tokenizer)
     df = sr.analyze(adapter, "ab", eps=[0.1], positions="last").to_frame()
     row = df.iloc[0]
@@ -136,6 +146,7 @@ def test_one_hot_distribution_gives_large_radius_not_nan(tokenizer):
     for col in ["radius_quadratic", "radius_corrected", "radius_curve", "radius_exact", "lambda_max", "effective_rank"]:
         assert not math.isnan(row[col]), col
     assert row.radius_quadratic > 1e6 or math.isinf(row.radius_quadratic)
+    assert row.radius_exact > 1.0  # a logit gap of ~1000 nats takes a large push to close
 
 
 def test_positions_and_eps_validation(tokenizer):
@@ -155,10 +166,20 @@ def test_positions_and_eps_validation(tokenizer):
 
 
 def test_unsupported_models_are_refused(tokenizer):
-    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = T.BertForMaskedLM(
+        T.BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="supported: .*Llama"):
         sr.wrap(bert, tokenizer)
-    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    t5 = T.T5ForConditionalGeneration(
+        T.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
     with pytest.raises(UnsupportedModelError, match="encoder-decoder|supported"):
         sr.wrap(t5, tokenizer)
     base = T.LlamaModel(CONFIGS["llama"]())  # no LM head
@@ -175,7 +196,9 @@ def test_load_local_directory_and_bad_directories(tmp_path):
     adapter = sr.load(str(good))
     ids = adapter.tokenize(PROMPT)
     with torch.no_grad():
-        assert torch.allclose(adapter.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(
+            adapter.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6
+        )
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

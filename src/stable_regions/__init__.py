@@ -6,4 +6,12 @@ from .models import DEFAULT_MODEL, ModelAdapter, load, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_MODEL", "AnalysisResult", "ModelAdapter", "StableRegionsError", "analyze", "load", "wrap"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "AnalysisResult",
+    "ModelAdapter",
+    "StableRegionsError",
+    "analyze",
+    "load",
+    "wrap",
+]

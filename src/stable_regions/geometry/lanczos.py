@@ -72,10 +72,14 @@ def lanczos_topk(
         if broke.any():
             # Invariant subspace found: continue from a fresh direction orthogonal to it,
             # with a zero off-diagonal, so eigenvalues outside it are not missed.
-            fresh = torch.randn(int(broke.sum()), d, dtype=dtype, device=device, generator=generator)
+            fresh = torch.randn(
+                int(broke.sum()), d, dtype=dtype, device=device, generator=generator
+            )
             Qb = Q[broke, : j + 1]
             for _ in range(2):
-                fresh = fresh - torch.einsum("pm,pmd->pd", torch.einsum("pmd,pd->pm", Qb, fresh), Qb)
+                fresh = fresh - torch.einsum(
+                    "pm,pmd->pd", torch.einsum("pmd,pd->pm", Qb, fresh), Qb
+                )
             w[broke] = fresh
             b = torch.where(broke, torch.zeros_like(b), b)
             wn = w.norm(dim=-1, keepdim=True).clamp_min(1e-300)

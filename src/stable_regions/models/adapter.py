@@ -31,7 +31,9 @@ class ModelAdapter:
     def __init__(self, model: nn.Module, tokenizer, name: str | None = None) -> None:
         config = getattr(model, "config", None)
         if config is None:
-            raise UnsupportedModelError("expected a transformers PreTrainedModel (it has no .config)")
+            raise UnsupportedModelError(
+                "expected a transformers PreTrainedModel (it has no .config)"
+            )
         if getattr(config, "is_encoder_decoder", False):
             raise UnsupportedModelError(
                 f"{type(model).__name__} is an encoder-decoder model; stable-regions needs a causal decoder LM"
@@ -126,7 +128,9 @@ class ModelAdapter:
                 f"unknown layer {layer!r}: use 'final', 'embed' or a block index 0..{self.n_layers - 1}"
             ) from None
         if not 0 <= index < self.n_layers:
-            raise StableRegionsError(f"layer {index} is out of range: this model has blocks 0..{self.n_layers - 1}")
+            raise StableRegionsError(
+                f"layer {index} is out of range: this model has blocks 0..{self.n_layers - 1}"
+            )
         return f"blocks.{index}.hook_resid_post"
 
     # ------------------------------------------------------------ tokens
@@ -135,7 +139,9 @@ class ModelAdapter:
         if not isinstance(prompt, str) or not prompt.strip():
             raise StableRegionsError("the prompt is empty: give some text to analyze")
         if self.tokenizer is None:
-            raise StableRegionsError("this model has no tokenizer: pass one to stable_regions.wrap(model, tokenizer)")
+            raise StableRegionsError(
+                "this model has no tokenizer: pass one to stable_regions.wrap(model, tokenizer)"
+            )
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         limit = self.context_length
         if limit is not None and ids.shape[1] > limit:
@@ -167,7 +173,9 @@ class ModelAdapter:
         return captured[0][0].to(torch.float64)
 
     @contextmanager
-    def perturbation(self, hook: str, position: int, deltas: Tensor, seq_len: int | None = None) -> Iterator[None]:
+    def perturbation(
+        self, hook: str, position: int, deltas: Tensor, seq_len: int | None = None
+    ) -> Iterator[None]:
         """Add ``deltas[b]`` (batch, d) to the activation at ``hook``, position ``position``, batch row b.
 
         ``seq_len``: the prompt length, needed when the model hands the head only the last
@@ -222,8 +230,12 @@ class ModelAdapter:
             return self.unembed, "pre"
         m = _BLOCK_HOOK.match(hook)
         if m is None:
-            raise StableRegionsError(f"unknown hook point {hook!r}: use one of blocks.{{i}}.hook_resid_pre/post or {PRELOGIT}")
+            raise StableRegionsError(
+                f"unknown hook point {hook!r}: use one of blocks.{{i}}.hook_resid_pre/post or {PRELOGIT}"
+            )
         index = int(m.group(1))
         if not 0 <= index < self.n_layers:
-            raise StableRegionsError(f"block {index} is out of range: this model has blocks 0..{self.n_layers - 1}")
+            raise StableRegionsError(
+                f"block {index} is out of range: this model has blocks 0..{self.n_layers - 1}"
+            )
         return self.layers[index], m.group(2)

@@ -27,12 +27,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": ArchSpec("Phi-3", **_LLAMA_LIKE),
     "gemma2": ArchSpec("Gemma-2", **_LLAMA_LIKE),
     "gemma3_text": ArchSpec("Gemma-3", **_LLAMA_LIKE),
-    "gpt2": ArchSpec("GPT-2", layers="transformer.h", final_norm="transformer.ln_f", embed="transformer.wte"),
+    "gpt2": ArchSpec(
+        "GPT-2", layers="transformer.h", final_norm="transformer.ln_f", embed="transformer.wte"
+    ),
     "gpt_neox": ArchSpec(
-        "GPT-NeoX", layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in"
+        "GPT-NeoX",
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        embed="gpt_neox.embed_in",
     ),
     "opt": ArchSpec(
-        "OPT", layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm", embed="model.decoder.embed_tokens"
+        "OPT",
+        layers="model.decoder.layers",
+        final_norm="model.decoder.final_layer_norm",
+        embed="model.decoder.embed_tokens",
     ),
 }
 

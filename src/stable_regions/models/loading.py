@@ -7,10 +7,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import one_line, ModelNotInstalledError, StableRegionsError, UnsupportedModelError
+from ..errors import ModelNotInstalledError, StableRegionsError, UnsupportedModelError, one_line
 from .adapter import ModelAdapter
 from .architectures import ARCHITECTURES, supported_names
-from .store import BUNDLED, DEFAULT_MODEL, convert_user_gguf, install_command, is_converted, model_dir
+from .store import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    convert_user_gguf,
+    install_command,
+    is_converted,
+    model_dir,
+)
 
 
 def _stderr(msg: str) -> None:
@@ -30,7 +37,9 @@ def load(spec: str = DEFAULT_MODEL, *, log: Callable[[str], None] = _stderr) -> 
     cache, then loaded from there).
     """
     if not isinstance(spec, str) or not spec:
-        raise StableRegionsError("no model given: use a bundled name, a model directory or a .gguf file")
+        raise StableRegionsError(
+            "no model given: use a bundled name, a model directory or a .gguf file"
+        )
     if spec in BUNDLED:
         path = model_dir(spec)
         if not is_converted(path):
@@ -46,7 +55,9 @@ def load(spec: str = DEFAULT_MODEL, *, log: Callable[[str], None] = _stderr) -> 
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise StableRegionsError(f"{path} is a file but not .gguf: give a GGUF file or a model directory")
+            raise StableRegionsError(
+                f"{path} is a file but not .gguf: give a GGUF file or a model directory"
+            )
         return _load_directory(convert_user_gguf(path, log), name=path.name)
     return _load_directory(path, name=str(path))
 
@@ -57,11 +68,15 @@ def _load_directory(path: Path, name: str) -> ModelAdapter:
 
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise StableRegionsError(f"{path} has no config.json: it is not a Hugging Face model directory")
+        raise StableRegionsError(
+            f"{path} has no config.json: it is not a Hugging Face model directory"
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise StableRegionsError(f"{config_file} is not valid JSON ({exc}): the model directory is corrupt") from None
+        raise StableRegionsError(
+            f"{config_file} is not valid JSON ({exc}): the model directory is corrupt"
+        ) from None
     model_type = config.get("model_type")
     if model_type == "gemma3" and "text_config" in config:
         raise UnsupportedModelError(f"{path} is a multimodal Gemma-3; use its text-only causal LM")
@@ -90,11 +105,14 @@ def _load_directory(path: Path, name: str) -> ModelAdapter:
     except Exception as exc:  # safetensors/transformers raise many types for a bad file
         raise StableRegionsError(f"could not load the model in {path}: {one_line(exc)}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:
-        raise StableRegionsError(f"could not load a tokenizer from {path}: {one_line(exc)}") from None
+        raise StableRegionsError(
+            f"could not load a tokenizer from {path}: {one_line(exc)}"
+        ) from None
     return ModelAdapter(model, tokenizer, name=name)
-
 
 
 __all__ = ["DEFAULT_MODEL", "load", "wrap"]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import one_line, ModelNotInstalledError, StableRegionsError
+from ..errors import ModelNotInstalledError, StableRegionsError, one_line
 
 MARKER = "stable_regions.json"
 DEFAULT_MODEL = "smollm2-135m"
@@ -105,7 +105,9 @@ def locate_gguf(model: BundledModel, workdir: Path) -> Path:
     if model.name == "smollm2-135m":
         path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
-            raise ModelNotInstalledError(f"{path} is missing: reinstall with `{install_command(model.name)}`")
+            raise ModelNotInstalledError(
+                f"{path} is missing: reinstall with `{install_command(model.name)}`"
+            )
         return path
     # gemma3: its __init__ only uses the standard library; it joins the parts and checks sha256.
     mod = importlib.import_module(model.module)
@@ -167,7 +169,11 @@ def convert_gguf(gguf: Path, out_dir: Path, source: dict, log: Callable[[str], N
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = dict(source, converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.time() - started, 1))
+        info = dict(
+            source,
+            converted_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            seconds=round(time.time() - started, 1),
+        )
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
@@ -192,7 +198,9 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] = prin
     work = cache_dir() / "tmp" / name
     try:
         gguf = locate_gguf(model, work)
-        source = dict(name=name, package=model.requirement, gguf=gguf.name, sha256=sha256_file(gguf))
+        source = dict(
+            name=name, package=model.requirement, gguf=gguf.name, sha256=sha256_file(gguf)
+        )
         return convert_gguf(gguf, target, source, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -202,7 +210,9 @@ def convert_user_gguf(path: Path, log: Callable[[str], None]) -> Path:
     """Cache directory for a user's .gguf file, keyed by its content hash."""
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
-            raise StableRegionsError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+            raise StableRegionsError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
+            )
     digest = sha256_file(path)
     target = cache_dir() / "models" / f"gguf-{digest[:16]}"
     if not is_converted(target):

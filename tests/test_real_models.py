@@ -1,0 +1,114 @@
+"""The bundled pretrained models: measured radii against an independent full-model brute force.
+
+Needs `stable-regions models install --all` (the README's test command runs it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import stable_regions as sr
+from stable_regions.models import PRELOGIT
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "The capital of France is Paris, and",
+    "def add(a, b):\n    return",
+    "1, 1, 2, 3, 5, 8,",
+    "Le chat dort sur le canapé.",
+]
+EPS = [0.01, 0.1, 1.0]
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def loaded(request):
+    adapter = sr.load(request.param)
+    # The brute force runs an independent float64 copy of the whole model.
+    reference = sr.wrap(copy.deepcopy(adapter.model).to(torch.float64), adapter.tokenizer)
+    frames = []
+    results = []
+    for i, prompt in enumerate(PROMPTS):
+        res = sr.analyze(adapter, prompt, eps=EPS, positions="all")
+        df = res.to_frame()
+        df["prompt"] = i
+        frames.append(df)
+        results.append(res)
+    yield request.param, adapter, reference, results, frames
+    del reference
+
+
+def test_measured_radius_matches_full_model_brute_force(loaded):
+    """At every position: running the whole float64 model, the KL stays below eps for
+    t < 0.999 r along both signs of the top direction, and reaches eps by 1.001 r along one."""
+    name, adapter, reference, results, frames = loaded
+    checked = 0
+    for prompt, res, df in zip(PROMPTS, results, frames, strict=True):
+        ids = reference.tokenize(prompt)
+        with torch.no_grad():
+            logp_all = torch.log_softmax(
+                reference.model(input_ids=ids).logits[0].to(torch.float64), -1
+            )
+        for k, pos in enumerate(sorted(df.position.unique())):
+            v = res.directions[k]
+            fracs = np.array([0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.999, 1.001])
+            for e in EPS:
+                r = float(df[(df.position == pos) & (df.eps == e)].radius_exact.iloc[0])
+                assert np.isfinite(r) and r > 0
+                ts = torch.tensor(fracs * r, dtype=torch.float64)
+                deltas = torch.cat([ts[:, None] * v[None], -ts[:, None] * v[None]])
+                logits = reference.perturbed_logits(ids, PRELOGIT, int(pos), deltas)
+                logq = torch.log_softmax(logits, -1)
+                kl = (logp_all[pos].exp() * (logp_all[pos] - logq)).sum(-1).numpy().reshape(2, -1)
+                assert kl[:, :-1].max() < e, (name, prompt, pos, e, kl)
+                assert kl[:, -1].max() >= e, (name, prompt, pos, e, kl)
+                checked += 1
+    assert checked >= 3 * 25
+
+
+def test_corrected_form_beats_quadratic(loaded):
+    """Relative error against the measured boundary, all positions of all prompts."""
+    import pandas as pd
+
+    name, *_, frames = loaded
+    df = pd.concat(frames)
+    err = lambda col, g: (g[col] / g.radius_exact - 1).abs()  # noqa: E731
+    for e, g in df.groupby("eps"):
+        quad, corr = err("radius_quadratic", g), err("radius_corrected", g)
+        print(
+            f"{name} eps={e}: n={len(g)} quadratic median {quad.median():.4%} p90 {quad.quantile(0.9):.4%}; "
+            f"corrected median {corr.median():.4%} p90 {corr.quantile(0.9):.4%}"
+        )
+        if e <= 0.1:
+            assert corr.median() * 5 < quad.median()
+            assert corr.quantile(0.9) * 5 < quad.quantile(0.9)
+        assert corr.median() < quad.median()
+    # the exact closed-form curve is the model's own curve at the pre-logit vector
+    assert np.allclose(df.radius_curve, df.radius_exact, rtol=1e-5)
+
+
+def test_one_position_json_round_trip(loaded):
+    import json
+
+    name, adapter, *_ = loaded
+    res = sr.analyze(adapter, "Hello", eps=[0.5], positions="last")
+    doc = json.loads(json.dumps(res.to_json()))
+    assert doc["model"] == name and len(doc["rows"]) == 1
+    row = doc["rows"][0]
+    for col in [
+        "position",
+        "token",
+        "eps",
+        "entropy",
+        "lambda_max",
+        "effective_rank",
+        "radius_quadratic",
+        "radius_corrected",
+        "radius_exact",
+    ]:
+        assert col in row
+    assert row["radius_corrected"] > 0 and row["lambda_max"] > 0
