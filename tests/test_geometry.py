@@ -13,13 +13,12 @@ from stable_regions.geometry import (
     LogitHead,
     RayCurve,
     effective_rank,
-    first_crossing,
+    first_crossings,
     lanczos_topk,
     radius_pade,
     radius_quadratic,
     radius_series,
 )
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,6 +27,7 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
 
 HEADS = {
     "linear": dict(bias=False, scale=1.0, softcap=None),
@@ -203,35 +203,50 @@ def test_radius_closed_forms():
     assert math.isinf(radius_series([1.0, -1.0], 1.0))
 
 
-@pytest.mark.parametrize(
-    "f, level, root",
-    [
-        (lambda t: t**2, 2.0, math.sqrt(2.0)),
-        (lambda t: np.expm1(np.minimum(t, 50.0)), 0.3, math.log1p(0.3)),
-        (lambda t: 1e6 * t**3, 1e-9, 1e-5),
-        # not monotone: first crossing at 1.0 even though it dips afterwards
-        (lambda t: np.where(t < 1.5, t, 3.0 - t) + 0 * t, 1.0, 1.0),
-    ],
-)
-def test_first_crossing_known_roots(f, level, root):
-    got = first_crossing(
-        lambda t: np.asarray(f(np.asarray(t, float)), float),
-        level,
-        t_start=1e-3,
-        t_max=1e6,
-        rtol=1e-10,
-    )
-    assert math.isclose(got, root, rel_tol=1e-8)
-    # starting above the crossing walks down to it
-    got = first_crossing(
-        lambda t: np.asarray(f(np.asarray(t, float)), float),
-        level,
-        t_start=root * 1.3,
-        t_max=1e6,
-        rtol=1e-10,
-    )
-    assert math.isclose(got, root, rel_tol=1e-8)
+KNOWN = [
+    # (f, level, first crossing)
+    (lambda t: t**2, 2.0, math.sqrt(2.0)),
+    (lambda t: np.expm1(np.minimum(t, 50.0)), 0.3, math.log1p(0.3)),
+    (lambda t: 1e6 * t**3, 1e-9, 1e-5),
+    # not monotone: the first crossing is at 1.0 although it dips below afterwards
+    (lambda t: np.where(t < 1.5, t, 3.0 - t), 1.0, 1.0),
+]
 
 
-def test_first_crossing_never_reached():
-    assert math.isinf(first_crossing(lambda t: np.tanh(t), 2.0, t_start=1e-3, t_max=1e4))
+def _rows(fns):
+    def f(rays, ts):
+        return np.array([fns[r](t) for r, t in zip(rays, ts, strict=True)], dtype=float)
+
+    return f
+
+
+@pytest.mark.parametrize("start", ["small", "past_root"])  # past the root: the search walks down
+def test_first_crossings_known_roots(start):
+    fns = [k[0] for k in KNOWN]
+    levels = np.array([[k[1]] for k in KNOWN])
+    t_start = 1e-3 if start == "small" else 1.3 * np.array([k[2] for k in KNOWN])
+    got = first_crossings(_rows(fns), levels, t_start=t_start, t_max=1e6, rtol=1e-10)[:, 0]
+    assert np.allclose(got, [k[2] for k in KNOWN], rtol=1e-8, atol=0)
+
+
+def test_first_crossings_many_levels_and_misleading_guesses():
+    """Levels share one scan per ray; guesses only speed things up, even when wrong."""
+    f = _rows([lambda t: t**2, lambda t: np.where(t < 1.5, t, 3.0 - t)])
+    levels = np.array([[0.01, 1.0, 4.0], [0.2, 0.5, 1.0]])
+    truth = np.array([[0.1, 1.0, 2.0], [0.2, 0.5, 1.0]])
+    plain = first_crossings(f, levels, t_start=1e-3, t_max=1e3, rtol=1e-10)
+    assert np.allclose(plain, truth, rtol=1e-8)
+    for guesses in (truth * 1.0004, truth * 3.0, truth * 0.01, np.full_like(truth, np.nan)):
+        got = first_crossings(f, levels, t_start=1e-3, t_max=1e3, rtol=1e-10, guesses=guesses)
+        assert np.allclose(got, truth, rtol=1e-8)
+    # the non-monotone ray: a guess past the dip (at 2.9 the function is back below 0.2) must not win
+    bump = _rows([lambda t: np.where(t < 1.5, t, 3.0 - t)])
+    got = first_crossings(bump, np.array([[0.2]]), t_start=1e-3, t_max=1e3, guesses=np.array([[2.8]]))
+    assert math.isclose(got[0, 0], 0.2, rel_tol=1e-6)
+
+
+def test_first_crossings_never_reached():
+    got = first_crossings(
+        _rows([np.tanh, lambda t: t]), np.array([[2.0], [3.0]]), t_start=1e-3, t_max=1e4
+    )
+    assert math.isinf(got[0, 0]) and math.isclose(got[1, 0], 3.0, rel_tol=1e-6)

@@ -143,7 +143,14 @@ def test_one_hot_distribution_gives_large_radius_not_nan(tokenizer):
     df = sr.analyze(adapter, "ab", eps=[0.1], positions="last").to_frame()
     row = df.iloc[0]
     assert row.next_prob == 1.0
-    for col in ["radius_quadratic", "radius_corrected", "radius_curve", "radius_exact", "lambda_max", "effective_rank"]:
+    for col in [
+        "radius_quadratic",
+        "radius_corrected",
+        "radius_curve",
+        "radius_exact",
+        "lambda_max",
+        "effective_rank",
+    ]:
         assert not math.isnan(row[col]), col
     assert row.radius_quadratic > 1e6 or math.isinf(row.radius_quadratic)
     assert row.radius_exact > 1.0  # a logit gap of ~1000 nats takes a large push to close

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .errors import StableRegionsError
 from .geometry import FisherOperator, RayCurve, effective_rank, radius_pade, radius_quadratic
 from .models import PRELOGIT, ModelAdapter, load, wrap
-from .probes import measure_boundaries, prelogit_kl
+from .probes import RayKL, measure_boundaries
 
 COLUMNS = [
     "position",
@@ -178,47 +178,47 @@ def analyze(
 
     rows: list[dict] = []
     directions = torch.empty(len(pos), adapter.d_model, dtype=torch.float64)
-    chunk = max(1, (1 << 24) // head.vocab_size)  # keep (chunk x V) float64 blocks ~128 MB
+    # Blocks of positions: the Lanczos products of a block and every (position, sign, eps)
+    # search advance in lockstep, so each step reads W once for many rows (the products are
+    # memory-bound). A block's (rays x V) float64 arrays stay ~130 MB (262k vocabulary).
+    block = int(max(1, min(32, (1 << 26) // head.vocab_size)))
     done = 0
-    for start in range(0, len(pos), chunk):
-        h = h_all[start : start + chunk]
+    for start in range(0, len(pos), block):
+        h = h_all[start : start + block]
+        P = h.shape[0]
         op = FisherOperator.from_head(head, h)
         lam, vecs = op.top_eigenpairs(k=1)
         lam, vecs = lam[:, 0], vecs[:, 0]
+        directions[start : start + P] = vecs
         rank = effective_rank(op.trace(), lam)
-        logp = torch.log(op.p.clamp_min(1e-300))
-        entropy = -(op.p * logp).sum(-1) + 0.0  # + 0.0 turns -0.0 (one-hot p) into 0.0
+        entropy = -(op.p * torch.log(op.p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0
         top_p, top_i = op.p.max(-1)
         next_tokens = adapter.token_strings(top_i)
-        for j in range(h.shape[0]):
+        del op
+
+        # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
+        ray_h = h.repeat_interleave(2, dim=0)
+        ray_v = torch.stack([vecs, -vecs], dim=1).reshape(2 * P, -1)
+        curve = RayCurve.from_head(head, ray_h, ray_v)
+        c2, c3, c4 = curve.coefficients()
+        predicted = np.stack(
+            [radius_pade(c2, c3, e, c4).numpy() for e in eps_list], axis=1
+        )  # (2P, E)
+        scale = ray_h.norm(dim=-1).clamp_min(1e-6).numpy()
+        search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
+        # The closed forms only seed the search brackets; they never decide the answer.
+        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
+        if exact:
+            measured = measure_boundaries(
+                RayKL(head.logits, ray_h, ray_v), eps_list, guesses=from_curve, **search
+            )
+        else:
+            measured = np.full_like(from_curve, np.nan)
+
+        nearest = lambda a: np.minimum(a[0::2], a[1::2])  # noqa: E731  (P, E): min over +v, -v
+        pred_n, curve_n, meas_n = nearest(predicted), nearest(from_curve), nearest(measured)
+        for j in range(P):
             i = start + j
-            v = vecs[j]
-            directions[i] = v
-            signed = torch.stack([v, -v])
-            curve = RayCurve.from_head(head, h[j], signed)
-            c2, c3, c4 = curve.coefficients()
-            scale = max(float(h[j].norm()), 1e-6)
-            # Per sign: closed-form radii, then the exact curve's and the model's crossings
-            # (the closed form only seeds the search brackets).
-            predicted = [
-                [float(radius_pade(c2[s], c3[s], e, c4[s])) for e in eps_list] for s in (0, 1)
-            ]
-            search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
-            from_curve = [
-                measure_boundaries(_curve_kl(curve, s), eps_list, guesses=predicted[s], **search)
-                for s in (0, 1)
-            ]
-            measured = None
-            if exact:
-                measured = [
-                    measure_boundaries(
-                        prelogit_kl(head.logits, h[j], signed[s]),
-                        eps_list,
-                        guesses=from_curve[s],
-                        **search,
-                    )
-                    for s in (0, 1)
-                ]
             for e_idx, e in enumerate(eps_list):
                 rows.append(
                     dict(
@@ -232,19 +232,12 @@ def analyze(
                         lambda_max=float(lam[j]),
                         effective_rank=float(rank[j]),
                         radius_quadratic=float(radius_quadratic(lam[j], e)),
-                        radius_corrected=min(r[e_idx] for r in predicted),
-                        radius_curve=min(r[e_idx] for r in from_curve),
-                        radius_exact=min(m[e_idx] for m in measured) if measured else math.nan,
+                        radius_corrected=float(pred_n[j, e_idx]),
+                        radius_curve=float(curve_n[j, e_idx]),
+                        radius_exact=float(meas_n[j, e_idx]),
                     )
                 )
-            done += 1
-            if progress is not None:
-                progress(done, len(pos))
+        done += P
+        if progress is not None:
+            progress(done, len(pos))
     return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, directions)
-
-
-def _curve_kl(curve: RayCurve, sign_index: int):
-    def f(ts: np.ndarray) -> np.ndarray:
-        return curve.kl(torch.as_tensor(ts))[:, sign_index].numpy()
-
-    return f

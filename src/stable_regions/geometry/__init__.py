@@ -11,7 +11,7 @@ from .curve import (
 from .fisher import FisherOperator, effective_rank
 from .head import LogitHead
 from .lanczos import lanczos_topk
-from .roots import first_crossing
+from .roots import first_crossings
 
 __all__ = [
     "FisherOperator",
@@ -19,7 +19,7 @@ __all__ = [
     "RayCurve",
     "cumulants",
     "effective_rank",
-    "first_crossing",
+    "first_crossings",
     "lanczos_topk",
     "radius_pade",
     "radius_quadratic",

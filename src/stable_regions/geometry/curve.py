@@ -110,10 +110,11 @@ def radius_series(coeffs: list[float], eps: float) -> float:
 
 @dataclass
 class RayCurve:
-    """Exact ``KL(p || p_t)`` along ``h + t v`` for one position and a batch of directions.
+    """Exact ``KL(p || p_t)`` along ``R`` rays ``h_r + t v_r``.
 
-    Built from the raw logits ``u0`` (V,) and their rate ``b = scale * W v`` (k, V). A linear
-    head uses the CGF; a softcapped head evaluates the real ``c tanh(u / c)`` at each ``t``.
+    Built from the raw logits ``u0`` (R, V) at each ray's origin and their rate
+    ``b = scale * W v`` (R, V). A linear head uses the CGF; a softcapped head evaluates the
+    real ``c tanh(u / c)`` at each ``t``. Rays may share an origin (``+v`` and ``-v``).
     """
 
     head: LogitHead
@@ -121,28 +122,50 @@ class RayCurve:
     b: Tensor
 
     def __post_init__(self) -> None:
-        self.z0 = self.head.squash(self.u0)
-        self.logp = torch.log_softmax(self.z0, dim=-1)
+        self.u0 = torch.atleast_2d(self.u0)
+        self.b = torch.atleast_2d(self.b)
+        self.u0 = self.u0.expand_as(self.b)
+        self.logp = torch.log_softmax(self.head.squash(self.u0), dim=-1)
         self.p = self.logp.exp()
-        if self.b.ndim == 1:
-            self.b = self.b[None]
         self._mean_b = (self.p * self.b).sum(-1)
 
     @classmethod
     def from_head(cls, head: LogitHead, h: Tensor, v: Tensor) -> RayCurve:
+        """Rays from origins ``h`` (R, d) or (d,) along directions ``v`` (R, d)."""
         return cls(head, head.raw(h), head.direction(v))
 
+    def kl_at(self, rays: Tensor, t: Tensor) -> Tensor:
+        """KL of ray ``rays[i]`` at step ``t[i]``: shape (M,)."""
+        rays = torch.as_tensor(rays, dtype=torch.long)
+        t = torch.as_tensor(t, dtype=self.b.dtype)
+        out = torch.empty_like(t)
+        # One ray at a time: broadcasting its (V,) rows is cheaper than gathering (M, V) copies.
+        for r in torch.unique(rays).tolist():
+            idx = (rays == r).nonzero()[:, 0]
+            tr = t[idx, None]
+            if self.head.is_linear:
+                out[idx] = (
+                    torch.logsumexp(self.logp[r] + tr * self.b[r], -1) - tr[:, 0] * self._mean_b[r]
+                )
+            else:
+                logpt = torch.log_softmax(self.head.squash(self.u0[r] + tr * self.b[r]), -1)
+                out[idx] = (self.p[r] * (self.logp[r] - logpt)).sum(-1)
+        return out
+
+    def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """``kl_at`` on numpy arrays: the row function ``first_crossings`` expects."""
+        return self.kl_at(
+            torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64))
+        ).numpy()
+
     def kl(self, t: Tensor | float) -> Tensor:
-        """KL at steps ``t`` (n,) for every direction: shape (n, k)."""
-        t = torch.as_tensor(t, dtype=self.b.dtype).reshape(-1, 1, 1)
-        if self.head.is_linear:
-            shifted = self.logp + t * self.b  # (n, k, V)
-            return torch.logsumexp(shifted, -1) - t[..., 0] * self._mean_b
-        zt = self.head.squash(self.u0 + t * self.b)
-        logpt = torch.log_softmax(zt, -1)
-        return (self.p * (self.logp - logpt)).sum(-1)
+        """KL of every ray at common steps ``t`` (n,): shape (n, R)."""
+        t = torch.as_tensor(t, dtype=self.b.dtype).reshape(-1)
+        R = self.b.shape[0]
+        rays = torch.arange(R).repeat(t.numel())
+        return self.kl_at(rays, t.repeat_interleave(R)).reshape(t.numel(), R)
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Series coefficients ``(c2, c3, c4)`` per direction, shape (k,) each."""
+        """Series coefficients ``(c2, c3, c4)`` per ray, shape (R,) each."""
         derivs = self.head.logit_derivatives(self.u0, self.b, order=3)
         return series_coefficients(self.p, derivs)

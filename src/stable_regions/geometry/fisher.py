@@ -114,7 +114,7 @@ class FisherOperator:
     def trace(self) -> Tensor:
         """``tr H`` per position, O(V d)."""
         if self._row_norms2 is None:
-            self._row_norms2 = (self.weight**2).sum(-1) * self.scale**2
+            self._row_norms2 = torch.linalg.vector_norm(self.weight, dim=-1) ** 2 * self.scale**2
         pr = self.p if self.row_scale is None else self.p * self.row_scale**2
         first = pr @ self._row_norms2
         mean_row = self.vjp(self.p)  # J^T p

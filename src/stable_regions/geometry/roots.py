@@ -1,74 +1,153 @@
-"""First crossing of a threshold along a ray: geometric bracketing, then Brent.
+"""First crossings of thresholds along many rays at once.
 
-``f`` maps an array of steps ``t`` (n,) to values (n,); it is evaluated on a whole
-geometric grid at once (one batched model call), then Brent refines inside the first
-bracket. The answer is the smallest grid-bracketed ``t > 0`` with ``f(t) >= level``.
+A *ray* is a function ``t -> f_r(t)`` with ``f_r(0) = 0`` (a KL along a direction); for each
+ray and each level we want the smallest ``t > 0`` with ``f_r(t) >= level``. ``f`` is called
+with arrays of (ray index, t) pairs so that one call is one batched model/head evaluation:
+
+1. walk down from ``t_start`` (halving) while the first point is already above the smallest level;
+2. one geometric scan per ray (factor ``growth``), shared by all its levels, until the largest
+   level is passed or ``t_max`` is reached (then the crossing is ``inf``);
+3. each level's first grid bracket is refined by Illinois regula falsi (with bisection when it
+   stalls), all (ray, level) problems in lockstep, until ``hi - lo <= rtol * lo``.
+
+``guesses`` (predicted roots) add two points at ``guess * (1 +- 1e-3)`` to the first
+refinement step, which usually shrinks the bracket to 2e-3 at once; the scan is unchanged,
+so a crossing before the guess is still found first.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy.optimize import brentq
 
-BatchFn = Callable[[np.ndarray], np.ndarray]
+RowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def first_crossing(
-    f: BatchFn,
-    level: float,
+def first_crossings(
+    f: RowFn,
+    levels: np.ndarray,
     *,
-    t_start: float,
-    t_max: float,
+    t_start: np.ndarray | float,
+    t_max: np.ndarray | float,
     growth: float = 2.0,
     rtol: float = 1e-6,
-    chunk: int = 16,
-    guess: float | None = None,
-) -> float:
-    """Smallest ``t`` in ``(0, t_max]`` where ``f(t) >= level`` (``f(0) < level`` assumed).
+    guesses: np.ndarray | None = None,
+    scan_chunk: int = 6,
+    max_iter: int = 200,
+) -> np.ndarray:
+    """Smallest ``t`` with ``f(r, t) >= levels[r, e]`` for every ray ``r`` and level ``e``.
 
-    Returns ``inf`` when ``f`` stays below ``level`` up to ``t_max``. If ``f(t_start)`` is
-    already above, the grid walks down by ``growth`` until a point below is found.
-    ``rtol`` is the relative tolerance on ``t`` (Brent's ``xtol = rtol * t``).
-    ``guess`` (a predicted root) adds grid points close around it to the first batch, so
-    Brent starts from a tight bracket; the geometric scan from ``t_start`` is unchanged,
-    so a crossing before the guess is still found first.
+    Args:
+        f: ``f(rays, ts)`` evaluates ray ``rays[i]`` at ``ts[i]``, returning an array.
+        levels: (R, E) positive finite thresholds.
+        t_start, t_max: per ray (or scalars): where the scan starts and where it gives up.
+        guesses: optional (R, E) predicted roots, used only to speed up the refinement.
+
+    Returns:
+        (R, E) roots to relative accuracy ``rtol``; ``inf`` where the level is not reached
+        by ``t_max``.
     """
-    if not (level > 0 and math.isfinite(level)):
-        raise ValueError(f"level must be positive and finite, got {level}")
-    lo = 0.0
-    t = t_start
-    # Walk down while the first grid point is already past the level.
-    while f(np.array([t]))[0] >= level:
-        if t < 1e-300:
-            return 0.0
-        t /= growth
-    lo = t
-    hi = None
-    extra = np.array([])
-    if guess is not None and math.isfinite(guess) and guess > lo:
-        extra = guess * np.array([0.9, 0.98, 0.995, 0.999, 1.0, 1.001, 1.005, 1.02, 1.1])
-    while hi is None:
-        if lo >= t_max:
-            return math.inf
-        grid = lo * growth ** np.arange(1, chunk + 1)
-        grid = np.unique(np.concatenate([grid, extra[(extra > lo) & (extra < grid[-1])]]))
-        extra = np.array([])
-        grid = grid[grid <= t_max * growth]
-        vals = f(grid)
-        above = np.nonzero(vals >= level)[0]
-        if above.size:
-            i = int(above[0])
-            hi = float(grid[i])
-            lo = float(grid[i - 1]) if i > 0 else lo
-            if hi > t_max:
-                return math.inf
-        else:
-            lo = float(grid[-1])
+    levels = np.atleast_2d(np.asarray(levels, dtype=np.float64))
+    R, E = levels.shape
+    if not np.all(np.isfinite(levels) & (levels > 0)):
+        raise ValueError("levels must be positive and finite")
+    t0 = np.broadcast_to(np.asarray(t_start, dtype=np.float64), (R,)).copy()
+    tmax = np.broadcast_to(np.asarray(t_max, dtype=np.float64), (R,))
+    all_rays = np.arange(R)
 
-    def g(x: float) -> float:
-        return float(f(np.array([x]))[0]) - level
+    # 1. walk down until the first point is below every level of its ray
+    f0 = f(all_rays, t0)
+    low = levels.min(1)
+    while True:
+        high = (f0 >= low) & (t0 > 1e-300)
+        if not high.any():
+            break
+        t0[high] /= growth
+        f0[high] = f(all_rays[high], t0[high])
 
-    return brentq(g, lo, hi, xtol=rtol * lo, rtol=4 * np.finfo(float).eps, maxiter=200)
+    # 2. geometric scan, shared by the levels of a ray
+    ts: list[list[float]] = [[t] for t in t0]
+    fs: list[list[float]] = [[v] for v in f0]
+    top = levels.max(1)
+    active = (f0 < top) & (t0 < tmax)
+    step = 0
+    while active.any():
+        rays = all_rays[active]
+        k = np.arange(1, scan_chunk + 1)
+        grid = t0[rays, None] * growth ** (step + k)[None, :]
+        vals = f(np.repeat(rays, scan_chunk), grid.ravel()).reshape(len(rays), scan_chunk)
+        for i, r in enumerate(rays):
+            ts[r].extend(grid[i])
+            fs[r].extend(vals[i])
+        step += scan_chunk
+        active[rays] = (vals.max(1) < top[rays]) & (grid[:, -1] < tmax[rays])
+
+    out = np.full((R, E), np.inf)
+    lo = np.zeros((R, E))
+    hi = np.zeros((R, E))
+    flo = np.zeros((R, E))
+    fhi = np.zeros((R, E))
+    todo = np.zeros((R, E), dtype=bool)
+    for r in range(R):
+        tr, fr = np.asarray(ts[r]), np.asarray(fs[r])
+        for e in range(E):
+            above = np.nonzero(fr >= levels[r, e])[0]
+            if above.size == 0 or tr[above[0]] > tmax[r]:
+                continue  # not reached: inf
+            j = above[0]
+            if j == 0:  # only when t_start underflowed to zero
+                out[r, e] = tr[0]
+                continue
+            lo[r, e], hi[r, e], flo[r, e], fhi[r, e] = tr[j - 1], tr[j], fr[j - 1], fr[j]
+            todo[r, e] = True
+
+    def evaluate(mask: np.ndarray, points: np.ndarray) -> None:
+        """Evaluate the (ray, level) problems in ``mask`` at ``points`` and shrink their brackets."""
+        rr, ee = np.nonzero(mask)
+        vals = f(rr, points)
+        below = vals < levels[rr, ee]
+        lo[rr[below], ee[below]], flo[rr[below], ee[below]] = points[below], vals[below]
+        hi[rr[~below], ee[~below]], fhi[rr[~below], ee[~below]] = points[~below], vals[~below]
+
+    # 3a. guesses: two points close around the predicted root, where they fall inside the bracket
+    if guesses is not None:
+        g = np.asarray(guesses, dtype=np.float64)
+        for factor in (1 - 1e-3, 1 + 1e-3):
+            inside = todo & np.isfinite(g) & (g * factor > lo) & (g * factor < hi)
+            if inside.any():
+                evaluate(inside, (g * factor)[inside])
+
+    # 3b. Illinois regula falsi in lockstep, bisection where the bracket does not halve
+    side = np.zeros((R, E), dtype=np.int8)  # which end was kept last time (+1 hi, -1 lo)
+    width_before = hi - lo
+    for it in range(max_iter):
+        todo &= (hi - lo) > rtol * lo
+        if not todo.any():
+            break
+        rr, ee = np.nonzero(todo)
+        L, H = lo[rr, ee], hi[rr, ee]
+        gl = flo[rr, ee] - levels[rr, ee]
+        gh = fhi[rr, ee] - levels[rr, ee]
+        # Illinois: halve the weight of the end that stayed twice in a row
+        gl = np.where(side[rr, ee] == -1, gl / 2, gl)
+        gh = np.where(side[rr, ee] == 1, gh / 2, gh)
+        x = H - gh * (H - L) / (gh - gl)
+        if it % 3 == 2:  # every third step, bisect where the last three did not halve the bracket
+            stalled = (H - L) > 0.5 * width_before[rr, ee]
+            x = np.where(stalled, 0.5 * (L + H), x)
+            width_before[rr, ee] = H - L
+        span = H - L
+        x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
+        vals = f(rr, x)
+        below = vals < levels[rr, ee]
+        side[rr, ee] = np.where(below, 1, -1)  # kept hi when we moved lo, and vice versa
+        lo[rr[below], ee[below]], flo[rr[below], ee[below]] = x[below], vals[below]
+        hi[rr[~below], ee[~below]], fhi[rr[~below], ee[~below]] = x[~below], vals[~below]
+
+    done = np.isinf(out) & (hi > 0)
+    # final linear interpolation inside the tiny bracket
+    span = np.where(fhi > flo, fhi - flo, 1.0)
+    interp = lo + (levels - flo) / span * (hi - lo)
+    out[done] = np.clip(interp, lo, hi)[done]
+    return out

@@ -1,5 +1,5 @@
 """Probes: measure the truth by running the model with the perturbation applied."""
 
-from .boundary import measure_boundaries, prelogit_kl
+from .boundary import RayKL, measure_boundaries
 
-__all__ = ["measure_boundaries", "prelogit_kl"]
+__all__ = ["RayKL", "measure_boundaries"]

@@ -1,67 +1,64 @@
-"""The measured ("empirical") boundary along a direction.
+"""The measured ("empirical") boundary along directions.
 
-The smallest ``t > 0`` with ``KL(p || p_t) >= eps``, where ``p_t`` is what the model
-outputs with ``t v`` added at the hook point: geometric bracketing from a small ``t``,
-then Brent to a relative tolerance (default 1e-6, required 1e-4). KL in float64 from
+The smallest ``t > 0`` with ``KL(p || p_t) >= eps``, where ``p_t`` is what the model outputs
+with ``t v`` added at the hook point: geometric bracketing from a small ``t``, then
+regula falsi / bisection to a relative tolerance (default 1e-6; 1e-4 is required), all rays
+and thresholds in lockstep so each step is one batched evaluation. KL in float64 from
 log-softmax differences. The nearest exit along a line is the minimum over ``+v, -v``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..geometry import first_crossing
+from ..geometry import first_crossings
 
-KLFunction = Callable[[np.ndarray], np.ndarray]
+ROW_BUDGET = 1 << 24  # float64 logits per evaluation chunk (~128 MB)
 
 
-def prelogit_kl(logits_fn: Callable[[Tensor], Tensor], h: Tensor, v: Tensor) -> KLFunction:
-    """``t -> KL(p || softmax(logits_fn(h + t v)))`` evaluated for a batch of ``t`` at once.
+class RayKL:
+    """``(ray, t) -> KL(p_r || softmax(logits_fn(h_r + t v_r)))`` for rays with origins ``h`` and directions ``v``.
 
     ``logits_fn`` is the model's own path from the hook point to the logits (for the
     pre-logit vector: the unembedding, bias and softcap), applied in float64.
     """
-    h = h.to(torch.float64)
-    v = v.to(torch.float64)
-    logp = torch.log_softmax(logits_fn(h[None]), -1)[0]
-    p = logp.exp()
 
-    def kl(ts: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.asarray(ts, dtype=np.float64))
-        logpt = torch.log_softmax(logits_fn(h[None] + t[:, None] * v[None]), -1)
-        return (p * (logp - logpt)).sum(-1).numpy()
+    def __init__(self, logits_fn: Callable[[Tensor], Tensor], h: Tensor, v: Tensor) -> None:
+        self.logits_fn = logits_fn
+        self.h = h.to(torch.float64)
+        self.v = v.to(torch.float64)
+        self.logp = torch.log_softmax(logits_fn(self.h), -1)
+        self.calls = 0
+        self.rows = 0
 
-    return kl
+    def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        rays_t = torch.as_tensor(rays, dtype=torch.long)
+        ts_t = torch.as_tensor(np.asarray(ts, dtype=np.float64))
+        chunk = max(1, ROW_BUDGET // self.logp.shape[-1])
+        out = []
+        for s in range(0, len(rays_t), chunk):
+            r, t = rays_t[s : s + chunk], ts_t[s : s + chunk]
+            logq = torch.log_softmax(self.logits_fn(self.h[r] + t[:, None] * self.v[r]), -1)
+            logp = self.logp[r]
+            out.append((logp.exp() * (logp - logq)).sum(-1))
+        self.calls += 1
+        self.rows += len(rays_t)
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def measure_boundaries(
-    kl: KLFunction,
-    eps: Sequence[float],
+    kl: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    eps: list[float],
     *,
-    t_start: float,
-    t_max: float,
+    t_start: np.ndarray,
+    t_max: np.ndarray,
     rtol: float = 1e-6,
-    guesses: Sequence[float] | None = None,
-) -> list[float]:
-    """First crossing of each ``eps`` (any order) by the KL function of one signed direction.
-
-    ``guesses`` (predicted radii, one per eps) only speed up the search (see ``first_crossing``).
-
-    The crossings are found in increasing ``eps``, each search starting at the previous root:
-    the first time the KL reaches a larger level cannot come before it reaches a smaller one.
-    """
-    order = np.argsort(eps)
-    out = [np.inf] * len(eps)
-    start = t_start
-    for i in order:
-        guess = None if guesses is None else float(guesses[i])
-        root = first_crossing(kl, float(eps[i]), t_start=start, t_max=t_max, rtol=rtol, guess=guess)
-        out[i] = root
-        if not np.isfinite(root):
-            break  # a larger eps cannot be reached either
-        start = root
-    return out
+    guesses: np.ndarray | None = None,
+) -> np.ndarray:
+    """First crossing (R, E) of each ``eps`` along each ray of ``kl`` (see ``first_crossings``)."""
+    levels = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(t_start), len(eps)))
+    return first_crossings(kl, levels, t_start=t_start, t_max=t_max, rtol=rtol, guesses=guesses)
