@@ -241,7 +241,9 @@ def test_first_crossings_many_levels_and_misleading_guesses():
         assert np.allclose(got, truth, rtol=1e-8)
     # the non-monotone ray: a guess past the dip (at 2.9 the function is back below 0.2) must not win
     bump = _rows([lambda t: np.where(t < 1.5, t, 3.0 - t)])
-    got = first_crossings(bump, np.array([[0.2]]), t_start=1e-3, t_max=1e3, guesses=np.array([[2.8]]))
+    got = first_crossings(
+        bump, np.array([[0.2]]), t_start=1e-3, t_max=1e3, guesses=np.array([[2.8]])
+    )
     assert math.isclose(got[0, 0], 0.2, rel_tol=1e-6)
 
 

@@ -35,6 +35,19 @@ def test_head_reproduces_model_logits(arch, tokenizer):
     got = adapter.head.logits(adapter.prelogits(ids))
     assert torch.allclose(got, ref, rtol=0, atol=1e-10)
     assert (adapter.head.softcap is not None) == (arch == "gemma2")
+    # the final norm is found, and the pre-logit vector is its output (OPT: then project_out)
+    captured = {}
+    handle = adapter.final_norm.register_forward_hook(
+        lambda m, a, out: captured.setdefault("x", out)
+    )
+    try:
+        adapter.prelogits(ids)
+    finally:
+        handle.remove()
+    normed = captured["x"][0].to(torch.float64)
+    if arch == "opt":
+        normed = adapter.model.model.decoder.project_out(normed)
+    assert torch.allclose(normed, adapter.prelogits(ids), atol=1e-12)
 
 
 def test_curvature_matches_autograd_through_the_model(arch, tokenizer):

@@ -189,7 +189,7 @@ def analyze(
         op = FisherOperator.from_head(head, h)
         lam, vecs = op.top_eigenpairs(k=1)
         lam, vecs = lam[:, 0], vecs[:, 0]
-        directions[start : start + P] = vecs
+        directions[start : start + P] = vecs.cpu()
         rank = effective_rank(op.trace(), lam)
         entropy = -(op.p * torch.log(op.p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0
         top_p, top_i = op.p.max(-1)
@@ -204,7 +204,7 @@ def analyze(
         predicted = np.stack(
             [radius_pade(c2, c3, e, c4).numpy() for e in eps_list], axis=1
         )  # (2P, E)
-        scale = ray_h.norm(dim=-1).clamp_min(1e-6).numpy()
+        scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
         # The closed forms only seed the search brackets; they never decide the answer.
         from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)

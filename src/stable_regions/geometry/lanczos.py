@@ -55,7 +55,6 @@ def lanczos_topk(
         norms = q.norm(dim=-1, keepdim=True)
     Q[:, 0] = q / norms
 
-    theta = resid = None
     j = 0
     while j < m_cap:
         qj = Q[:, j]
@@ -96,10 +95,6 @@ def lanczos_topk(
             done = bool((resid <= floor).all())
             if done:
                 break
-    if theta is None:  # only when k > j could not be reached (tiny d)
-        theta, S = _tridiagonal_eigh(alpha[:, :j], beta[:, : j - 1])
-        theta, S = theta[:, :k], S[:, :, :k]
-        resid = (beta[:, j - 1, None] * S[:, -1, :]).abs()
     vecs = torch.einsum("pmk,pmd->pkd", S, Q[:, :j])
     vecs = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     vecs = _fix_sign(vecs)

@@ -102,13 +102,13 @@ def first_crossings(
             lo[r, e], hi[r, e], flo[r, e], fhi[r, e] = tr[j - 1], tr[j], fr[j - 1], fr[j]
             todo[r, e] = True
 
-    def evaluate(mask: np.ndarray, points: np.ndarray) -> None:
-        """Evaluate the (ray, level) problems in ``mask`` at ``points`` and shrink their brackets."""
-        rr, ee = np.nonzero(mask)
+    def evaluate(rr: np.ndarray, ee: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """Evaluate problems (rr, ee) at ``points``, shrink their brackets; True where below the level."""
         vals = f(rr, points)
         below = vals < levels[rr, ee]
         lo[rr[below], ee[below]], flo[rr[below], ee[below]] = points[below], vals[below]
         hi[rr[~below], ee[~below]], fhi[rr[~below], ee[~below]] = points[~below], vals[~below]
+        return below
 
     # 3a. guesses: two points close around the predicted root, where they fall inside the bracket
     if guesses is not None:
@@ -116,7 +116,7 @@ def first_crossings(
         for factor in (1 - 1e-3, 1 + 1e-3):
             inside = todo & np.isfinite(g) & (g * factor > lo) & (g * factor < hi)
             if inside.any():
-                evaluate(inside, (g * factor)[inside])
+                evaluate(*np.nonzero(inside), (g * factor)[inside])
 
     # 3b. Illinois regula falsi in lockstep, bisection where the bracket does not halve
     side = np.zeros((R, E), dtype=np.int8)  # which end was kept last time (+1 hi, -1 lo)
@@ -139,11 +139,8 @@ def first_crossings(
             width_before[rr, ee] = H - L
         span = H - L
         x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
-        vals = f(rr, x)
-        below = vals < levels[rr, ee]
+        below = evaluate(rr, ee, x)
         side[rr, ee] = np.where(below, 1, -1)  # kept hi when we moved lo, and vice versa
-        lo[rr[below], ee[below]], flo[rr[below], ee[below]] = x[below], vals[below]
-        hi[rr[~below], ee[~below]], fhi[rr[~below], ee[~below]] = x[~below], vals[~below]
 
     done = np.isinf(out) & (hi > 0)
     # final linear interpolation inside the tiny bracket

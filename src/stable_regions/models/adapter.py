@@ -54,6 +54,8 @@ class ModelAdapter:
         self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
         self.layers: nn.ModuleList = layers
         self.unembed: nn.Linear = unembed
+        # None for OPT variants that normalise before each block only (do_layer_norm_before=False)
+        self.final_norm: nn.Module | None = get_path(model, self.arch.final_norm)
         softcap = getattr(config, "final_logit_softcapping", None)
         self.head = LogitHead(
             weight=unembed.weight.detach().to(torch.float64),

@@ -36,8 +36,8 @@ class RayKL:
         self.rows = 0
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        rays_t = torch.as_tensor(rays, dtype=torch.long)
-        ts_t = torch.as_tensor(np.asarray(ts, dtype=np.float64))
+        rays_t = torch.as_tensor(rays, dtype=torch.long, device=self.h.device)
+        ts_t = torch.as_tensor(np.asarray(ts, dtype=np.float64), device=self.h.device)
         chunk = max(1, ROW_BUDGET // self.logp.shape[-1])
         out = []
         for s in range(0, len(rays_t), chunk):
@@ -47,7 +47,7 @@ class RayKL:
             out.append((logp.exp() * (logp - logq)).sum(-1))
         self.calls += 1
         self.rows += len(rays_t)
-        return torch.cat(out).numpy() if out else np.zeros(0)
+        return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 def measure_boundaries(
