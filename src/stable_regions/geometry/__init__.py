@@ -11,11 +11,13 @@ from .curve import (
 from .fisher import FisherOperator, effective_rank
 from .head import LogitHead
 from .lanczos import lanczos_topk
+from .pullback import PullbackOperator
 from .roots import first_crossings
 
 __all__ = [
     "FisherOperator",
     "LogitHead",
+    "PullbackOperator",
     "RayCurve",
     "cumulants",
     "effective_rank",

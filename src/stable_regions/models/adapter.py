@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import StableRegionsError, UnsupportedModelError
 from ..geometry import LogitHead
 from .architectures import ArchSpec, arch_for, get_path
+from .precision import exact_numerics
 
 PRELOGIT = "ln_final.hook_normalized"
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -56,6 +57,7 @@ class ModelAdapter:
         self.unembed: nn.Linear = unembed
         # None for OPT variants that normalise before each block only (do_layer_norm_before=False)
         self.final_norm: nn.Module | None = get_path(model, self.arch.final_norm)
+        self._float64: ModelAdapter | None = None
         softcap = getattr(config, "final_logit_softcapping", None)
         self.head = LogitHead(
             weight=unembed.weight.detach().to(torch.float64),
@@ -187,9 +189,10 @@ class ModelAdapter:
 
         def add(x: Tensor) -> Tensor:
             index = position if seq_len is None else position - (seq_len - x.shape[1])
-            x = x.clone()
-            x[:, index, :] += deltas.to(dtype=x.dtype, device=x.device)
-            return x
+            index = index % x.shape[1]
+            # Out of place, so that autograd and torch.func transforms (jvp, vjp) see through it.
+            row = x[:, index : index + 1, :] + deltas.to(dtype=x.dtype, device=x.device)[:, None, :]
+            return torch.cat([x[:, :index, :], row, x[:, index + 1 :, :]], dim=1)
 
         if kind == "pre":
 
@@ -215,6 +218,41 @@ class ModelAdapter:
         finally:
             handle.remove()
 
+    @contextmanager
+    def capture(self, hook: str, store: list[Tensor]) -> Iterator[None]:
+        """Append the activation (batch, seq, d) seen at ``hook`` to ``store`` on each forward."""
+        module, kind = self._resolve(hook)
+        if kind == "pre":
+
+            def pre_hook(_module, args, kwargs):
+                store.append(
+                    (args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))).detach()
+                )
+
+            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+
+            def post_hook(_module, _args, output):
+                store.append((output[0] if isinstance(output, tuple) else output).detach())
+
+            handle = module.register_forward_hook(post_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def float64(self) -> ModelAdapter:
+        """This model in float64 (a copy, made once): for derivatives and small KLs."""
+        if self.unembed.weight.dtype == torch.float64:
+            return self
+        if self._float64 is None:
+            import copy
+
+            self._float64 = ModelAdapter(
+                copy.deepcopy(self.model).to(torch.float64), self.tokenizer, name=self.name
+            )
+        return self._float64
+
     @torch.no_grad()
     def perturbed_logits(self, ids: Tensor, hook: str, position: int, deltas: Tensor) -> Tensor:
         """Next-token logits (batch, V) at ``position`` after adding each delta at ``hook``.
@@ -223,7 +261,8 @@ class ModelAdapter:
         cannot change it), one batch row per delta.
         """
         prefix = ids[:, : position + 1].expand(deltas.shape[0], -1)
-        with self.perturbation(hook, position, deltas, seq_len=position + 1):
+        exact = self.unembed.weight.dtype == torch.float64
+        with self.perturbation(hook, position, deltas, seq_len=position + 1), exact_numerics(exact):
             out = self.model(input_ids=prefix, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].to(torch.float64)
 
