@@ -31,7 +31,7 @@ def test_head_reproduces_model_logits(arch, tokenizer):
     adapter = sr.wrap(tiny_model(arch), tokenizer)
     ids = adapter.tokenize(PROMPT)
     with torch.no_grad():
-        ref = adapter.model(input_ids=ids).logits[0]
+        ref = adapter.forward(ids).logits[0]
     got = adapter.head.logits(adapter.prelogits(ids))
     assert torch.allclose(got, ref, rtol=0, atol=1e-10)
     assert (adapter.head.softcap is not None) == (arch == "gemma2")
@@ -56,11 +56,11 @@ def test_curvature_matches_autograd_through_the_model(arch, tokenizer):
     ids = adapter.tokenize(PROMPT)
     pos = 4
     with torch.no_grad():
-        logp = torch.log_softmax(adapter.model(input_ids=ids).logits[0, pos], -1)
+        logp = torch.log_softmax(adapter.forward(ids).logits[0, pos], -1)
 
     def kl(x):
         with adapter.perturbation(PRELOGIT, pos, x[None]):
-            logits = adapter.model(input_ids=ids).logits[0, pos]
+            logits = adapter.forward(ids).logits[0, pos]
         return (logp.exp() * (logp - torch.log_softmax(logits, -1))).sum()
 
     H_ref = torch.autograd.functional.hessian(kl, torch.zeros(adapter.d_model, dtype=torch.float64))
@@ -88,7 +88,7 @@ def test_exact_curve_matches_model_runs(arch, tokenizer):
     curve = RayCurve.from_head(adapter.head, h, v[None])
     logits = adapter.perturbed_logits(ids, PRELOGIT, pos, ts[:, None] * v[None])
     with torch.no_grad():
-        logp = torch.log_softmax(adapter.model(input_ids=ids).logits[0, pos], -1)
+        logp = torch.log_softmax(adapter.forward(ids).logits[0, pos], -1)
     ref = kl_np(logp, logits)
     assert np.allclose(curve.kl(ts)[:, 0].numpy(), ref, rtol=1e-8, atol=1e-14)
 
@@ -121,7 +121,7 @@ def test_analyze_radius_exact_brackets_the_model_boundary(arch_name, tokenizer):
     assert list(df.columns[:4]) == ["position", "token", "next_token", "next_prob"]
     ids = adapter.tokenize("Hello world")
     with torch.no_grad():
-        all_logp = torch.log_softmax(adapter.model(input_ids=ids).logits[0], -1)
+        all_logp = torch.log_softmax(adapter.forward(ids).logits[0], -1)
     for k, pos in enumerate([0, 4, 10]):
         v = result.directions[k]
         for e in eps:

@@ -50,9 +50,7 @@ def test_measured_radius_matches_full_model_brute_force(loaded):
     for prompt, res, df in zip(PROMPTS, results, frames, strict=True):
         ids = reference.tokenize(prompt)
         with torch.no_grad():
-            logp_all = torch.log_softmax(
-                reference.model(input_ids=ids).logits[0].to(torch.float64), -1
-            )
+            logp_all = torch.log_softmax(reference.forward(ids).logits[0].to(torch.float64), -1)
         for k, pos in enumerate(sorted(df.position.unique())):
             v = res.directions[k]
             fracs = np.array([0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.999, 1.001])

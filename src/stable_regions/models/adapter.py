@@ -161,6 +161,15 @@ class ModelAdapter:
         return [self.tokenizer.decode([i]) for i in ids]
 
     # ------------------------------------------------------------ running
+    @property
+    def is_float64(self) -> bool:
+        return self.unembed.weight.dtype == torch.float64
+
+    def forward(self, ids: Tensor, **kwargs):
+        """The model's forward pass; a float64 model runs in float64 throughout (``exact_numerics``)."""
+        with exact_numerics(self.is_float64):
+            return self.model(input_ids=ids, **kwargs)
+
     @torch.no_grad()
     def prelogits(self, ids: Tensor) -> Tensor:
         """The pre-logit vectors (n, d) of every position, in float64."""
@@ -171,7 +180,7 @@ class ModelAdapter:
 
         handle = self.unembed.register_forward_pre_hook(grab)
         try:
-            self.model(input_ids=ids, use_cache=False)
+            self.forward(ids, use_cache=False)
         finally:
             handle.remove()
         return captured[0][0].to(torch.float64)
@@ -243,7 +252,7 @@ class ModelAdapter:
 
     def float64(self) -> ModelAdapter:
         """This model in float64 (a copy, made once): for derivatives and small KLs."""
-        if self.unembed.weight.dtype == torch.float64:
+        if self.is_float64:
             return self
         if self._float64 is None:
             import copy
@@ -261,9 +270,8 @@ class ModelAdapter:
         cannot change it), one batch row per delta.
         """
         prefix = ids[:, : position + 1].expand(deltas.shape[0], -1)
-        exact = self.unembed.weight.dtype == torch.float64
-        with self.perturbation(hook, position, deltas, seq_len=position + 1), exact_numerics(exact):
-            out = self.model(input_ids=prefix, use_cache=False, logits_to_keep=1)
+        with self.perturbation(hook, position, deltas, seq_len=position + 1):
+            out = self.forward(prefix, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].to(torch.float64)
 
     def _resolve(self, hook: str) -> tuple[nn.Module, str]:

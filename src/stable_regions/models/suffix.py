@@ -33,12 +33,12 @@ class PositionSuffix:
         self.position = position
         self.dim = adapter.hook_dim(hook)
         self.dtype = adapter.unembed.weight.dtype
-        self.exact = self.dtype == torch.float64
+        self.exact = adapter.is_float64
         self.token = ids[:, position : position + 1]
         self.cache_data: list[tuple[Tensor, Tensor]] | None = None
         if position > 0:
-            with torch.no_grad(), exact_numerics(self.exact):
-                out = adapter.model(input_ids=ids[:, :position], use_cache=True)
+            with torch.no_grad():
+                out = adapter.forward(ids[:, :position], use_cache=True)
             self.cache_data = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         with torch.no_grad():
             self.x0 = self._capture_origin()
@@ -53,23 +53,25 @@ class PositionSuffix:
         return self._cache_cls(ddp_cache_data=data, config=self.adapter.config)
 
     def _run(self, n: int):
-        return self.adapter.model(
-            input_ids=self.token.expand(n, 1),
-            past_key_values=self._cache(n),
-            use_cache=self.cache_data is not None,
-        )
+        # exact_numerics: float64 stays float64, and layer_norm gets correct higher forward-mode derivatives
+        with exact_numerics(self.exact):
+            return self.adapter.model(
+                input_ids=self.token.expand(n, 1),
+                past_key_values=self._cache(n),
+                use_cache=self.cache_data is not None,
+            )
 
     def _capture_origin(self) -> Tensor:
         """The unperturbed activation at the hook (d,), in float64."""
         captured: list[Tensor] = []
-        with self.adapter.capture(self.hook, captured), exact_numerics(self.exact):
+        with self.adapter.capture(self.hook, captured):
             self._run(1)
         return captured[0][0, -1].to(torch.float64)
 
     def logits(self, deltas: Tensor) -> Tensor:
         """Logits (n, V) at the position for perturbations ``deltas`` (n, d); differentiable."""
         deltas = deltas.to(self.dtype)
-        with self.adapter.perturbation(self.hook, 0, deltas, seq_len=1), exact_numerics(self.exact):
+        with self.adapter.perturbation(self.hook, 0, deltas, seq_len=1):
             out = self._run(deltas.shape[0])
         return out.logits[:, -1, :]
 
