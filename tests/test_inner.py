@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -119,3 +120,57 @@ def test_exact_numerics_fixes_nested_forward_mode_layer_norm():
         assert torch.allclose(ln(x0), torch.nn.functional.layer_norm(x0, (8,), w, b, 1e-5))
     # outside the context: torch's formula (if this starts passing, torch fixed it and the patch can go)
     assert not torch.allclose(second(ln), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arch_name, layer",
+    [("llama", 1), ("gpt2", "embed"), ("gemma2", 0), ("opt", 2), ("gpt_neox", 1)],
+)
+def test_analyze_inner_layer_brackets_the_full_model_boundary(arch_name, layer, tokenizer):
+    """radius_exact inside the network: KL < eps up to 0.999 r on both signs, >= eps at 1.001 r on one,
+    by full forward passes of the whole prefix (not the cached suffix the analysis used)."""
+    adapter = sr.wrap(tiny_model(arch_name, seed=3), tokenizer)
+    eps = [0.01, 0.1, 1.0]
+    prompt = "Hello world, again"
+    positions = [0, 6, 17]
+    result = sr.analyze(adapter, prompt, eps=eps, positions=positions, layer=layer)
+    df = result.to_frame()
+    hook = adapter.hook_for_layer(layer)
+    ids = adapter.tokenize(prompt)
+    assert df.radius_curve.isna().all()  # the CGF curve exists only at the pre-logit vector
+    for k, pos in enumerate(positions):
+        v = result.directions[k]
+        assert v.shape[0] == adapter.hook_dim(hook)
+        logp = torch.log_softmax(
+            adapter.perturbed_logits(ids, hook, pos, torch.zeros(1, v.shape[0]))[0], -1
+        )
+        for e in eps:
+            r = float(df[(df.position == pos) & (df.eps == e)].radius_exact.iloc[0])
+            assert r > 0
+            if math.isinf(r):
+                # a norm follows: the KL can saturate below eps along the whole ray; check that it does
+                far = torch.logspace(-3, 5, 25, dtype=torch.float64) * float(ids.shape[1] + 1)
+                for sign in (1, -1):
+                    logq = torch.log_softmax(
+                        adapter.perturbed_logits(ids, hook, pos, sign * far[:, None] * v[None]), -1
+                    )
+                    assert (logp.exp() * (logp - logq)).sum(-1).max() < e
+                continue
+            ts = torch.tensor(np.concatenate([np.linspace(0.05, 0.999, 12), [1.001]]) * r)
+            kls = []
+            for sign in (1, -1):
+                logq = torch.log_softmax(
+                    adapter.perturbed_logits(ids, hook, pos, sign * ts[:, None] * v[None]), -1
+                )
+                kls.append((logp.exp() * (logp - logq)).sum(-1))
+            kls = torch.stack(kls)
+            assert kls[:, :-1].max() < e, (pos, e)
+            assert kls[:, -1].max() >= e, (pos, e)
+        # lambda_max is the top eigenvalue of the dense pullback from autograd on the full forward
+        f = full_forward_fn(adapter, ids, hook, pos)
+        J = torch.autograd.functional.jacobian(f, torch.zeros(v.shape[0], dtype=torch.float64))
+        p = logp.exp()
+        G = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+        top = float(torch.linalg.eigvalsh(G)[-1])
+        assert math.isclose(float(df[df.position == pos].lambda_max.iloc[0]), top, rel_tol=1e-7)
+        assert math.isclose(float(v @ G @ v), top, rel_tol=1e-7)

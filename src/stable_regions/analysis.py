@@ -12,8 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StableRegionsError
-from .geometry import FisherOperator, RayCurve, effective_rank, radius_pade, radius_quadratic
+from .geometry import (
+    FisherOperator,
+    PullbackOperator,
+    RayCurve,
+    effective_rank,
+    radius_pade,
+    radius_quadratic,
+    series_coefficients,
+)
 from .models import PRELOGIT, ModelAdapter, load, wrap
+from .models.suffix import PositionSuffix
 from .probes import RayKL, measure_boundaries
 
 COLUMNS = [
@@ -148,6 +157,7 @@ def analyze(
     exact: bool = True,
     *,
     rtol: float = 1e-6,
+    eig_tol: float = 1e-10,
     progress: Callable[[int, int], None] | None = None,
 ) -> AnalysisResult:
     """Stable-region geometry of a prompt, each prediction beside the measured truth.
@@ -158,52 +168,112 @@ def analyze(
         prompt: the text; position ``i`` analyses the next-token distribution predicted at token ``i``.
         eps: KL thresholds in nats.
         positions: ``"all"``, ``"last"`` or token indices.
-        layer: ``"final"`` (the pre-logit vector).
+        layer: where the perturbation is added: ``"final"`` (the pre-logit vector, the input of
+            the unembedding), ``"embed"`` (the input of block 0), or a block index ``i``
+            (``blocks.{i}.hook_resid_post``). Inside the network the curvature is the pullback
+            ``J^T F J`` and the model runs in float64.
         exact: measure the true boundary by running the model (``radius_exact``); NaN if False.
         rtol: relative tolerance of the measured boundary.
+        eig_tol: Lanczos residual tolerance (relative to the top eigenvalue) inside the network.
         progress: called as ``progress(done, total)`` after each position.
     """
     adapter = as_adapter(model)
     eps_list = check_eps(eps)
     hook = adapter.hook_for_layer(layer)
-    if hook != PRELOGIT:
-        raise StableRegionsError(
-            f"layer {layer!r}: only layer='final' (the pre-logit vector) is supported so far"
-        )
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
-    head = adapter.head
-    h_all = adapter.prelogits(ids)[pos]
+    if hook == PRELOGIT:
+        blocks = _prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol)
+    else:
+        blocks = _inner_positions(adapter.float64(), ids, hook, pos, eps_list, exact, rtol, eig_tol)
 
     rows: list[dict] = []
-    directions = torch.empty(len(pos), adapter.d_model, dtype=torch.float64)
+    directions: list[Tensor] = []
+    done = 0
+    for b in blocks:
+        next_tokens = adapter.token_strings(b.top_token)
+        for j, position in enumerate(b.positions):
+            for e_idx, e in enumerate(eps_list):
+                rows.append(
+                    dict(
+                        position=position,
+                        token=tokens[position],
+                        next_token=next_tokens[j],
+                        next_prob=float(b.top_prob[j]),
+                        eps=e,
+                        layer=str(layer),
+                        entropy=float(b.entropy[j]),
+                        lambda_max=float(b.lambda_max[j]),
+                        effective_rank=float(b.effective_rank[j]),
+                        radius_quadratic=float(radius_quadratic(b.lambda_max[j], e)),
+                        radius_corrected=float(b.corrected[j, e_idx]),
+                        radius_curve=float(b.curve[j, e_idx]),
+                        radius_exact=float(b.measured[j, e_idx]),
+                    )
+                )
+        directions.append(b.directions.cpu())
+        done += len(b.positions)
+        if progress is not None:
+            progress(done, len(pos))
+    return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, torch.cat(directions))
+
+
+@dataclass
+class _Block:
+    """Per-position results of a block of positions; radii are (positions, eps), nearest exit over +-v."""
+
+    positions: list[int]
+    top_token: Tensor
+    top_prob: Tensor
+    entropy: Tensor
+    lambda_max: Tensor
+    effective_rank: Tensor
+    directions: Tensor
+    corrected: np.ndarray
+    curve: np.ndarray
+    measured: np.ndarray
+
+
+def _nearest(radii: np.ndarray) -> np.ndarray:
+    """(2P, E) with rays 2j, 2j+1 = +v, -v of position j -> (P, E): the nearest exit."""
+    return np.minimum(radii[0::2], radii[1::2])
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0 for one-hot p
+
+
+def _pade_radii(c2: Tensor, c3: Tensor, c4: Tensor, eps_list: list[float]) -> np.ndarray:
+    return np.stack([radius_pade(c2, c3, e, c4).cpu().numpy() for e in eps_list], axis=1)
+
+
+def _prelogit_blocks(
+    adapter: ModelAdapter, ids: Tensor, pos: list[int], eps_list, exact: bool, rtol: float
+):
+    """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head."""
+    head = adapter.head
+    h_all = adapter.prelogits(ids)[pos]
     # Blocks of positions: the Lanczos products of a block and every (position, sign, eps)
     # search advance in lockstep, so each step reads W once for many rows (the products are
     # memory-bound). A block's (rays x V) float64 arrays stay ~130 MB (262k vocabulary).
     block = int(max(1, min(32, (1 << 26) // head.vocab_size)))
-    done = 0
     for start in range(0, len(pos), block):
         h = h_all[start : start + block]
         P = h.shape[0]
         op = FisherOperator.from_head(head, h)
         lam, vecs = op.top_eigenpairs(k=1)
         lam, vecs = lam[:, 0], vecs[:, 0]
-        directions[start : start + P] = vecs.cpu()
         rank = effective_rank(op.trace(), lam)
-        entropy = -(op.p * torch.log(op.p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0
         top_p, top_i = op.p.max(-1)
-        next_tokens = adapter.token_strings(top_i)
+        entropy = _entropy(op.p)
         del op
 
         # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
         ray_h = h.repeat_interleave(2, dim=0)
         ray_v = torch.stack([vecs, -vecs], dim=1).reshape(2 * P, -1)
         curve = RayCurve.from_head(head, ray_h, ray_v)
-        c2, c3, c4 = curve.coefficients()
-        predicted = np.stack(
-            [radius_pade(c2, c3, e, c4).numpy() for e in eps_list], axis=1
-        )  # (2P, E)
+        predicted = _pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
         # The closed forms only seed the search brackets; they never decide the answer.
@@ -214,30 +284,77 @@ def analyze(
             )
         else:
             measured = np.full_like(from_curve, np.nan)
+        yield _Block(
+            pos[start : start + P],
+            top_i,
+            top_p,
+            entropy,
+            lam,
+            rank,
+            vecs,
+            _nearest(predicted),
+            _nearest(from_curve),
+            _nearest(measured),
+        )
 
-        nearest = lambda a: np.minimum(a[0::2], a[1::2])  # noqa: E731  (P, E): min over +v, -v
-        pred_n, curve_n, meas_n = nearest(predicted), nearest(from_curve), nearest(measured)
-        for j in range(P):
-            i = start + j
-            for e_idx, e in enumerate(eps_list):
-                rows.append(
-                    dict(
-                        position=pos[i],
-                        token=tokens[pos[i]],
-                        next_token=next_tokens[j],
-                        next_prob=float(top_p[j]),
-                        eps=e,
-                        layer=str(layer),
-                        entropy=float(entropy[j]),
-                        lambda_max=float(lam[j]),
-                        effective_rank=float(rank[j]),
-                        radius_quadratic=float(radius_quadratic(lam[j], e)),
-                        radius_corrected=float(pred_n[j, e_idx]),
-                        radius_curve=float(curve_n[j, e_idx]),
-                        radius_exact=float(meas_n[j, e_idx]),
-                    )
+
+def _inner_positions(
+    adapter: ModelAdapter,
+    ids: Tensor,
+    hook: str,
+    pos: list[int],
+    eps_list,
+    exact: bool,
+    rtol: float,
+    eig_tol: float,
+):
+    """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
+
+    ``adapter`` is the float64 model. One position at a time: each has its own suffix (the
+    single token against the cached keys/values of the tokens before it).
+    """
+    for position in pos:
+        suffix = PositionSuffix(adapter, ids, hook, position)
+        p = torch.softmax(suffix.logits0, -1)
+        op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), p, suffix.dim)
+        lam, vecs = op.top_eigenpairs(k=1, tol=eig_tol)
+        rank = effective_rank(op.trace()[None], lam[:1])
+        v = vecs[0]
+        # Logit derivatives along +v; along -v the odd ones flip sign.
+        a1, a2, a3 = suffix.directional_derivatives(v, order=3)
+        c2, c3, c4 = series_coefficients(
+            p, [torch.stack([a1, -a1]), torch.stack([a2, a2]), torch.stack([a3, -a3])]
+        )
+        predicted = _pade_radii(c2, c3, c4, eps_list)  # (2, E)
+        if exact:
+            x0 = suffix.x0
+            scale = np.full(2, max(float(x0.norm()), 1e-6))
+            kl = RayKL(
+                lambda x, s=suffix, x0=x0: s.logits(x - x0),
+                torch.stack([x0, x0]),
+                torch.stack([v, -v]),
+            )
+            with torch.no_grad():
+                measured = measure_boundaries(
+                    kl,
+                    eps_list,
+                    guesses=predicted,
+                    t_start=1e-3 * scale,
+                    t_max=1e6 * scale,
+                    rtol=rtol,
                 )
-        done += P
-        if progress is not None:
-            progress(done, len(pos))
-    return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, directions)
+        else:
+            measured = np.full_like(predicted, np.nan)
+        top_p, top_i = p.max(-1)
+        yield _Block(
+            [position],
+            top_i[None],
+            top_p[None],
+            _entropy(p)[None],
+            lam[:1],
+            rank,
+            vecs[:1],
+            _nearest(predicted),
+            np.full((1, len(eps_list)), np.nan),
+            _nearest(measured),
+        )

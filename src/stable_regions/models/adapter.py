@@ -257,9 +257,8 @@ class ModelAdapter:
         if self._float64 is None:
             import copy
 
-            self._float64 = ModelAdapter(
-                copy.deepcopy(self.model).to(torch.float64), self.tokenizer, name=self.name
-            )
+            twin = copy.deepcopy(self.model).to(torch.float64).requires_grad_(False)  # input grads only
+            self._float64 = ModelAdapter(twin, self.tokenizer, name=self.name)
         return self._float64
 
     @torch.no_grad()

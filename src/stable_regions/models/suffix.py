@@ -83,14 +83,14 @@ class PositionSuffix:
         """``J v`` for directions (k, d) -> (k, V), all k in one batched pass."""
         v = v.to(self.dtype)
         zero = torch.zeros_like(v)
-        return jvp(self.logits, (zero,), (v,))[1].to(torch.float64)
+        return jvp(self.logits, (zero,), (v,))[1].detach().to(torch.float64)
 
     def vjp_fn(self):
         """A reusable ``u -> J^T u`` ((V,) -> (d,)) from one recorded pass."""
         _, fn = vjp(self._single, torch.zeros(self.dim, dtype=self.dtype))
 
         def apply(u: Tensor) -> Tensor:
-            return fn(u.to(self.dtype))[0].to(torch.float64)
+            return fn(u.to(self.dtype))[0].detach().to(torch.float64)
 
         return apply
 
@@ -104,5 +104,5 @@ class PositionSuffix:
             fns.append(lambda x, prev=prev: jvp(prev, (x,), (v,))[1])
         out = []
         for k in range(1, order + 1):
-            out.append(fns[k](zero).to(torch.float64))
+            out.append(fns[k](zero).detach().to(torch.float64))
         return out
