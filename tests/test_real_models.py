@@ -5,8 +5,6 @@ Needs `stable-regions models install --all` (the README's test command runs it).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -28,8 +26,8 @@ EPS = [0.01, 0.1, 1.0]
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
 def loaded(request):
     adapter = sr.load(request.param)
-    # The brute force runs an independent float64 copy of the whole model.
-    reference = sr.wrap(copy.deepcopy(adapter.model).to(torch.float64), adapter.tokenizer)
+    # The brute force runs the whole float64 model (full prefix, hooked), not the analysis path.
+    reference = adapter.float64()
     frames = []
     results = []
     for i, prompt in enumerate(PROMPTS):
@@ -110,3 +108,41 @@ def test_one_position_json_round_trip(loaded):
     ]:
         assert col in row
     assert row["radius_corrected"] > 0 and row["lambda_max"] > 0
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_inner_layers_measured_radius_matches_full_model(name):
+    """Blocks near 1/4, 1/2 and 3/4 depth: the boundary measured through the cached suffix agrees
+    with full-prefix float64 runs of the whole model to 1e-3 relative, and the Pade form beats
+    the quadratic at small eps."""
+    adapter = sr.load(name)
+    reference = adapter.float64()
+    prompt = "The capital of France is Paris, and"
+    ids = reference.tokenize(prompt)
+    n_layers = adapter.n_layers
+    positions = [ids.shape[1] - 1] if name == "gemma3-270m" else [3, ids.shape[1] - 1]
+    quad_err, corr_err = [], []
+    for layer in (n_layers // 4, n_layers // 2, (3 * n_layers) // 4):
+        res = sr.analyze(adapter, prompt, eps=[0.01, 0.1], positions=positions, layer=layer)
+        df = res.to_frame()
+        hook = f"blocks.{layer}.hook_resid_post"
+        for k, pos in enumerate(positions):
+            v = res.directions[k]
+            logp = torch.log_softmax(
+                reference.perturbed_logits(ids, hook, pos, torch.zeros(1, v.shape[0]))[0], -1
+            )
+            for e in (0.01, 0.1):
+                row = df[(df.position == pos) & (df.eps == e)].iloc[0]
+                r = float(row.radius_exact)
+                ts = torch.tensor([0.3, 0.7, 0.999, 1.001], dtype=torch.float64) * r
+                deltas = torch.cat([ts[:, None] * v[None], -ts[:, None] * v[None]])
+                logq = torch.log_softmax(reference.perturbed_logits(ids, hook, pos, deltas), -1)
+                kl = (logp.exp() * (logp - logq)).sum(-1).numpy().reshape(2, -1)
+                assert kl[:, :-1].max() < e, (name, layer, pos, e, kl)
+                assert kl[:, -1].max() >= e, (name, layer, pos, e, kl)
+                quad_err.append(abs(row.radius_quadratic / r - 1))
+                corr_err.append(abs(row.radius_corrected / r - 1))
+    print(
+        f"{name} inner layers: quadratic median {np.median(quad_err):.3%}, corrected median {np.median(corr_err):.3%}"
+    )
+    assert np.median(corr_err) < np.median(quad_err)

@@ -47,13 +47,13 @@ COLUMN_DOCS = {
     "next_token": "the most likely next token",
     "next_prob": "its probability",
     "eps": "KL threshold in nats",
-    "layer": "where the perturbation is added ('final' = the pre-logit vector)",
+    "layer": "where the perturbation is added: 'final' (pre-logit vector), 'embed', or block index i",
     "entropy": "entropy of the next-token distribution, nats",
-    "lambda_max": "top eigenvalue of the curvature H = W^T (diag p - p p^T) W",
-    "effective_rank": "tr H / lambda_max: how many directions share the curvature",
+    "lambda_max": "top eigenvalue of the curvature: H = W^T F W at 'final', J^T F J inside (F = diag p - p p^T)",
+    "effective_rank": "trace / lambda_max of that curvature: how many directions share it",
     "radius_quadratic": "sqrt(2 eps / lambda_max): the published closed form",
-    "radius_corrected": "fourth-order closed form ([2/2] Pade of the cumulant series), nearest exit over +-v",
-    "radius_curve": "first crossing of the exact closed-form KL curve (CGF), nearest exit over +-v",
+    "radius_corrected": "fourth-order closed form ([2/2] Pade of the KL series), nearest exit over +-v",
+    "radius_curve": "first crossing of the exact closed-form KL curve (CGF); 'final' only, NaN inside",
     "radius_exact": "measured: smallest t with KL >= eps running the model, nearest exit over +-v",
 }
 
@@ -157,7 +157,7 @@ def analyze(
     exact: bool = True,
     *,
     rtol: float = 1e-6,
-    eig_tol: float = 1e-10,
+    eig_tol: float = 1e-8,
     progress: Callable[[int, int], None] | None = None,
 ) -> AnalysisResult:
     """Stable-region geometry of a prompt, each prediction beside the measured truth.

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--layer",
         default="final",
-        help="where to perturb: 'final' = the pre-logit vector (default)",
+        help="where to perturb: 'final' = the pre-logit vector (default), 'embed' = the input of "
+        "block 0, or a block index i = the residual stream after block i (blocks.{i}.hook_resid_post)",
     )
     a.add_argument(
         "--no-exact",
@@ -245,9 +246,11 @@ def _print_table(result, exact: bool) -> None:
         )
     out.print(table)
     out.print(
-        "[dim]radius: L2 distance in pre-logit units before KL(p || p_t) reaches eps (nats). "
-        "quadratic = sqrt(2 eps / lambda_max), the published form; corrected = 4th-order Pade "
-        "of the cumulant series; measured = running the model; err = predicted / measured - 1.[/dim]"
+        "[dim]radius: L2 distance, in the units of the activation at that layer, before "
+        "KL(p || p_t) reaches eps (nats). lambda_max: top eigenvalue of the curvature (W^T F W at "
+        "'final', the pullback J^T F J inside). quadratic = sqrt(2 eps / lambda_max), the published "
+        "form; corrected = 4th-order Pade of the KL series; measured = running the model; "
+        "err = predicted / measured - 1; inf = the KL never reaches eps along that line.[/dim]"
     )
 
 

@@ -257,7 +257,9 @@ class ModelAdapter:
         if self._float64 is None:
             import copy
 
-            twin = copy.deepcopy(self.model).to(torch.float64).requires_grad_(False)  # input grads only
+            twin = (
+                copy.deepcopy(self.model).to(torch.float64).requires_grad_(False)
+            )  # input grads only
             self._float64 = ModelAdapter(twin, self.tokenizer, name=self.name)
         return self._float64
 

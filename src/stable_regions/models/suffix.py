@@ -95,14 +95,22 @@ class PositionSuffix:
         return apply
 
     def directional_derivatives(self, v: Tensor, order: int = 3) -> list[Tensor]:
-        """``[d^k z / dt^k at t = 0 for k = 1..order]`` along ``delta = t v`` (nested forward mode)."""
+        """``[d^k z / dt^k at t = 0 for k = 1..order]`` along ``delta = t v``.
+
+        One nest of ``order`` forward-mode passes. With ``f_(j+1) = jvp(f_j)`` returning
+        (value, derivative), ``f_3(0) = (((z, z1), (z1, z2)), ((z1, z2), (z2, z3)))`` with
+        ``z_k`` the k-th derivative: it is reached by ``order - k`` value steps, then ``k``
+        derivative steps.
+        """
         v = v.to(self.dtype)
-        zero = torch.zeros_like(v)
-        fns = [self._single]
+        fn = self._single
         for _ in range(order):
-            prev = fns[-1]
-            fns.append(lambda x, prev=prev: jvp(prev, (x,), (v,))[1])
-        out = []
+            fn = (lambda g: lambda x: jvp(g, (x,), (v,)))(fn)
+        out = fn(torch.zeros_like(v))
+        derivs = []
         for k in range(1, order + 1):
-            out.append(fns[k](zero).detach().to(torch.float64))
-        return out
+            node = out
+            for step in range(order):
+                node = node[0] if step < order - k else node[1]
+            derivs.append(node.detach().to(torch.float64))
+        return derivs

@@ -1,9 +1,11 @@
-"""Accuracy of the closed forms against the measured boundary at the pre-logit vector.
+"""Accuracy of the closed forms against the measured boundary.
 
-Every position of a few varied prompts, top eigendirection, nearest exit over both signs.
-Prints median and 90th-percentile relative error |predicted / measured - 1| per eps.
+A few varied prompts (every position, or the last N with --positions N), top eigendirection,
+nearest exit over both signs. Prints median and 90th-percentile relative error
+|predicted / measured - 1| per eps.
 
-    python scripts/accuracy_final.py --model smollm2-135m
+    python scripts/accuracy.py --model smollm2-135m                     # pre-logit vector
+    python scripts/accuracy.py --model smollm2-135m --layer 15 --prompts 3 --positions 4
 """
 
 from __future__ import annotations
