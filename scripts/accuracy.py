@@ -33,17 +33,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    ap.add_argument("--layer", default="final", help="'final', 'embed' or a block index")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
+    ap.add_argument(
+        "--positions", type=int, default=0, help="only the last N positions of each prompt (0: all)"
+    )
     args = ap.parse_args()
     adapter = sr.load(args.model)
+    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    prompts = PROMPTS[: args.prompts]
     start = time.time()
-    df = pd.concat(
-        [
-            sr.analyze(adapter, p, eps=args.eps).to_frame().assign(prompt=i)
-            for i, p in enumerate(PROMPTS)
-        ]
-    )
+    frames = []
+    for i, prompt in enumerate(prompts):
+        n = adapter.tokenize(prompt).shape[1]
+        positions = list(range(max(0, n - args.positions), n)) if args.positions else "all"
+        res = sr.analyze(adapter, prompt, eps=args.eps, layer=layer, positions=positions)
+        frames.append(res.to_frame().assign(prompt=i))
+    df = pd.concat(frames)
+    n_pos = df.groupby(["prompt", "position"]).ngroups
     print(
-        f"model {args.model}: {len(PROMPTS)} prompts, {df.groupby(['prompt', 'position']).ngroups} positions, {time.time() - start:.0f} s"
+        f"model {args.model}, layer {layer}: {len(prompts)} prompts, {n_pos} positions, {time.time() - start:.0f} s"
     )
     print("| eps | n | quadratic median | quadratic p90 | corrected median | corrected p90 |")
     print("|---|---|---|---|---|---|")
