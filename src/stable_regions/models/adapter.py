@@ -174,15 +174,8 @@ class ModelAdapter:
     def prelogits(self, ids: Tensor) -> Tensor:
         """The pre-logit vectors (n, d) of every position, in float64."""
         captured: list[Tensor] = []
-
-        def grab(_module, args):
-            captured.append(args[0].detach())
-
-        handle = self.unembed.register_forward_pre_hook(grab)
-        try:
+        with self.capture(PRELOGIT, captured):
             self.forward(ids, use_cache=False)
-        finally:
-            handle.remove()
         return captured[0][0].to(torch.float64)
 
     @contextmanager
@@ -194,7 +187,6 @@ class ModelAdapter:
         ``seq_len``: the prompt length, needed when the model hands the head only the last
         positions (``logits_to_keep``): the index is then counted from the end.
         """
-        module, kind = self._resolve(hook)
 
         def add(x: Tensor) -> Tensor:
             index = position if seq_len is None else position - (seq_len - x.shape[1])
@@ -203,46 +195,37 @@ class ModelAdapter:
             row = x[:, index : index + 1, :] + deltas.to(dtype=x.dtype, device=x.device)[:, None, :]
             return torch.cat([x[:, :index, :], row, x[:, index + 1 :, :]], dim=1)
 
-        if kind == "pre":
-
-            def pre_hook(_module, args, kwargs):
-                if args:
-                    return (add(args[0]), *args[1:]), kwargs
-                key = "hidden_states" if "hidden_states" in kwargs else "input"
-                kwargs = dict(kwargs)
-                kwargs[key] = add(kwargs[key])
-                return args, kwargs
-
-            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-
-            def post_hook(_module, _args, output):
-                if isinstance(output, tuple):
-                    return (add(output[0]), *output[1:])
-                return add(output)
-
-            handle = module.register_forward_hook(post_hook)
-        try:
+        with self._on_activation(hook, add):
             yield
-        finally:
-            handle.remove()
 
     @contextmanager
     def capture(self, hook: str, store: list[Tensor]) -> Iterator[None]:
         """Append the activation (batch, seq, d) seen at ``hook`` to ``store`` on each forward."""
+        with self._on_activation(hook, lambda x: store.append(x.detach())):
+            yield
+
+    @contextmanager
+    def _on_activation(self, hook: str, fn) -> Iterator[None]:
+        """Call ``fn(x)`` on the activation at ``hook`` in each forward; a tensor it returns replaces x."""
         module, kind = self._resolve(hook)
         if kind == "pre":
 
             def pre_hook(_module, args, kwargs):
-                store.append(
-                    (args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))).detach()
-                )
+                if args:
+                    out = fn(args[0])
+                    return None if out is None else ((out, *args[1:]), kwargs)
+                key = "hidden_states" if "hidden_states" in kwargs else "input"
+                out = fn(kwargs[key])
+                return None if out is None else (args, {**kwargs, key: out})
 
             handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:
 
             def post_hook(_module, _args, output):
-                store.append((output[0] if isinstance(output, tuple) else output).detach())
+                out = fn(output[0] if isinstance(output, tuple) else output)
+                if out is None:
+                    return None
+                return (out, *output[1:]) if isinstance(output, tuple) else out
 
             handle = module.register_forward_hook(post_hook)
         try:
