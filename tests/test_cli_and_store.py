@@ -144,3 +144,44 @@ def test_conversion_is_atomic(tmp_path, monkeypatch):
         assert torch.allclose(
             adapter.model(input_ids=ids).logits, tiny(input_ids=ids).logits, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("layer", ["1", "embed"])
+def test_cli_inner_layer_json(model_dir, capsys, layer):
+    assert (
+        main(
+            [
+                "analyze",
+                "Hi there",
+                "--model",
+                str(model_dir),
+                "--layer",
+                layer,
+                "--positions",
+                "last",
+                "--eps",
+                "0.1",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    (row,) = doc["rows"]
+    assert row["layer"] == layer and row["position"] == len("Hi there") - 1
+    assert (
+        row["radius_curve"] is None
+    )  # NaN -> null: the CGF curve exists only at the pre-logit vector
+    assert (
+        row["lambda_max"] > 0
+        and row["radius_exact"] not in (None, "inf")
+        and row["radius_exact"] > 0
+    )
+    api = sr.analyze(
+        sr.load(str(model_dir)),
+        "Hi there",
+        eps=[0.1],
+        positions="last",
+        layer=int(layer) if layer.isdigit() else layer,
+    )
+    assert row["radius_exact"] == pytest.approx(api.rows[0]["radius_exact"], rel=1e-9)
