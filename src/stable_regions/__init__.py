@@ -3,6 +3,7 @@
 from .analysis import AnalysisResult, analyze
 from .errors import StableRegionsError
 from .models import DEFAULT_MODEL, ModelAdapter, load, wrap
+from .steering import SteeringResult, mean_difference, steering_budget
 
 __version__ = "0.1.0"
 
@@ -11,7 +12,10 @@ __all__ = [
     "AnalysisResult",
     "ModelAdapter",
     "StableRegionsError",
+    "SteeringResult",
     "analyze",
     "load",
+    "mean_difference",
+    "steering_budget",
     "wrap",
 ]

@@ -80,11 +80,14 @@ class AnalysisResult:
             "model": self.model,
             "layer": self.layer,
             "eps": self.eps,
-            "rows": [{k: _json_value(r[k]) for k in COLUMNS} for r in self.rows],
+            "rows": [{k: json_value(r[k]) for k in COLUMNS} for r in self.rows],
         }
 
 
-def _json_value(x):
+def json_value(x):
+    """A value for strict JSON: NaN -> None, +-inf -> "inf"/"-inf", numpy scalars -> Python."""
+    if hasattr(x, "item") and not isinstance(x, (list, tuple)):
+        x = x.item()
     if isinstance(x, float):
         if math.isnan(x):
             return None

@@ -67,6 +67,60 @@ def _parser() -> argparse.ArgumentParser:
         help="print one JSON document {model, rows} instead of a table",
     )
 
+    st = sub.add_parser(
+        "steer",
+        help="largest steering coefficient before the next-token KL exceeds eps, predicted and measured",
+        description=(
+            "For a steering vector added at a layer (c * vector), the largest coefficient c before "
+            "KL(p || p_c) reaches eps, per prompt and position: closed form and measured on the model."
+        ),
+    )
+    st.add_argument("prompts", nargs="*", help="prompts to steer (or --prompts FILE)")
+    st.add_argument(
+        "--prompts", dest="prompts_file", metavar="FILE", help="one prompt per line (\\n = newline)"
+    )
+    st.add_argument(
+        "--layer",
+        required=True,
+        help="block index i (blocks.{i}.hook_resid_post), 'embed' or 'final'",
+    )
+    st.add_argument(
+        "--vector", metavar="FILE", help="steering vector, .npy or .safetensors (one tensor)"
+    )
+    st.add_argument(
+        "--positive", metavar="FILE", help="prompt file; with --negative: vector = mean difference"
+    )
+    st.add_argument("--negative", metavar="FILE", help="prompt file of the other side")
+    st.add_argument(
+        "--save-vector",
+        metavar="FILE.npy",
+        help="write the vector used (handy with --positive/--negative)",
+    )
+    st.add_argument(
+        "--model",
+        default=None,
+        help="bundled name (default smollm2-135m), model directory or .gguf file",
+    )
+    st.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        metavar="E",
+        help="KL thresholds in nats (default 0.1)",
+    )
+    st.add_argument(
+        "--positions",
+        default="last",
+        help="'last' (default), 'all', or comma-separated token indices",
+    )
+    st.add_argument("--no-exact", action="store_true", help="closed form only, no measurement")
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document {model, layer, eps, rows, summary}",
+    )
+
     m = sub.add_parser("models", help="install and list the bundled models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     inst = msub.add_parser(
@@ -90,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "steer":
+            return _steer(args)
         if args.command == "models":
             return _models(args)
     except StableRegionsError as exc:
@@ -137,7 +193,6 @@ def _parse_positions(text: str):
 
 def _analyze(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .analysis import analyze, check_eps
     from .models import DEFAULT_MODEL, load
@@ -149,16 +204,7 @@ def _analyze(args) -> int:
     spec = args.model or DEFAULT_MODEL
     with err.status(f"loading {spec}", spinner="dots") if live else nullcontext():
         adapter = load(spec, log=lambda msg: err.print(msg))
-    with Progress(
-        TextColumn("[bold]analyzing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("positions"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not live,
-    ) as bar:
+    with _progress_bar(err, "analyzing positions") as bar:
         task = bar.add_task("analyze", total=None)
 
         def tick(done: int, total: int) -> None:
@@ -252,6 +298,117 @@ def _print_table(result, exact: bool) -> None:
         "form; corrected = 4th-order Pade of the KL series; measured = running the model; "
         "err = predicted / measured - 1; inf = the KL never reaches eps along that line.[/dim]"
     )
+
+
+def _progress_bar(err, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def _steer(args) -> int:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from .analysis import check_eps, json_value
+    from .models import DEFAULT_MODEL, load
+    from .steering import load_vector, mean_difference, read_prompts, steering_budget
+
+    eps = check_eps(args.eps)
+    positions = _parse_positions(args.positions)
+    prompts = list(args.prompts) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise StableRegionsError("no prompts: give them as arguments or with --prompts FILE")
+    if bool(args.vector) == bool(args.positive or args.negative):
+        raise StableRegionsError(
+            "give either --vector FILE or both --positive FILE and --negative FILE"
+        )
+    if not args.vector and not (args.positive and args.negative):
+        raise StableRegionsError("--positive and --negative go together")
+    positive = read_prompts(args.positive) if args.positive else None
+    negative = read_prompts(args.negative) if args.negative else None
+    err = Console(stderr=True)
+    adapter = load(args.model or DEFAULT_MODEL, log=lambda msg: err.print(msg))
+    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    hook = adapter.hook_for_layer(layer)
+    if args.vector:
+        vector = load_vector(args.vector, adapter.hook_dim(hook))
+    else:
+        vector = mean_difference(adapter, positive, negative, layer)
+    if args.save_vector:
+        np.save(args.save_vector, vector.numpy())
+    with _progress_bar(err, "steering") as bar:
+        task = bar.add_task("steer", total=None)
+        result = steering_budget(
+            adapter,
+            prompts,
+            vector,
+            layer,
+            eps=eps,
+            positions=positions,
+            exact=not args.no_exact,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    summary = result.summary()
+    if args.json:
+        doc = {
+            "model": result.model,
+            "layer": result.layer,
+            "eps": result.eps,
+            "rows": [{k: json_value(v) for k, v in r.items()} for r in result.rows],
+            "summary": [
+                {k: json_value(v) for k, v in r.items()} for r in summary.to_dict("records")
+            ],
+        }
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        return 0
+    out = Console() if sys.stdout.isatty() else Console(width=150)
+    table = Table(
+        title=f"{result.model}: steering budget at layer '{result.layer}' (|vector| = {result.rows[0]['vector_norm']:.4g})",
+        title_justify="left",
+    )
+    for col in ("prompt", "pos", "token", "eps", "quadratic", "corrected", "measured"):
+        table.add_column(col, justify="left" if col == "token" else "right")
+    for r in result.rows:
+        table.add_row(
+            str(r["prompt_id"]),
+            str(r["position"]),
+            repr(r["token"])[1:-1],
+            _fmt(r["eps"], 3),
+            _fmt(r["coef_quadratic"]),
+            _fmt(r["coef_corrected"]),
+            _fmt(r["coef_exact"]),
+        )
+    out.print(table)
+    s_table = Table(
+        title="summary over prompts and positions: pick a coefficient below the 5th percentile",
+        title_justify="left",
+    )
+    for col in ("eps", "n", "measured median", "measured p05", "corrected median", "corrected p05"):
+        s_table.add_column(col, justify="right")
+    for r in summary.to_dict("records"):
+        s_table.add_row(
+            _fmt(r["eps"], 3),
+            str(r["n"]),
+            _fmt(r["coef_exact_median"]),
+            _fmt(r["coef_exact_p05"]),
+            _fmt(r["coef_corrected_median"]),
+            _fmt(r["coef_corrected_p05"]),
+        )
+    out.print(s_table)
+    out.print(
+        "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; inf = never.[/dim]"
+    )
+    return 0
 
 
 def _models(args) -> int:

@@ -1,0 +1,217 @@
+"""Steering budgets: the largest coefficient of a steering vector before the output drifts.
+
+Adding ``c * s`` to the residual stream at a layer (``s`` the steering vector) moves the
+activation by ``t = c ||s||`` along the unit direction ``u = s / ||s||``. The budget at a
+position is the smallest ``c > 0`` with ``KL(p || p_c) >= eps``: predicted in closed form
+from the KL series along ``u`` (quadratic and Pade [2/2], no eigen-analysis needed) and
+measured by running the model. Steering has a sign, so only ``+s`` is considered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .analysis import as_adapter, check_eps, check_positions
+from .errors import StableRegionsError, one_line
+from .geometry import radius_pade, radius_quadratic, series_coefficients
+from .models import ModelAdapter
+from .models.suffix import PositionSuffix
+from .probes import RayKL, measure_boundaries
+
+STEER_COLUMNS = [
+    "prompt_id",
+    "position",
+    "token",
+    "eps",
+    "layer",
+    "vector_norm",
+    "coef_quadratic",
+    "coef_corrected",
+    "coef_exact",
+]
+
+
+@dataclass
+class SteeringResult:
+    model: str
+    layer: str
+    eps: list[float]
+    rows: list[dict]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=STEER_COLUMNS)
+
+    def summary(self) -> pd.DataFrame:
+        """Per eps: median and 5th percentile of each coefficient over prompts and positions."""
+        df = self.to_frame()
+        cols = ["coef_quadratic", "coef_corrected", "coef_exact"]
+        out = df.groupby("eps")[cols].agg(["median", lambda x: x.quantile(0.05)])
+        out.columns = [f"{c}_{'median' if s == 'median' else 'p05'}" for c, s in out.columns]
+        return out.reset_index().assign(n=df.groupby("eps").size().values)
+
+
+def load_vector(path: str | Path, dim: int) -> Tensor:
+    """A steering vector (dim,) from ``.npy`` (no pickles) or ``.safetensors`` (one tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StableRegionsError(f"steering vector file {path} not found")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise StableRegionsError(
+                    f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}): save exactly one"
+                )
+            array = next(iter(tensors.values()))
+        else:
+            raise StableRegionsError(
+                f"{path}: a steering vector must be a .npy or .safetensors file"
+            )
+    except StableRegionsError:
+        raise
+    except Exception as exc:
+        raise StableRegionsError(
+            f"could not read steering vector {path}: {one_line(exc)}"
+        ) from None
+    return check_vector(torch.as_tensor(np.asarray(array, dtype=np.float64)), dim, str(path))
+
+
+def check_vector(vector: Tensor, dim: int, name: str = "steering vector") -> Tensor:
+    vector = torch.as_tensor(vector, dtype=torch.float64)
+    if vector.numel() == dim:
+        vector = vector.reshape(-1)  # accept (1, d) and the like
+    if vector.ndim != 1 or vector.shape[0] != dim:
+        raise StableRegionsError(
+            f"{name} has shape {tuple(vector.shape)}, but the residual stream at this layer has dimension {dim}"
+        )
+    if not torch.isfinite(vector).all():
+        raise StableRegionsError(f"{name} contains NaN or infinite values")
+    if float(vector.norm()) == 0.0:
+        raise StableRegionsError(f"{name} is all zeros")
+    return vector
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; a literal ``\\n`` stands for a newline inside a prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise StableRegionsError(f"prompt file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise StableRegionsError(f"prompt file {path} is not UTF-8 text") from None
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise StableRegionsError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+def mean_difference(
+    model, positive: Sequence[str], negative: Sequence[str], layer: str | int
+) -> Tensor:
+    """Steering vector: mean activation at ``layer`` (last token) over ``positive`` minus over ``negative``."""
+    adapter = as_adapter(model)
+    if not positive or not negative:
+        raise StableRegionsError(
+            "both prompt sets must be non-empty to build a mean-difference vector"
+        )
+    hook = adapter.hook_for_layer(layer)
+
+    def mean_activation(prompts: Sequence[str]) -> Tensor:
+        total = None
+        for prompt in prompts:
+            store: list[Tensor] = []
+            with adapter.capture(hook, store), torch.no_grad():
+                adapter.forward(adapter.tokenize(prompt), use_cache=False)
+            last = store[0][0, -1].to(torch.float64)
+            total = last if total is None else total + last
+        return total / len(prompts)
+
+    return mean_activation(positive) - mean_activation(negative)
+
+
+def steering_budget(
+    model,
+    prompts: str | Sequence[str],
+    vector: Tensor | np.ndarray,
+    layer: str | int,
+    eps: float | Sequence[float] = 0.1,
+    positions: str | int | Sequence[int] = "last",
+    exact: bool = True,
+    *,
+    rtol: float = 1e-6,
+    progress: Callable[[int, int], None] | None = None,
+) -> SteeringResult:
+    """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt and position.
+
+    ``coef_*`` are coefficients ``c`` of ``c * vector`` (so they scale with 1 / ||vector||):
+    ``coef_quadratic`` from ``sqrt(2 eps / u^T G u)``, ``coef_corrected`` from the Pade [2/2]
+    form of the KL series along ``u``, ``coef_exact`` measured on the model (float64).
+    """
+    adapter: ModelAdapter = as_adapter(model)
+    eps_list = check_eps(eps)
+    hook = adapter.hook_for_layer(layer)
+    vector = check_vector(torch.as_tensor(vector), adapter.hook_dim(hook))
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise StableRegionsError("no prompts given")
+    norm = float(vector.norm())
+    u = vector / norm
+    exact_model = adapter.float64()
+    jobs = []
+    for prompt_id, prompt in enumerate(prompts):
+        ids = exact_model.tokenize(prompt)
+        jobs += [(prompt_id, ids, p) for p in check_positions(positions, ids.shape[1])]
+    rows = []
+    for done, (prompt_id, ids, position) in enumerate(jobs, start=1):
+        suffix = PositionSuffix(exact_model, ids, hook, position)
+        p = torch.softmax(suffix.logits0, -1)
+        derivs = [d[None] for d in suffix.directional_derivatives(u, order=3)]
+        c2, c3, c4 = series_coefficients(p, derivs)
+        corrected = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
+        if exact:
+            x0 = suffix.x0
+            scale = np.array([max(float(x0.norm()), 1e-6)])
+            kl = RayKL(lambda x, s=suffix, x0=x0: s.logits(x - x0), x0[None], u[None])
+            with torch.no_grad():
+                measured = measure_boundaries(
+                    kl,
+                    eps_list,
+                    guesses=corrected,
+                    t_start=1e-3 * scale,
+                    t_max=1e6 * scale,
+                    rtol=rtol,
+                )[0]
+        else:
+            measured = np.full(len(eps_list), math.nan)
+        token = adapter.token_strings(ids[0, position : position + 1])[0]
+        for e_idx, e in enumerate(eps_list):
+            rows.append(
+                dict(
+                    prompt_id=prompt_id,
+                    position=position,
+                    token=token,
+                    eps=e,
+                    layer=str(layer),
+                    vector_norm=norm,
+                    coef_quadratic=float(radius_quadratic(c2[0], e)) / norm,
+                    coef_corrected=float(corrected[0, e_idx]) / norm,
+                    coef_exact=float(measured[e_idx]) / norm,
+                )
+            )
+        if progress is not None:
+            progress(done, len(jobs))
+    return SteeringResult(adapter.name, str(layer), eps_list, rows)

@@ -1,0 +1,216 @@
+"""Steering budgets on small random models: measured against full forward passes, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+
+import stable_regions as sr
+from stable_regions.cli import main
+from stable_regions.errors import StableRegionsError
+from stable_regions.models.precision import exact_numerics
+from stable_regions.steering import load_vector, mean_difference, steering_budget
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return sr.wrap(tiny_model("llama", seed=3), char_tokenizer())
+
+
+def test_mean_difference_is_the_mean_of_hidden_states(adapter):
+    pos, neg = ["I love it", "great fun!"], ["I hate it", "awful"]
+    vec = mean_difference(adapter, pos, neg, 1)
+
+    def mean_last(prompts):
+        with torch.no_grad(), exact_numerics():
+            hs = [
+                adapter.model(
+                    input_ids=adapter.tokenize(p), output_hidden_states=True
+                ).hidden_states[2][0, -1]
+                for p in prompts
+            ]
+        return torch.stack(hs).mean(0)
+
+    assert torch.allclose(vec, mean_last(pos) - mean_last(neg), atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [1, "embed", "final"])
+def test_budget_measured_against_full_forward(adapter, layer):
+    prompts = ["Hello world", "The cat sat"]
+    hook = adapter.hook_for_layer(layer)
+    vec = torch.randn(
+        adapter.hook_dim(hook), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    vec = 3.0 * vec
+    res = steering_budget(adapter, prompts, vec, layer, eps=[0.01, 0.1], positions=[2, -1])
+    df = res.to_frame()
+    assert len(df) == 2 * 2 * 2 and np.allclose(df.vector_norm, float(vec.norm()))
+    for _, row in df.iterrows():
+        ids = adapter.tokenize(prompts[row.prompt_id])
+        c = row.coef_exact
+        assert math.isfinite(c) and c > 0
+        coefs = torch.tensor([0.0, 0.2, 0.5, 0.8, 0.999, 1.001], dtype=torch.float64) * c
+        logits = adapter.perturbed_logits(ids, hook, int(row.position), coefs[:, None] * vec[None])
+        logq = torch.log_softmax(logits, -1)
+        kl = (logq[0].exp() * (logq[0] - logq)).sum(-1)
+        assert kl[:-1].max() < row.eps and kl[-1] >= row.eps
+        # quadratic coefficient: sqrt(2 eps / u^T G u) / |vec| with G from an autograd Jacobian
+        u = vec / vec.norm()
+
+        def f(delta, ids=ids, pos=int(row.position)):
+            with adapter.perturbation(hook, pos, delta[None]), exact_numerics():
+                return adapter.model(input_ids=ids[:, : pos + 1]).logits[0, pos]
+
+        Ju = torch.autograd.functional.jvp(f, torch.zeros_like(u), u)[1]
+        p = logq[0].exp()
+        quad = (p * (Ju - (p * Ju).sum()) ** 2).sum()
+        assert math.isclose(
+            row.coef_quadratic,
+            math.sqrt(2 * row.eps / float(quad)) / float(vec.norm()),
+            rel_tol=1e-8,
+        )
+    # at eps 0.01 the Pade form is close to the measured budget
+    small = df[df.eps == 0.01]
+    assert ((small.coef_corrected / small.coef_exact - 1).abs() < 0.05).all()
+    summary = res.summary()
+    assert list(summary.eps) == [0.01, 0.1]
+    assert (summary.coef_exact_p05 <= summary.coef_exact_median).all()
+
+
+def test_vector_files_and_bad_vectors(adapter, tmp_path):
+    d = adapter.hook_dim("blocks.1.hook_resid_post")
+    good = np.arange(d, dtype=np.float32) + 1
+    np.save(tmp_path / "v.npy", good)
+    assert torch.allclose(
+        load_vector(tmp_path / "v.npy", d), torch.tensor(good, dtype=torch.float64)
+    )
+    from safetensors.numpy import save_file
+
+    save_file({"steer": good.reshape(1, d)}, str(tmp_path / "v.safetensors"))
+    assert torch.allclose(
+        load_vector(tmp_path / "v.safetensors", d), torch.tensor(good, dtype=torch.float64)
+    )
+    save_file({"a": good, "b": good}, str(tmp_path / "two.safetensors"))
+    np.save(tmp_path / "short.npy", good[:-1])
+    np.save(tmp_path / "nan.npy", np.where(np.arange(d) == 3, np.nan, good))
+    np.save(tmp_path / "zero.npy", 0 * good)
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    for name, message in [
+        ("two.safetensors", "exactly one"),
+        ("short.npy", "dimension"),
+        ("nan.npy", "NaN"),
+        ("zero.npy", "zeros"),
+        ("obj.npy", "could not read"),
+        ("missing.npy", "not found"),
+    ]:
+        with pytest.raises(StableRegionsError, match=message):
+            load_vector(tmp_path / name, d)
+    with pytest.raises(StableRegionsError, match="non-empty"):
+        mean_difference(adapter, ["a"], [], 1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("steer") / "tiny-llama"
+    tiny_model("llama", seed=3, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_steer_json_from_prompt_files(model_dir, tmp_path, capsys):
+    (tmp_path / "pos.txt").write_text("I love it\ngreat fun\n")
+    (tmp_path / "neg.txt").write_text("I hate it\nawful\\nreally\n")
+    (tmp_path / "prompts.txt").write_text("Hello world\n\nThe cat\n")
+    args = [
+        "steer",
+        "--model",
+        str(model_dir),
+        "--layer",
+        "1",
+        "--positive",
+        str(tmp_path / "pos.txt"),
+        "--negative",
+        str(tmp_path / "neg.txt"),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--eps",
+        "0.05",
+        "--save-vector",
+        str(tmp_path / "v.npy"),
+        "--json",
+    ]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["rows"]) == 2 and doc["summary"][0]["n"] == 2
+    assert all(r["coef_exact"] > 0 for r in doc["rows"])
+    # the saved vector reproduces the result through --vector
+    assert (
+        main(
+            [
+                "steer",
+                "Hello world",
+                "--model",
+                str(model_dir),
+                "--layer",
+                "1",
+                "--vector",
+                str(tmp_path / "v.npy"),
+                "--eps",
+                "0.05",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    again = json.loads(capsys.readouterr().out)
+    assert again["rows"][0]["coef_exact"] == pytest.approx(doc["rows"][0]["coef_exact"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vector", "{tmp}/short.npy"], "dimension"),
+        (["--vector", "{tmp}/nan.npy"], "NaN"),
+        (["--positive", "{tmp}/pos.txt", "--negative", "{tmp}/empty.txt"], "no prompts"),
+        (["--positive", "{tmp}/pos.txt"], "go together"),
+        (
+            [
+                "--vector",
+                "{tmp}/short.npy",
+                "--positive",
+                "{tmp}/pos.txt",
+                "--negative",
+                "{tmp}/pos.txt",
+            ],
+            "either",
+        ),
+        (["--vector", "{tmp}/nan.npy", "--layer", "7"], "out of range"),
+    ],
+)
+def test_cli_steer_bad_input(model_dir, tmp_path, extra, message):
+    np.save(tmp_path / "short.npy", np.ones(5))
+    np.save(tmp_path / "nan.npy", np.full(32, np.nan))
+    (tmp_path / "pos.txt").write_text("good\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = [a.format(tmp=tmp_path) for a in extra]
+    if "--layer" not in args:
+        args += ["--layer", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "stable_regions", "steer", "hi", "--model", str(model_dir), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ),
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
