@@ -23,7 +23,7 @@ from .geometry import (
 )
 from .models import PRELOGIT, ModelAdapter, load, wrap
 from .models.suffix import PositionSuffix
-from .probes import RayKL, measure_boundaries
+from .probes import RayKL, measure_boundaries, measure_from_suffix
 
 COLUMNS = [
     "position",
@@ -330,22 +330,9 @@ def _inner_positions(
         )
         predicted = _pade_radii(c2, c3, c4, eps_list)  # (2, E)
         if exact:
-            x0 = suffix.x0
-            scale = np.full(2, max(float(x0.norm()), 1e-6))
-            kl = RayKL(
-                lambda x, s=suffix, x0=x0: s.logits(x - x0),
-                torch.stack([x0, x0]),
-                torch.stack([v, -v]),
+            measured = measure_from_suffix(
+                suffix, torch.stack([v, -v]), eps_list, guesses=predicted, rtol=rtol
             )
-            with torch.no_grad():
-                measured = measure_boundaries(
-                    kl,
-                    eps_list,
-                    guesses=predicted,
-                    t_start=1e-3 * scale,
-                    t_max=1e6 * scale,
-                    rtol=rtol,
-                )
         else:
             measured = np.full_like(predicted, np.nan)
         top_p, top_i = p.max(-1)

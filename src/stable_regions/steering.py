@@ -24,7 +24,7 @@ from .errors import StableRegionsError, one_line
 from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .models import ModelAdapter
 from .models.suffix import PositionSuffix
-from .probes import RayKL, measure_boundaries
+from .probes import measure_from_suffix
 
 STEER_COLUMNS = [
     "prompt_id",
@@ -183,18 +183,9 @@ def steering_budget(
         c2, c3, c4 = series_coefficients(p, derivs)
         corrected = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
         if exact:
-            x0 = suffix.x0
-            scale = np.array([max(float(x0.norm()), 1e-6)])
-            kl = RayKL(lambda x, s=suffix, x0=x0: s.logits(x - x0), x0[None], u[None])
-            with torch.no_grad():
-                measured = measure_boundaries(
-                    kl,
-                    eps_list,
-                    guesses=corrected,
-                    t_start=1e-3 * scale,
-                    t_max=1e6 * scale,
-                    rtol=rtol,
-                )[0]
+            measured = measure_from_suffix(suffix, u[None], eps_list, guesses=corrected, rtol=rtol)[
+                0
+            ]
         else:
             measured = np.full(len(eps_list), math.nan)
         token = adapter.token_strings(ids[0, position : position + 1])[0]

@@ -62,3 +62,26 @@ def measure_boundaries(
     """First crossing (R, E) of each ``eps`` along each ray of ``kl`` (see ``first_crossings``)."""
     levels = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(t_start), len(eps)))
     return first_crossings(kl, levels, t_start=t_start, t_max=t_max, rtol=rtol, guesses=guesses)
+
+
+def measure_from_suffix(
+    suffix,
+    directions: Tensor,
+    eps: list[float],
+    *,
+    guesses: np.ndarray | None = None,
+    rtol: float = 1e-6,
+) -> np.ndarray:
+    """Measured first crossings (k, E) along each of ``directions`` (k, d) inside the network.
+
+    ``suffix`` is a ``models.suffix.PositionSuffix`` (its origin activation ``x0`` and its
+    ``logits(deltas)``); the search starts at ``1e-3 |x0|`` and gives up at ``1e6 |x0|``.
+    """
+    x0 = suffix.x0
+    k = directions.shape[0]
+    scale = np.full(k, max(float(x0.norm()), 1e-6))
+    kl = RayKL(lambda x: suffix.logits(x - x0), x0.expand(k, -1), directions)
+    with torch.no_grad():
+        return measure_boundaries(
+            kl, eps, guesses=guesses, t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol
+        )
