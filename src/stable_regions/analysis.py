@@ -41,22 +41,6 @@ COLUMNS = [
     "radius_exact",
 ]
 
-COLUMN_DOCS = {
-    "position": "token index in the prompt (0-based); the distribution is the next-token prediction there",
-    "token": "the token at that position",
-    "next_token": "the most likely next token",
-    "next_prob": "its probability",
-    "eps": "KL threshold in nats",
-    "layer": "where the perturbation is added: 'final' (pre-logit vector), 'embed', or block index i",
-    "entropy": "entropy of the next-token distribution, nats",
-    "lambda_max": "top eigenvalue of the curvature: H = W^T F W at 'final', J^T F J inside (F = diag p - p p^T)",
-    "effective_rank": "trace / lambda_max of that curvature: how many directions share it",
-    "radius_quadratic": "sqrt(2 eps / lambda_max): the published closed form",
-    "radius_corrected": "fourth-order closed form ([2/2] Pade of the KL series), nearest exit over +-v",
-    "radius_curve": "first crossing of the exact closed-form KL curve (CGF); 'final' only, NaN inside",
-    "radius_exact": "measured: smallest t with KL >= eps running the model, nearest exit over +-v",
-}
-
 
 @dataclass
 class AnalysisResult:
