@@ -2,6 +2,8 @@
 
 from .analysis import AnalysisResult, analyze
 from .errors import StableRegionsError
+from .jacobian import JacobianProfile, jacobian_profile
+from .maps import StabilityMap, stability_map
 from .models import DEFAULT_MODEL, ModelAdapter, load, wrap
 from .steering import SteeringResult, mean_difference, steering_budget
 
@@ -10,12 +12,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "AnalysisResult",
+    "JacobianProfile",
     "ModelAdapter",
     "StableRegionsError",
+    "StabilityMap",
     "SteeringResult",
     "analyze",
+    "jacobian_profile",
     "load",
     "mean_difference",
+    "stability_map",
     "steering_budget",
     "wrap",
 ]

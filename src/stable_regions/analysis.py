@@ -17,6 +17,7 @@ from .geometry import (
     PullbackOperator,
     RayCurve,
     effective_rank,
+    linf_radius_bounds,
     radius_pade,
     radius_quadratic,
     series_coefficients,
@@ -39,6 +40,8 @@ COLUMNS = [
     "radius_corrected",
     "radius_curve",
     "radius_exact",
+    "radius_linf_lower",
+    "radius_linf_upper",
 ]
 
 
@@ -197,6 +200,8 @@ def analyze(
                         radius_corrected=float(b.corrected[j, e_idx]),
                         radius_curve=float(b.curve[j, e_idx]),
                         radius_exact=float(b.measured[j, e_idx]),
+                        radius_linf_lower=float(b.linf_lower[j, e_idx]),
+                        radius_linf_upper=float(b.linf_upper[j, e_idx]),
                     )
                 )
         directions.append(b.directions.cpu())
@@ -220,6 +225,8 @@ class _Block:
     corrected: np.ndarray
     curve: np.ndarray
     measured: np.ndarray
+    linf_lower: np.ndarray
+    linf_upper: np.ndarray
 
 
 def _nearest(radii: np.ndarray) -> np.ndarray:
@@ -229,6 +236,12 @@ def _nearest(radii: np.ndarray) -> np.ndarray:
 
 def _entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0 for one-hot p
+
+
+def _linf_radii(eps_list, lam: Tensor, diagonal: Tensor, corner: Tensor):
+    """(P, E) lower and upper L-inf radii of the quadratic model (see geometry/linf.py)."""
+    pairs = [linf_radius_bounds(e, lam, diagonal, corner) for e in eps_list]
+    return tuple(np.stack([b[i].cpu().numpy() for b in pairs], axis=1) for i in (0, 1))
 
 
 def _pade_radii(c2: Tensor, c3: Tensor, c4: Tensor, eps_list: list[float]) -> np.ndarray:
@@ -252,6 +265,8 @@ def _prelogit_blocks(
         lam, vecs = op.top_eigenpairs(k=1)
         lam, vecs = lam[:, 0], vecs[:, 0]
         rank = effective_rank(op.trace(), lam)
+        corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
+        linf = _linf_radii(eps_list, lam, op.diagonal(), corner)
         top_p, top_i = op.p.max(-1)
         entropy = _entropy(op.p)
         del op
@@ -282,6 +297,7 @@ def _prelogit_blocks(
             _nearest(predicted),
             _nearest(from_curve),
             _nearest(measured),
+            *linf,
         )
 
 
@@ -294,18 +310,31 @@ def _inner_positions(
     exact: bool,
     rtol: float,
     eig_tol: float,
+    trace: str = "exact",
 ):
     """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
 
     ``adapter`` is the float64 model. One position at a time: each has its own suffix (the
     single token against the cached keys/values of the tokens before it).
+    ``trace="estimate"`` (stability maps): the trace behind the effective rank from the top-4
+    eigenvectors plus 32 Hutchinson probes (``PullbackOperator.trace_estimate``, one batched
+    pass) instead of d products, and no L-inf radii (they need the exact diagonal).
     """
+    E = len(eps_list)
     for position in pos:
         suffix = PositionSuffix(adapter, ids, hook, position)
         p = torch.softmax(suffix.logits0, -1)
         op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), p, suffix.dim)
-        lam, vecs = op.top_eigenpairs(k=1, tol=eig_tol)
-        rank = effective_rank(op.trace()[None], lam[:1])
+        if trace == "exact":
+            lam, vecs = op.top_eigenpairs(k=1, tol=eig_tol)
+            diagonal = op.diagonal()
+            rank = effective_rank(diagonal.sum()[None], lam[:1])
+            corner = op.quadratic_form(torch.sign(vecs[:1]))
+            linf = _linf_radii(eps_list, lam[:1], diagonal[None], corner)
+        else:
+            lam, vecs = op.top_eigenpairs(k=4, tol=eig_tol)
+            rank = effective_rank(op.trace_estimate(vecs)[None], lam[:1])
+            linf = (np.full((1, E), np.nan), np.full((1, E), np.nan))
         v = vecs[0]
         # Logit derivatives along +v; along -v the odd ones flip sign.
         a1, a2, a3 = suffix.directional_derivatives(v, order=3)
@@ -329,6 +358,7 @@ def _inner_positions(
             rank,
             vecs[:1],
             _nearest(predicted),
-            np.full((1, len(eps_list)), np.nan),
+            np.full((1, E), np.nan),
             _nearest(measured),
+            *linf,
         )

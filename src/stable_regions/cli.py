@@ -121,6 +121,56 @@ def _parser() -> argparse.ArgumentParser:
         help="print one JSON document {model, layer, eps, rows, summary}",
     )
 
+    j = sub.add_parser(
+        "jacobian",
+        help="amplification across depth: top singular values of each block's Jacobian and of the map to the output",
+        description=(
+            "At one position: the top singular values of d resid_post[i] / d resid_pre[i] for each "
+            "block i, and of the map from each layer to the pre-logit vector (the input of the "
+            "unembedding), by Lanczos on J^T J with JVP/VJP products in float64."
+        ),
+    )
+    j.add_argument("prompt", help="the text")
+    j.add_argument(
+        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
+    )
+    j.add_argument("--position", type=int, default=-1, help="token index (default -1, the last)")
+    j.add_argument("-k", type=int, default=3, help="singular values per map (default 3)")
+    j.add_argument("--tol", type=float, default=1e-6, help="Lanczos tolerance (default 1e-6)")
+    j.add_argument("--plot", metavar="FILE.png", help="also draw the profile into this PNG")
+    j.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+    mp = sub.add_parser(
+        "map",
+        help="stability map of a prompt: radius, lambda_max and effective rank over layers x positions",
+        description=(
+            "A grid over (layer x position) of the closed-form radius at eps, the top curvature "
+            "eigenvalue and the effective rank; writes DIR/map.json and the heatmap DIR/map.png. "
+            "Closed forms only: check a cell against the model with 'analyze --layer L'."
+        ),
+    )
+    mp.add_argument("prompt", help="the text")
+    mp.add_argument(
+        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
+    )
+    mp.add_argument("--eps", type=float, default=0.1, help="KL threshold in nats (default 0.1)")
+    mp.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="'embed', 'final', block indices, or 'all' (default: embed, 8 evenly spaced blocks, final)",
+    )
+    mp.add_argument(
+        "--positions", default="all", help="'all' (default), 'last' or comma-separated indices"
+    )
+    mp.add_argument(
+        "--out",
+        default="stability-map",
+        metavar="DIR",
+        help="output directory (default ./stability-map)",
+    )
+
     m = sub.add_parser("models", help="install and list the bundled models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     inst = msub.add_parser(
@@ -148,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _steer(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "jacobian":
+            return _jacobian(args)
+        if args.command == "map":
+            return _map(args)
     except StableRegionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -408,6 +462,91 @@ def _steer(args) -> int:
     out.print(
         "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; inf = never.[/dim]"
     )
+    return 0
+
+
+def _load_with_status(spec: str | None):
+    from rich.console import Console
+
+    from .models import DEFAULT_MODEL, load
+
+    err = Console(stderr=True)
+    spec = spec or DEFAULT_MODEL
+    with err.status(f"loading {spec}", spinner="dots") if err.is_terminal else nullcontext():
+        return err, load(spec, log=lambda msg: err.print(msg))
+
+
+def _jacobian(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .jacobian import jacobian_profile
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise StableRegionsError(
+            f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}"
+        )
+    err, adapter = _load_with_status(args.model)
+    with _progress_bar(err, "Jacobian spectra") as bar:
+        task = bar.add_task("jacobian", total=None)
+        profile = jacobian_profile(
+            adapter,
+            args.prompt,
+            position=args.position,
+            k=args.k,
+            tol=args.tol,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if args.plot:
+        err.print(f"wrote {profile.plot(args.plot)}")
+    if args.json:
+        sys.stdout.write(json.dumps(profile.to_json(), ensure_ascii=False) + "\n")
+        return 0
+    out = Console() if sys.stdout.isatty() else Console(width=150)
+    table = Table(
+        title=f"{profile.model}: amplification at position {profile.position} ({profile.token!r})",
+        title_justify="left",
+    )
+    table.add_column("layer", justify="right")
+    table.add_column("|resid|", justify="right")
+    table.add_column("block sigma (top " + str(profile.k) + ")", justify="right")
+    table.add_column("to output sigma (top " + str(profile.k) + ")", justify="right")
+    table.add_column("to output", justify="left")
+    top = max(r["output_s1"] for r in profile.rows)
+    for r in profile.rows:
+        block = " ".join(_fmt(r[f"block_s{j + 1}"], 3) for j in range(profile.k))
+        output = " ".join(_fmt(r[f"output_s{j + 1}"], 3) for j in range(profile.k))
+        bar_len = 0 if not top > 0 else round(24 * math.log1p(r["output_s1"]) / math.log1p(top))
+        table.add_row(str(r["layer"]), _fmt(r["resid_norm"], 4), block, output, "#" * bar_len)
+    out.print(table)
+    out.print(
+        "[dim]block sigma: top singular values of d resid_post[i] / d resid_pre[i] (one block); "
+        "to output: of d prelogit / d resid at that layer (the rest of the network up to the "
+        "unembedding). Perturbation and readout at the same position.[/dim]"
+    )
+    return 0
+
+
+def _map(args) -> int:
+    from .analysis import check_eps
+    from .maps import stability_map
+
+    check_eps([args.eps])
+    positions = _parse_positions(args.positions)
+    err, adapter = _load_with_status(args.model)
+    with _progress_bar(err, "stability map") as bar:
+        task = bar.add_task("map", total=None)
+        result = stability_map(
+            adapter,
+            args.prompt,
+            eps=args.eps,
+            layers=args.layers,
+            positions=positions,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    json_path, png_path = result.save(args.out)
+    print(json_path)
+    print(png_path)
     return 0
 
 

@@ -9,13 +9,16 @@ from .curve import (
     series_coefficients,
 )
 from .fisher import FisherOperator, effective_rank
+from .gram import JacobianGram
 from .head import LogitHead
 from .lanczos import lanczos_topk
+from .linf import linf_radius_bounds
 from .pullback import PullbackOperator
 from .roots import first_crossings
 
 __all__ = [
     "FisherOperator",
+    "JacobianGram",
     "LogitHead",
     "PullbackOperator",
     "RayCurve",
@@ -23,6 +26,7 @@ __all__ = [
     "effective_rank",
     "first_crossings",
     "lanczos_topk",
+    "linf_radius_bounds",
     "radius_pade",
     "radius_quadratic",
     "radius_series",

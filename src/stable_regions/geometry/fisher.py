@@ -120,6 +120,15 @@ class FisherOperator:
         mean_row = self.vjp(self.p)  # J^T p
         return first - (mean_row**2).sum(-1)
 
+    def diagonal(self, chunk: int = 8192) -> Tensor:
+        """``diag H`` (P, d): ``sum_v p_v J_vj^2 - (sum_v p_v J_vj)^2``, O(V d), W^2 by row chunks."""
+        pr = self.p if self.row_scale is None else self.p * self.row_scale**2
+        first = sum(
+            pr[:, s : s + chunk] @ self.weight[s : s + chunk] ** 2
+            for s in range(0, self.weight.shape[0], chunk)
+        )
+        return first * self.scale**2 - self.vjp(self.p) ** 2
+
     def start_vector(self) -> Tensor:
         """A Lanczos start close to the top eigenvector: the top token's logit gradient minus its mean."""
         top = self.p.argmax(-1)

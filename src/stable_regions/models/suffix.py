@@ -14,6 +14,7 @@ derivatives. Models must be loaded with ``attn_implementation="eager"`` for forw
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp
 
@@ -21,10 +22,27 @@ from .adapter import ModelAdapter
 from .precision import exact_numerics
 
 
+class _Reached(Exception):
+    def __init__(self, activation: Tensor) -> None:
+        self.activation = activation
+
+
+def _stop_with(activation: Tensor):
+    raise _Reached(activation)
+
+
 class PositionSuffix:
     """``delta -> logits[i]`` with ``delta`` added to the activation at ``hook``, position ``i``."""
 
-    def __init__(self, adapter: ModelAdapter, ids: Tensor, hook: str, position: int) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        ids: Tensor,
+        hook: str,
+        position: int,
+        *,
+        shared_cache: PositionSuffix | None = None,
+    ) -> None:
         from transformers import DynamicCache
 
         self._cache_cls = DynamicCache
@@ -36,7 +54,9 @@ class PositionSuffix:
         self.exact = adapter.is_float64
         self.token = ids[:, position : position + 1]
         self.cache_data: list[tuple[Tensor, Tensor]] | None = None
-        if position > 0:
+        if shared_cache is not None:  # same model, prompt and position: the prefix is the same
+            self.cache_data = shared_cache.cache_data
+        elif position > 0:
             with torch.no_grad():
                 out = adapter.forward(ids[:, :position], use_cache=True)
             self.cache_data = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -70,24 +90,48 @@ class PositionSuffix:
 
     def logits(self, deltas: Tensor) -> Tensor:
         """Logits (n, V) at the position for perturbations ``deltas`` (n, d); differentiable."""
+        return self.outputs(deltas)
+
+    def outputs(self, deltas: Tensor, target: str | None = None) -> Tensor:
+        """The activation at hook ``target`` (n, d_target) at the position, or the logits
+        (n, V) when ``target`` is None, for perturbations ``deltas`` (n, d); differentiable.
+
+        With a target the model stops there: an exception carries the activation out of the
+        hook and is caught here, inside any torch.func transform, so its tangents survive.
+        """
         deltas = deltas.to(self.dtype)
         with self.adapter.perturbation(self.hook, 0, deltas, seq_len=1):
-            out = self._run(deltas.shape[0])
-        return out.logits[:, -1, :]
+            if target is None:
+                return self._run(deltas.shape[0]).logits[:, -1, :]
+            try:
+                with self.adapter._on_activation(target, _stop_with):
+                    self._run(deltas.shape[0])
+            except _Reached as reached:
+                return reached.activation[:, -1, :]
+        raise RuntimeError(f"the forward pass never reached {target}")
+
+    def check_target(self, target: str) -> None:
+        """``target`` must come after the hook, or the map would not see the perturbation."""
+        order = self.adapter.hook_points()
+        if order.index(target) <= order.index(self.hook):
+            raise ValueError(f"{target} does not come after {self.hook}")
 
     # ---------------------------------------------------------------- derivatives at delta = 0
-    def _single(self, delta: Tensor) -> Tensor:
-        return self.logits(delta[None])[0]
+    def _single(self, delta: Tensor, target: str | None = None) -> Tensor:
+        return self.outputs(delta[None], target)[0]
 
-    def jvp(self, v: Tensor) -> Tensor:
-        """``J v`` for directions (k, d) -> (k, V), all k in one batched pass."""
+    def jvp(self, v: Tensor, target: str | None = None) -> Tensor:
+        """``J v`` for directions (k, d) -> (k, V) (or (k, d_target)), all k in one batched pass."""
+        # Dual tensors (torch.autograd.forward_ad), not torch.func.jvp: same numbers, and about
+        # half the Python overhead per layer (0.13 s against 0.23 s through 15 SmolLM2 blocks).
         v = v.to(self.dtype)
-        zero = torch.zeros_like(v)
-        return jvp(self.logits, (zero,), (v,))[1].detach().to(torch.float64)
+        with fwAD.dual_level(), torch.no_grad():
+            out = self.outputs(fwAD.make_dual(torch.zeros_like(v), v), target)
+            return fwAD.unpack_dual(out).tangent.to(torch.float64)
 
-    def vjp_fn(self):
-        """A reusable ``u -> J^T u`` ((V,) -> (d,)) from one recorded pass."""
-        _, fn = vjp(self._single, torch.zeros(self.dim, dtype=self.dtype))
+    def vjp_fn(self, target: str | None = None):
+        """A reusable ``u -> J^T u`` ((V,) or (d_target,) -> (d,)) from one recorded pass."""
+        _, fn = vjp(lambda x: self._single(x, target), torch.zeros(self.dim, dtype=self.dtype))
 
         def apply(u: Tensor) -> Tensor:
             return fn(u.to(self.dtype))[0].detach().to(torch.float64)

@@ -1,0 +1,203 @@
+"""Stability maps: which layers and positions of a prompt are fragile.
+
+A grid over (layer x position) of the top curvature eigenvalue ``lambda_max``, the closed-form
+radius at one eps (``radius_corrected``, the 4th-order Pade form; ``radius_quadratic`` is kept
+beside it) and the effective rank ``tr G / lambda_max``. Nothing is measured on the model: a map
+is the cheap overview, ``analyze`` checks any cell against the truth.
+
+Inside the network the cells trade a little accuracy for speed: Lanczos stops at a looser
+tolerance (``eig_tol``, default 1e-4 relative residual; the eigenvalue's error is of the order
+of its square) and the trace behind the effective rank is estimated from the top-4 eigenvectors
+plus 32 Hutchinson probes (within ~5% on SmolLM2, against d products for the exact trace).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import _inner_positions, _prelogit_blocks, as_adapter, check_eps, check_positions
+from .errors import StableRegionsError
+from .models import PRELOGIT
+
+QUANTITIES = ("radius", "lambda_max", "effective_rank")
+
+
+def default_layers(n_layers: int, count: int = 8) -> list[str | int]:
+    """``embed``, ``count`` evenly spaced blocks (first and last included), ``final``."""
+    blocks = sorted({round(x) for x in np.linspace(0, n_layers - 1, min(count, n_layers))})
+    return ["embed", *blocks, "final"]
+
+
+def parse_layers(layers: Sequence[str | int] | str | None, n_layers: int) -> list[str | int]:
+    """``None`` -> the default spread; ``"all"`` -> embed, every block, final; else as given."""
+    if layers is None:
+        return default_layers(n_layers)
+    if isinstance(layers, str):
+        layers = [layers]
+    if list(layers) == ["all"]:
+        return ["embed", *range(n_layers), "final"]
+    out: list[str | int] = []
+    for layer in layers:
+        text = str(layer)
+        out.append(int(text) if text.lstrip("-").isdigit() else text)
+    if not out:
+        raise StableRegionsError("no layers given: use e.g. --layers embed 5 10 final, or all")
+    return out
+
+
+@dataclass
+class StabilityMap:
+    """Rows follow ``layers``, columns ``positions``; JSON keys as in ``to_json``."""
+
+    model: str
+    prompt: str
+    eps: float
+    layers: list[str]
+    positions: list[int]
+    tokens: list[str]
+    radius: np.ndarray
+    radius_quadratic: np.ndarray
+    lambda_max: np.ndarray
+    effective_rank: np.ndarray
+
+    def to_json(self) -> dict:
+        def grid(a: np.ndarray) -> list[list]:
+            return [[_finite_or_str(x) for x in row] for row in a.tolist()]
+
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "eps": self.eps,
+            "radius_kind": "corrected (4th-order Pade closed form), L2, in the layer's units",
+            "layers": self.layers,
+            "positions": self.positions,
+            "tokens": self.tokens,
+            "radius": grid(self.radius),
+            "radius_quadratic": grid(self.radius_quadratic),
+            "lambda_max": grid(self.lambda_max),
+            "effective_rank": grid(self.effective_rank),
+        }
+
+    def save(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``map.json`` and ``map.png`` into ``out_dir`` (created if needed)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = out / "map.json"
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1))
+        tmp.replace(json_path)
+        return json_path, self.plot(out / "map.png")
+
+    def plot(self, path: str | Path) -> Path:
+        """Three heatmaps (radius, lambda_max, effective rank): tokens across, layers down."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+
+        n_l, n_p = self.radius.shape
+        width = min(40.0, max(7.0, 0.42 * n_p + 2.5))
+        fig, axes = plt.subplots(3, 1, figsize=(width, 3 * (0.3 * n_l + 1.4)), squeeze=False)
+        labels = [
+            f"{p}:{_token_label(t)}" for p, t in zip(self.positions, self.tokens, strict=True)
+        ]
+        panels = [
+            (self.radius, f"radius at eps={self.eps:g} (corrected closed form, log)", "viridis"),
+            (self.lambda_max, "lambda_max: top curvature eigenvalue (log)", "magma"),
+            (self.effective_rank, "effective rank = tr G / lambda_max (log)", "cividis"),
+        ]
+        for ax, (data, title, cmap) in zip(axes[:, 0], panels, strict=True):
+            shown = np.where(np.isfinite(data) & (data > 0), data, np.nan)
+            finite = shown[np.isfinite(shown)]
+            norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.min() > 0 else None
+            image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+            ax.set_title(title, fontsize=9, loc="left")
+            ax.set_yticks(range(n_l), [str(x) for x in self.layers], fontsize=7)
+            ax.set_xticks(range(n_p), labels, rotation=90, fontsize=7)
+            ax.set_ylabel("layer")
+            fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+        fig.suptitle(f"{self.model}: stability map", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def stability_map(
+    model,
+    prompt: str,
+    eps: float = 0.1,
+    layers: Sequence[str | int] | str | None = None,
+    positions: str | int | Sequence[int] = "all",
+    *,
+    eig_tol: float = 1e-4,
+    progress: Callable[[int, int], None] | None = None,
+) -> StabilityMap:
+    """The (layer x position) grid of radius at ``eps``, ``lambda_max`` and effective rank.
+
+    Args:
+        layers: ``None`` = embed, 8 evenly spaced blocks, final; ``"all"``; or a list of
+            ``"embed"``, ``"final"`` and block indices.
+        progress: called as ``progress(done, total)`` after each cell.
+    """
+    (e,) = check_eps([eps])
+    adapter = as_adapter(model)
+    layer_list = parse_layers(layers, adapter.n_layers)
+    hooks = [adapter.hook_for_layer(layer) for layer in layer_list]  # validates before any work
+    ids = adapter.tokenize(prompt)
+    pos = check_positions(positions, ids.shape[1])
+    shape = (len(layer_list), len(pos))
+    grids = {name: np.full(shape, np.nan) for name in (*QUANTITIES, "radius_quadratic")}
+    total, done = shape[0] * shape[1], 0
+    for i, hook in enumerate(hooks):
+        if hook == PRELOGIT:
+            blocks = _prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
+        else:
+            blocks = _inner_positions(
+                adapter.float64(), ids, hook, pos, [e], False, 1e-6, eig_tol, trace="estimate"
+            )
+        for b in blocks:
+            cols = [pos.index(p) for p in b.positions]
+            lam = b.lambda_max.cpu().numpy()
+            grids["lambda_max"][i, cols] = lam
+            grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
+            grids["radius"][i, cols] = b.corrected[:, 0]
+            with np.errstate(divide="ignore"):
+                grids["radius_quadratic"][i, cols] = np.sqrt(2 * e / lam)
+            done += len(cols)
+            if progress is not None:
+                progress(done, total)
+    tokens = adapter.token_strings(ids[0])
+    return StabilityMap(
+        adapter.name,
+        prompt,
+        e,
+        [str(x) for x in layer_list],
+        pos,
+        [tokens[p] for p in pos],
+        grids["radius"],
+        grids["radius_quadratic"],
+        grids["lambda_max"],
+        grids["effective_rank"],
+    )
+
+
+def _finite_or_str(x: float):
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _token_label(token: str) -> str:
+    text = repr(token)[1:-1]
+    return text if len(text) <= 12 else text[:11] + "…"

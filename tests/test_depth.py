@@ -1,0 +1,235 @@
+"""Through depth: Jacobian spectra, stability maps, L-inf radii, trace estimates.
+
+References are independent of the code under test: SVDs of dense Jacobians from
+torch.autograd.functional.jacobian of the full forward, dense matrices, brute force over corners.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+import stable_regions as sr
+from stable_regions.cli import main
+from stable_regions.geometry import (
+    FisherOperator,
+    JacobianGram,
+    LogitHead,
+    PullbackOperator,
+    linf_radius_bounds,
+)
+from stable_regions.models import PRELOGIT
+from stable_regions.models.precision import exact_numerics
+from stable_regions.models.suffix import PositionSuffix
+
+PROMPT = "The cat sat on it."
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_jacobian_gram_gives_the_singular_values():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 12, dtype=torch.float64, generator=g)
+    gram = JacobianGram(lambda v: v @ A.T, lambda u: u @ A, 12)
+    assert rel(gram.dense(), A.T @ A) < 1e-12
+    sigma, vecs = gram.top_singular_values(3, tol=1e-10)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    assert rel(sigma, S[:3]) < 1e-10
+    assert (vecs @ Vh[:3].T).abs().diagonal().min() > 1 - 1e-8
+
+
+def test_linf_bounds_bracket_the_brute_force_radius():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(5):
+        d = 10
+        A = torch.randn(d + 3 * trial, d, dtype=torch.float64, generator=g)
+        A[:, 0] *= 1 + 3 * trial  # from isotropic to one dominant direction
+        G = A.T @ A
+        corners = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d)), dtype=torch.float64)
+        kappa = torch.einsum("nd,de,ne->n", corners, G, corners).max()
+        eps = 0.1
+        true_r = math.sqrt(2 * eps / float(kappa))
+        lam, vecs = torch.linalg.eigh(G)
+        corner = torch.sign(vecs[:, -1])
+        lower, upper = linf_radius_bounds(
+            eps, lam[-1:], torch.diagonal(G)[None], (corner @ G @ corner)[None]
+        )
+        assert float(lower) <= true_r * (1 + 1e-12) <= float(upper) * (1 + 1e-12)
+        # the upper radius is attained at its corner
+        assert math.isclose(
+            0.5 * float(upper) ** 2 * float(corner @ G @ corner), eps, rel_tol=1e-12
+        )
+    zero = linf_radius_bounds(0.1, torch.zeros(1), torch.zeros(1, 3), torch.zeros(1))
+    assert all(math.isinf(float(x)) for x in zero)
+
+
+def test_fisher_diagonal_matches_dense():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(300, 16, dtype=torch.float64, generator=g)
+    for softcap in (None, 2.0):
+        head = LogitHead(W, bias=None, scale=1.0, softcap=softcap)
+        h = torch.randn(3, 16, dtype=torch.float64, generator=g)
+        op = FisherOperator.from_head(head, h)
+        dense = op.dense()
+        assert rel(op.diagonal(chunk=64), torch.diagonal(dense, dim1=1, dim2=2)) < 1e-12
+
+
+def _dense_pullback(adapter, ids, hook, pos):
+    def f(delta):
+        with adapter.perturbation(hook, pos, delta[None]), exact_numerics():
+            return adapter.model(input_ids=ids[:, : pos + 1]).logits[0, pos]
+
+    zero = torch.zeros(adapter.hook_dim(hook), dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(f, zero)
+    with torch.no_grad():
+        p = torch.softmax(f(zero), -1)
+    return (J.T @ (torch.diag(p) - torch.outer(p, p)) @ J).detach()
+
+
+def test_pullback_diagonal_and_trace_estimate(tokenizer):
+    adapter = sr.wrap(tiny_model("llama"), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook, pos = "blocks.0.hook_resid_post", 10
+    G = _dense_pullback(adapter, ids, hook, pos)
+    suffix = PositionSuffix(adapter, ids, hook, pos)
+    op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), torch.softmax(suffix.logits0, -1), 32)
+    assert rel(op.diagonal(chunk=5), torch.diagonal(G)) < 1e-8
+    exact = float(torch.trace(G))
+    # a complete basis leaves nothing to estimate
+    full = torch.linalg.eigh(G)[1].T
+    assert math.isclose(float(op.trace_estimate(full, probes=4)), exact, rel_tol=1e-8)
+    # with the top 2 eigenvectors: unbiased (mean over seeds) and each estimate near
+    basis = full.flip(0)[:2]
+    estimates = np.array([float(op.trace_estimate(basis, 32, seed=s)) for s in range(40)])
+    assert abs(estimates.mean() / exact - 1) < 0.03
+    assert np.abs(estimates / exact - 1).max() < 0.3
+    # not deflating would be wrong only in variance; dropping the basis term would be biased
+    assert float(op.quadratic_form(basis).sum()) > 0.2 * exact
+
+
+def _dense_map(adapter, ids, source, target, pos):
+    """Jacobian (d_target, d_source) of the full-prefix forward, hook to hook, at one position."""
+
+    def f(delta):
+        seen = []
+        with (
+            adapter.perturbation(source, pos, delta[None]),
+            adapter._on_activation(target, seen.append),
+            exact_numerics(),
+        ):
+            adapter.model(input_ids=ids[:, : pos + 1])
+        return seen[0][0, pos]
+
+    zero = torch.zeros(adapter.hook_dim(source), dtype=torch.float64)
+    return torch.autograd.functional.jacobian(f, zero).detach()
+
+
+def test_jacobian_profile_matches_dense_svd(arch, tokenizer):
+    adapter = sr.wrap(tiny_model(arch, seed=3), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    pos = 9
+    profile = sr.jacobian_profile(adapter, PROMPT, position=pos, k=2, tol=1e-10)
+    frame = profile.to_frame()
+    assert list(frame["layer"]) == ["embed", 0, 1, 2]
+    assert math.isnan(frame.loc[0, "block_s1"])
+    for i, row in frame.iterrows():
+        source = row["hook"]
+        s_out = torch.linalg.svdvals(_dense_map(adapter, ids, source, PRELOGIT, pos))
+        assert rel(torch.tensor([row["output_s1"], row["output_s2"]]), s_out[:2]) < 1e-6, (arch, i)
+        if i > 0:
+            block_in = f"blocks.{i - 1}.hook_resid_pre"
+            s_blk = torch.linalg.svdvals(_dense_map(adapter, ids, block_in, source, pos))
+            assert rel(torch.tensor([row["block_s1"], row["block_s2"]]), s_blk[:2]) < 1e-6
+    # the stored norm is the activation's
+    store = []
+    with adapter.capture("blocks.1.hook_resid_post", store), torch.no_grad(), exact_numerics():
+        adapter.model(input_ids=ids)
+    assert math.isclose(frame.loc[2, "resid_norm"], float(store[0][0, pos].norm()), rel_tol=1e-12)
+
+
+def test_analyze_embed_linf_radii(tokenizer):
+    adapter = sr.wrap(tiny_model("qwen2", seed=4), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    pos = 6
+    res = sr.analyze(adapter, PROMPT, eps=[0.01, 0.1], positions=[pos], layer="embed", exact=False)
+    G = _dense_pullback(adapter, ids, "blocks.0.hook_resid_pre", pos)
+    v = res.directions[0]
+    corner = torch.sign(v)
+    g = torch.Generator().manual_seed(0)
+    random_corners = torch.randint(0, 2, (4000, 32), generator=g).to(torch.float64) * 2 - 1
+    kappa_sampled = torch.einsum("nd,de,ne->n", random_corners, G, random_corners).max()
+    for r in res.rows:
+        lower, upper = r["radius_linf_lower"], r["radius_linf_upper"]
+        assert 0 < lower <= upper
+        # attained: the corner upper * sign(v) reaches eps in the quadratic model
+        assert math.isclose(0.5 * upper**2 * float(corner @ G @ corner), r["eps"], rel_tol=1e-6)
+        # guaranteed: no corner of the lower box gets there
+        assert 0.5 * lower**2 * float(kappa_sampled) <= r["eps"]
+    # at the final layer too, against the dense head curvature
+    fin = sr.analyze(adapter, PROMPT, eps=0.1, positions=[pos], exact=False).rows[0]
+    assert 0 < fin["radius_linf_lower"] <= fin["radius_linf_upper"]
+
+
+def test_stability_map_agrees_with_analyze(tokenizer, tmp_path):
+    adapter = sr.wrap(tiny_model("gemma3", seed=5), tokenizer)
+    layers = ["embed", 1, "final"]
+    m = sr.stability_map(adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17])
+    assert m.radius.shape == (3, 3)
+    for i, layer in enumerate(layers):
+        ref = sr.analyze(adapter, PROMPT, eps=0.1, positions=[0, 5, 17], layer=layer, exact=False)
+        frame = ref.to_frame()
+        assert np.allclose(m.lambda_max[i], frame["lambda_max"], rtol=1e-6)
+        assert np.allclose(m.radius[i], frame["radius_corrected"], rtol=1e-5)
+        assert np.allclose(m.radius_quadratic[i], frame["radius_quadratic"], rtol=1e-5)
+        tol = 1e-9 if layer == "final" else 0.3  # inside: a trace estimate
+        assert np.allclose(m.effective_rank[i], frame["effective_rank"], rtol=tol)
+    json_path, png_path = m.save(tmp_path / "out")
+    doc = json.loads(json_path.read_text())
+    assert {"layers", "positions", "tokens", "radius", "lambda_max", "effective_rank"} <= set(doc)
+    assert doc["layers"] == ["embed", "1", "final"] and doc["positions"] == [0, 5, 17]
+    assert len(doc["radius"]) == 3 and len(doc["radius"][0]) == 3
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["map", "Hi there", "--layers", "99"], "out of range"),
+        (["map", "Hi there", "--eps", "0"], "eps must be"),
+        (["map", "", "--layers", "final"], "prompt is empty"),
+        (["jacobian", "Hi there", "--position", "40"], "out of range"),
+        (["jacobian", "Hi there", "--plot", "out.pdf"], ".png"),
+        (["jacobian", "Hi there", "-k", "0"], "positive integer"),
+    ],
+)
+def test_depth_commands_bad_input(argv, message, capsys, monkeypatch, tmp_path, tokenizer):
+    monkeypatch.chdir(tmp_path)
+    adapter = sr.wrap(tiny_model("llama"), tokenizer)
+    monkeypatch.setattr("stable_regions.models.load", lambda spec, log=None: adapter)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "stability-map").exists()
+
+
+def test_depth_commands_write_outputs(capsys, monkeypatch, tmp_path, tokenizer):
+    adapter = sr.wrap(tiny_model("llama"), tokenizer)
+    monkeypatch.setattr("stable_regions.models.load", lambda spec, log=None: adapter)
+    assert main(["map", "Hi there", "--layers", "all", "--out", str(tmp_path / "m")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "m" / "map.json"), str(tmp_path / "m" / "map.png")]
+    doc = json.loads((tmp_path / "m" / "map.json").read_text())
+    assert doc["layers"] == ["embed", "0", "1", "2", "final"]
+    png = tmp_path / "j.png"
+    assert main(["jacobian", "Hi there", "--json", "--plot", str(png), "-k", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in out["rows"]] == ["embed", 0, 1, 2]
+    assert png.read_bytes()[:4] == b"\x89PNG"
