@@ -23,6 +23,7 @@ from .errors import StableRegionsError
 from .geometry import JacobianGram
 from .models import PRELOGIT
 from .models.suffix import PositionSuffix
+from .plotting import pyplot, save
 
 
 @dataclass
@@ -58,10 +59,7 @@ class JacobianProfile:
 
     def plot(self, path: str | Path) -> Path:
         """A PNG: block gain and gain to the output across depth (log scale)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         frame = self.to_frame()
         x = list(range(len(frame)))
@@ -80,11 +78,7 @@ class JacobianProfile:
         ax.set_ylabel("top singular value")
         ax.set_title(f"{self.model}: amplification at position {self.position} ({self.token!r})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save(fig, path, dpi=120)
 
 
 def jacobian_profile(

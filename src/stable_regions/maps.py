@@ -24,6 +24,7 @@ import numpy as np
 from .analysis import _inner_positions, _prelogit_blocks, as_adapter, check_eps, check_positions
 from .errors import StableRegionsError
 from .models import PRELOGIT
+from .plotting import pyplot, save
 
 QUANTITIES = ("radius", "lambda_max", "effective_rank")
 
@@ -96,10 +97,7 @@ class StabilityMap:
 
     def plot(self, path: str | Path) -> Path:
         """Three heatmaps (radius, lambda_max, effective rank): tokens across, layers down."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.colors import LogNorm
 
         n_l, n_p = self.radius.shape
@@ -124,11 +122,7 @@ class StabilityMap:
             ax.set_ylabel("layer")
             fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
         fig.suptitle(f"{self.model}: stability map", fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save(fig, path, dpi=110)
 
 
 def stability_map(
