@@ -478,6 +478,7 @@ def _load_with_status(spec: str | None):
 
 def _jacobian(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .jacobian import jacobian_profile
@@ -519,11 +520,12 @@ def _jacobian(args) -> int:
         bar_len = 0 if not top > 0 else round(24 * math.log1p(r["output_s1"]) / math.log1p(top))
         table.add_row(str(r["layer"]), _fmt(r["resid_norm"], 4), block, output, "#" * bar_len)
     out.print(table)
-    out.print(
-        "[dim]block sigma: top singular values of d resid_post[i] / d resid_pre[i] (one block); "
+    note = (
+        "block sigma: top singular values of d resid_post[i] / d resid_pre[i] (one block); "
         "to output: of d prelogit / d resid at that layer (the rest of the network up to the "
-        "unembedding). Perturbation and readout at the same position.[/dim]"
+        "unembedding). Perturbation and readout at the same position."
     )
+    out.print(f"[dim]{escape(note)}[/dim]")
     return 0
 
 
