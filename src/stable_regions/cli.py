@@ -246,18 +246,12 @@ def _parse_positions(text: str):
 
 
 def _analyze(args) -> int:
-    from rich.console import Console
 
     from .analysis import analyze, check_eps
-    from .models import DEFAULT_MODEL, load
 
     eps = check_eps(args.eps)  # fail fast, before loading a model
     positions = _parse_positions(args.positions)
-    err = Console(stderr=True)
-    live = err.is_terminal  # spinners and bars only on a terminal: stderr stays clean in logs
-    spec = args.model or DEFAULT_MODEL
-    with err.status(f"loading {spec}", spinner="dots") if live else nullcontext():
-        adapter = load(spec, log=lambda msg: err.print(msg))
+    err, adapter = _load_with_status(args.model)
     with _progress_bar(err, "analyzing positions") as bar:
         task = bar.add_task("analyze", total=None)
 
@@ -374,7 +368,6 @@ def _steer(args) -> int:
     from rich.table import Table
 
     from .analysis import check_eps, json_value
-    from .models import DEFAULT_MODEL, load
     from .steering import load_vector, mean_difference, read_prompts, steering_budget
 
     eps = check_eps(args.eps)
@@ -390,8 +383,7 @@ def _steer(args) -> int:
         raise StableRegionsError("--positive and --negative go together")
     positive = read_prompts(args.positive) if args.positive else None
     negative = read_prompts(args.negative) if args.negative else None
-    err = Console(stderr=True)
-    adapter = load(args.model or DEFAULT_MODEL, log=lambda msg: err.print(msg))
+    err, adapter = _load_with_status(args.model)
     layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
     hook = adapter.hook_for_layer(layer)
     if args.vector:
@@ -466,6 +458,7 @@ def _steer(args) -> int:
 
 
 def _load_with_status(spec: str | None):
+    """Load a model, logging to stderr; a spinner only on a terminal (logs stay clean)."""
     from rich.console import Console
 
     from .models import DEFAULT_MODEL, load

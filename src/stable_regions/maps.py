@@ -14,15 +14,22 @@ plus 32 Hutchinson probes (within ~5% on SmolLM2, against d products for the exa
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .analysis import _inner_positions, _prelogit_blocks, as_adapter, check_eps, check_positions
+from .analysis import (
+    _inner_positions,
+    _prelogit_blocks,
+    as_adapter,
+    check_eps,
+    check_positions,
+    json_value,
+)
 from .errors import StableRegionsError
+from .geometry import radius_quadratic
 from .models import PRELOGIT
 from .plotting import pyplot, save
 
@@ -69,7 +76,7 @@ class StabilityMap:
 
     def to_json(self) -> dict:
         def grid(a: np.ndarray) -> list[list]:
-            return [[_finite_or_str(x) for x in row] for row in a.tolist()]
+            return [[json_value(x) for x in row] for row in a.tolist()]
 
         return {
             "model": self.model,
@@ -160,12 +167,10 @@ def stability_map(
             )
         for b in blocks:
             cols = [pos.index(p) for p in b.positions]
-            lam = b.lambda_max.cpu().numpy()
-            grids["lambda_max"][i, cols] = lam
+            grids["lambda_max"][i, cols] = b.lambda_max.cpu().numpy()
             grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
             grids["radius"][i, cols] = b.corrected[:, 0]
-            with np.errstate(divide="ignore"):
-                grids["radius_quadratic"][i, cols] = np.sqrt(2 * e / lam)
+            grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
             done += len(cols)
             if progress is not None:
                 progress(done, total)
@@ -182,14 +187,6 @@ def stability_map(
         grids["lambda_max"],
         grids["effective_rank"],
     )
-
-
-def _finite_or_str(x: float):
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
 
 
 def _token_label(token: str) -> str:
