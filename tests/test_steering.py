@@ -128,7 +128,7 @@ def model_dir(tmp_path_factory):
 def test_cli_steer_json_from_prompt_files(model_dir, tmp_path, capsys):
     (tmp_path / "pos.txt").write_text("I love it\ngreat fun\n")
     (tmp_path / "neg.txt").write_text("I hate it\nawful\\nreally\n")
-    (tmp_path / "prompts.txt").write_text("Hello world\n\nThe cat\n")
+    (tmp_path / "prompts.txt").write_text("Hello world\nThe cat\n")
     args = [
         "steer",
         "--model",

@@ -1,27 +1,33 @@
 """stable-regions: how far can a language model's internal state be pushed before its output changes?"""
 
 from .analysis import AnalysisResult, analyze
+from .calibration import Calibration, load_calibration
 from .errors import StableRegionsError
 from .jacobian import JacobianProfile, jacobian_profile
 from .maps import StabilityMap, stability_map
 from .models import DEFAULT_MODEL, ModelAdapter, load, wrap
 from .steering import SteeringResult, mean_difference, steering_budget
+from .validation import ValidationRun, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
     "AnalysisResult",
+    "Calibration",
     "JacobianProfile",
     "ModelAdapter",
     "StableRegionsError",
     "StabilityMap",
     "SteeringResult",
+    "ValidationRun",
     "analyze",
     "jacobian_profile",
     "load",
+    "load_calibration",
     "mean_difference",
     "stability_map",
     "steering_budget",
+    "validate",
     "wrap",
 ]

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .calibration import resolve_calibration
 from .errors import StableRegionsError
 from .geometry import (
     FisherOperator,
@@ -38,6 +39,7 @@ COLUMNS = [
     "effective_rank",
     "radius_quadratic",
     "radius_corrected",
+    "radius_calibrated",
     "radius_curve",
     "radius_exact",
     "radius_linf_lower",
@@ -148,6 +150,7 @@ def analyze(
     *,
     rtol: float = 1e-6,
     eig_tol: float = 1e-8,
+    calibration=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AnalysisResult:
     """Stable-region geometry of a prompt, each prediction beside the measured truth.
@@ -165,11 +168,18 @@ def analyze(
         exact: measure the true boundary by running the model (``radius_exact``); NaN if False.
         rtol: relative tolerance of the measured boundary.
         eig_tol: Lanczos residual tolerance (relative to the top eigenvalue) inside the network.
+        calibration: a calibration (``"bundled"``, a ``calibration.json`` path from
+            ``stable-regions validate``, or a ``Calibration``) of this model and layer:
+            fills ``radius_calibrated`` (NaN without one).
         progress: called as ``progress(done, total)`` after each position.
     """
     adapter = as_adapter(model)
     eps_list = check_eps(eps)
     hook = adapter.hook_for_layer(layer)
+    cal = resolve_calibration(calibration, adapter, "final" if hook == PRELOGIT else str(layer))
+    if cal is not None:
+        for e in eps_list:
+            cal.band_for(e)  # an eps outside the calibrated bands fails before any work
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
@@ -198,6 +208,13 @@ def analyze(
                         effective_rank=float(b.effective_rank[j]),
                         radius_quadratic=float(radius_quadratic(b.lambda_max[j], e)),
                         radius_corrected=float(b.corrected[j, e_idx]),
+                        radius_calibrated=_calibrated(
+                            cal,
+                            e,
+                            radius_quadratic(b.lambda_max[j], e),
+                            b.corrected[j, e_idx],
+                            b.entropy[j],
+                        ),
                         radius_curve=float(b.curve[j, e_idx]),
                         radius_exact=float(b.measured[j, e_idx]),
                         radius_linf_lower=float(b.linf_lower[j, e_idx]),
@@ -209,6 +226,15 @@ def analyze(
         if progress is not None:
             progress(done, len(pos))
     return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, torch.cat(directions))
+
+
+def _calibrated(cal, eps: float, quadratic, corrected, entropy) -> float:
+    """The calibrated radius of the nearest exit: the maps are increasing, so calibrating the
+    nearer sign's prediction gives the smaller calibrated radius of the two."""
+    if cal is None:
+        return math.nan
+    q, c, h = (np.array([float(x)]) for x in (quadratic, corrected, entropy))
+    return float(cal.predict(eps, q, c, h)[0])
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from .errors import StableRegionsError, one_line
 
@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         default="final",
         help="where to perturb: 'final' = the pre-logit vector (default), 'embed' = the input of "
         "block 0, or a block index i = the residual stream after block i (blocks.{i}.hook_resid_post)",
+    )
+    a.add_argument(
+        "--calibration",
+        metavar="PATH|bundled",
+        help="add radius_calibrated from a calibration of this model and layer "
+        "(a calibration.json written by 'validate', or 'bundled')",
     )
     a.add_argument(
         "--no-exact",
@@ -171,6 +177,65 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default ./stability-map)",
     )
 
+    va = sub.add_parser(
+        "validate",
+        help="validation study: closed-form radii vs measured boundaries over a prompt corpus",
+        description=(
+            "For several positions of every prompt and six direction families (both signs), the "
+            "published quadratic radius, the corrected (Pade) radius and an isotonic calibration, "
+            "each against the boundary measured on the model. Writes DIR/results.parquet, "
+            "DIR/summary.json, DIR/report.html (and DIR/calibration.json when fitting); results "
+            "are written per prompt as the run goes, and --resume continues an interrupted run."
+        ),
+    )
+    va.add_argument(
+        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
+    )
+    va.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="one prompt per line (a literal \\n is a newline) or .jsonl with a 'text' field "
+        "(default: the shipped corpus of %(const)s prompts)".replace("%(const)s", "308"),
+    )
+    va.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.1, 1.0],
+        metavar="E",
+        help="KL thresholds in nats (default: 0.01 0.1 1.0)",
+    )
+    va.add_argument(
+        "--layers",
+        nargs="+",
+        default=["final"],
+        metavar="L",
+        help="'final' (default; the only one so far)",
+    )
+    va.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="F",
+        help="direction families (default all): top random eigenspace token interpolation steering",
+    )
+    va.add_argument(
+        "--calibration",
+        default="fit",
+        metavar="PATH|bundled|fit|none",
+        help="fit (default: isotonic on half the prompts, evaluated on the other half), the "
+        "calibration shipped for a bundled model, a calibration.json, or none",
+    )
+    va.add_argument(
+        "--positions-per-prompt",
+        type=int,
+        default=3,
+        metavar="N",
+        help="positions measured per prompt, evenly spread, the last included (default 3)",
+    )
+    va.add_argument("--out", metavar="DIR", help="output directory (default ./validation-MODEL)")
+    va.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR")
+
     m = sub.add_parser("models", help="install and list the bundled models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     inst = msub.add_parser(
@@ -202,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _jacobian(args)
         if args.command == "map":
             return _map(args)
+        if args.command == "validate":
+            return _validate(args)
     except StableRegionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -252,12 +319,7 @@ def _analyze(args) -> int:
     eps = check_eps(args.eps)  # fail fast, before loading a model
     positions = _parse_positions(args.positions)
     err, adapter = _load_with_status(args.model)
-    with _progress_bar(err, "analyzing positions") as bar:
-        task = bar.add_task("analyze", total=None)
-
-        def tick(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with _progress(err, "analyzing positions") as tick:
         result = analyze(
             adapter,
             args.prompt,
@@ -265,6 +327,7 @@ def _analyze(args) -> int:
             positions=positions,
             layer=args.layer,
             exact=not args.no_exact,
+            calibration=args.calibration,
             progress=tick,
         )
     if args.json:
@@ -296,6 +359,8 @@ def _print_table(result, exact: bool) -> None:
         pad_edge=False,
     )
     right = dict(justify="right", no_wrap=True)
+    calibrated = any(not math.isnan(r["radius_calibrated"]) for r in result.rows)
+    extra = [("calibrated", right), ("cal err", right)] if calibrated else []
     for col, kw in [
         ("pos", right),
         ("token", dict(max_width=14, overflow="ellipsis", no_wrap=True)),
@@ -309,6 +374,7 @@ def _print_table(result, exact: bool) -> None:
         ("measured", right),
         ("quad err", right),
         ("corr err", right),
+        *extra,
     ]:
         table.add_column(col, **kw)
     last_pos = None
@@ -337,6 +403,7 @@ def _print_table(result, exact: bool) -> None:
             _fmt(meas),
             err(r["radius_quadratic"]),
             err(r["radius_corrected"]),
+            *([_fmt(r["radius_calibrated"]), err(r["radius_calibrated"])] if calibrated else []),
         )
     out.print(table)
     out.print(
@@ -344,14 +411,23 @@ def _print_table(result, exact: bool) -> None:
         "KL(p || p_t) reaches eps (nats). lambda_max: top eigenvalue of the curvature (W^T F W at "
         "'final', the pullback J^T F J inside). quadratic = sqrt(2 eps / lambda_max), the published "
         "form; corrected = 4th-order Pade of the KL series; measured = running the model; "
-        "err = predicted / measured - 1; inf = the KL never reaches eps along that line.[/dim]"
+        "err = predicted / measured - 1; inf = the KL never reaches eps along that line."
+        + (" calibrated = isotonic calibration fitted by 'validate'." if calibrated else "")
+        + "[/dim]"
     )
 
 
-def _progress_bar(err, label: str):
+@contextmanager
+def _progress(err, label: str):
+    """Yields ``tick(done, total)``: a progress bar on a terminal; elsewhere (logs, CI) a line
+    ``label: done/total (N s)`` at most every 30 s and at the end, so long runs show life."""
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(
+    started = time.monotonic()
+    last = [started]
+    with Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -359,7 +435,17 @@ def _progress_bar(err, label: str):
         console=err,
         transient=True,
         disable=not err.is_terminal,
-    )
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            now = time.monotonic()
+            if not err.is_terminal and (now - last[0] >= 30 or done == total):
+                last[0] = now
+                err.print(f"{label}: {done}/{total} ({now - started:.0f} s)")
+
+        yield tick
 
 
 def _steer(args) -> int:
@@ -392,8 +478,7 @@ def _steer(args) -> int:
         vector = mean_difference(adapter, positive, negative, layer)
     if args.save_vector:
         np.save(args.save_vector, vector.numpy())
-    with _progress_bar(err, "steering") as bar:
-        task = bar.add_task("steer", total=None)
+    with _progress(err, "steering") as tick:
         result = steering_budget(
             adapter,
             prompts,
@@ -402,7 +487,7 @@ def _steer(args) -> int:
             eps=eps,
             positions=positions,
             exact=not args.no_exact,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=tick,
         )
     summary = result.summary()
     if args.json:
@@ -481,15 +566,14 @@ def _jacobian(args) -> int:
             f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}"
         )
     err, adapter = _load_with_status(args.model)
-    with _progress_bar(err, "Jacobian spectra") as bar:
-        task = bar.add_task("jacobian", total=None)
+    with _progress(err, "Jacobian spectra") as tick:
         profile = jacobian_profile(
             adapter,
             args.prompt,
             position=args.position,
             k=args.k,
             tol=args.tol,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=tick,
         )
     if args.plot:
         err.print(f"wrote {profile.plot(args.plot)}")
@@ -529,20 +613,83 @@ def _map(args) -> int:
     check_eps([args.eps])
     positions = _parse_positions(args.positions)
     err, adapter = _load_with_status(args.model)
-    with _progress_bar(err, "stability map") as bar:
-        task = bar.add_task("map", total=None)
+    with _progress(err, "stability map") as tick:
         result = stability_map(
             adapter,
             args.prompt,
             eps=args.eps,
             layers=args.layers,
             positions=positions,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=tick,
         )
     json_path, png_path = result.save(args.out)
     print(json_path)
     print(png_path)
     return 0
+
+
+def _validate(args) -> int:
+    from .analysis import check_eps
+    from .prompts import read_prompt_file
+    from .validation import check_families, check_layers, validate
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    check_eps(args.eps)
+    check_layers(args.layers)
+    check_families(args.families)
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    if args.calibration not in ("fit", "bundled", "none") and not os.path.isfile(args.calibration):
+        raise StableRegionsError(
+            f"calibration file {args.calibration} not found (use a path, 'bundled', 'fit' or 'none')"
+        )
+    if args.positions_per_prompt < 1:
+        raise StableRegionsError("--positions-per-prompt must be at least 1")
+    err, adapter = _load_with_status(args.model)
+    out = args.out or f"validation-{os.path.basename(adapter.name.rstrip('/'))}"
+    with _progress(err, "validating prompts") as tick:
+        run = validate(
+            adapter,
+            prompts,
+            out=out,
+            eps=args.eps,
+            layers=args.layers,
+            families=args.families,
+            calibration=None if args.calibration == "none" else args.calibration,
+            resume=args.resume,
+            positions_per_prompt=args.positions_per_prompt,
+            progress=tick,
+        )
+    _print_validation(run)
+    for name in ("results.parquet", "summary.json", "report.html", "calibration.json"):
+        if (run.out / name).exists():
+            print(run.out / name)
+    return 0
+
+
+def _print_validation(run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # stdout keeps only the paths of the files written; a fixed width off a terminal
+    out = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
+    table = Table(title="held-out prompts, all families", title_justify="left")
+    for col in ("layer", "eps", "predictor", "n", "median err", "p90 err", "<=1%", "<=8%", "<=50%"):
+        table.add_column(col, justify="right")
+    for r in run.summary:
+        if r["family"] != "all":
+            continue
+        table.add_row(
+            r["layer"],
+            f"{r['eps']:g}",
+            r["predictor"],
+            str(r["n"]),
+            f"{100 * r['median_rel_err']:.3g}%",
+            f"{100 * r['p90_rel_err']:.3g}%",
+            f"{100 * r['within_1pct']:.1f}%",
+            f"{100 * r['within_8pct']:.1f}%",
+            f"{100 * r['within_50pct']:.1f}%",
+        )
+    out.print(table)
 
 
 def _models(args) -> int:

@@ -25,6 +25,7 @@ from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .models import ModelAdapter
 from .models.suffix import PositionSuffix
 from .probes import measure_from_suffix
+from .prompts import read_prompt_file
 
 STEER_COLUMNS = [
     "prompt_id",
@@ -104,18 +105,8 @@ def check_vector(vector: Tensor, dim: int, name: str = "steering vector") -> Ten
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; a literal ``\\n`` stands for a newline inside a prompt."""
-    path = Path(path)
-    if not path.is_file():
-        raise StableRegionsError(f"prompt file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise StableRegionsError(f"prompt file {path} is not UTF-8 text") from None
-    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
-    if not prompts:
-        raise StableRegionsError(f"prompt file {path} has no prompts (one per line)")
-    return prompts
+    """The texts of a prompt file (``.txt``, one per line with ``\\n`` for a newline, or ``.jsonl``)."""
+    return [p.text for p in read_prompt_file(path)]
 
 
 def mean_difference(

@@ -167,5 +167,7 @@ class RayCurve:
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """Series coefficients ``(c2, c3, c4)`` per ray, shape (R,) each."""
+        if self.head.is_linear:  # a2 = a3 = 0: skip two (R, V) arrays of zeros
+            return series_coefficients(self.p, [self.b])
         derivs = self.head.logit_derivatives(self.u0, self.b, order=3)
         return series_coefficients(self.p, derivs)

@@ -1,0 +1,472 @@
+"""The validation study: corpus, prompt files, direction families, measured boundaries against
+the full model, isotonic calibration, resume, report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+
+import stable_regions as sr
+from stable_regions.calibration import (
+    IsotonicRadius,
+    load_calibration,
+    model_fingerprint,
+)
+from stable_regions.cli import main
+from stable_regions.errors import StableRegionsError
+from stable_regions.geometry import FisherOperator
+from stable_regions.models import PRELOGIT
+from stable_regions.prompts import Prompt, corpus, read_prompt_file
+from stable_regions.validation import (
+    FAMILIES,
+    RESULT_COLUMNS,
+    StudySettings,
+    _FinalLayer,
+    relative_error,
+    split_prompts,
+    validate,
+)
+
+PROMPTS = [
+    Prompt("a", "The cat sat on the mat."),
+    Prompt("b", "def f(x):\n    return x"),
+    Prompt("c", "1, 2, 3, 4,"),
+    Prompt("d", "Bonjour, je m'appelle"),
+    Prompt("e", "Q: why?\nA: because"),
+    Prompt("f", "zebra"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return sr.wrap(tiny_model("llama", seed=5), char_tokenizer(), name="tiny-llama")
+
+
+# ----------------------------------------------------------------------------- corpus, files
+
+
+def test_shipped_corpus_is_varied_and_sourced():
+    prompts = corpus()
+    assert len(prompts) >= 300
+    assert len({p.text for p in prompts}) == len(prompts)
+    kinds = {p.kind for p in prompts}
+    assert {"prose", "dialogue", "code", "numbers", "list", "factual", "multilingual"} <= kinds
+    assert all(p.source for p in prompts)
+    assert all("project" in p.source or "PSF License" in p.source for p in prompts), (
+        "every text is ours or permissively licensed"
+    )
+    rows = [
+        json.loads(line) for line in sr.prompts.data_path("corpus.jsonl").read_text().splitlines()
+    ]
+    assert len({r["lang"] for r in rows} - {"code"}) >= 6
+    lengths = sorted(len(p.text) for p in prompts)
+    assert lengths[0] < 20 and lengths[-1] > 500, "short and long prompts"
+
+
+def test_prompt_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\nline one\\nline two\n\n", encoding="utf-8")  # trailing blank: fine
+    assert [p.text for p in read_prompt_file(txt)] == ["first", "line one\nline two"]
+    js = tmp_path / "p.jsonl"
+    js.write_text('{"text": "hello"}\n{"id": "x", "text": "a\\nb"}\n', encoding="utf-8")
+    got = read_prompt_file(js)
+    assert [(p.id, p.text) for p in got] == [("line-1", "hello"), ("x", "a\nb")]
+
+    bad = {
+        "missing.txt": (None, "not found"),
+        "empty.txt": ("", "no prompts"),
+        "blank.txt": ("a\n\nb\n", "blank line"),
+        "latin1.txt": ("caf\xe9".encode("latin-1"), "not UTF-8"),
+        "bad.jsonl": ("{nope\n", "not valid JSON"),
+        "notext.jsonl": ('{"txt": "a"}\n', '"text"'),
+    }
+    for name, (content, message) in bad.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content, encoding="utf-8")
+        with pytest.raises(StableRegionsError, match=message):
+            read_prompt_file(path)
+
+
+# ----------------------------------------------------------------------------- families, truth
+
+
+def test_direction_families(adapter):
+    s = StudySettings()
+    layer = _FinalLayer(adapter, s)
+    rays = layer.rays(PROMPTS[0], PROMPTS[1])
+    n = adapter.tokenize(PROMPTS[0].text).shape[1]
+    assert [r.position for r in rays] == sorted({n - 1, *[r.position for r in rays]})
+    assert len(rays) == 3 and rays[-1].position == n - 1
+    h_partner = adapter.prelogits(adapter.tokenize(PROMPTS[1].text))[-1]
+    steer = sr.mean_difference(adapter, *sr.prompts.sentiment_prompts(), "final")
+    for pr in rays:
+        labels = pr.labels
+        counts = pd.Series([f for f, _, _ in labels]).value_counts().to_dict()
+        assert counts == {
+            "top": 6,
+            "random": 6,
+            "eigenspace": 6,
+            "token": 6,
+            "interpolation": 2,
+            "steering": 2,
+        }
+        # both signs of every direction, unit length
+        assert torch.allclose(pr.v[0::2], -pr.v[1::2])
+        assert torch.allclose(pr.v.norm(dim=-1), torch.ones(len(pr.v), dtype=pr.v.dtype))
+        H = FisherOperator.from_head(adapter.head, pr.h[None]).dense()[0]
+        evals, evecs = torch.linalg.eigh(H)
+        top = [pr.v[i] for i, lab in enumerate(labels) if lab[0] == "top" and lab[2] == 1]
+        for i, v in enumerate(top):  # the top eigenvectors of the dense H, in order
+            assert abs(float(v @ evecs[:, -1 - i])) > 1 - 1e-4
+        eig8 = evecs[:, -8:]
+        for i, lab in enumerate(labels):
+            v = pr.v[i]
+            if lab[0] == "eigenspace":  # inside the top-8 eigenspace
+                assert float((eig8.T @ v).norm()) > 1 - 1e-4
+            if lab == ("interpolation", 0, 1):
+                assert torch.allclose(v, torch.nn.functional.normalize(h_partner - pr.h, dim=0))
+            if lab == ("steering", 0, 1):
+                assert torch.allclose(v, torch.nn.functional.normalize(steer, dim=0))
+            if lab == ("token", 0, 1):
+                p = torch.softmax(adapter.head.logits(pr.h), -1)
+                i0, i1 = torch.topk(p, 2).indices
+                w = adapter.head.weight
+                assert torch.allclose(v, torch.nn.functional.normalize(w[i0] - w[i1], dim=0))
+
+
+def test_measured_boundaries_against_the_full_model(adapter):
+    """Every empirical radius, checked by running the whole model with the perturbation hooked in."""
+    layer = _FinalLayer(adapter, StudySettings(eps=[0.01, 0.1, 1.0]))
+    prompt = PROMPTS[3]
+    frame = layer.measure(prompt, PROMPTS[4])
+    rays = layer.rays(prompt, PROMPTS[4])
+    ids = adapter.tokenize(prompt.text)
+    checked = 0
+    for pr in rays:
+        base = adapter.perturbed_logits(ids, PRELOGIT, pr.position, torch.zeros_like(pr.v[:1]))
+        logp = torch.log_softmax(base, -1)
+        rows = frame[frame["position"] == pr.position]
+        for r, (family, index, sign) in enumerate(pr.labels):
+            sel = rows[
+                (rows["family"] == family)
+                & (rows["direction_index"] == index)
+                & (rows["sign"] == sign)
+            ]
+            radii = torch.tensor(sel["empirical"].to_numpy())
+            ts = torch.cat([0.999 * radii, 1.001 * radii])
+            logits = adapter.perturbed_logits(ids, PRELOGIT, pr.position, ts[:, None] * pr.v[r])
+            logq = torch.log_softmax(logits, -1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+            eps = torch.tensor(sel["eps"].to_numpy())
+            assert torch.all(kl[: len(eps)] < eps) and torch.all(kl[len(eps) :] >= eps)
+            checked += len(eps)
+    assert checked == len(frame)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_isotonic_radius_matches_sklearn_and_round_trips():
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(0)
+    pred = np.exp(rng.normal(0, 1.5, 500))
+    meas = pred * np.exp(0.2 * np.tanh(np.log(pred)) + rng.normal(0, 0.05, 500))
+    iso = IsotonicRadius().fit(pred, meas, bins=None)
+    ref = IsotonicRegression(out_of_bounds="clip").fit(np.log(pred), np.log(meas))
+    x = np.exp(rng.normal(0, 2.5, 200))  # also beyond the fitted range: clipped
+    np.testing.assert_allclose(iso.predict(x), np.exp(ref.predict(np.log(x))), rtol=1e-12)
+    assert np.all(np.diff(iso.predict(np.sort(x))) >= 0)
+    back = IsotonicRadius.from_json(json.loads(json.dumps(iso.to_json())))
+    np.testing.assert_array_equal(back.predict(x), iso.predict(x))
+    assert np.isposinf(iso.predict(np.array([np.inf]))[0])
+    # binned (the default): few knots, and still the relation the data follow
+    binned = IsotonicRadius().fit(pred, meas, bins=50)
+    assert len(binned.x) <= 100
+    inside = np.exp(np.linspace(-2, 2, 50))
+    truth = inside * np.exp(0.2 * np.tanh(np.log(inside)))
+    np.testing.assert_allclose(binned.predict(inside), truth, rtol=0.03)
+
+
+def test_entropy_banded_calibration():
+    """corrected_by_entropy: one isotonic map per entropy band, each equal to a separate fit."""
+    from stable_regions.calibration import ENTROPY_EDGES, Band, Calibration
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    entropy = rng.uniform(0, 6, n)
+    corrected = np.exp(rng.normal(0, 1, n))
+    # the closed form overshoots more where p is peaked (low entropy), as on the real models
+    measured = corrected / (1 + 0.5 * np.exp(-entropy)) * np.exp(rng.normal(0, 0.02, n))
+    band = Band.fit(
+        1.0, 0.3, 3.0, "corrected_by_entropy", corrected * 0, corrected, entropy, measured
+    )
+    assert band.entropy_edges == list(ENTROPY_EDGES) and len(band.maps) == 4
+    got = band.predict(None, corrected, entropy)
+    for lo, hi in zip(ENTROPY_EDGES, ENTROPY_EDGES[1:], strict=False):
+        at = (entropy >= lo) & (entropy < hi)  # each row goes to the map of its entropy band
+        ref = IsotonicRadius().fit(corrected[at], measured[at])
+        np.testing.assert_allclose(got[at], ref.predict(corrected[at]), rtol=1e-12)
+    truth = corrected / (1 + 0.5 * np.exp(-entropy))
+    assert np.median(np.abs(got / truth - 1)) < 0.02
+    plain = Band.fit(1.0, 0.3, 3.0, "corrected", None, corrected, entropy, measured)
+    banded_err = np.median(np.abs(got / measured - 1))
+    plain_err = np.median(np.abs(plain.predict(None, corrected, None) / measured - 1))
+    assert banded_err < 0.5 * plain_err  # the entropy carries what the radius alone cannot
+    cal = Calibration("m", {}, "final", [band])
+    back = Calibration.from_json(json.loads(json.dumps(cal.to_json())))
+    np.testing.assert_array_equal(back.predict(1.0, None, corrected, entropy), got)
+    with pytest.raises(StableRegionsError, match="entropy"):
+        band.predict(None, corrected, None)
+
+
+def test_relative_error_conventions():
+    err = relative_error(np.array([1.1, np.inf, np.inf, 2.0]), np.array([1.0, np.inf, 3.0, np.inf]))
+    np.testing.assert_allclose(err, [0.1, 0.0, np.inf, np.inf])
+
+
+def test_split_is_by_prompt():
+    digests = [f"d{i}" for i in range(40) for _ in range(7)]
+    train = split_prompts(digests, 0.5, seed=0)
+    assert len(train) == 20 and train <= set(digests)
+    assert split_prompts(digests, 0.5, seed=0) == train
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _interrupt_after(n):
+    def progress(done, total):
+        if done >= n:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_validate_run_resume_and_outputs(adapter, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(eps=[0.01, 1.0], positions_per_prompt=2, calibration="fit")
+    with pytest.raises(KeyboardInterrupt):
+        validate(adapter, PROMPTS, out=out, progress=_interrupt_after(3), **kw)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert not (out / "results.parquet").exists() and not (out / "summary.json").exists()
+    assert len(list((out / "parts").glob("*.parquet"))) == 3
+
+    with pytest.raises(StableRegionsError, match="--resume"):
+        validate(adapter, PROMPTS, out=out, **kw)
+    with pytest.raises(StableRegionsError, match="different settings"):
+        validate(adapter, PROMPTS, out=out, resume=True, **{**kw, "eps": [0.1]})
+    run = validate(adapter, PROMPTS, out=out, resume=True, **kw)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+    fresh = validate(adapter, PROMPTS, out=tmp_path / "fresh", **kw)
+    cols = [c for c in RESULT_COLUMNS if c not in ("calibrated", "split")]
+    pd.testing.assert_frame_equal(run.frame[cols], fresh.frame[cols])  # no rows lost or doubled
+
+    frame = pd.read_parquet(out / "results.parquet")
+    assert list(frame.columns) == RESULT_COLUMNS
+    assert set(frame["family"]) == set(FAMILIES)
+    assert set(frame["sign"]) == {1, -1}
+    key = ["prompt_id", "position", "family", "direction_index", "sign", "eps"]
+    assert not frame.duplicated(key).any()
+    # the split is by prompt: a prompt is all train or all test
+    assert (frame.groupby("prompt_id")["split"].nunique() == 1).all()
+    train_ids = set(frame.loc[frame["split"] == "train", "prompt_digest"])
+    cal = load_calibration(out / "calibration.json")
+    assert set(cal.train_prompts) == train_ids and 0 < len(train_ids) < len(PROMPTS)
+
+    summary = json.loads((out / "summary.json").read_text())
+    test = frame[frame["split"] == "test"]
+    for row in summary:
+        assert set(row) == {
+            "model",
+            "layer",
+            "family",
+            "eps",
+            "predictor",
+            "n",
+            "median_rel_err",
+            "p90_rel_err",
+            "within_1pct",
+            "within_8pct",
+            "within_50pct",
+        }
+        g = test[test["eps"] == row["eps"]]
+        if row["family"] != "all":
+            g = g[g["family"] == row["family"]]
+        err = relative_error(g[row["predictor"]], g["empirical"])
+        assert row["n"] == len(g)
+        assert row["median_rel_err"] == pytest.approx(np.median(err))
+        assert row["within_8pct"] == pytest.approx(np.mean(err <= 0.08))
+        for k in ("within_1pct", "within_8pct", "within_50pct"):
+            assert 0.0 <= row[k] <= 1.0
+    assert {r["predictor"] for r in summary} == {"quadratic", "corrected", "calibrated"}
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert not re.search(r"(src|href)=['\"]https?://", html), "self-contained: nothing fetched"
+    assert "tiny-llama" in html and "within_50pct" in html
+
+    # the calibration applies to analyze; the same map as in the run
+    res = sr.analyze(
+        adapter, "The cat", eps=[0.01, 1.0], positions="last", calibration=out / "calibration.json"
+    )
+    for row in res.rows:
+        expect = cal.predict(
+            row["eps"],
+            np.array([row["radius_quadratic"]]),
+            np.array([row["radius_corrected"]]),
+            np.array([row["entropy"]]),
+        )
+        assert row["radius_calibrated"] == pytest.approx(float(expect[0]), rel=1e-12)
+        assert np.isfinite(row["radius_calibrated"])
+
+    # a given calibration keeps its own training prompts out of the evaluation
+    again = validate(
+        adapter, PROMPTS, out=tmp_path / "given", **{**kw, "calibration": out / "calibration.json"}
+    )
+    assert set(again.frame.loc[again.frame["split"] == "train", "prompt_digest"]) == train_ids
+
+
+def test_calibration_checks_model_layer_and_eps(adapter, tmp_path):
+    run = validate(
+        adapter,
+        PROMPTS[:4],
+        out=tmp_path / "r",
+        eps=[0.1],
+        positions_per_prompt=1,
+        families=["top", "random"],
+    )
+    path = tmp_path / "r" / "calibration.json"
+    other = sr.wrap(tiny_model("llama", seed=6), char_tokenizer(), name="other")
+    with pytest.raises(StableRegionsError, match="fitted on model 'tiny-llama'"):
+        sr.analyze(other, "hi", calibration=path)
+    with pytest.raises(StableRegionsError, match="fitted at layer 'final'"):
+        sr.analyze(adapter, "hi", layer=1, calibration=path)
+    with pytest.raises(StableRegionsError, match="no band for eps 5"):
+        sr.analyze(adapter, "hi", eps=[5.0], calibration=path)
+    assert model_fingerprint(adapter) == run.calibration.fingerprint
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "stable-regions-calibration", "bands": [')
+    with pytest.raises(StableRegionsError, match="corrupt"):
+        load_calibration(corrupt)
+    with pytest.raises(StableRegionsError, match="no bundled calibration"):
+        sr.analyze(adapter, "hi", calibration="bundled")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", seed=5, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_validate_writes_a_complete_run(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(p.text.replace("\n", "\\n") for p in PROMPTS) + "\n")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "validate",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--eps",
+            "0.1",
+            "1.0",
+            "--families",
+            "top",
+            "token",
+            "--positions-per-prompt",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "validating prompts: 6/6" in captured.err  # off a terminal: progress as log lines
+    printed = captured.out.split()
+    assert str(out / "results.parquet") in printed and str(out / "report.html") in printed
+    frame = pd.read_parquet(out / "results.parquet")
+    assert set(frame["family"]) == {"top", "token"} and set(frame["eps"]) == {0.1, 1.0}
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "{tmp}/missing.txt"], "not found"),
+        (["--prompts", "{tmp}/empty.txt"], "no prompts"),
+        (["--prompts", "{tmp}/blank.txt"], "blank line"),
+        (["--prompts", "{tmp}/latin1.txt"], "not UTF-8"),
+        (["--families", "top", "sideways"], "unknown direction family 'sideways'"),
+        (["--calibration", "{tmp}/corrupt.json"], "corrupt"),
+        (["--calibration", "{tmp}/nope.json"], "not found"),
+        (["--calibration", "{tmp}/wrong_layer.json"], "fitted at layer"),
+        (["--layers", "3"], "layer 'final'"),
+        (["--eps", "0"], "eps must be"),
+    ],
+)
+def test_cli_validate_bad_input(model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("a\n\nb\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "corrupt.json").write_text("{")
+    (tmp_path / "wrong_layer.json").write_text(
+        json.dumps(
+            {
+                "format": "stable-regions-calibration",
+                "model": "x",
+                "layer": "3",
+                "fingerprint": {},
+                "bands": [
+                    {
+                        "eps": 0.1,
+                        "eps_min": 0.01,
+                        "eps_max": 1,
+                        "feature": "corrected",
+                        "entropy_edges": [0, "inf"],
+                        "maps": [{"log_x": [0.0], "log_y": [0.0]}],
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    argv = ["validate", "--model", str(model_dir), "--out", str(out)]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (out / "results.parquet").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_bundled_calibrations(name):
+    """The shipped calibrators load, belong to their model, and turn predictions into radii
+    close to the measured boundary on a prompt of no corpus."""
+    model = sr.load(name)
+    res = sr.analyze(
+        model, "Yesterday the orchestra played", eps=[0.01, 0.1, 1.0], calibration="bundled"
+    )
+    frame = res.to_frame()
+    err = (frame["radius_calibrated"] / frame["radius_exact"] - 1).abs()
+    assert err.notna().all()
+    assert (err[frame["eps"] == 1.0] < 0.5).mean() >= 0.8
