@@ -330,7 +330,7 @@ def load_calibration(path: str | Path) -> Calibration:
 
 def bundled_calibration(model_name: str, layer: str = "final") -> Calibration:
     """The calibration shipped for a bundled model (fitted on the shipped corpus)."""
-    base = resources.files("stable_regions") / "calibration"
+    base = resources.files("stable_regions") / "calibrators"
     path = Path(str(base / f"{model_name}-{layer}.json"))
     if not path.is_file():
         shipped = (
