@@ -470,3 +470,38 @@ def test_bundled_calibrations(name):
     err = (frame["radius_calibrated"] / frame["radius_exact"] - 1).abs()
     assert err.notna().all()
     assert (err[frame["eps"] == 1.0] < 0.5).mean() >= 0.8
+
+
+@pytest.mark.real_model
+def test_study_boundaries_on_the_real_model():
+    """SmolLM2, one corpus prompt: the study's measured radii of one ray per family, checked by
+    running the whole float64 model with the perturbation hooked in at the pre-logit vector."""
+    model = sr.load("smollm2-135m")
+    twin = model.float64()
+    prompts = corpus()
+    prompt, partner = prompts[40], prompts[41]
+    layer = _FinalLayer(model, StudySettings(positions_per_prompt=1))
+    frame = layer.measure(prompt, partner)
+    (pr,) = layer.rays(prompt, partner)
+    ids = model.tokenize(prompt.text)
+    base = twin.perturbed_logits(ids, PRELOGIT, pr.position, torch.zeros_like(pr.v[:1]))
+    logp = torch.log_softmax(base, -1)
+    seen = set()
+    for r, (family, index, sign) in enumerate(pr.labels):
+        if family in seen:
+            continue
+        seen.add(family)
+        sel = frame[
+            (frame["family"] == family)
+            & (frame["direction_index"] == index)
+            & (frame["sign"] == sign)
+        ]
+        radii = torch.tensor(sel["empirical"].to_numpy())
+        ts = torch.cat([0.999 * radii, 1.001 * radii])
+        logq = torch.log_softmax(
+            twin.perturbed_logits(ids, PRELOGIT, pr.position, ts[:, None] * pr.v[r]), -1
+        )
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        eps = torch.tensor(sel["eps"].to_numpy())
+        assert torch.all(kl[: len(eps)] < eps) and torch.all(kl[len(eps) :] >= eps), family
+    assert seen == set(FAMILIES)

@@ -13,6 +13,17 @@ from contextlib import contextmanager, nullcontext
 from .errors import StableRegionsError, one_line
 
 
+def _add_eps(parser: argparse.ArgumentParser, default: list[float]) -> None:
+    parser.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=default,
+        metavar="E",
+        help=f"KL thresholds in nats (default: {' '.join(f'{e:g}' for e in default)})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stable-regions",
@@ -37,14 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bundled name (default smollm2-135m), model directory or .gguf file",
     )
-    a.add_argument(
-        "--eps",
-        type=float,
-        nargs="+",
-        default=[0.01, 0.1, 1.0],
-        metavar="E",
-        help="KL thresholds in nats (default: 0.01 0.1 1.0)",
-    )
+    _add_eps(a, [0.01, 0.1, 1.0])
     a.add_argument(
         "--positions",
         default="all",
@@ -107,14 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bundled name (default smollm2-135m), model directory or .gguf file",
     )
-    st.add_argument(
-        "--eps",
-        type=float,
-        nargs="+",
-        default=[0.1],
-        metavar="E",
-        help="KL thresholds in nats (default 0.1)",
-    )
+    _add_eps(st, [0.1])
     st.add_argument(
         "--positions",
         default="last",
@@ -195,16 +192,9 @@ def _parser() -> argparse.ArgumentParser:
         "--prompts",
         metavar="FILE",
         help="one prompt per line (a literal \\n is a newline) or .jsonl with a 'text' field "
-        "(default: the shipped corpus of %(const)s prompts)".replace("%(const)s", "308"),
+        "(default: the shipped corpus)",
     )
-    va.add_argument(
-        "--eps",
-        type=float,
-        nargs="+",
-        default=[0.01, 0.1, 1.0],
-        metavar="E",
-        help="KL thresholds in nats (default: 0.01 0.1 1.0)",
-    )
+    _add_eps(va, [0.01, 0.1, 1.0])
     va.add_argument(
         "--layers",
         nargs="+",

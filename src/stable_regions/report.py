@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +149,9 @@ def _by_entropy(test: pd.DataFrame, eps_values, predictors) -> str:
 
 
 def _table(summary: list[dict]) -> str:
-    cols = [
-        "layer",
-        "family",
-        "eps",
-        "predictor",
-        "n",
-        "median_rel_err",
-        "p90_rel_err",
-        "within_1pct",
-        "within_8pct",
-        "within_50pct",
-    ]
+    from .validation import SUMMARY_COLUMNS
+
+    cols = SUMMARY_COLUMNS[1:]  # the model is in the header
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []
     for row in summary:
@@ -245,5 +237,7 @@ calibrated = isotonic map of the better of the two.</p>
 {_table(summary)}
 </body></html>
 """
-    path.write_text(page, encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)  # never a half-written page
     return path

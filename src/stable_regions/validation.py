@@ -80,6 +80,17 @@ RESULT_COLUMNS = [
     "split",
 ]
 THRESHOLDS = {"within_1pct": 0.01, "within_8pct": 0.08, "within_50pct": 0.5}
+SUMMARY_COLUMNS = [
+    "model",
+    "layer",
+    "family",
+    "eps",
+    "predictor",
+    "n",
+    "median_rel_err",
+    "p90_rel_err",
+    *THRESHOLDS,
+]
 
 
 @dataclass
