@@ -68,6 +68,25 @@ def compare(
     return {name: (statistics.median(times[name]), answers[name]) for name in contenders}
 
 
+def result_row(
+    name: str,
+    baseline: str,
+    ours_s: float | None = None,
+    baseline_s: float | None = None,
+    max_rel_err: float | None = None,
+) -> dict:
+    """One row of the JSON: ``ratio = baseline_s / ours_s`` where both were timed."""
+    ratio = baseline_s / ours_s if ours_s and baseline_s is not None else None
+    return dict(
+        name=name,
+        ours_s=ours_s,
+        baseline=baseline,
+        baseline_s=baseline_s,
+        ratio=ratio,
+        max_rel_err=max_rel_err,
+    )
+
+
 def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
     """The shipped corpus concatenated until ``n_tokens`` tokens, then cut there."""
     text = ""
@@ -183,24 +202,20 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     got = compare(contenders, s.repeats)
     ours_s, lam = got.pop("ours")
     rows = [
-        dict(
-            name="top_eig_final",
+        result_row(
+            "top_eig_final",
+            name,
             ours_s=ours_s,
-            baseline=name,
             baseline_s=t,
-            ratio=t / ours_s,
             max_rel_err=abs(lam / ans - 1.0),
         )
         for name, (t, ans) in got.items()
     ]
     rows += [
-        dict(
-            name="top_eig_final",
+        result_row(
+            "top_eig_final",
+            f"{m} (not installed)",
             ours_s=ours_s,
-            baseline=f"{m} (not installed)",
-            baseline_s=None,
-            ratio=None,
-            max_rel_err=None,
         )
         for m in missing
     ]
@@ -231,12 +246,11 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
     got = compare({"ours": ours, "bisection on the model": measured}, max(1, s.repeats - 1))
     (ours_s, pred), (base_s, meas) = got["ours"], got["bisection on the model"]
     return [
-        dict(
-            name="predict_vs_measure",
+        result_row(
+            "predict_vs_measure",
+            f"bisection on the model ({s.directions} directions, eps {eps})",
             ours_s=ours_s,
-            baseline=f"bisection on the model ({s.directions} directions, eps {eps})",
             baseline_s=base_s,
-            ratio=base_s / ours_s,
             max_rel_err=float(np.max(np.abs(pred / meas - 1.0))),
         )
     ]
@@ -272,12 +286,11 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     got = compare({"ours": lambda: op.matvec(v), "full re-run": full}, s.repeats)
     (ours_s, a), (base_s, b) = got["ours"], got["full re-run"]
     return [
-        dict(
-            name="pullback_hvp_mid",
+        result_row(
+            "pullback_hvp_mid",
+            f"full re-run ({n} tokens, block {model.n_layers // 2}; suffix cache built once in {build_s:.2f} s)",
             ours_s=ours_s,
-            baseline=f"full re-run ({n} tokens, block {model.n_layers // 2}; suffix cache built once in {build_s:.2f} s)",
             baseline_s=base_s,
-            ratio=base_s / ours_s,
             max_rel_err=float((a - b).norm() / b.norm()),
         )
     ]
@@ -319,12 +332,11 @@ def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dic
     ]
     err = max(abs(float(lams[i]) / dn - 1.0) for i, dn in zip(check, dense, strict=True))
     return [
-        dict(
-            name="scan_document_final",
+        result_row(
+            "scan_document_final",
+            f"one forward pass ({ids.shape[1]} tokens); lambda_max checked against dense eigh at 3 positions",
             ours_s=scan_s,
-            baseline=f"one forward pass ({ids.shape[1]} tokens); lambda_max checked against dense eigh at 3 positions",
             baseline_s=fwd_s,
-            ratio=fwd_s / scan_s,
             max_rel_err=err,
         )
     ]
@@ -378,13 +390,9 @@ def run_bench(
             rows_of = ROWS[name](adapter, settings)
         except Exception as exc:  # a failed row is reported, the others still run
             rows_of = [
-                dict(
-                    name=name,
-                    ours_s=None,
-                    baseline=f"failed: {type(exc).__name__}: {exc}",
-                    baseline_s=None,
-                    ratio=None,
-                    max_rel_err=None,
+                result_row(
+                    name,
+                    f"failed: {type(exc).__name__}: {exc}",
                 )
             ]
         peak = round(_peak_rss_mb(), 1)
