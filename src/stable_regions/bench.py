@@ -291,7 +291,7 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
             f"full re-run ({n} tokens, block {model.n_layers // 2}; suffix cache built once in {build_s:.2f} s)",
             ours_s=ours_s,
             baseline_s=base_s,
-            max_rel_err=float((a - b).norm() / b.norm()),
+            max_rel_err=float(((a - b).norm() / b.norm()).detach()),
         )
     ]
 
