@@ -9,7 +9,6 @@ timing it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -25,6 +24,7 @@ import torch
 
 from .analysis import as_adapter
 from .errors import StableRegionsError
+from .files import write_json
 from .geometry import FisherOperator, PullbackOperator, RayCurve, radius_pade
 from .models import ModelAdapter
 from .probes import RayKL, measure_boundaries
@@ -421,8 +421,4 @@ def run_bench(
 
 
 def write_bench(doc: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, doc)

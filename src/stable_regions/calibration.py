@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StableRegionsError
+from .files import write_json
 
 FORMAT = "stable-regions-calibration"
 FEATURES = ("quadratic", "corrected", "corrected_by_entropy")
@@ -273,11 +273,7 @@ class Calibration:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, obj: dict, path: str | None = None) -> Calibration:

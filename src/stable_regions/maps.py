@@ -13,7 +13,6 @@ plus 32 Hutchinson probes (within ~5% on SmolLM2, against d products for the exa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from .analysis import (
     json_value,
 )
 from .errors import StableRegionsError
+from .files import write_json
 from .geometry import radius_quadratic
 from .models import PRELOGIT
 from .plotting import pyplot, save
@@ -96,10 +96,7 @@ class StabilityMap:
         """Write ``map.json`` and ``map.png`` into ``out_dir`` (created if needed)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        json_path = out / "map.json"
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1))
-        tmp.replace(json_path)
+        json_path = write_json(out / "map.json", self.to_json())
         return json_path, self.plot(out / "map.png")
 
     def plot(self, path: str | Path) -> Path:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .files import write_text
 from .plotting import pyplot
 
 PUBLISHED = (
@@ -237,7 +237,4 @@ calibrated = isotonic map of the better of the two.</p>
 {_table(summary)}
 </body></html>
 """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)  # never a half-written page
-    return path
+    return write_text(path, page)

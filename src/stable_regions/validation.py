@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from .calibration import (
     resolve_calibration,
 )
 from .errors import StableRegionsError
+from .files import replacing, write_json
 from .geometry import FisherOperator, RayCurve, radius_pade, radius_quadratic
 from .models import PRELOGIT, ModelAdapter
 from .probes import measure_boundaries
@@ -428,19 +428,9 @@ class ValidationRun:
         return pd.DataFrame(self.summary)
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def validate(
@@ -539,11 +529,11 @@ def validate(
         frame["split"] = "test"
     summary = summarize(frame, adapter.name)
     _write_parquet(frame, out / "results.parquet")
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     from .report import write_report
 
     write_report(out / "report.html", frame, summary, record, fitted or fixed)
-    _write_atomic(manifest_path, json.dumps({**record, "complete": True}, indent=1) + "\n")
+    write_json(manifest_path, {**record, "complete": True})
     return ValidationRun(out, frame, summary, fitted or fixed)
 
 
@@ -575,7 +565,7 @@ def _start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool)
                 "rerun with the same options, or choose another --out"
             )
         # From here on the run is unfinished until it ends.
-        _write_atomic(manifest_path, json.dumps({**record, "complete": False}, indent=1) + "\n")
+        write_json(manifest_path, {**record, "complete": False})
         return
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(manifest_path, json.dumps({**record, "complete": False}, indent=1) + "\n")
+    write_json(manifest_path, {**record, "complete": False})
