@@ -195,6 +195,7 @@ def analyze(
         next_tokens = adapter.token_strings(b.top_token)
         for j, position in enumerate(b.positions):
             for e_idx, e in enumerate(eps_list):
+                quadratic = float(radius_quadratic(b.lambda_max[j], e))
                 rows.append(
                     dict(
                         position=position,
@@ -206,14 +207,10 @@ def analyze(
                         entropy=float(b.entropy[j]),
                         lambda_max=float(b.lambda_max[j]),
                         effective_rank=float(b.effective_rank[j]),
-                        radius_quadratic=float(radius_quadratic(b.lambda_max[j], e)),
+                        radius_quadratic=quadratic,
                         radius_corrected=float(b.corrected[j, e_idx]),
                         radius_calibrated=_calibrated(
-                            cal,
-                            e,
-                            radius_quadratic(b.lambda_max[j], e),
-                            b.corrected[j, e_idx],
-                            b.entropy[j],
+                            cal, e, quadratic, b.corrected[j, e_idx], b.entropy[j]
                         ),
                         radius_curve=float(b.curve[j, e_idx]),
                         radius_exact=float(b.measured[j, e_idx]),
@@ -274,16 +271,23 @@ def _pade_radii(c2: Tensor, c3: Tensor, c4: Tensor, eps_list: list[float]) -> np
     return np.stack([radius_pade(c2, c3, e, c4).cpu().numpy() for e in eps_list], axis=1)
 
 
+def prelogit_block_size(vocab_size: int) -> int:
+    """Positions handled together at the pre-logit vector.
+
+    The Lanczos products of a block and every (position, sign, eps) search advance in
+    lockstep, so each step reads W once for many rows (the products are memory-bound). A
+    block's (rays x V) float64 arrays stay ~130 MB (262k vocabulary).
+    """
+    return int(max(1, min(32, (1 << 26) // vocab_size)))
+
+
 def _prelogit_blocks(
     adapter: ModelAdapter, ids: Tensor, pos: list[int], eps_list, exact: bool, rtol: float
 ):
     """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head."""
     head = adapter.head
     h_all = adapter.prelogits(ids)[pos]
-    # Blocks of positions: the Lanczos products of a block and every (position, sign, eps)
-    # search advance in lockstep, so each step reads W once for many rows (the products are
-    # memory-bound). A block's (rays x V) float64 arrays stay ~130 MB (262k vocabulary).
-    block = int(max(1, min(32, (1 << 26) // head.vocab_size)))
+    block = prelogit_block_size(head.vocab_size)
     for start in range(0, len(pos), block):
         h = h_all[start : start + block]
         P = h.shape[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import as_adapter
+from .analysis import as_adapter, prelogit_block_size
 from .errors import StableRegionsError
 from .files import write_json
 from .geometry import FisherOperator, PullbackOperator, RayCurve, radius_pade
@@ -102,6 +102,11 @@ def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
     return ids[:, :n_tokens]
 
 
+def _example_prelogit(adapter: ModelAdapter) -> torch.Tensor:
+    """The pre-logit vector at the last token of a short fixed prompt (one-position rows)."""
+    return adapter.prelogits(adapter.tokenize("The capital of France is"))[-1]
+
+
 def _kl_fn(head, h: torch.Tensor):
     logp = torch.log_softmax(head.logits(h), -1)
 
@@ -135,7 +140,7 @@ class _SoftCrossEntropy(torch.nn.Module):
 
 def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     head = adapter.head
-    h = adapter.prelogits(adapter.tokenize("The capital of France is"))[-1]
+    h = _example_prelogit(adapter)
     d = h.shape[0]
 
     def ours():
@@ -224,7 +229,7 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
 
 def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     head = adapter.head
-    h = adapter.prelogits(adapter.tokenize("The capital of France is"))[-1]
+    h = _example_prelogit(adapter)
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(
         torch.randn(s.directions, h.shape[0], generator=g, dtype=h.dtype), dim=-1
@@ -300,7 +305,7 @@ def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dic
     head = adapter.head
     ids = _prompt_ids(adapter, s.document_tokens)
     eps = 0.1
-    block = int(max(1, min(32, (1 << 26) // head.vocab_size)))
+    block = prelogit_block_size(head.vocab_size)
 
     def forward():
         with torch.no_grad():

@@ -13,6 +13,14 @@ from contextlib import contextmanager, nullcontext
 from .errors import StableRegionsError, one_line
 
 
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="bundled name (default smollm2-135m), model directory or .gguf file",
+    )
+
+
 def _add_eps(parser: argparse.ArgumentParser, default: list[float]) -> None:
     parser.add_argument(
         "--eps",
@@ -43,11 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     a.add_argument("prompt", help="the text to analyze")
-    a.add_argument(
-        "--model",
-        default=None,
-        help="bundled name (default smollm2-135m), model directory or .gguf file",
-    )
+    _add_model(a)
     _add_eps(a, [0.01, 0.1, 1.0])
     a.add_argument(
         "--positions",
@@ -106,11 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE.npy",
         help="write the vector used (handy with --positive/--negative)",
     )
-    st.add_argument(
-        "--model",
-        default=None,
-        help="bundled name (default smollm2-135m), model directory or .gguf file",
-    )
+    _add_model(st)
     _add_eps(st, [0.1])
     st.add_argument(
         "--positions",
@@ -134,9 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     j.add_argument("prompt", help="the text")
-    j.add_argument(
-        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
-    )
+    _add_model(j)
     j.add_argument("--position", type=int, default=-1, help="token index (default -1, the last)")
     j.add_argument("-k", type=int, default=3, help="singular values per map (default 3)")
     j.add_argument("--tol", type=float, default=1e-6, help="Lanczos tolerance (default 1e-6)")
@@ -153,9 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     mp.add_argument("prompt", help="the text")
-    mp.add_argument(
-        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
-    )
+    _add_model(mp)
     mp.add_argument("--eps", type=float, default=0.1, help="KL threshold in nats (default 0.1)")
     mp.add_argument(
         "--layers",
@@ -185,9 +181,7 @@ def _parser() -> argparse.ArgumentParser:
             "are written per prompt as the run goes, and --resume continues an interrupted run."
         ),
     )
-    va.add_argument(
-        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
-    )
+    _add_model(va)
     va.add_argument(
         "--prompts",
         metavar="FILE",
@@ -236,9 +230,7 @@ def _parser() -> argparse.ArgumentParser:
             "curvlinops-for-pytorch and hessian-eigenthings run when they are installed."
         ),
     )
-    bn.add_argument(
-        "--model", default=None, help="bundled name (default smollm2-135m), directory or .gguf"
-    )
+    _add_model(bn)
     bn.add_argument(
         "--quick", action="store_true", help="smaller sizes (under two minutes on 2 cores)"
     )

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import as_adapter, check_eps
+from .analysis import _entropy, _pade_radii, as_adapter, check_eps
 from .calibration import (
     FEATURES,
     Band,
@@ -53,7 +53,7 @@ from .calibration import (
 )
 from .errors import StableRegionsError
 from .files import replacing, write_json
-from .geometry import FisherOperator, RayCurve, radius_pade, radius_quadratic
+from .geometry import FisherOperator, RayCurve, radius_quadratic
 from .models import PRELOGIT, ModelAdapter
 from .probes import measure_boundaries
 from .prompts import Prompt, corpus, sentiment_prompts
@@ -175,6 +175,14 @@ class _FinalLayer:
         # float64), so Lanczos runs on a float32 copy of the head: half the bytes per product.
         self.eig_head = adapter.head.to(torch.float32)
         self._steering: Tensor | None = None
+        self._last: tuple[str, Tensor] | None = None
+
+    def _prelogits(self, text: str) -> Tensor:
+        """Pre-logit vectors of every position of ``text``. The last text is kept: the partner
+        of prompt i (its interpolation target) is prompt i + 1, measured next."""
+        if self._last is None or self._last[0] != text:
+            self._last = (text, self.adapter.prelogits(self.adapter.tokenize(text)))
+        return self._last[1]
 
     def steering_vector(self) -> Tensor:
         if self._steering is None:
@@ -214,19 +222,19 @@ class _FinalLayer:
     def rays(self, prompt: Prompt, partner: Prompt | None) -> list[_PositionRays]:
         """The study's rays at each chosen position: every direction with both signs."""
         s = self.settings
-        ids = self.adapter.tokenize(prompt.text)
-        pos = study_positions(ids.shape[1], s.positions_per_prompt)
-        h_all = self.adapter.prelogits(ids)[pos]
+        prelogits = self._prelogits(prompt.text)
+        pos = study_positions(len(prelogits), s.positions_per_prompt)
+        h_all = prelogits[pos]
         partner_h = None
         if partner is not None and "interpolation" in s.families:
-            partner_h = self.adapter.prelogits(self.adapter.tokenize(partner.text))[-1]
+            partner_h = self._prelogits(partner.text)[-1]
         k = max(s.n_top if "top" in s.families else 1, s.eigenspace_k)
         op = FisherOperator.from_head(self.eig_head, h_all.to(torch.float32))
         _, vecs = op.top_eigenpairs(k=k, tol=1e-4)
         vecs = torch.nn.functional.normalize(vecs.to(torch.float64), dim=-1)
         del op
         p = torch.softmax(self.head.logits(h_all), -1)
-        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0
+        entropy = _entropy(p)
         top_prob = p.max(-1).values
         out = []
         for j, position in enumerate(pos):
@@ -252,7 +260,7 @@ class _FinalLayer:
             curve = RayCurve(self.head, self.head.raw(h[None]), self.head.direction(v))
             c2, c3, c4 = curve.coefficients()
             quadratic = np.stack([radius_quadratic(c2, e).numpy() for e in s.eps], 1)
-            corrected = np.stack([radius_pade(c2, c3, e, c4).numpy() for e in s.eps], 1)
+            corrected = _pade_radii(c2, c3, c4, s.eps)
             scale = np.full(len(v), max(float(h.norm()), 1e-6))
             t_start = 1e-3 * scale
             if self.head.is_linear:
