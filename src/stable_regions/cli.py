@@ -656,7 +656,7 @@ def _validate(args) -> int:
             eps=args.eps,
             layers=args.layers,
             families=args.families,
-            calibration=None if args.calibration == "none" else args.calibration,
+            calibration=args.calibration,  # validate() reads "none", "fit", "bundled", paths
             resume=args.resume,
             positions_per_prompt=args.positions_per_prompt,
             progress=tick,

@@ -481,10 +481,10 @@ def validate(
     if not prompts:
         raise StableRegionsError("no prompts given")
     adapter = as_adapter(model)
-    cal_spec = calibration
+    fitting = calibration == "fit"
     fixed: Calibration | None = None
-    if cal_spec not in (None, "fit", "none"):
-        fixed = resolve_calibration(cal_spec, adapter, settings.layers[0])
+    if not fitting and calibration not in (None, "none"):
+        fixed = resolve_calibration(calibration, adapter, settings.layers[0])
         for e in settings.eps:
             fixed.band_for(e)  # fail before measuring, not after
 
@@ -497,11 +497,7 @@ def validate(
         "settings": asdict(settings),
         "prompts": hashlib.sha256("\n".join(p.digest for p in prompts).encode()).hexdigest(),
         "n_prompts": len(prompts),
-        "calibration": "fit"
-        if cal_spec == "fit"
-        else None
-        if cal_spec in (None, "none")
-        else str(fixed.path or "given"),
+        "calibration": "fit" if fitting else None if fixed is None else str(fixed.path or "given"),
     }
     _start_or_resume(out, manifest_path, record, resume)
 
@@ -525,14 +521,13 @@ def validate(
     frame = pd.concat(
         [pd.read_parquet(parts / f"{i:05d}.parquet") for i in range(total)], ignore_index=True
     )
-    fitted = None
-    if cal_spec == "fit":
+    used = fixed
+    if fitting:
         train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
-        fitted = fit_calibration(frame, adapter, "final", train)
-        frame = apply_calibration(frame, fitted)
-        fitted.save(out / "calibration.json")
-    elif fixed is not None:
-        frame = apply_calibration(frame, fixed)
+        used = fit_calibration(frame, adapter, "final", train)
+        used.save(out / "calibration.json")
+    if used is not None:
+        frame = apply_calibration(frame, used)
     else:
         frame["split"] = "test"
     summary = summarize(frame, adapter.name)
@@ -540,9 +535,9 @@ def validate(
     write_json(out / "summary.json", summary)
     from .report import write_report
 
-    write_report(out / "report.html", frame, summary, record, fitted or fixed)
+    write_report(out / "report.html", frame, summary, record, used)
     write_json(manifest_path, {**record, "complete": True})
-    return ValidationRun(out, frame, summary, fitted or fixed)
+    return ValidationRun(out, frame, summary, used)
 
 
 def _start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool) -> None:
@@ -572,8 +567,6 @@ def _start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool)
                 f"--resume: the run in {out} used different {', '.join(changed)}: "
                 "rerun with the same options, or choose another --out"
             )
-        # From here on the run is unfinished until it ends.
-        write_json(manifest_path, {**record, "complete": False})
-        return
     out.mkdir(parents=True, exist_ok=True)
+    # From here on the run is unfinished until it ends (also a resumed finished one).
     write_json(manifest_path, {**record, "complete": False})
