@@ -20,7 +20,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -326,14 +325,12 @@ def load_calibration(path: str | Path) -> Calibration:
 
 def bundled_calibration(model_name: str, layer: str = "final") -> Calibration:
     """The calibration shipped for a bundled model (fitted on the shipped corpus)."""
-    base = resources.files("stable_regions") / "calibrators"
-    path = Path(str(base / f"{model_name}-{layer}.json"))
+    from .prompts import package_path
+
+    base = package_path("calibrators")
+    path = base / f"{model_name}-{layer}.json"
     if not path.is_file():
-        shipped = (
-            sorted(p.name for p in Path(str(base)).glob("*.json"))
-            if Path(str(base)).is_dir()
-            else []
-        )
+        shipped = sorted(p.name for p in base.glob("*.json"))  # glob of a missing folder: none
         raise StableRegionsError(
             f"no bundled calibration for model {model_name!r} at layer {layer!r} "
             f"(shipped: {', '.join(shipped) or 'none'}): use --calibration fit or a file"

@@ -78,9 +78,14 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def package_path(*parts: str) -> Path:
+    """A file or folder shipped inside the ``stable_regions`` package."""
+    return Path(str(resources.files("stable_regions").joinpath(*parts)))
+
+
 def data_path(name: str) -> Path:
     """A file shipped in ``stable_regions/data``."""
-    return Path(str(resources.files("stable_regions") / "data" / name))
+    return package_path("data", name)
 
 
 def corpus() -> list[Prompt]:
