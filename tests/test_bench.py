@@ -51,6 +51,8 @@ def test_bench_rows_on_a_tiny_model(tmp_path):
         assert r["peak_rss_mb"] > 0
         if r["name"] == "predict_vs_measure":
             assert r["max_rel_err"] < 0.5  # a closed form against the measured truth
+        elif r["name"] == "scan_document_final":
+            assert r["max_rel_err"] < 1e-2  # a scan: bfloat16 search, tolerance 1e-2
         else:
             assert r["max_rel_err"] < 1e-6, r  # the same quantity computed two ways
     path = write_bench(doc, tmp_path / "b.json")

@@ -2,8 +2,8 @@
 
 Every row times each contender after a warm-up, alternating them, and reports
 the median of the repeats, ``ratio = baseline_s / ours_s``, ``max_rel_err`` of our answer
-against the baseline's, and the row's peak RSS (the process's peak-RSS mark is reset before
-each row, so it is the loaded model plus what the row allocated). Rows whose baseline library is not installed say so instead of
+against the baseline's, and the peak RSS while our side ran (the process's peak-RSS mark is
+reset just before: the loaded model and everything resident, plus what ours allocated). Rows whose baseline library is not installed say so instead of
 timing it.
 """
 
@@ -22,10 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import as_adapter, prelogit_block_size
+from .analysis import as_adapter
 from .errors import StableRegionsError
 from .files import write_json
-from .geometry import FisherOperator, PullbackOperator, RayCurve, radius_pade
+from .geometry import (
+    FisherOperator,
+    PullbackOperator,
+    RayCurve,
+    radius_pade,
+    top_eigenpair_float64,
+)
 from .models import ModelAdapter
 from .probes import RayKL, measure_boundaries
 from .prompts import corpus
@@ -74,8 +80,10 @@ def result_row(
     ours_s: float | None = None,
     baseline_s: float | None = None,
     max_rel_err: float | None = None,
+    peak_rss_mb: float | None = None,
 ) -> dict:
-    """One row of the JSON: ``ratio = baseline_s / ours_s`` where both were timed."""
+    """One row of the JSON: ``ratio = baseline_s / ours_s`` where both were timed;
+    ``peak_rss_mb``: the process's peak while our side ran once (see ``peak_rss_of``)."""
     ratio = baseline_s / ours_s if ours_s and baseline_s is not None else None
     return dict(
         name=name,
@@ -84,7 +92,16 @@ def result_row(
         baseline_s=baseline_s,
         ratio=ratio,
         max_rel_err=max_rel_err,
+        peak_rss_mb=peak_rss_mb,
     )
+
+
+def peak_rss_of(fn: Callable[[], object]) -> float:
+    """Peak RSS (MB) of this process while ``fn`` runs once: the loaded model and whatever
+    else is resident, plus what ``fn`` allocates (the mark is reset just before)."""
+    _reset_peak_rss()
+    fn()
+    return round(_peak_rss_mb(), 1)
 
 
 def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
@@ -143,10 +160,15 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     h = _example_prelogit(adapter)
     d = h.shape[0]
 
+    weight32 = adapter.unembed.weight.detach().float()
+
     def ours():
-        return float(
-            FisherOperator.from_head(head, h[None]).top_eigenpairs(k=1, tol=1e-10)[0][0, 0]
-        )
+        if not head.is_linear:  # a softcapped head: float64 Lanczos on the exact operator
+            return float(
+                FisherOperator.from_head(head, h[None]).top_eigenpairs(k=1, tol=1e-10)[0][0, 0]
+            )
+        lam, _ = top_eigenpair_float64(head.weight, h[None], weight=weight32, bias=head.bias)
+        return float(lam[0])
 
     def func_hessian():
         H = torch.func.hessian(_kl_fn(head, h))(torch.zeros_like(h))
@@ -206,6 +228,7 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
         missing.append("curvlinops-for-pytorch")
     got = compare(contenders, s.repeats)
     ours_s, lam = got.pop("ours")
+    peak = peak_rss_of(ours)
     rows = [
         result_row(
             "top_eig_final",
@@ -213,15 +236,12 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
             ours_s=ours_s,
             baseline_s=t,
             max_rel_err=abs(lam / ans - 1.0),
+            peak_rss_mb=peak,
         )
         for name, (t, ans) in got.items()
     ]
     rows += [
-        result_row(
-            "top_eig_final",
-            f"{m} (not installed)",
-            ours_s=ours_s,
-        )
+        result_row("top_eig_final", f"{m} (not installed)", ours_s=ours_s, peak_rss_mb=peak)
         for m in missing
     ]
     return rows
@@ -257,6 +277,7 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
             ours_s=ours_s,
             baseline_s=base_s,
             max_rel_err=float(np.max(np.abs(pred / meas - 1.0))),
+            peak_rss_mb=peak_rss_of(ours),
         )
     ]
 
@@ -297,52 +318,43 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
             ours_s=ours_s,
             baseline_s=base_s,
             max_rel_err=float(((a - b).norm() / b.norm()).detach()),
+            peak_rss_mb=peak_rss_of(lambda: op.matvec(v)),
         )
     ]
 
 
 def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
+    from .scan import Scanner
+
     head = adapter.head
     ids = _prompt_ids(adapter, s.document_tokens)
-    eps = 0.1
-    block = prelogit_block_size(head.vocab_size)
+    eps = [0.1]
+    scanner = Scanner(adapter)
 
     def forward():
         with torch.no_grad():
             adapter.forward(ids, use_cache=False)
 
     def scan():
-        h_all = adapter.prelogits(ids)
-        lams, radii = [], []
-        for start in range(0, len(h_all), block):
-            h = h_all[start : start + block]
-            lam, vecs = FisherOperator.from_head(head, h).top_eigenpairs(k=1, tol=1e-8)
-            rays_h = h.repeat_interleave(2, dim=0)
-            rays_v = torch.stack([vecs[:, 0], -vecs[:, 0]], 1).reshape(2 * len(h), -1)
-            c2, c3, c4 = RayCurve.from_head(head, rays_h, rays_v).coefficients()
-            r = radius_pade(c2, c3, eps, c4)
-            lams.append(lam[:, 0])
-            radii.append(torch.minimum(r[0::2], r[1::2]))
-        return torch.cat(lams), torch.cat(radii)
+        return scanner.scan(adapter, ids, eps)
 
     got = compare({"scan": scan, "forward": forward}, s.repeats)
-    (scan_s, (lams, _)), (fwd_s, _) = got["scan"], got["forward"]
+    (scan_s, found), (fwd_s, _) = got["scan"], got["forward"]
+    peak = peak_rss_of(scan)
+    # the check: float64 Lanczos to 1e-12 at every 8th position
     h_all = adapter.prelogits(ids)
-    check = [0, len(h_all) // 2, len(h_all) - 1]
-    dense = [
-        float(
-            torch.linalg.eigvalsh(FisherOperator.from_head(head, h_all[i : i + 1]).dense()[0])[-1]
-        )
-        for i in check
-    ]
-    err = max(abs(float(lams[i]) / dn - 1.0) for i, dn in zip(check, dense, strict=True))
+    check = list(range(0, len(h_all), 8))
+    ref = FisherOperator.from_head(head, h_all[check]).top_eigenpairs(k=1, tol=1e-12)[0][:, 0]
+    err = float((found["lambda_max"][check] / ref - 1.0).abs().max())
     return [
         result_row(
             "scan_document_final",
-            f"one forward pass ({ids.shape[1]} tokens); lambda_max checked against dense eigh at 3 positions",
+            f"one forward pass ({ids.shape[1]} tokens); lambda_max checked against float64 "
+            f"Lanczos at {len(check)} positions",
             ours_s=scan_s,
             baseline_s=fwd_s,
             max_rel_err=err,
+            peak_rss_mb=peak,
         )
     ]
 
@@ -390,18 +402,10 @@ def run_bench(
     for i, name in enumerate(names):
         # Rows run one after another in this process (a forked child deadlocks in OpenMP once
         # torch has used its thread pool); the peak-RSS mark is reset before each row.
-        _reset_peak_rss()
         try:
-            rows_of = ROWS[name](adapter, settings)
+            out_rows += ROWS[name](adapter, settings)
         except Exception as exc:  # a failed row is reported, the others still run
-            rows_of = [
-                result_row(
-                    name,
-                    f"failed: {type(exc).__name__}: {exc}",
-                )
-            ]
-        peak = round(_peak_rss_mb(), 1)
-        out_rows += [dict(r, peak_rss_mb=peak) for r in rows_of]
+            out_rows.append(result_row(name, f"failed: {type(exc).__name__}: {exc}"))
         if progress is not None:
             progress(i + 1, len(names))
     return {

@@ -15,6 +15,7 @@ from .lanczos import lanczos_topk
 from .linf import linf_radius_bounds
 from .pullback import PullbackOperator
 from .roots import first_crossings
+from .topcurv import TopCurvature, search_dtype, top_curvature, top_eigenpair_float64
 
 __all__ = [
     "FisherOperator",
@@ -22,6 +23,7 @@ __all__ = [
     "LogitHead",
     "PullbackOperator",
     "RayCurve",
+    "TopCurvature",
     "cumulants",
     "effective_rank",
     "first_crossings",
@@ -30,5 +32,8 @@ __all__ = [
     "radius_pade",
     "radius_quadratic",
     "radius_series",
+    "search_dtype",
     "series_coefficients",
+    "top_curvature",
+    "top_eigenpair_float64",
 ]

@@ -124,9 +124,10 @@ class RayCurve:
     def __post_init__(self) -> None:
         self.u0 = torch.atleast_2d(self.u0)
         self.b = torch.atleast_2d(self.b)
+        # one softmax per origin: rays sharing a single origin broadcast it (views, no copies)
+        logp = torch.log_softmax(self.head.squash(self.u0), dim=-1)
+        self.logp, self.p = logp.expand_as(self.b), logp.exp().expand_as(self.b)
         self.u0 = self.u0.expand_as(self.b)
-        self.logp = torch.log_softmax(self.head.squash(self.u0), dim=-1)
-        self.p = self.logp.exp()
         self._mean_b = (self.p * self.b).sum(-1)
 
     @classmethod
