@@ -3,8 +3,8 @@
 Every row times each contender after a warm-up, alternating them, and reports
 the median of the repeats, ``ratio = baseline_s / ours_s``, ``max_rel_err`` of our answer
 against the baseline's, and the peak RSS while our side ran (the process's peak-RSS mark is
-reset just before: the loaded model and everything resident, plus what ours allocated). Rows whose baseline library is not installed say so instead of
-timing it.
+reset just before: the loaded model and everything resident, plus what ours allocated).
+Rows whose baseline library is not installed say so instead of timing it.
 """
 
 from __future__ import annotations
@@ -401,7 +401,7 @@ def run_bench(
     out_rows: list[dict] = []
     for i, name in enumerate(names):
         # Rows run one after another in this process (a forked child deadlocks in OpenMP once
-        # torch has used its thread pool); the peak-RSS mark is reset before each row.
+        # torch has used its thread pool); each row measures its own peak (peak_rss_of).
         try:
             out_rows += ROWS[name](adapter, settings)
         except Exception as exc:  # a failed row is reported, the others still run

@@ -28,7 +28,8 @@ def position_block(vocab_size: int) -> int:
 
 
 class Scanner:
-    """The float32 unembedding of a model (its own tensor, not a copy) and a search copy."""
+    """The float32 unembedding of a model (the model's own tensor when it is float32) and,
+    where the search runs in bfloat16, a bfloat16 copy."""
 
     def __init__(
         self,
