@@ -41,14 +41,22 @@ def _common(**kw):
 
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_common(num_key_value_heads=2)),
-    "mistral": lambda: T.MistralConfig(**_common(num_key_value_heads=2)),
+    # sliding windows of 4 tokens: shorter than the test prompts, so the windows matter
+    "mistral": lambda: T.MistralConfig(**_common(num_key_value_heads=2, sliding_window=4)),
     "qwen2": lambda: T.Qwen2Config(**_common(num_key_value_heads=2)),
     "qwen3": lambda: T.Qwen3Config(**_common(num_key_value_heads=2, head_dim=8)),
     "phi3": lambda: T.Phi3Config(**_common(num_key_value_heads=2)),
     "gemma2": lambda: T.Gemma2Config(
-        **_common(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)
+        **_common(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0, sliding_window=4)
     ),
-    "gemma3": lambda: T.Gemma3TextConfig(**_common(num_key_value_heads=2, head_dim=8)),
+    "gemma3": lambda: T.Gemma3TextConfig(
+        **_common(
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+    ),
     "gpt2": lambda: T.GPT2Config(
         vocab_size=VOCAB,
         n_embd=32,

@@ -22,7 +22,13 @@ def test_compare_alternates_and_takes_the_median():
 def test_bench_rows_on_a_tiny_model(tmp_path):
     adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
     settings = BenchSettings(
-        quick=True, repeats=1, directions=20, document_tokens=40, hvp_tokens=30
+        quick=True,
+        repeats=1,
+        directions=20,
+        document_tokens=40,
+        hvp_tokens=30,
+        map_positions=6,
+        map_layers="sample",
     )
     doc = run_bench(adapter, settings=settings)
     assert set(doc) == {"machine", "model", "quick", "settings", "rows"}
@@ -32,6 +38,7 @@ def test_bench_rows_on_a_tiny_model(tmp_path):
         "scan_document_final",
         "predict_vs_measure",
         "pullback_hvp_mid",
+        "map_prompt",
     }
     for r in doc["rows"]:
         assert set(r) == {

@@ -26,7 +26,7 @@ from stable_regions.geometry import (
 )
 from stable_regions.models import PRELOGIT
 from stable_regions.models.precision import exact_numerics
-from stable_regions.models.suffix import PositionSuffix
+from stable_regions.models.suffix import SuffixBatch
 
 PROMPT = "The cat sat on it."
 
@@ -99,20 +99,27 @@ def test_pullback_diagonal_and_trace_estimate(tokenizer):
     ids = adapter.tokenize(PROMPT)
     hook, pos = "blocks.0.hook_resid_post", 10
     G = _dense_pullback(adapter, ids, hook, pos)
-    suffix = PositionSuffix(adapter, ids, hook, pos)
-    op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), torch.softmax(suffix.logits0, -1), 32)
-    assert rel(op.diagonal(chunk=5), torch.diagonal(G)) < 1e-8
+    op = PullbackOperator.from_suffix(SuffixBatch(adapter, ids, hook, [pos]))
+    assert rel(op.diagonal(chunk=5)[0], torch.diagonal(G)) < 1e-8
     exact = float(torch.trace(G))
     # a complete basis leaves nothing to estimate
     full = torch.linalg.eigh(G)[1].T
-    assert math.isclose(float(op.trace_estimate(full, probes=4)), exact, rel_tol=1e-8)
+    assert math.isclose(float(op.trace_estimate(full[None], probes=4)[0]), exact, rel_tol=1e-8)
     # with the top 2 eigenvectors: unbiased (mean over seeds) and each estimate near
-    basis = full.flip(0)[:2]
-    estimates = np.array([float(op.trace_estimate(basis, 32, seed=s)) for s in range(40)])
+    basis = full.flip(0)[None, :2]
+    estimates = np.array([float(op.trace_estimate(basis, 32, seed=s)[0]) for s in range(40)])
     assert abs(estimates.mean() / exact - 1) < 0.03
     assert np.abs(estimates / exact - 1).max() < 0.3
     # not deflating would be wrong only in variance; dropping the basis term would be biased
     assert float(op.quadratic_form(basis).sum()) > 0.2 * exact
+    # deflated by the Krylov space of the Lanczos run (its trace is free): unbiased, and the
+    # top eigenvalue is the dense one
+    runs = [op.top_eigenpairs_and_trace(k=1, tol=1e-4, probes=16, seed=s) for s in range(40)]
+    estimates = np.array([float(r[2][0]) for r in runs])
+    assert abs(estimates.mean() / exact - 1) < 0.03
+    assert np.abs(estimates / exact - 1).max() < 0.3
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    assert abs(float(runs[0][0][0, 0]) / top - 1) < 1e-6
 
 
 def _dense_map(adapter, ids, source, target, pos):

@@ -14,6 +14,7 @@ from stable_regions.geometry import (
     RayCurve,
     effective_rank,
     first_crossings,
+    lanczos,
     lanczos_topk,
     radius_pade,
     radius_quadratic,
@@ -118,6 +119,27 @@ def test_lanczos_matches_eigh_on_batch():
     assert torch.allclose(evals, ref_vals.flip(-1)[:, :4], rtol=1e-10, atol=0)
     overlap = torch.einsum("pkd,pdk->pk", evecs, ref_vecs.flip(-1)[:, :, :4]).abs()
     assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-8)
+
+
+def test_lanczos_krylov_basis_and_its_trace():
+    """The run's basis is orthonormal and its trace is tr(Q^T A Q), computed here densely."""
+    g = torch.Generator().manual_seed(4)
+    P, d = 3, 60
+    A = torch.randn(P, d, d, generator=g, dtype=torch.float64)
+    A = A @ A.transpose(1, 2) / d
+    run = lanczos(
+        lambda x: torch.einsum("pij,pj->pi", A, x),
+        torch.randn(P, d, generator=g, dtype=torch.float64),
+        k=1,
+        tol=1e-3,
+    )
+    Q = run.basis
+    m = Q.shape[1]
+    assert 1 <= m < d  # stopped early: a proper subspace
+    eye = torch.eye(m, dtype=torch.float64).expand(P, -1, -1)
+    assert torch.allclose(Q @ Q.transpose(1, 2), eye, atol=1e-12)
+    dense = torch.einsum("pmd,pde,pne->pmn", Q, A, Q).diagonal(dim1=1, dim2=2).sum(-1)
+    assert torch.allclose(run.basis_trace, dense, rtol=1e-12)
 
 
 def test_lanczos_low_rank_and_zero_operator():

@@ -12,7 +12,7 @@ from conftest import tiny_model
 import stable_regions as sr
 from stable_regions.geometry import PullbackOperator, series_coefficients
 from stable_regions.models.precision import exact_numerics
-from stable_regions.models.suffix import PositionSuffix
+from stable_regions.models.suffix import PositionSuffix, SuffixBatch
 
 PROMPT = "The cat sat on it."  # 18 characters: longer than the tiny Gemma sliding windows (4)
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
@@ -47,6 +47,23 @@ def test_suffix_logits_equal_full_forward(arch, tokenizer, hook):
         assert torch.allclose(suffix.x0, store[0][0, pos], atol=1e-12)
 
 
+def test_suffix_batch_rows_equal_full_forward(arch, tokenizer):
+    """Rows at different (and repeated) positions in one pass, each against the whole prefix
+    run with its own perturbation: no row may see another."""
+    adapter = sr.wrap(tiny_model(arch), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook = "blocks.1.hook_resid_post"
+    positions = [0, 5, 9, ids.shape[1] - 1]
+    batch = SuffixBatch(adapter, ids, hook, positions)
+    rows = torch.tensor([3, 0, 1, 3, 2, 1])
+    deltas = 0.7 * torch.randn(len(rows), adapter.hook_dim(hook), dtype=torch.float64)
+    with torch.no_grad():
+        got = batch.logits(deltas, rows)
+    for r, row in enumerate(rows.tolist()):
+        full = adapter.perturbed_logits(ids, hook, positions[row], deltas[r : r + 1])[0]
+        assert torch.allclose(got[r], full, rtol=0, atol=1e-11), (arch, r)
+
+
 def test_pullback_matches_dense_autograd(arch, tokenizer):
     adapter = sr.wrap(tiny_model(arch), tokenizer)
     ids = adapter.tokenize(PROMPT)
@@ -59,19 +76,28 @@ def test_pullback_matches_dense_autograd(arch, tokenizer):
         p = torch.softmax(f(zero), -1)
     G_ref = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
 
-    suffix = PositionSuffix(adapter, ids, hook, pos)
-    op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), torch.softmax(suffix.logits0, -1), d)
+    # position `pos` batched with two others: each row must be its own position's operator
+    suffix = SuffixBatch(adapter, ids, hook, [3, pos, 0])
+    op = PullbackOperator.from_suffix(suffix)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     G_ref = G_ref.detach()
-    assert rel(op.dense(), G_ref) < 1e-6
+    assert rel(op.dense()[1], G_ref) < 1e-6
     v = torch.randn(3, d, dtype=torch.float64)
-    assert rel(torch.stack([op.matvec(x) for x in v]), v @ G_ref) < 1e-6
-    assert rel(op.quadratic_form(v), torch.einsum("kd,de,ke->k", v, G_ref, v)) < 1e-6
-    assert math.isclose(float(op.trace()), float(torch.trace(G_ref)), rel_tol=1e-6)
+    assert rel(op.matvec(v)[1], v[1] @ G_ref) < 1e-6
+    q = op.quadratic_form(v[None].expand(3, -1, -1))[1]
+    assert rel(q, torch.einsum("kd,de,ke->k", v, G_ref, v)) < 1e-6
+    assert math.isclose(float(op.trace()[1]), float(torch.trace(G_ref)), rel_tol=1e-6)
     evals, evecs = op.top_eigenpairs(k=2)
     ref_vals, ref_vecs = torch.linalg.eigh(G_ref)
-    assert rel(evals, ref_vals.flip(0)[:2]) < 1e-6
-    assert (evecs @ ref_vecs.flip(1)[:, :2]).abs().diagonal().min() > 1 - 1e-6
+    assert rel(evals[1], ref_vals.flip(0)[:2]) < 1e-6
+    assert (evecs[1] @ ref_vecs.flip(1)[:, :2]).abs().diagonal().min() > 1 - 1e-6
+    # the other rows: their own positions' dense operators, by the single-position suffix
+    for row, other in ((0, 3), (2, 0)):
+        single = PositionSuffix(adapter, ids, hook, other)
+        J = single.jvp(torch.eye(d, dtype=torch.float64)).T  # (V, d)
+        p = torch.softmax(single.logits0, -1)
+        G_other = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+        assert rel(op.dense()[row], G_other) < 1e-8
 
 
 def test_directional_derivatives_give_the_kl_series(arch, tokenizer):

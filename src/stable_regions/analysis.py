@@ -24,7 +24,7 @@ from .geometry import (
     series_coefficients,
 )
 from .models import PRELOGIT, ModelAdapter, load, wrap
-from .models.suffix import PositionSuffix
+from .models.suffix import SuffixBatch
 from .probes import RayKL, measure_boundaries, measure_from_suffix
 
 COLUMNS = [
@@ -186,7 +186,7 @@ def analyze(
     if hook == PRELOGIT:
         blocks = _prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol)
     else:
-        blocks = _inner_positions(adapter.float64(), ids, hook, pos, eps_list, exact, rtol, eig_tol)
+        blocks = _inner_blocks(adapter.float64(), ids, hook, pos, eps_list, exact, rtol, eig_tol)
 
     rows: list[dict] = []
     directions: list[Tensor] = []
@@ -271,12 +271,13 @@ def _pade_radii(c2: Tensor, c3: Tensor, c4: Tensor, eps_list: list[float]) -> np
     return np.stack([radius_pade(c2, c3, e, c4).cpu().numpy() for e in eps_list], axis=1)
 
 
-def prelogit_block_size(vocab_size: int) -> int:
-    """Positions handled together at the pre-logit vector.
+def positions_per_block(vocab_size: int) -> int:
+    """Positions handled together (at the pre-logit vector and inside the network).
 
     The Lanczos products of a block and every (position, sign, eps) search advance in
-    lockstep, so each step reads W once for many rows (the products are memory-bound). A
-    block's (rays x V) float64 arrays stay ~130 MB (262k vocabulary).
+    lockstep, so each step reads W once for many rows (the products are memory-bound), and
+    inside the network each step is one batched pass. A block's (rays x V) float64 arrays
+    stay ~130 MB (262k vocabulary).
     """
     return int(max(1, min(32, (1 << 26) // vocab_size)))
 
@@ -287,7 +288,7 @@ def _prelogit_blocks(
     """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head."""
     head = adapter.head
     h_all = adapter.prelogits(ids)[pos]
-    block = prelogit_block_size(head.vocab_size)
+    block = positions_per_block(head.vocab_size)
     for start in range(0, len(pos), block):
         h = h_all[start : start + block]
         P = h.shape[0]
@@ -331,7 +332,7 @@ def _prelogit_blocks(
         )
 
 
-def _inner_positions(
+def _inner_blocks(
     adapter: ModelAdapter,
     ids: Tensor,
     hook: str,
@@ -344,51 +345,64 @@ def _inner_positions(
 ):
     """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
 
-    ``adapter`` is the float64 model. One position at a time: each has its own suffix (the
-    single token against the cached keys/values of the tokens before it).
-    ``trace="estimate"`` (stability maps): the trace behind the effective rank from the top-4
-    eigenvectors plus 32 Hutchinson probes (``PullbackOperator.trace_estimate``, one batched
-    pass) instead of d products, and no L-inf radii (they need the exact diagonal).
+    ``adapter``: the float64 model for ``analyze``, the model itself for maps. A block of positions at a time (``SuffixBatch``: each
+    position's token against the cached keys/values of the prompt, one batch row each), so
+    the Lanczos products, derivatives and boundary searches of the block are batched passes.
+    ``trace="estimate"`` (stability maps): the trace behind the effective rank from the
+    Krylov space of the Lanczos run (free) plus 16 Hutchinson probes
+    (``PullbackOperator.top_eigenpairs_and_trace``) instead of d products, and no L-inf radii
+    (they need the exact diagonal).
     """
     E = len(eps_list)
-    for position in pos:
-        suffix = PositionSuffix(adapter, ids, hook, position)
-        p = torch.softmax(suffix.logits0, -1)
-        op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), p, suffix.dim)
+    block = positions_per_block(adapter.vocab_size)
+    for start in range(0, len(pos), block):
+        chunk = pos[start : start + block]
+        P = len(chunk)
+        suffix = SuffixBatch(adapter, ids, hook, chunk)
+        op = PullbackOperator.from_suffix(suffix)
         if trace == "exact":
             lam, vecs = op.top_eigenpairs(k=1, tol=eig_tol)
             diagonal = op.diagonal()
-            rank = effective_rank(diagonal.sum()[None], lam[:1])
-            corner = op.quadratic_form(torch.sign(vecs[:1]))
-            linf = _linf_radii(eps_list, lam[:1], diagonal[None], corner)
+            rank = effective_rank(diagonal.sum(-1), lam[:, 0])
+            corner = op.quadratic_form(torch.sign(vecs[:, :1]))[:, 0]
+            linf = _linf_radii(eps_list, lam[:, 0], diagonal, corner)
         else:
-            lam, vecs = op.top_eigenpairs(k=4, tol=eig_tol)
-            rank = effective_rank(op.trace_estimate(vecs)[None], lam[:1])
-            linf = (np.full((1, E), np.nan), np.full((1, E), np.nan))
-        v = vecs[0]
-        # Logit derivatives along +v; along -v the odd ones flip sign.
+            lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=eig_tol, probes=16)
+            rank = effective_rank(trace_g, lam[:, 0])
+            linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
+        v = vecs[:, 0]
+        # Logit derivatives along +v; along -v the odd ones flip sign. Rays 2j, 2j+1 = +v, -v.
         a1, a2, a3 = suffix.directional_derivatives(v, order=3)
+
+        def rays(a: Tensor, sign: float) -> Tensor:
+            return torch.stack([a, sign * a], dim=1).reshape(-1, a.shape[-1])
+
         c2, c3, c4 = series_coefficients(
-            p, [torch.stack([a1, -a1]), torch.stack([a2, a2]), torch.stack([a3, -a3])]
+            op.p.repeat_interleave(2, dim=0), [rays(a1, -1.0), rays(a2, 1.0), rays(a3, -1.0)]
         )
-        predicted = _pade_radii(c2, c3, c4, eps_list)  # (2, E)
+        predicted = _pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         if exact:
             measured = measure_from_suffix(
-                suffix, torch.stack([v, -v]), eps_list, guesses=predicted, rtol=rtol
+                suffix,
+                rays(v, -1.0),
+                eps_list,
+                rows=torch.arange(P).repeat_interleave(2),
+                guesses=predicted,
+                rtol=rtol,
             )
         else:
             measured = np.full_like(predicted, np.nan)
-        top_p, top_i = p.max(-1)
+        top_p, top_i = op.p.max(-1)
         yield _Block(
-            [position],
-            top_i[None],
-            top_p[None],
-            _entropy(p)[None],
-            lam[:1],
+            chunk,
+            top_i,
+            top_p,
+            _entropy(op.p),
+            lam[:, 0],
             rank,
-            vecs[:1],
+            v,
             _nearest(predicted),
-            np.full((1, E), np.nan),
+            np.full((P, E), np.nan),
             _nearest(measured),
             *linf,
         )

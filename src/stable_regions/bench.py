@@ -44,11 +44,21 @@ class BenchSettings:
     directions: int = 1000
     document_tokens: int = 512
     hvp_tokens: int = 256
+    map_positions: int = 64
+    map_layers: str = "all"  # or "sample": embed, the middle block, final
 
     @classmethod
     def make(cls, quick: bool) -> BenchSettings:
         if quick:
-            return cls(quick=True, repeats=2, directions=50, document_tokens=128, hvp_tokens=64)
+            return cls(
+                quick=True,
+                repeats=2,
+                directions=50,
+                document_tokens=128,
+                hvp_tokens=64,
+                map_positions=16,
+                map_layers="sample",
+            )
         return cls(quick=False)
 
 
@@ -104,19 +114,37 @@ def peak_rss_of(fn: Callable[[], object]) -> float:
     return round(_peak_rss_mb(), 1)
 
 
-def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
-    """The shipped corpus concatenated until ``n_tokens`` tokens, then cut there."""
+def _prompt_text(adapter: ModelAdapter, n_tokens: int) -> str:
+    """The shipped corpus concatenated until at least ``n_tokens`` tokens (or the context)."""
     text = ""
-    ids = adapter.tokenize("x")
     for p in corpus():
-        text = f"{text}\n\n{p.text}" if text else p.text
+        longer = f"{text}\n\n{p.text}" if text else p.text
         try:
-            ids = adapter.tokenize(text)
+            ids = adapter.tokenize(longer)
         except StableRegionsError:  # past the model's context: keep what fitted
-            break
+            return text or _longest_fitting(adapter, p.text)
+        text = longer
         if ids.shape[1] >= n_tokens:
             break
-    return ids[:, :n_tokens]
+    return text
+
+
+def _longest_fitting(adapter: ModelAdapter, text: str) -> str:
+    """The longest run of ``text``'s first words within the model's context."""
+    words = text.split()
+    while len(words) > 1:
+        words = words[: len(words) * 3 // 4]
+        try:
+            adapter.tokenize(" ".join(words))
+            break
+        except StableRegionsError:
+            continue
+    return " ".join(words)
+
+
+def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
+    """The shipped corpus concatenated until ``n_tokens`` tokens, then cut there."""
+    return adapter.tokenize(_prompt_text(adapter, n_tokens))[:, :n_tokens]
 
 
 def _example_prelogit(adapter: ModelAdapter) -> torch.Tensor:
@@ -283,16 +311,16 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
 
 
 def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
-    from .models.suffix import PositionSuffix
+    from .models.suffix import SuffixBatch
 
     model = adapter.float64()
     ids = _prompt_ids(model, s.hvp_tokens)
     n = ids.shape[1]
     hook = model.hook_for_layer(model.n_layers // 2)
     position = n - 1
-    build_s, suffix = _timed(lambda: PositionSuffix(model, ids, hook, position))
-    p = torch.softmax(suffix.logits0, -1)
-    op = PullbackOperator(suffix.jvp, suffix.vjp_fn(), p, suffix.dim)
+    build_s, suffix = _timed(lambda: SuffixBatch(model, ids, hook, [position]))
+    op = PullbackOperator.from_suffix(suffix)
+    p = op.p[0]
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(
         torch.randn(suffix.dim, generator=g, dtype=torch.float64), dim=0
@@ -309,7 +337,10 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
         _, pull = torch.func.vjp(full_logits, torch.zeros_like(v))
         return pull(u)[0]
 
-    got = compare({"ours": lambda: op.matvec(v), "full re-run": full}, s.repeats)
+    def ours():
+        return op.matvec(v[None])[0]
+
+    got = compare({"ours": ours, "full re-run": full}, s.repeats)
     (ours_s, a), (base_s, b) = got["ours"], got["full re-run"]
     return [
         result_row(
@@ -318,7 +349,7 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
             ours_s=ours_s,
             baseline_s=base_s,
             max_rel_err=float(((a - b).norm() / b.norm()).detach()),
-            peak_rss_mb=peak_rss_of(lambda: op.matvec(v)),
+            peak_rss_mb=peak_rss_of(ours),
         )
     ]
 
@@ -359,10 +390,53 @@ def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dic
     ]
 
 
+def row_map_prompt(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
+    """The stability map of one prompt, timed once (minutes in full), against one cell at a
+    time (a block of one position: what the map did before positions were batched), timed
+    on a sample of inner cells and scaled to the map's inner cells."""
+    from .maps import parse_layers, stability_map
+
+    text = _prompt_text(adapter, s.map_positions)
+    n = min(s.map_positions, adapter.tokenize(text).shape[1])
+    positions = list(range(n))
+    mid = adapter.n_layers // 2
+    layers = parse_layers(
+        "all" if s.map_layers == "all" else ["embed", mid, "final"], adapter.n_layers
+    )
+    _reset_peak_rss()
+    ours_s, found = _timed(lambda: stability_map(adapter, text, layers=layers, positions=positions))
+    peak = round(_peak_rss_mb(), 1)
+    sample = [(row, col) for row in (0, layers.index(mid)) for col in (0, n - 1)]
+    per_cell, errs = [], []
+    for row, col in sample:
+        t, cell = _timed(
+            lambda row=row, col=col: stability_map(
+                adapter, text, layers=[layers[row]], positions=[positions[col]]
+            )
+        )
+        per_cell.append(t)
+        errs.append(abs(found.lambda_max[row, col] / cell.lambda_max[0, 0] - 1.0))
+    inner = sum(1 for layer in layers if layer != "final") * n
+    return [
+        result_row(
+            "map_prompt",
+            f"one cell at a time, {statistics.mean(per_cell):.2f} s per inner cell over "
+            f"{len(sample)} cells, scaled to the map's {inner} inner cells "
+            f"({len(layers)} layers x {n} positions; lambda_max compared at the sampled cells)",
+            ours_s=ours_s,
+            baseline_s=statistics.mean(per_cell) * inner,
+            max_rel_err=float(max(errs)),
+            peak_rss_mb=peak,
+        )
+    ]
+
+
 ROWS = {
     "top_eig_final": row_top_eig_final,
     "scan_document_final": row_scan_document_final,
     "predict_vs_measure": row_predict_vs_measure,
+    # before pullback_hvp_mid, which loads the float64 twin the map does not need
+    "map_prompt": row_map_prompt,
     "pullback_hvp_mid": row_pullback_hvp_mid,
 }
 

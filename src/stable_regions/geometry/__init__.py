@@ -11,7 +11,7 @@ from .curve import (
 from .fisher import FisherOperator, effective_rank
 from .gram import JacobianGram
 from .head import LogitHead
-from .lanczos import lanczos_topk
+from .lanczos import LanczosRun, lanczos, lanczos_topk
 from .linf import linf_radius_bounds
 from .pullback import PullbackOperator
 from .roots import first_crossings
@@ -20,6 +20,7 @@ from .topcurv import TopCurvature, search_dtype, top_curvature, top_eigenpair_fl
 __all__ = [
     "FisherOperator",
     "JacobianGram",
+    "LanczosRun",
     "LogitHead",
     "PullbackOperator",
     "RayCurve",
@@ -27,6 +28,7 @@ __all__ = [
     "cumulants",
     "effective_rank",
     "first_crossings",
+    "lanczos",
     "lanczos_topk",
     "linf_radius_bounds",
     "radius_pade",

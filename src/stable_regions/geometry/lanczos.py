@@ -8,6 +8,7 @@ step, negligible next to an O(V d) operator product for the sizes we meet (m << 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,7 +26,37 @@ def lanczos_topk(
     check_every: int = 4,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Largest ``k`` eigenpairs of ``P`` symmetric operators.
+    """Largest ``k`` eigenpairs of ``P`` symmetric operators (see ``lanczos``)."""
+    run = lanczos(
+        matvec, v0, k, tol=tol, max_iter=max_iter, check_every=check_every, generator=generator
+    )
+    return run.values, run.vectors, run.residuals
+
+
+@dataclass
+class LanczosRun:
+    """What a Lanczos run found. ``basis`` (P, m, d) is the orthonormal Krylov basis Q and
+    ``basis_trace`` (P,) is ``tr(Q^T A Q) = sum(alpha)``, exact with full reorthogonalization:
+    the part of ``tr A`` inside the Krylov space, for free."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    basis: Tensor
+    basis_trace: Tensor
+
+
+def lanczos(
+    matvec: MatVec,
+    v0: Tensor,
+    k: int = 1,
+    *,
+    tol: float = 1e-12,
+    max_iter: int | None = None,
+    check_every: int = 4,
+    generator: torch.Generator | None = None,
+) -> LanczosRun:
+    """Largest ``k`` eigenpairs of ``P`` symmetric operators, and the Krylov basis.
 
     Args:
         matvec: maps (P, d) to (P, d), row ``i`` through operator ``i``.
@@ -36,8 +67,9 @@ def lanczos_topk(
         max_iter: Krylov dimension cap (default ``d``, where Lanczos is exact).
 
     Returns:
-        ``(eigenvalues (P, k) descending, eigenvectors (P, k, d), residuals (P, k))``.
-        Eigenvector signs are fixed so that the largest-magnitude entry is positive.
+        eigenvalues (P, k) descending, eigenvectors (P, k, d), residuals (P, k), the
+        Krylov basis and its trace (``LanczosRun``). Eigenvector signs are fixed so that
+        the largest-magnitude entry is positive.
     """
     P, d = v0.shape
     k = min(k, d)
@@ -98,7 +130,7 @@ def lanczos_topk(
     vecs = torch.einsum("pmk,pmd->pkd", S, Q[:, :j])
     vecs = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     vecs = _fix_sign(vecs)
-    return theta, vecs, resid
+    return LanczosRun(theta, vecs, resid, Q[:, :j], alpha[:, :j].sum(-1))
 
 
 def _tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

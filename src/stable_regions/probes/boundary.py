@@ -24,16 +24,30 @@ class RayKL:
     """``(ray, t) -> KL(p_r || softmax(logits_fn(h_r + t v_r)))`` for rays with origins ``h`` and directions ``v``.
 
     ``logits_fn`` is the model's own path from the hook point to the logits (for the
-    pre-logit vector: the unembedding, bias and softcap), applied in float64.
+    pre-logit vector: the unembedding, bias and softcap), applied in float64. With ``rows``
+    (one index per ray) it is called as ``logits_fn(x, rows_of_these_rays)``: rays at
+    different positions of a ``SuffixBatch``.
     """
 
-    def __init__(self, logits_fn: Callable[[Tensor], Tensor], h: Tensor, v: Tensor) -> None:
+    def __init__(
+        self,
+        logits_fn: Callable[..., Tensor],
+        h: Tensor,
+        v: Tensor,
+        rows: Tensor | None = None,
+    ) -> None:
         self.logits_fn = logits_fn
         self.h = h.to(torch.float64)
         self.v = v.to(torch.float64)
-        self.logp = torch.log_softmax(logits_fn(self.h), -1)
+        self.row_of_ray = rows
+        self.logp = torch.log_softmax(self._logits(self.h, slice(None)), -1)
         self.calls = 0
         self.rows = 0
+
+    def _logits(self, x: Tensor, r) -> Tensor:
+        if self.row_of_ray is None:
+            return self.logits_fn(x)
+        return self.logits_fn(x, self.row_of_ray[r])
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         rays_t = torch.as_tensor(rays, dtype=torch.long, device=self.h.device)
@@ -42,7 +56,7 @@ class RayKL:
         out = []
         for s in range(0, len(rays_t), chunk):
             r, t = rays_t[s : s + chunk], ts_t[s : s + chunk]
-            logq = torch.log_softmax(self.logits_fn(self.h[r] + t[:, None] * self.v[r]), -1)
+            logq = torch.log_softmax(self._logits(self.h[r] + t[:, None] * self.v[r], r), -1)
             logp = self.logp[r]
             out.append((logp.exp() * (logp - logq)).sum(-1))
         self.calls += 1
@@ -69,18 +83,26 @@ def measure_from_suffix(
     directions: Tensor,
     eps: list[float],
     *,
+    rows: Tensor | None = None,
     guesses: np.ndarray | None = None,
     rtol: float = 1e-6,
 ) -> np.ndarray:
     """Measured first crossings (k, E) along each of ``directions`` (k, d) inside the network.
 
-    ``suffix`` is a ``models.suffix.PositionSuffix`` (its origin activation ``x0`` and its
-    ``logits(deltas)``); the search starts at ``1e-3 |x0|`` and gives up at ``1e6 |x0|``.
+    ``suffix`` is a ``models.suffix.SuffixBatch`` (ray ``r`` at its position ``rows[r]``) or
+    a ``PositionSuffix`` (every ray at its one position); its origin activations ``x0`` and
+    ``logits(deltas, rows)`` are used. The search starts at ``1e-3 |x0|`` and gives up at
+    ``1e6 |x0|``. All rays advance in lockstep: each step is one batched forward pass.
     """
-    x0 = suffix.x0
+    batch = getattr(suffix, "batch", suffix)
     k = directions.shape[0]
-    scale = np.full(k, max(float(x0.norm()), 1e-6))
-    kl = RayKL(lambda x: suffix.logits(x - x0), x0.expand(k, -1), directions)
+    if rows is None:
+        if batch.n_positions != 1:
+            raise ValueError("rays at a suffix of several positions need rows")
+        rows = torch.zeros(k, dtype=torch.long)
+    x0 = batch.x0[rows]
+    scale = x0.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
+    kl = RayKL(lambda x, r: batch.logits(x - batch.x0[r], r), x0, directions, rows=rows)
     with torch.no_grad():
         return measure_boundaries(
             kl, eps, guesses=guesses, t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol
