@@ -257,6 +257,12 @@ def _nearest(radii: np.ndarray) -> np.ndarray:
     return np.minimum(radii[0::2], radii[1::2])
 
 
+def _rays(a: Tensor, sign: float) -> Tensor:
+    """(P, n) -> (2P, n): rows 2j, 2j+1 = ``a_j``, ``sign * a_j`` (the rays +v, -v of position j,
+    the layout ``_nearest`` reads)."""
+    return torch.stack([a, sign * a], dim=1).reshape(-1, a.shape[-1])
+
+
 def _entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0 for one-hot p
 
@@ -304,7 +310,7 @@ def _prelogit_blocks(
 
         # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
         ray_h = h.repeat_interleave(2, dim=0)
-        ray_v = torch.stack([vecs, -vecs], dim=1).reshape(2 * P, -1)
+        ray_v = _rays(vecs, -1.0)
         curve = RayCurve.from_head(head, ray_h, ray_v)
         predicted = _pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
@@ -371,20 +377,16 @@ def _inner_blocks(
             rank = effective_rank(trace_g, lam[:, 0])
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
         v = vecs[:, 0]
-        # Logit derivatives along +v; along -v the odd ones flip sign. Rays 2j, 2j+1 = +v, -v.
+        # Logit derivatives along +v; along -v the odd ones flip sign.
         a1, a2, a3 = suffix.directional_derivatives(v, order=3)
-
-        def rays(a: Tensor, sign: float) -> Tensor:
-            return torch.stack([a, sign * a], dim=1).reshape(-1, a.shape[-1])
-
         c2, c3, c4 = series_coefficients(
-            op.p.repeat_interleave(2, dim=0), [rays(a1, -1.0), rays(a2, 1.0), rays(a3, -1.0)]
+            op.p.repeat_interleave(2, dim=0), [_rays(a1, -1.0), _rays(a2, 1.0), _rays(a3, -1.0)]
         )
         predicted = _pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         if exact:
             measured = measure_from_suffix(
                 suffix,
-                rays(v, -1.0),
+                _rays(v, -1.0),
                 eps_list,
                 rows=torch.arange(P).repeat_interleave(2),
                 guesses=predicted,

@@ -94,10 +94,12 @@ class SuffixBatch:
                 )
             self.cache_data = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._cache_masks = self._cache_allowed()
-        with torch.no_grad():
-            self.x0 = self._capture_origin()
-            zero = torch.zeros(len(self.positions), self.dim, dtype=self.dtype, device=device)
+        # One unperturbed pass gives both the activations at the hook and the logits.
+        captured: list[Tensor] = []
+        zero = torch.zeros(len(self.positions), self.dim, dtype=self.dtype, device=device)
+        with torch.no_grad(), adapter.capture(hook, captured):
             self.logits0 = self.logits(zero).to(torch.float64)
+        self.x0 = captured[0][0].to(torch.float64)  # (B, d)
 
     @property
     def n_positions(self) -> int:
@@ -158,13 +160,6 @@ class SuffixBatch:
                 )
             return torch.arange(self.n_positions, device=self._pos.device)
         return torch.as_tensor(rows, dtype=torch.long, device=self._pos.device)
-
-    def _capture_origin(self) -> Tensor:
-        """The unperturbed activations at the hook (B, d), in float64."""
-        captured: list[Tensor] = []
-        with self.adapter.capture(self.hook, captured):
-            self._run(torch.arange(self.n_positions, device=self._pos.device))
-        return captured[0][0].to(torch.float64)
 
     def logits(self, deltas: Tensor, rows: Tensor | None = None) -> Tensor:
         """Logits (R, V) for perturbations ``deltas`` (R, d); differentiable."""
