@@ -10,6 +10,7 @@ import stable_regions as sr
 from stable_regions.geometry import (
     FisherOperator,
     cumulants,
+    direction_cumulants,
     radius_pade,
     top_curvature,
     top_eigenpair_float64,
@@ -66,14 +67,25 @@ def test_float32_search_keeps_confident_positions_accurate():
     assert float((textbook[:2] / lam_ref[:2] - 1.0).abs().max()) > 10 * float(rel[:2].max())
 
 
-def test_float64_refinement_reaches_float64_accuracy_from_a_float32_search():
-    W, _ = _problem()
+@pytest.mark.parametrize("rtol", [1e-6, 1e-9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_position_eigenpair_reaches_the_requested_accuracy(rtol, with_bias):
+    """float32 passes over W, float64 where it decides the answer: the error stays within the
+    requested rtol (a Kato-Temple estimate), from a start restricted to 64 of 3000 tokens."""
     g = torch.Generator().manual_seed(3)
-    h = torch.randn(4, W.shape[1], generator=g, dtype=torch.float64)
-    lam_ref, _, _ = _dense_top(W, h @ W.T)
-    lam, v = top_eigenpair_float64(W, h, weight=W.float(), tol=1e-4)
-    torch.testing.assert_close(lam, lam_ref, rtol=1e-7, atol=0)  # the bench asks 1e-6
-    assert v.dtype == torch.float64
+    W32 = torch.randn(3000, 48, generator=g)
+    W = W32.double()  # the stored float32 values are the exact weights
+    bias = 0.5 * torch.randn(3000, generator=g).double() if with_bias else None
+    h = torch.randn(4, 48, generator=g, dtype=torch.float64)
+    h[0] = 6.0 * W[11] / W[11].norm()  # a confident row
+    h = h.float().double()  # a model's activations are float32 too
+    logits = h @ W.T + (0.0 if bias is None else bias)
+    lam_ref, vec_ref, p = _dense_top(W, logits)
+    assert float(p[0].max()) > 0.99
+    lam, v = top_eigenpair_float64(W32, h, bias=bias, rtol=rtol, tokens=64)
+    assert lam.dtype == v.dtype == torch.float64
+    assert float((lam / lam_ref - 1.0).abs().max()) < rtol
+    assert float((v * vec_ref).sum(-1).abs().min()) > 1.0 - 10 * rtol**0.5
 
 
 def test_bfloat16_search_then_float32_answer():
@@ -117,3 +129,18 @@ def test_scan_refuses_a_softcapped_head():
         pytest.skip("this tiny config has no softcap")
     with pytest.raises(sr.StableRegionsError, match="linear head"):
         Scanner(adapter)
+
+
+def test_direction_cumulants_match_float64_cumulants_at_flat_and_confident_origins():
+    W, logits = _problem()
+    g = torch.Generator().manual_seed(5)
+    v = torch.nn.functional.normalize(torch.randn(300, W.shape[1], generator=g), dim=-1)
+    W32 = W.float()
+    for row in (0, 3):  # p_top > 0.999, and a flat row
+        p = torch.softmax(logits[row].float().double(), -1)
+        _, k2, k3, k4 = cumulants(p, v.double() @ W32.double().T)
+        c2, c3, c4 = direction_cumulants(W32, logits[row].float(), v)
+        assert c2.dtype == torch.float64 and c2.shape == (300,)
+        for got, ref in ((c2, k2), (c3, k3), (c4, k4)):
+            scale = ref.abs().max()  # c3 crosses zero across directions
+            assert float(((got - ref).abs() / scale).max()) < 1e-5

@@ -9,6 +9,7 @@ Rows whose baseline library is not installed say so instead of timing it.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
@@ -29,6 +30,7 @@ from .geometry import (
     FisherOperator,
     PullbackOperator,
     RayCurve,
+    direction_cumulants,
     radius_pade,
     top_eigenpair_float64,
 )
@@ -191,11 +193,12 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     weight32 = adapter.unembed.weight.detach().float()
 
     def ours():
-        if not head.is_linear:  # a softcapped head: float64 Lanczos on the exact operator
+        if not head.is_linear or head.scale != 1.0:  # float64 Lanczos on the exact operator
             return float(
                 FisherOperator.from_head(head, h[None]).top_eigenpairs(k=1, tol=1e-10)[0][0, 0]
             )
-        lam, _ = top_eigenpair_float64(head.weight, h[None], weight=weight32, bias=head.bias)
+        # the accuracy this row asks for; the estimate behind rtol is second order (see there)
+        lam, _ = top_eigenpair_float64(weight32, h[None], bias=head.bias, rtol=1e-6)
         return float(lam[0])
 
     def func_hessian():
@@ -284,10 +287,16 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
     )
     eps = 0.1
     scale = np.full(s.directions, float(h.norm()))
+    weight32 = adapter.unembed.weight.detach().float()
 
     def ours():
-        curve = RayCurve(head, head.raw(h[None]), head.direction(v))
-        c2, c3, c4 = curve.coefficients()
+        if not head.is_linear or head.scale != 1.0:  # the float64 curve of the exact head
+            c2, c3, c4 = RayCurve(head, head.raw(h[None]), head.direction(v)).coefficients()
+        else:  # the logits from h, then the cumulants from float32 products, chunked
+            logits = h.float() @ weight32.T
+            if head.bias is not None:
+                logits = logits + head.bias.float()
+            c2, c3, c4 = direction_cumulants(weight32, logits, v)
         return radius_pade(c2, c3, eps, c4).numpy()
 
     def measured():
@@ -313,7 +322,7 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
 def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     from .models.suffix import SuffixBatch
 
-    model = adapter.float64()
+    model = adapter  # the model's own precision, as the maps run (no float64 twin: ~1 GB)
     ids = _prompt_ids(model, s.hvp_tokens)
     n = ids.shape[1]
     hook = model.hook_for_layer(model.n_layers // 2)
@@ -324,18 +333,20 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(
         torch.randn(suffix.dim, generator=g, dtype=torch.float64), dim=0
-    )
+    ).to(suffix.dtype)
 
     def full_logits(delta: torch.Tensor) -> torch.Tensor:
         with model.perturbation(hook, position, delta[None], seq_len=n):
             out = model.forward(ids, use_cache=False, logits_to_keep=1)
         return out.logits[0, -1]
 
-    def full():
+    def full():  # the same arithmetic as ours: products in the model's dtype, F in float64
         _, jv = torch.func.jvp(full_logits, (torch.zeros_like(v),), (v,))
+        jv = jv.to(p.dtype)
         u = p * jv - p * (p @ jv)
         _, pull = torch.func.vjp(full_logits, torch.zeros_like(v))
-        return pull(u)[0]
+        # a copy: the vjp's output keeps the whole recorded pass (~1.6 GB here) alive
+        return pull(u.to(suffix.dtype))[0].detach().to(p.dtype, copy=True)
 
     def ours():
         return op.matvec(v[None])[0]
@@ -435,14 +446,19 @@ ROWS = {
     "top_eig_final": row_top_eig_final,
     "scan_document_final": row_scan_document_final,
     "predict_vs_measure": row_predict_vs_measure,
-    # before pullback_hvp_mid, which loads the float64 twin the map does not need
     "map_prompt": row_map_prompt,
     "pullback_hvp_mid": row_pullback_hvp_mid,
 }
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to clear_refs)."""
+    """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to clear_refs), after
+    handing the heap memory freed by earlier rows back to the system (glibc keeps it
+    resident otherwise: ~1 GB after a map row's forward-mode pass, measured)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the mark includes what the allocator kept
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

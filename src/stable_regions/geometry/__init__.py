@@ -15,7 +15,13 @@ from .lanczos import LanczosRun, lanczos, lanczos_topk
 from .linf import linf_radius_bounds
 from .pullback import PullbackOperator
 from .roots import first_crossings
-from .topcurv import TopCurvature, search_dtype, top_curvature, top_eigenpair_float64
+from .topcurv import (
+    TopCurvature,
+    direction_cumulants,
+    search_dtype,
+    top_curvature,
+    top_eigenpair_float64,
+)
 
 __all__ = [
     "FisherOperator",
@@ -26,6 +32,7 @@ __all__ = [
     "RayCurve",
     "TopCurvature",
     "cumulants",
+    "direction_cumulants",
     "effective_rank",
     "first_crossings",
     "lanczos",
