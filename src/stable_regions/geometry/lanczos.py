@@ -37,13 +37,15 @@ def lanczos_topk(
 class LanczosRun:
     """What a Lanczos run found. ``basis`` (P, m, d) is the orthonormal Krylov basis Q and
     ``basis_trace`` (P,) is ``tr(Q^T A Q) = sum(alpha)``, exact with full reorthogonalization:
-    the part of ``tr A`` inside the Krylov space, for free."""
+    the part of ``tr A`` inside the Krylov space, for free. ``ritz_values`` (P, m): all Ritz
+    values of the last check, descending (e.g. a gap estimate beyond the ``k`` wanted)."""
 
     values: Tensor
     vectors: Tensor
     residuals: Tensor
     basis: Tensor
     basis_trace: Tensor
+    ritz_values: Tensor
 
 
 def lanczos(
@@ -120,8 +122,8 @@ def lanczos(
         beta[:, j] = b
         j += 1
         if j >= k and (j % check_every == 0 or j == m_cap):
-            theta, S = _tridiagonal_eigh(alpha[:, :j], beta[:, : j - 1])
-            theta, S = theta[:, :k], S[:, :, :k]
+            ritz, S = _tridiagonal_eigh(alpha[:, :j], beta[:, : j - 1])
+            theta, S = ritz[:, :k], S[:, :, :k]
             resid = (beta[:, j - 1, None] * S[:, -1, :]).abs()
             floor = (tol * theta[:, :1].abs()).clamp_min(1e-300)
             done = bool((resid <= floor).all())
@@ -130,7 +132,7 @@ def lanczos(
     vecs = torch.einsum("pmk,pmd->pkd", S, Q[:, :j])
     vecs = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     vecs = _fix_sign(vecs)
-    return LanczosRun(theta, vecs, resid, Q[:, :j], alpha[:, :j].sum(-1))
+    return LanczosRun(theta, vecs, resid, Q[:, :j], alpha[:, :j].sum(-1), ritz)
 
 
 def _tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .lanczos import lanczos
+
 EXACT_TOKENS = 256  # likeliest tokens whose logits top_eigenpair_float64 redoes in float64
 
 
@@ -341,8 +343,15 @@ def _top_eigenpair_one(
     # the start: H restricted to the likely tokens (the rest of the mass at their mean)
     pk = p[idx].to(low)
     mean = (pk @ rows_low) / pk.sum()
-    first = likely_token_start(weight, pk[exact[:32]][None], idx_exact[None, :32])[0]
-    v0, theta2_restricted = _restricted_top(rows_low, pk, mean, first, iterations=6, tol=1e-4)
+    first = likely_token_start(weight, pk[exact[:32]][None], idx_exact[None, :32])
+
+    def restricted(x: Tensor) -> Tensor:  # sum_i pk_i (w_i - mean)(w_i - mean)^T x, unformed
+        c = x @ rows_low.T - (x @ mean)[:, None]
+        return (pk * c) @ rows_low - (pk * c).sum(-1, keepdim=True) * mean
+
+    start = lanczos(restricted, first, k=1, tol=1e-4, max_iter=6, check_every=1)
+    v0 = start.vectors[0, 0]
+    theta2_restricted = float(start.ritz_values[0, 1]) if start.ritz_values.shape[1] > 1 else 0.0
 
     def forward(x: Tensor) -> Tensor:
         """``W x`` (m, V) float64 for rows ``x`` (m, d) in ``weight``'s dtype."""
@@ -354,9 +363,10 @@ def _top_eigenpair_one(
     AX = forward(X)  # pass 2
     while True:
         Xd = X.to(f64)
+        B = Xd @ Xd.T  # X is not quite orthonormal once rounded
         C = AX - (AX @ p)[:, None]
         G = (C * p) @ C.T  # X^T H X
-        L_inv = torch.linalg.inv(torch.linalg.cholesky(Xd @ Xd.T))
+        L_inv = torch.linalg.inv(torch.linalg.cholesky(B))
         theta_all, S = torch.linalg.eigh(L_inv @ G @ L_inv.T)
         s = L_inv.T @ S[:, -1]
         theta = theta_all[-1]
@@ -368,40 +378,7 @@ def _top_eigenpair_one(
         gap = max(1.0 - theta2 / float(theta), 0.0) / 2.0
         if rho**2 <= rtol * gap or X.shape[0] >= max_dim:
             return theta, u / u.norm()
-        r = r - Xd.T @ torch.linalg.solve(Xd @ Xd.T, Xd @ r)  # the new Krylov direction
+        r = r - Xd.T @ torch.linalg.solve(B, Xd @ r)  # the new Krylov direction
         x = (r / r.norm()).to(low)[None]
         X = torch.cat([X, x])
         AX = torch.cat([AX, forward(x)])  # a pass
-
-
-def _restricted_top(
-    rows: Tensor, pk: Tensor, mean: Tensor, start: Tensor, iterations: int, tol: float
-) -> tuple[Tensor, float]:
-    """Top eigenvector and second eigenvalue of ``sum_i pk_i (w_i - mean)(w_i - mean)^T``
-    over the given rows, by a few Lanczos steps (the factor is never formed)."""
-
-    def matvec(x: Tensor) -> Tensor:
-        c = rows @ x - mean @ x
-        return (pk * c) @ rows - mean * (pk @ c)
-
-    Q = [start / start.norm()]
-    alpha: list[float] = []
-    beta: list[float] = []
-    for j in range(iterations):
-        w = matvec(Q[j])
-        alpha.append(float(w @ Q[j]))
-        basis = torch.stack(Q)
-        for _ in range(2):
-            w = w - (basis @ w) @ basis
-        beta.append(float(w.norm()))
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if j > 0:
-            off = torch.tensor(beta[:-1], dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)
-        if abs(beta[-1] * float(S[-1, -1])) <= tol * float(theta[-1]) or beta[-1] == 0.0:
-            break
-        Q.append(w / beta[-1])
-    vector = S[:, -1].to(rows.dtype) @ torch.stack(Q[: len(alpha)])
-    second = float(theta[-2]) if len(alpha) > 1 else 0.0
-    return (vector / vector.norm()).to(rows.dtype), second
