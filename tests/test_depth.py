@@ -193,10 +193,11 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path):
     for i, layer in enumerate(layers):
         ref = sr.analyze(adapter, PROMPT, eps=0.1, positions=[0, 5, 17], layer=layer, exact=False)
         frame = ref.to_frame()
-        assert np.allclose(m.lambda_max[i], frame["lambda_max"], rtol=1e-6)
+        # the map: the model's precision (float32 at the final layer); analyze: float64
+        assert np.allclose(m.lambda_max[i], frame["lambda_max"], rtol=1e-5)
         assert np.allclose(m.radius[i], frame["radius_corrected"], rtol=1e-5)
         assert np.allclose(m.radius_quadratic[i], frame["radius_quadratic"], rtol=1e-5)
-        tol = 1e-9 if layer == "final" else 0.3  # inside: a trace estimate
+        tol = 1e-5 if layer == "final" else 0.3  # inside: a trace estimate
         assert np.allclose(m.effective_rank[i], frame["effective_rank"], rtol=tol)
     json_path, png_path = m.save(tmp_path / "out")
     doc = json.loads(json_path.read_text())

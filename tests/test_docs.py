@@ -33,3 +33,29 @@ def test_readme_columns_match_the_dataframe():
     text = (ROOT / "README.md").read_text()
     for col in COLUMNS:
         assert f"`{col}`" in text, col
+
+
+def test_readme_command_lines_list_every_command_and_option():
+    import argparse
+
+    from stable_regions.cli import _parser
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.startswith("stable-regions ")]
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        mine = [line for line in lines if line.split()[1] == name]
+        assert mine, f"`stable-regions {name}` is missing from the README's command lines"
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        options |= {
+            o
+            for n in nested
+            for p in n.choices.values()
+            for a in p._actions
+            for o in a.option_strings
+            if o.startswith("--")
+        }
+        for option in options - {"--help"}:
+            assert any(option in line for line in mine), f"{name} {option} is not in the README"

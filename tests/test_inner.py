@@ -125,6 +125,29 @@ def test_directional_derivatives_give_the_kl_series(arch, tokenizer):
     assert math.isclose(float(c4), ref[3], rel_tol=1e-6)
 
 
+def test_derivatives_run_with_frozen_weights_and_leave_them_as_they_were(tokenizer):
+    """The user's weights require grad (a model being trained); our passes freeze them while
+    they run (no weight-side graph, the fast constant linear) and give them back unchanged."""
+    model = tiny_model("llama")
+    assert all(p.requires_grad for p in model.parameters())
+    adapter = sr.wrap(model, tokenizer)
+    seen: list[bool] = []
+    handle = model.lm_head.register_forward_pre_hook(
+        lambda module, args: seen.append(module.weight.requires_grad)
+    )
+    try:
+        suffix = SuffixBatch(adapter, adapter.tokenize(PROMPT), "blocks.1.hook_resid_post", [3, 9])
+        seen.clear()  # its own passes run without grad: nothing is recorded there
+        op = PullbackOperator.from_suffix(suffix)
+        lam, vecs, _ = op.top_eigenpairs_and_trace(k=1, probes=4)
+        suffix.directional_derivatives(vecs[:, 0], order=3)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert bool((lam > 0).all())
+
+
 def test_exact_numerics_fixes_nested_forward_mode_layer_norm():
     """torch's own second-order forward-mode layer_norm is off; inside exact_numerics it is exact."""
     import torch.nn.functional as F

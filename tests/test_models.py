@@ -144,6 +144,18 @@ def test_analyze_radius_exact_brackets_the_model_boundary(arch_name, tokenizer):
     assert np.allclose(df.radius_quadratic, np.sqrt(2 * df.eps / df.lambda_max))
 
 
+def test_float64_head_is_a_copy_made_on_first_use(tokenizer):
+    model = tiny_model("gpt2", dtype=torch.float32)  # gpt2: a head without bias; opt has none too
+    adapter = sr.wrap(model, tokenizer)
+    stored = adapter.stored_head
+    assert stored.weight.data_ptr() == model.lm_head.weight.data_ptr()  # no copy
+    head = adapter.head
+    assert head.weight.dtype == torch.float64 and adapter.head is head  # made once
+    assert torch.equal(head.weight, stored.weight.double())
+    adapter.release_copies()
+    assert adapter.head is not head and torch.equal(adapter.head.weight, head.weight)
+
+
 def test_one_hot_distribution_gives_large_radius_not_nan(tokenizer):
     model = tiny_model("llama", seed=5)
     adapter = sr.wrap(model, tokenizer)

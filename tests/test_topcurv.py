@@ -10,6 +10,7 @@ import stable_regions as sr
 from stable_regions.geometry import (
     FisherOperator,
     cumulants,
+    curvature_trace,
     direction_cumulants,
     radius_pade,
     top_curvature,
@@ -144,3 +145,15 @@ def test_direction_cumulants_match_float64_cumulants_at_flat_and_confident_origi
         for got, ref in ((c2, k2), (c3, k3), (c4, k4)):
             scale = ref.abs().max()  # c3 crosses zero across directions
             assert float(((got - ref).abs() / scale).max()) < 1e-5
+
+
+def test_curvature_trace_matches_the_dense_trace_at_confident_and_flat_rows():
+    W, logits = _problem()
+    p = torch.softmax(logits, -1)
+    ref = torch.diagonal(FisherOperator(W, p).dense(), dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(curvature_trace(W, logits), ref, rtol=1e-10, atol=0)
+    # float32 products: still ~1e-6 at the confident rows (p_top > 0.999)
+    W32 = W.float()
+    p32 = torch.softmax(logits.float().double(), -1)
+    ref32 = torch.diagonal(FisherOperator(W32.double(), p32).dense(), dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(curvature_trace(W32, logits.float()), ref32, rtol=1e-5, atol=0)

@@ -395,11 +395,14 @@ def _inner_blocks(
         else:
             measured = np.full_like(predicted, np.nan)
         top_p, top_i = op.p.max(-1)
+        entropy = _entropy(op.p)
+        # the recorded pass and the cache go now, not when the next block replaces them
+        del suffix, op
         yield _Block(
             chunk,
             top_i,
             top_p,
-            _entropy(op.p),
+            entropy,
             lam[:, 0],
             rank,
             v,

@@ -9,7 +9,7 @@ Rows whose baseline library is not installed say so instead of timing it.
 
 from __future__ import annotations
 
-import ctypes
+import gc
 import math
 import os
 import platform
@@ -34,6 +34,7 @@ from .geometry import (
     radius_pade,
     top_eigenpair_float64,
 )
+from .heap import return_freed_memory
 from .models import ModelAdapter
 from .probes import RayKL, measure_boundaries
 from .prompts import corpus
@@ -186,20 +187,22 @@ class _SoftCrossEntropy(torch.nn.Module):
 
 
 def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
-    head = adapter.head
     h = _example_prelogit(adapter)
     d = h.shape[0]
-
-    weight32 = adapter.unembed.weight.detach().float()
+    stored = adapter.stored_head
+    weight32 = stored.weight.float()
 
     def ours():
-        if not head.is_linear or head.scale != 1.0:  # float64 Lanczos on the exact operator
-            return float(
-                FisherOperator.from_head(head, h[None]).top_eigenpairs(k=1, tol=1e-10)[0][0, 0]
-            )
+        if not stored.is_linear:  # float64 Lanczos on the exact operator
+            op = FisherOperator.from_head(adapter.head, h[None])
+            return float(op.top_eigenpairs(k=1, tol=1e-10)[0][0, 0])
         # the accuracy this row asks for; the estimate behind rtol is second order (see there)
-        lam, _ = top_eigenpair_float64(weight32, h[None], bias=head.bias, rtol=1e-6)
+        lam, _ = top_eigenpair_float64(weight32, h[None], bias=stored.bias, rtol=1e-6)
         return float(lam[0])
+
+    # our peak before the baselines allocate theirs (the float64 head, 226 MB for SmolLM2)
+    peak = peak_rss_of(ours)
+    head = adapter.head
 
     def func_hessian():
         H = torch.func.hessian(_kl_fn(head, h))(torch.zeros_like(h))
@@ -259,7 +262,6 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
         missing.append("curvlinops-for-pytorch")
     got = compare(contenders, s.repeats)
     ours_s, lam = got.pop("ours")
-    peak = peak_rss_of(ours)
     rows = [
         result_row(
             "top_eig_final",
@@ -279,7 +281,6 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
 
 
 def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
-    head = adapter.head
     h = _example_prelogit(adapter)
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(
@@ -287,17 +288,22 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
     )
     eps = 0.1
     scale = np.full(s.directions, float(h.norm()))
-    weight32 = adapter.unembed.weight.detach().float()
+    stored = adapter.stored_head
+    weight32 = stored.weight.float()
 
     def ours():
-        if not head.is_linear or head.scale != 1.0:  # the float64 curve of the exact head
+        if not stored.is_linear:  # the float64 curve of the exact head
+            head = adapter.head
             c2, c3, c4 = RayCurve(head, head.raw(h[None]), head.direction(v)).coefficients()
         else:  # the logits from h, then the cumulants from float32 products, chunked
             logits = h.float() @ weight32.T
-            if head.bias is not None:
-                logits = logits + head.bias.float()
+            if stored.bias is not None:
+                logits = logits + stored.bias.float()
             c2, c3, c4 = direction_cumulants(weight32, logits, v)
         return radius_pade(c2, c3, eps, c4).numpy()
+
+    peak = peak_rss_of(ours)  # before the baseline's float64 head exists
+    head = adapter.head
 
     def measured():
         kl = RayKL(head.logits, h.expand(s.directions, -1), v)
@@ -314,7 +320,7 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
             ours_s=ours_s,
             baseline_s=base_s,
             max_rel_err=float(np.max(np.abs(pred / meas - 1.0))),
-            peak_rss_mb=peak_rss_of(ours),
+            peak_rss_mb=peak,
         )
     ]
 
@@ -341,12 +347,13 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
         return out.logits[0, -1]
 
     def full():  # the same arithmetic as ours: products in the model's dtype, F in float64
-        _, jv = torch.func.jvp(full_logits, (torch.zeros_like(v),), (v,))
-        jv = jv.to(p.dtype)
-        u = p * jv - p * (p @ jv)
-        _, pull = torch.func.vjp(full_logits, torch.zeros_like(v))
-        # a copy: the vjp's output keeps the whole recorded pass (~1.6 GB here) alive
-        return pull(u.to(suffix.dtype))[0].detach().to(p.dtype, copy=True)
+        with model.frozen():  # as ours: no weight-side graph
+            _, jv = torch.func.jvp(full_logits, (torch.zeros_like(v),), (v,))
+            jv = jv.to(p.dtype)
+            u = p * jv - p * (p @ jv)
+            _, pull = torch.func.vjp(full_logits, torch.zeros_like(v))
+            # a copy: the vjp's output keeps the whole recorded pass (~1.6 GB here) alive
+            return pull(u.to(suffix.dtype))[0].detach().to(p.dtype, copy=True)
 
     def ours():
         return op.matvec(v[None])[0]
@@ -368,7 +375,6 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
 def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     from .scan import Scanner
 
-    head = adapter.head
     ids = _prompt_ids(adapter, s.document_tokens)
     eps = [0.1]
     scanner = Scanner(adapter)
@@ -386,7 +392,9 @@ def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dic
     # the check: float64 Lanczos to 1e-12 at every 8th position
     h_all = adapter.prelogits(ids)
     check = list(range(0, len(h_all), 8))
-    ref = FisherOperator.from_head(head, h_all[check]).top_eigenpairs(k=1, tol=1e-12)[0][:, 0]
+    ref = FisherOperator.from_head(adapter.head, h_all[check]).top_eigenpairs(k=1, tol=1e-12)[0][
+        :, 0
+    ]
     err = float((found["lambda_max"][check] / ref - 1.0).abs().max())
     return [
         result_row(
@@ -455,10 +463,7 @@ def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to clear_refs), after
     handing the heap memory freed by earlier rows back to the system (glibc keeps it
     resident otherwise: ~1 GB after a map row's forward-mode pass, measured)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the mark includes what the allocator kept
-        pass
+    return_freed_memory()  # without glibc the mark includes what the allocator kept
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -496,6 +501,9 @@ def run_bench(
             out_rows += ROWS[name](adapter, settings)
         except Exception as exc:  # a failed row is reported, the others still run
             out_rows.append(result_row(name, f"failed: {type(exc).__name__}: {exc}"))
+        # a row's float64 copies are not the next row's memory
+        adapter.release_copies()
+        gc.collect()
         if progress is not None:
             progress(i + 1, len(names))
     return {

@@ -175,7 +175,7 @@ def json_number(x: float) -> float | str:
 
 def model_fingerprint(adapter) -> dict:
     """Sizes and a few unembedding row norms: enough to tell models apart, dtype-tolerant."""
-    w = adapter.head.weight
+    w = adapter.stored_head.weight  # no float64 copy: the norms are taken in float64
     idx = np.linspace(0, w.shape[0] - 1, 16).round().astype(int).tolist()
     norms = w[idx].double().norm(dim=-1).tolist()
     return {

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 from .errors import StableRegionsError, one_line
+from .heap import map_large_allocations
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +221,49 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--out", metavar="DIR", help="output directory (default ./validation-MODEL)")
     va.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR")
 
+    sc = sub.add_parser(
+        "scan",
+        help="every position of documents or a corpus: lambda_max and radius, for about the "
+        "price of running the model",
+        description=(
+            "Runs the model over each document (in overlapping windows when it is long) and, "
+            "at every position's pre-logit vector, finds lambda_max, its direction and the "
+            "closed-form radii along it (quadratic and corrected, nearest exit over both "
+            "signs). Nothing is measured on the model: check positions with `analyze`. Writes "
+            "DIR/results.parquet (one row per position and eps), DIR/summary.json and "
+            "DIR/radius.png; documents are written as they finish, and --resume continues an "
+            "interrupted scan."
+        ),
+    )
+    sc.add_argument(
+        "documents",
+        nargs="+",
+        metavar="FILE",
+        help="text files (each one document) or .jsonl files (one document per line, in a "
+        "'text' field)",
+    )
+    _add_model(sc)
+    _add_eps(sc, [0.1])
+    sc.add_argument(
+        "--window",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="tokens per forward pass (default 1024, at most the model's context)",
+    )
+    sc.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens of context a window repeats from the one before (default window/8)",
+    )
+    sc.add_argument("--out", metavar="DIR", help="output directory (default ./scan-MODEL)")
+    sc.add_argument("--resume", action="store_true", help="continue the unfinished scan in DIR")
+    sc.add_argument(
+        "--top", type=int, default=10, metavar="K", help="fragile positions to print (default 10)"
+    )
+
     bn = sub.add_parser(
         "bench",
         help="benchmarks: our closed forms and operators against the tools people would use instead",
@@ -256,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    map_large_allocations()  # what a long run frees goes back to the system
     try:
         if args.command == "analyze":
             return _analyze(args)
@@ -271,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "scan":
+            return _scan(args)
     except StableRegionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -665,6 +712,66 @@ def _validate(args) -> int:
     for name in ("results.parquet", "summary.json", "report.html", "calibration.json"):
         if (run.out / name).exists():
             print(run.out / name)
+    return 0
+
+
+def _scan(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .analysis import check_eps
+    from .prompts import read_documents
+    from .scan import document_windows, scan_corpus
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    eps = check_eps(args.eps)
+    document_windows(1, args.window, args.window // 8 if args.overlap is None else args.overlap)
+    if args.top < 0:
+        raise StableRegionsError("--top must be 0 or more")
+    documents = read_documents(args.documents)
+    err, adapter = _load_with_status(args.model)
+    out = args.out or f"scan-{os.path.basename(adapter.name.rstrip('/'))}"
+    with _progress(err, "scanning tokens") as tick:
+        run = scan_corpus(
+            adapter,
+            documents,
+            out=out,
+            eps=eps,
+            window=args.window,
+            overlap=args.overlap,
+            resume=args.resume,
+            progress=tick,
+        )
+    console = Console()
+    if args.top:
+        e = run.frame.eps.iloc[0]
+        table = Table(
+            title=f"{args.top} most fragile positions at eps {e:g} "
+            f"(of {len(run.frame[run.frame.eps == e])})",
+            title_justify="left",
+        )
+        for col in ("document", "position", "token", "next token", "p", "lambda_max", "radius"):
+            table.add_column(
+                col, justify="left" if col in ("document", "token", "next token") else "right"
+            )
+        for r in run.fragile(args.top).itertuples():
+            table.add_row(
+                escape(str(r.doc_id)[-32:]),
+                str(r.position),
+                escape(repr(r.token)),
+                escape(repr(r.next_token)),
+                f"{r.next_prob:.3f}",
+                f"{r.lambda_max:.4g}",
+                f"{r.radius_corrected:.4g}",
+            )
+        console.print(table)
+        console.print(
+            "[dim]radius: the corrected closed form along the top curvature direction (nearest "
+            "exit over both signs), in the units of the pre-logit vector[/dim]"
+        )
+    for name in ("results.parquet", "summary.json", "radius.png"):
+        print(run.out / name)
     return 0
 
 

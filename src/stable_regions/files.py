@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import StableRegionsError
+
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
@@ -33,3 +35,52 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     """Write ``obj`` as indented UTF-8 JSON with a final newline, atomically."""
     return write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def write_parquet(frame, path: str | Path) -> Path:
+    """Write a pandas DataFrame as Parquet, atomically."""
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool, kind: str) -> None:
+    """Begin a run that writes into directory ``out`` as it goes, or continue one.
+
+    ``record`` describes the run (tool, model, settings, inputs); ``manifest_path`` holds it
+    with ``"complete": false`` until the run ends. An existing run is continued only with
+    ``resume`` and the same record; a directory holding anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise StableRegionsError(f"--out {out} is a file: give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not manifest_path.is_file():
+            raise StableRegionsError(
+                f"{out} is not empty and holds no {kind}: choose another --out"
+            )
+        try:
+            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StableRegionsError(
+                f"{manifest_path} is corrupt: remove {out} or choose another --out"
+            ) from None
+        if previous.get("tool") != record.get("tool"):
+            raise StableRegionsError(
+                f"{out} holds a {previous.get('tool', 'different')} run, not a {kind}: "
+                "choose another --out"
+            )
+        state = "finished" if previous.get("complete") else "unfinished"
+        if not resume:
+            raise StableRegionsError(
+                f"{out} already holds a {state} run: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        previous.pop("complete", None)
+        changed = sorted(k for k in record if previous.get(k) != record[k])
+        if changed:
+            raise StableRegionsError(
+                f"--resume: the run in {out} used different {', '.join(changed)}: "
+                "rerun with the same options, or choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    # From here on the run is unfinished until it ends (also a resumed finished one).
+    write_json(manifest_path, {**record, "complete": False})

@@ -5,8 +5,10 @@ radius at one eps (``radius_corrected``, the 4th-order Pade form; ``radius_quadr
 beside it) and the effective rank ``tr G / lambda_max``. Nothing is measured on the model: a map
 is the cheap overview, ``analyze`` checks any cell against the truth.
 
-Inside the network the cells trade a little accuracy for speed: all positions of a layer go
-through the network together (``models.suffix.SuffixBatch``), in the model's own precision
+The cells trade a little accuracy for speed. At the final layer they come in float32 from
+the logits, as a document scan's do (``scan.Scanner`` and ``geometry.curvature_trace``, no float64 copy of the
+head; within ~1e-6 of float64 on a tiny model). Inside the network all positions of a layer go
+through the network together (``models.suffix.SuffixBatch``) in the model's own precision
 (float32 for the bundled models: lambda_max within 1e-5 of float64 on SmolLM2), Lanczos stops
 at a looser tolerance (``eig_tol``, default 1e-4 relative residual; the eigenvalue's error is
 of the order of its square) and the trace behind the effective rank is the Krylov space's
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from .analysis import (
     _inner_blocks,
@@ -32,9 +36,11 @@ from .analysis import (
 )
 from .errors import StableRegionsError
 from .files import write_json
-from .geometry import radius_quadratic
-from .models import PRELOGIT
+from .geometry import curvature_trace, effective_rank, radius_quadratic
+from .heap import return_freed_memory
+from .models import PRELOGIT, ModelAdapter
 from .plotting import pyplot, save
+from .scan import Scanner, position_block
 
 QUANTITIES = ("radius", "lambda_max", "effective_rank")
 
@@ -159,7 +165,9 @@ def stability_map(
     grids = {name: np.full(shape, np.nan) for name in (*QUANTITIES, "radius_quadratic")}
     total, done = shape[0] * shape[1], 0
     for i, hook in enumerate(hooks):
-        if hook == PRELOGIT:
+        if hook == PRELOGIT and adapter.logit_softcap is None:
+            blocks = _final_layer_cells(adapter, ids, pos, e, eig_tol)
+        elif hook == PRELOGIT:  # softcapped logits: the float64 head's exact operator
             blocks = _prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
         else:
             blocks = _inner_blocks(
@@ -172,6 +180,7 @@ def stability_map(
             grids["radius"][i, cols] = b.corrected[:, 0]
             grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
             done += len(cols)
+            return_freed_memory()  # else the resident set creeps block after block
             if progress is not None:
                 progress(done, total)
     tokens = adapter.token_strings(ids[0])
@@ -187,6 +196,38 @@ def stability_map(
         grids["lambda_max"],
         grids["effective_rank"],
     )
+
+
+@dataclass
+class _Cells:
+    """A block of cells of one layer (the fields of ``analysis._Block`` that a map reads)."""
+
+    positions: list[int]
+    lambda_max: Tensor
+    effective_rank: Tensor
+    corrected: np.ndarray  # (positions, 1): nearest exit over +-v
+
+
+def _final_layer_cells(
+    adapter: ModelAdapter, ids: Tensor, pos: list[int], eps: float, eig_tol: float
+):
+    """The pre-logit vector with a linear head, in float32 from the logits as a document scan
+    does (``scan.Scanner``, ``geometry.curvature_trace``): no float64 copy of the head. The
+    search runs in float32 to ``eig_tol``, as the inner layers' Lanczos: a bfloat16 search
+    (the scan's default) left 5e-4 in the radius of a flat position of a tiny model."""
+    scanner = Scanner(adapter, tol=eig_tol, search=torch.float32)
+    h = adapter.prelogits(ids, dtype=None)[pos]
+    block = position_block(adapter.vocab_size)
+    for s in range(0, len(pos), block):
+        logits = scanner.logits(h[s : s + block])
+        found = scanner.scan_logits(logits, [eps])
+        trace = curvature_trace(scanner.weight, logits)
+        yield _Cells(
+            pos[s : s + block],
+            found["lambda_max"],
+            effective_rank(trace, found["lambda_max"]),
+            found["radius"].numpy(),
+        )
 
 
 def _token_label(token: str) -> str:

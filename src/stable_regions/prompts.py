@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,34 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise StableRegionsError(f"prompt file {path}: id {dup!r} appears more than once")
     return prompts
+
+
+def read_documents(paths: Sequence[str | Path]) -> list[Prompt]:
+    """Documents to scan: a ``.jsonl`` file gives one per line (``read_prompt_file``), any
+    other file is one document, its whole text, with the path as its id."""
+    if not paths:
+        raise StableRegionsError("no documents given: pass text files or .jsonl files")
+    docs: list[Prompt] = []
+    for path in map(Path, paths):
+        if path.suffix.lower() == ".jsonl":
+            docs += [
+                Prompt(f"{path}:{p.id}", p.text, p.kind, str(path)) for p in read_prompt_file(path)
+            ]
+            continue
+        if not path.is_file():
+            raise StableRegionsError(f"document {path} not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise StableRegionsError(f"document {path} is not UTF-8 text") from None
+        if not text.strip():
+            raise StableRegionsError(f"document {path} is empty")
+        docs.append(Prompt(str(path), text, "", str(path)))
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise StableRegionsError(f"document {dup} is given twice")
+    return docs
 
 
 def package_path(*parts: str) -> Path:

@@ -14,12 +14,25 @@ the model's own float32 logits (~1e-5).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
+from .analysis import as_adapter, check_eps
+from .calibration import model_fingerprint
 from .errors import StableRegionsError
-from .geometry import radius_pade, search_dtype, top_curvature
+from .files import start_or_resume, write_json, write_parquet
+from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
+from .heap import return_freed_memory
 from .models import ModelAdapter
+from .plotting import pyplot, save
+from .prompts import Prompt
 
 
 def position_block(vocab_size: int) -> int:
@@ -39,13 +52,14 @@ class Scanner:
         tokens: int = 32,
         search: torch.dtype | None = None,
     ) -> None:
-        head = adapter.head
-        if not head.is_linear or head.scale != 1.0:
+        if adapter.logit_softcap is not None:
             raise StableRegionsError(
                 "the fast scan needs a linear head (this model caps or scales its logits): "
                 "use `analyze` for it"
             )
         self.weight = adapter.unembed.weight.detach().to(torch.float32)
+        bias = adapter.unembed.bias
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
         dtype = search or search_dtype()  # default: bfloat16 where the CPU has it natively
         self.search = None if dtype == torch.float32 else self.weight.to(dtype)
         self.tol = tol
@@ -84,3 +98,222 @@ class Scanner:
         """One forward pass over ``ids`` (1, n), then ``scan_logits`` on its logits."""
         logits = adapter.forward(ids, use_cache=False).logits[0]
         return self.scan_logits(logits, eps)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Float32 logits (n, V) of pre-logit vectors h (n, d)."""
+        z = h.to(torch.float32) @ self.weight.T
+        return z if self.bias is None else z.add_(self.bias)
+
+    @torch.no_grad()
+    def scan_prelogits(self, h: Tensor, eps: list[float]) -> dict[str, Tensor]:
+        """``scan_logits`` from pre-logit vectors h (n, d), the logits made a block at a time
+        (never all n x V at once), with the next token's id and probability and the entropy
+        (nats) of each position's distribution."""
+        out: dict[str, list[Tensor]] = {}
+        block = position_block(self.weight.shape[0])
+        for s in range(0, len(h), block):
+            logits = self.logits(h[s : s + block])
+            logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+            top_logp, top = logp.max(-1)
+            found = {
+                "next_token": top,
+                "next_prob": top_logp.exp(),
+                "entropy": -(logp.exp() * logp).sum(-1) + 0.0,  # + 0.0: no -0.0
+                **self.scan_logits(logits, eps),
+            }
+            del logp
+            for k, v in found.items():
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """What a corpus scan computes; a resumed scan must have the same settings."""
+
+    eps: list[float]
+    window: int
+    overlap: int
+
+
+def document_windows(n: int, window: int, overlap: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, first)`` of the windows that cover ``n`` tokens: ``window`` tokens each,
+    each after the first starting ``overlap`` tokens before the previous one stopped and
+    reporting positions ``first..stop-1`` only, so every reported position sees at least
+    ``overlap`` tokens before it (or the whole document before it)."""
+    if window < 2 or not 0 <= overlap < window:
+        raise StableRegionsError(
+            f"window {window} and overlap {overlap}: need window >= 2 and 0 <= overlap < window"
+        )
+    out, start = [], 0
+    while True:
+        stop = min(n, start + window)
+        out.append((start, stop, start if start == 0 else start + overlap))
+        if stop == n:
+            return out
+        start = stop - overlap
+
+
+@dataclass
+class CorpusScan:
+    """A finished corpus scan: ``frame`` one row per (document, position, eps), ``summary``
+    one dict per document, ``out`` the directory holding them."""
+
+    out: Path
+    frame: pd.DataFrame
+    summary: list[dict]
+
+    def fragile(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` positions of smallest corrected radius at the first eps."""
+        first = self.frame[self.frame.eps == self.frame.eps.iloc[0]]
+        return first.nsmallest(k, "radius_corrected")
+
+
+def scan_corpus(
+    model,
+    documents: Sequence[Prompt],
+    *,
+    out: str | Path,
+    eps: Sequence[float] = (0.1,),
+    window: int = 1024,
+    overlap: int | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CorpusScan:
+    """Scan every position of every document at the pre-logit vector; write
+    ``out/{results.parquet, summary.json, radius.png}``.
+
+    Each document is tokenized whole and run in windows of ``window`` tokens
+    (``document_windows``: consecutive windows overlap by ``overlap`` tokens, default
+    ``window // 8``, so a position near a window's start still has context). Per position: the next token and its
+    probability, the entropy, ``lambda_max`` and the closed-form radii along the top
+    curvature direction (``radius_quadratic`` the published one, ``radius_corrected`` the
+    4th-order Pade form, nearest exit over both signs) at each eps. Documents are written as
+    they finish (``out/parts``), so ``resume=True`` continues an interrupted scan.
+
+    ``progress(done, total)`` counts tokens.
+    """
+    overlap = int(window) // 8 if overlap is None else overlap
+    settings = ScanSettings(check_eps(eps), int(window), int(overlap))
+    document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
+    documents = list(documents)
+    if not documents:
+        raise StableRegionsError("no documents given")
+    adapter = as_adapter(model)
+    scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
+    limit = adapter.context_length
+    if limit is not None and settings.window > limit:
+        settings = ScanSettings(settings.eps, limit, min(settings.overlap, limit // 2))
+    out = Path(out)
+    manifest_path = out / "manifest.json"
+    record = {
+        "tool": "stable-regions scan",
+        "model": adapter.name,
+        "fingerprint": model_fingerprint(adapter),
+        "settings": asdict(settings),
+        "documents": hashlib.sha256("\n".join(d.digest for d in documents).encode()).hexdigest(),
+        "n_documents": len(documents),
+    }
+    token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]
+    start_or_resume(out, manifest_path, record, resume, "scan")
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    part_path = [parts / f"{i:05d}.parquet" for i in range(len(documents))]
+    total = sum(len(t) for t in token_ids)
+    done = sum(len(t) for t, p in zip(token_ids, part_path, strict=True) if p.exists())
+    if progress is not None:
+        progress(done, total)
+    for doc, ids, path in zip(documents, token_ids, part_path, strict=True):
+        if path.exists():
+            continue
+        frames = []
+        for start, stop, first in document_windows(len(ids), settings.window, settings.overlap):
+            h = adapter.prelogits(ids[None, start:stop], dtype=None)[first - start :]
+            found = scanner.scan_prelogits(h, settings.eps)
+            frames.append(_positions_frame(adapter, doc.id, ids, first, found, settings.eps))
+            done += stop - first
+            if progress is not None:
+                progress(done, total)
+        write_parquet(pd.concat(frames, ignore_index=True), path)
+        return_freed_memory()
+    frame = pd.concat([pd.read_parquet(p) for p in part_path], ignore_index=True)
+    summary = [
+        _document_summary(doc.id, f)
+        for doc, (_, f) in zip(documents, frame.groupby("doc_id", sort=False), strict=True)
+    ]
+    write_parquet(frame, out / "results.parquet")
+    write_json(
+        out / "summary.json",
+        {"model": adapter.name, "settings": asdict(settings), "documents": summary},
+    )
+    plot_radius_along_documents(frame, out / "radius.png")
+    write_json(manifest_path, {**record, "complete": True})
+    return CorpusScan(out, frame, summary)
+
+
+def _positions_frame(
+    adapter: ModelAdapter, doc_id: str, ids: Tensor, first: int, found: dict, eps: list[float]
+) -> pd.DataFrame:
+    n = len(found["lambda_max"])
+    positions = np.arange(first, first + n)
+    tokens = adapter.token_strings(ids[first : first + n])
+    next_tokens = adapter.token_strings(found["next_token"])
+    per_position = {
+        "doc_id": doc_id,
+        "position": positions,
+        "token": tokens,
+        "next_token": next_tokens,
+        "next_prob": found["next_prob"].numpy(),
+        "entropy": found["entropy"].numpy(),
+        "lambda_max": found["lambda_max"].numpy(),
+        "residual": found["residual"].numpy(),
+    }
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    **per_position,
+                    "eps": e,
+                    "radius_quadratic": radius_quadratic(found["lambda_max"], e).numpy(),
+                    "radius_corrected": found["radius"][:, j].numpy(),
+                }
+            )
+            for j, e in enumerate(eps)
+        ],
+        ignore_index=True,
+    ).sort_values(["position", "eps"], ignore_index=True)
+
+
+def _document_summary(doc_id: str, frame: pd.DataFrame) -> dict:
+    first = frame[frame.eps == frame.eps.iloc[0]]
+    low = first.loc[first.radius_corrected.idxmin()]
+    return {
+        "doc_id": doc_id,
+        "positions": int(len(first)),
+        "eps": float(first.eps.iloc[0]),
+        "median_radius_corrected": float(first.radius_corrected.median()),
+        "min_radius_corrected": float(low.radius_corrected),
+        "min_position": int(low.position),
+        "min_token": str(low.token),
+        "median_lambda_max": float(first.lambda_max.median()),
+    }
+
+
+def plot_radius_along_documents(frame: pd.DataFrame, path: str | Path, labelled: int = 8) -> Path:
+    """The corrected radius at the first eps along each document's positions (log scale)."""
+    plt = pyplot()
+    first = frame[frame.eps == frame.eps.iloc[0]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, (doc_id, f) in enumerate(first.groupby("doc_id", sort=False)):
+        if i < labelled:
+            ax.plot(f.position, f.radius_corrected, lw=0.9, label=str(doc_id)[-40:])
+        else:
+            ax.plot(f.position, f.radius_corrected, lw=0.5, color="0.7")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (token index in the document)")
+    ax.set_ylabel(f"radius at eps {first.eps.iloc[0]:g} (corrected)")
+    ax.set_title(
+        "How far each position's pre-logit vector can move along its top curvature direction"
+    )
+    ax.legend(fontsize=7, loc="best")
+    return save(fig, path)

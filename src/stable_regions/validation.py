@@ -32,7 +32,6 @@ appear only at the end, and ``manifest.json`` says ``"complete": true`` last of 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from .calibration import (
     resolve_calibration,
 )
 from .errors import StableRegionsError
-from .files import replacing, write_json
+from .files import start_or_resume, write_json, write_parquet
 from .geometry import FisherOperator, RayCurve, radius_quadratic
 from .models import PRELOGIT, ModelAdapter
 from .probes import measure_boundaries
@@ -436,11 +435,6 @@ class ValidationRun:
         return pd.DataFrame(self.summary)
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with replacing(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
 def validate(
     model,
     prompts: Sequence[Prompt] | None = None,
@@ -499,7 +493,7 @@ def validate(
         "n_prompts": len(prompts),
         "calibration": "fit" if fitting else None if fixed is None else str(fixed.path or "given"),
     }
-    _start_or_resume(out, manifest_path, record, resume)
+    start_or_resume(out, manifest_path, record, resume, "validation run")
 
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
@@ -513,7 +507,7 @@ def validate(
         if part.exists():
             continue
         partner = prompts[(i + 1) % total] if total > 1 else None
-        _write_parquet(layer.measure(prompt, partner), part)
+        write_parquet(layer.measure(prompt, partner), part)
         done += 1
         if progress is not None:
             progress(done, total)
@@ -531,42 +525,10 @@ def validate(
     else:
         frame["split"] = "test"
     summary = summarize(frame, adapter.name)
-    _write_parquet(frame, out / "results.parquet")
+    write_parquet(frame, out / "results.parquet")
     write_json(out / "summary.json", summary)
     from .report import write_report
 
     write_report(out / "report.html", frame, summary, record, used)
     write_json(manifest_path, {**record, "complete": True})
     return ValidationRun(out, frame, summary, used)
-
-
-def _start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StableRegionsError(f"--out {out} is a file: give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not manifest_path.is_file():
-            raise StableRegionsError(
-                f"{out} is not empty and holds no validation run: choose another --out"
-            )
-        try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StableRegionsError(
-                f"{manifest_path} is corrupt: remove {out} or choose another --out"
-            ) from None
-        state = "finished" if previous.get("complete") else "unfinished"
-        if not resume:
-            raise StableRegionsError(
-                f"{out} already holds a {state} run: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        previous.pop("complete", None)
-        changed = sorted(k for k in record if previous.get(k) != record[k])
-        if changed:
-            raise StableRegionsError(
-                f"--resume: the run in {out} used different {', '.join(changed)}: "
-                "rerun with the same options, or choose another --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    # From here on the run is unfinished until it ends (also a resumed finished one).
-    write_json(manifest_path, {**record, "complete": False})

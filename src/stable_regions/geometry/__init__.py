@@ -17,6 +17,7 @@ from .pullback import PullbackOperator
 from .roots import first_crossings
 from .topcurv import (
     TopCurvature,
+    curvature_trace,
     direction_cumulants,
     search_dtype,
     top_curvature,
@@ -32,6 +33,7 @@ __all__ = [
     "RayCurve",
     "TopCurvature",
     "cumulants",
+    "curvature_trace",
     "direction_cumulants",
     "effective_rank",
     "first_crossings",

@@ -24,7 +24,7 @@ from torch import Tensor
 from .lanczos import LanczosRun, lanczos
 
 # Logit-tangent elements (P x chunk x V) per forward-mode pass of quadratic_form: ~128 MB in float64.
-ELEMENTS_PER_CHUNK = 1 << 24
+ELEMENTS_PER_CHUNK = 1 << 23
 
 
 class PullbackOperator:
@@ -66,15 +66,21 @@ class PullbackOperator:
         """``v^T G v`` for directions (P, k, d) -> (P, k), as ``Var_p(J v)``.
 
         The directions go through in chunks, so that the (P, chunk, V) logit tangents stay
-        near ``ELEMENTS_PER_CHUNK`` (never P x k x V at once)."""
+        near ``ELEMENTS_PER_CHUNK`` (never P x k x V at once), and the variance is taken in
+        place: ``b = a - a_top`` (the top token's tangent, so that ``sum p b^2`` does not
+        cancel against the squared mean at a confident position), then
+        ``sum p b^2 - (sum p b)^2``, the sums as batched products with p."""
         P, k, _ = v.shape
         chunk = max(1, ELEMENTS_PER_CHUNK // (P * self.p.shape[-1]))
-        p = self.p[:, None]
+        p = self.p[:, :, None]  # (P, V, 1)
+        top = self.p.argmax(-1)[:, None, None]
         out = []
         for s in range(0, k, chunk):
-            a = self.jvp(v[:, s : s + chunk])
-            mean = (p * a).sum(-1, keepdim=True)
-            out.append((p * (a - mean) ** 2).sum(-1))
+            a = self.jvp(v[:, s : s + chunk])  # (P, c, V), float64
+            a.sub_(a.gather(2, top.expand(-1, a.shape[1], 1)))
+            mean = torch.bmm(a, p)[..., 0]
+            out.append(torch.bmm(a.mul_(a), p)[..., 0] - mean**2)
+            del a
         return torch.cat(out, dim=1)
 
     def diagonal(self, chunk: int = 64) -> Tensor:

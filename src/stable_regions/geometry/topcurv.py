@@ -125,6 +125,36 @@ def direction_cumulants(
     return mu2, mu3, mu4 - 3.0 * mu2**2
 
 
+def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
+    """``tr H`` (P,) float64 at logits (P, V) of a linear head with unembedding ``weight`` (V, d).
+
+        tr H = sum_i p_i ||w_i - w_c||^2 - ||sum_i p_i (w_i - w_c)||^2
+
+    (the total variance of ``w`` under p, shift-invariant), centered at the top token c: at a
+    confident position both terms are O(1 - p_c) and nothing cancels, where the textbook
+    ``sum p ||w||^2 - ||W^T p||^2`` loses ``1e-7 / (1 - p_c)`` in float32. The c term is left
+    out (exactly zero). Products in ``weight``'s dtype over vocabulary chunks, sums float64.
+    """
+    f64 = torch.float64
+    p = torch.softmax(logits.to(f64), dim=-1)
+    c = p.argmax(-1)
+    rest = p.scatter(1, c[:, None], 0.0)  # p' (P, V)
+    w_c = weight[c]  # (P, d)
+    n_c = w_c.to(f64).pow(2).sum(-1, keepdim=True)
+    spread = torch.zeros(len(p), dtype=f64)
+    pull = torch.zeros(w_c.shape, dtype=f64)  # W^T p'
+    V = weight.shape[0]
+    for s in range(0, V, _chunk(len(p), V)):
+        rows = weight[s : s + _chunk(len(p), V)]
+        n_i = rows.to(f64).pow(2).sum(-1)
+        d2 = n_i[None] + n_c - 2.0 * (w_c @ rows.T).to(f64)  # ||w_i - w_c||^2
+        r = rest[:, s : s + len(rows)]
+        spread += (r * d2).sum(-1)
+        pull += (r.to(weight.dtype) @ rows).to(f64)
+    mean = pull - rest.sum(-1, keepdim=True) * w_c.to(f64)  # sum_i p'_i (w_i - w_c)
+    return spread - mean.pow(2).sum(-1)
+
+
 def _chunk(P: int, V: int) -> int:
     """Vocabulary columns per chunk: a (P, chunk) float32 block of ~1 MB stays in cache."""
     return int(min(V, max(1024, (1 << 18) // max(P, 1))))

@@ -28,7 +28,6 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .adapter import ModelAdapter
-from .precision import exact_numerics
 
 
 def rows_per_pass(vocab_size: int) -> int:
@@ -138,7 +137,6 @@ class SuffixBatch:
         # The rows form one sequence (batch 1): they share the cache without copying it per
         # row, and the mask keeps them apart.
         kwargs: dict = dict(
-            input_ids=self._tokens[rows][None],
             position_ids=self._pos[rows][None],
             attention_mask=self._attention_mask(rows),
         )
@@ -148,9 +146,9 @@ class SuffixBatch:
             )
         else:
             kwargs.update(use_cache=False)
-        # exact_numerics: float64 stays float64, and layer_norm gets correct higher forward-mode derivatives
-        with exact_numerics(self.exact):
-            return self.adapter.model(**kwargs)
+        # adapter.forward: float64 stays float64, layer_norm gets correct higher forward-mode
+        # derivatives, and the weights are frozen (derivatives in the activations only)
+        return self.adapter.forward(self._tokens[rows][None], **kwargs)
 
     def _rows(self, deltas: Tensor, rows: Tensor | None) -> Tensor:
         if rows is None:
@@ -202,22 +200,26 @@ class SuffixBatch:
         B, k, d = v.shape
         flat = v.reshape(B * k, d).to(self.dtype)
         rows = torch.arange(B, device=self._pos.device).repeat_interleave(k)
-        out = []
+        out = None  # filled pass by pass: no list of float64 parts and no copy to join them
         step = rows_per_pass(self.logits0.shape[-1])
         # Dual tensors (torch.autograd.forward_ad), not torch.func.jvp: same numbers, and about
         # half the Python overhead per layer.
-        with fwAD.dual_level(), torch.no_grad():
+        with fwAD.dual_level(), torch.no_grad(), self.adapter.frozen():
             for s in range(0, B * k, step):
                 x = fwAD.make_dual(torch.zeros_like(flat[s : s + step]), flat[s : s + step])
-                y = self.outputs(x, rows[s : s + step], target)
-                out.append(fwAD.unpack_dual(y).tangent.to(torch.float64))
-        out = torch.cat(out).reshape(B, k, -1)
+                y = fwAD.unpack_dual(self.outputs(x, rows[s : s + step], target)).tangent
+                if out is None:
+                    out = torch.empty(B * k, y.shape[-1], dtype=torch.float64, device=y.device)
+                out[s : s + step] = y
+                del x, y
+        out = out.reshape(B, k, -1)
         return out[:, 0] if squeeze else out
 
     def vjp_fn(self, target: str | None = None):
         """A reusable ``u -> J^T u`` ((B, V) or (B, d_target) -> (B, d)) from one recorded pass."""
         zero = torch.zeros(self.n_positions, self.dim, dtype=self.dtype, device=self._pos.device)
-        _, fn = vjp(lambda x: self.outputs(x, None, target), zero)
+        with self.adapter.frozen():  # the recorded pass then holds no weight-side graph
+            _, fn = vjp(lambda x: self.outputs(x, None, target), zero)
 
         def apply(u: Tensor) -> Tensor:
             return fn(u.to(self.dtype))[0].detach().to(torch.float64)
@@ -237,7 +239,8 @@ class SuffixBatch:
         fn = self.logits
         for _ in range(order):
             fn = (lambda g: lambda x: jvp(g, (x,), (v,)))(fn)
-        out = fn(torch.zeros_like(v))
+        with self.adapter.frozen():
+            out = fn(torch.zeros_like(v))
         derivs = []
         for k in range(1, order + 1):
             node = out
