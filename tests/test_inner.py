@@ -125,6 +125,32 @@ def test_directional_derivatives_give_the_kl_series(arch, tokenizer):
     assert math.isclose(float(c4), ref[3], rel_tol=1e-6)
 
 
+def test_inner_corrected_radius_is_the_nearer_of_both_signs_by_autograd(tokenizer):
+    """analyze's radius_corrected inside the network == min over +-v of the Pade root of the
+    KL series whose coefficients come from autograd on the full forward (c3 flips with v)."""
+    adapter = sr.wrap(tiny_model("llama", seed=3), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook, positions, eps = "blocks.1.hook_resid_post", [3, 6, 9, 12, 15], 0.1
+    res = sr.analyze(adapter, PROMPT, eps=[eps], positions=positions, layer=1, exact=False)
+    nearer = set()
+    for row, pos, v in zip(res.rows, positions, res.directions.to(torch.float64), strict=True):
+        f = full_forward_fn(adapter, ids, hook, pos)
+        with torch.no_grad():
+            logp = torch.log_softmax(f(torch.zeros_like(v)), -1)
+        radii = []
+        for sign in (1.0, -1.0):
+            t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            y = (logp.exp() * (logp - torch.log_softmax(f(t * sign * v), -1))).sum()
+            c = []
+            for _ in range(4):
+                (y,) = torch.autograd.grad(y, t, create_graph=True)
+                c.append(y.detach())
+            radii.append(float(sr.geometry.radius_pade(c[1], c[2], eps, c[3])))
+        nearer.add(radii.index(min(radii)))
+        assert math.isclose(row["radius_corrected"], min(radii), rel_tol=1e-6)
+    assert nearer == {0, 1}  # both signs are the nearer exit somewhere: each is checked
+
+
 def test_derivatives_run_with_frozen_weights_and_leave_them_as_they_were(tokenizer):
     """The user's weights require grad (a model being trained); our passes freeze them while
     they run (no weight-side graph, the fast constant linear) and give them back unchanged."""

@@ -23,6 +23,7 @@ from .geometry import (
     radius_quadratic,
     series_coefficients,
 )
+from .heap import return_freed_memory
 from .models import PRELOGIT, ModelAdapter, load, wrap
 from .models.suffix import SuffixBatch
 from .probes import RayKL, measure_boundaries, measure_from_suffix
@@ -366,6 +367,7 @@ def _inner_blocks(
         P = len(chunk)
         suffix = SuffixBatch(adapter, ids, hook, chunk)
         op = PullbackOperator.from_suffix(suffix)
+        return_freed_memory()  # each stage's transients, not their sum with fragments
         if trace == "exact":
             lam, vecs = op.top_eigenpairs(k=1, tol=eig_tol)
             diagonal = op.diagonal()
@@ -377,10 +379,14 @@ def _inner_blocks(
             rank = effective_rank(trace_g, lam[:, 0])
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
         v = vecs[:, 0]
+        return_freed_memory()
         # Logit derivatives along +v; along -v the odd ones flip sign.
-        a1, a2, a3 = suffix.directional_derivatives(v, order=3)
-        c2, c3, c4 = series_coefficients(
-            op.p.repeat_interleave(2, dim=0), [_rays(a1, -1.0), _rays(a2, 1.0), _rays(a3, -1.0)]
+        derivs = suffix.directional_derivatives(v, order=3)
+        c2, c3, c4 = series_coefficients(op.p, derivs)
+        del derivs
+        # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
+        c2, c3, c4 = (
+            _rays(c[:, None], sign)[:, 0] for c, sign in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
         )
         predicted = _pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         if exact:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 from .errors import StableRegionsError, one_line
-from .heap import map_large_allocations
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -300,7 +299,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    map_large_allocations()  # what a long run frees goes back to the system
     try:
         if args.command == "analyze":
             return _analyze(args)
