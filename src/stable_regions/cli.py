@@ -751,11 +751,13 @@ def _scan(args) -> int:
         )
         for col in ("document", "position", "token", "next token", "p", "lambda_max", "radius"):
             table.add_column(
-                col, justify="left" if col in ("document", "token", "next token") else "right"
+                col,
+                justify="left" if col in ("document", "token", "next token") else "right",
+                overflow="fold",  # ids and tokens wrap on a narrow terminal, never cut
             )
         for r in run.fragile(args.top).itertuples():
             table.add_row(
-                escape(str(r.doc_id)[-32:]),
+                escape(str(r.doc_id)),
                 str(r.position),
                 escape(repr(r.token)),
                 escape(repr(r.next_token)),

@@ -80,15 +80,16 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
 
 
 def read_documents(paths: Sequence[str | Path]) -> list[Prompt]:
-    """Documents to scan: a ``.jsonl`` file gives one per line (``read_prompt_file``), any
-    other file is one document, its whole text, with the path as its id."""
+    """Documents to scan: a ``.jsonl`` file gives one per line (``read_prompt_file``; ids
+    ``FILENAME:ID``), any other file is one document, its whole text, with the path as its id."""
     if not paths:
         raise StableRegionsError("no documents given: pass text files or .jsonl files")
     docs: list[Prompt] = []
     for path in map(Path, paths):
         if path.suffix.lower() == ".jsonl":
             docs += [
-                Prompt(f"{path}:{p.id}", p.text, p.kind, str(path)) for p in read_prompt_file(path)
+                Prompt(f"{path.name}:{p.id}", p.text, p.kind, str(path))
+                for p in read_prompt_file(path)
             ]
             continue
         if not path.is_file():

@@ -302,20 +302,25 @@ def _document_summary(doc_id: str, frame: pd.DataFrame) -> dict:
 
 
 def plot_radius_along_documents(frame: pd.DataFrame, path: str | Path, labelled: int = 8) -> Path:
-    """The corrected radius at the first eps along each document's positions (log scale)."""
+    """The corrected radius at the first eps along each document's positions (log scale):
+    the ``labelled`` documents with the smallest radius in colour, on top of the others."""
     plt = pyplot()
     first = frame[frame.eps == frame.eps.iloc[0]]
+    docs = dict(tuple(first.groupby("doc_id", sort=False)))
+    fragile = sorted(docs, key=lambda d: docs[d].radius_corrected.min())[:labelled]
     fig, ax = plt.subplots(figsize=(9, 4))
-    for i, (doc_id, f) in enumerate(first.groupby("doc_id", sort=False)):
-        if i < labelled:
-            ax.plot(f.position, f.radius_corrected, lw=0.9, label=str(doc_id)[-40:])
-        else:
-            ax.plot(f.position, f.radius_corrected, lw=0.5, color="0.7")
+    for doc_id, f in docs.items():
+        if doc_id not in fragile:
+            ax.plot(f.position, f.radius_corrected, lw=0.5, color="0.75", alpha=0.5, zorder=1)
+    for doc_id in fragile:
+        f = docs[doc_id]
+        ax.plot(f.position, f.radius_corrected, lw=1.0, label=str(doc_id)[-40:], zorder=2)
     ax.set_yscale("log")
     ax.set_xlabel("position (token index in the document)")
     ax.set_ylabel(f"radius at eps {first.eps.iloc[0]:g} (corrected)")
     ax.set_title(
         "How far each position's pre-logit vector can move along its top curvature direction"
     )
-    ax.legend(fontsize=7, loc="best")
+    title = "documents" if len(docs) <= labelled else f"{labelled} most fragile of {len(docs)}"
+    ax.legend(fontsize=7, loc="best", title=title, title_fontsize=7)
     return save(fig, path)
