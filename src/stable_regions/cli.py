@@ -589,6 +589,11 @@ def _steer(args) -> int:
     return 0
 
 
+def _default_out(kind: str, adapter) -> str:
+    """``KIND-MODEL`` in the working directory: one run directory per model."""
+    return f"{kind}-{os.path.basename(adapter.name.rstrip('/'))}"
+
+
 def _load_with_status(spec: str | None):
     """Load a model, logging to stderr; a spinner only on a terminal (logs stay clean)."""
     from rich.console import Console
@@ -692,7 +697,7 @@ def _validate(args) -> int:
     if args.positions_per_prompt < 1:
         raise StableRegionsError("--positions-per-prompt must be at least 1")
     err, adapter = _load_with_status(args.model)
-    out = args.out or f"validation-{os.path.basename(adapter.name.rstrip('/'))}"
+    out = args.out or _default_out("validation", adapter)
     with _progress(err, "validating prompts") as tick:
         run = validate(
             adapter,
@@ -729,7 +734,7 @@ def _scan(args) -> int:
         raise StableRegionsError("--top must be 0 or more")
     documents = read_documents(args.documents)
     err, adapter = _load_with_status(args.model)
-    out = args.out or f"scan-{os.path.basename(adapter.name.rstrip('/'))}"
+    out = args.out or _default_out("scan", adapter)
     with _progress(err, "scanning tokens") as tick:
         run = scan_corpus(
             adapter,

@@ -35,6 +35,11 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def corpus_digest(prompts: Sequence[Prompt]) -> str:
+    """SHA-256 over the prompts' digests in order: identifies a corpus (a resumed run's)."""
+    return hashlib.sha256("\n".join(p.digest for p in prompts).encode()).hexdigest()
+
+
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Prompts of a ``.txt`` or ``.jsonl`` file; ids are ``line-N`` unless the JSON gives ``id``."""
     path = Path(path)

@@ -14,7 +14,6 @@ the model's own float32 logits (~1e-5).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
 from .heap import return_freed_memory
 from .models import ModelAdapter
 from .plotting import pyplot, save
-from .prompts import Prompt
+from .prompts import Prompt, corpus_digest
 
 
 def position_block(vocab_size: int) -> int:
@@ -213,7 +212,7 @@ def scan_corpus(
         "model": adapter.name,
         "fingerprint": model_fingerprint(adapter),
         "settings": asdict(settings),
-        "documents": hashlib.sha256("\n".join(d.digest for d in documents).encode()).hexdigest(),
+        "documents": corpus_digest(documents),
         "n_documents": len(documents),
     }
     token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]

@@ -55,7 +55,7 @@ from .files import start_or_resume, write_json, write_parquet
 from .geometry import FisherOperator, RayCurve, radius_quadratic
 from .models import PRELOGIT, ModelAdapter
 from .probes import measure_boundaries
-from .prompts import Prompt, corpus, sentiment_prompts
+from .prompts import Prompt, corpus, corpus_digest, sentiment_prompts
 
 FAMILIES = ("top", "random", "eigenspace", "token", "interpolation", "steering")
 PREDICTORS = ("quadratic", "corrected", "calibrated")
@@ -489,7 +489,7 @@ def validate(
         "model": adapter.name,
         "fingerprint": model_fingerprint(adapter),
         "settings": asdict(settings),
-        "prompts": hashlib.sha256("\n".join(p.digest for p in prompts).encode()).hexdigest(),
+        "prompts": corpus_digest(prompts),
         "n_prompts": len(prompts),
         "calibration": "fit" if fitting else None if fixed is None else str(fixed.path or "given"),
     }
