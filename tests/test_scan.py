@@ -120,6 +120,12 @@ def test_an_interrupted_scan_resumes_without_redoing_finished_documents(adapter,
     pd.testing.assert_frame_equal(resumed.frame, fresh.frame)
 
 
+def test_duplicate_document_ids_fail_before_any_work(adapter, tmp_path):
+    with pytest.raises(sr.StableRegionsError, match="appears twice"):
+        scan_corpus(adapter, [DOCS[0], DOCS[0]], out=tmp_path / "scan")
+    assert not (tmp_path / "scan").exists()
+
+
 def test_documents_from_text_and_jsonl_files(tmp_path):
     (tmp_path / "one.txt").write_text("line one\nline two\n", encoding="utf-8")
     (tmp_path / "many.jsonl").write_text('{"text": "x"}\n{"id": "k", "text": "y"}\n')

@@ -7,6 +7,9 @@ likeliest tokens' Gram matrix, all positions' products batched into matrix-matri
 (bfloat16 where the CPU multiplies it natively), then one float32 product ``W v`` per
 position for ``lambda_max`` and the cumulants. No (positions x V x d) array, ever.
 
+``scan_corpus`` (``stable-regions scan``) runs it over documents and corpora, in windows,
+writing results as it goes.
+
 Accuracy: ``lambda_max`` within ~1e-3 relative of a float64 Lanczos (tolerance ``tol`` on the
 search's Ritz residual; the eigenvalue error is second order in it), limited in the median by
 the model's own float32 logits (~1e-5).
@@ -186,11 +189,12 @@ def scan_corpus(
 
     Each document is tokenized whole and run in windows of ``window`` tokens
     (``document_windows``: consecutive windows overlap by ``overlap`` tokens, default
-    ``window // 8``, so a position near a window's start still has context). Per position: the next token and its
-    probability, the entropy, ``lambda_max`` and the closed-form radii along the top
-    curvature direction (``radius_quadratic`` the published one, ``radius_corrected`` the
-    4th-order Pade form, nearest exit over both signs) at each eps. Documents are written as
-    they finish (``out/parts``), so ``resume=True`` continues an interrupted scan.
+    ``window // 8``, so a position near a window's start still has context). Per position:
+    the next token and its probability, the entropy, ``lambda_max``, the search's relative
+    Ritz residual, and the closed-form radii along the top curvature direction
+    (``radius_quadratic`` the published one, ``radius_corrected`` the 4th-order Pade form,
+    nearest exit over both signs) at each eps. Documents are written as they finish
+    (``out/parts``), so ``resume=True`` continues an interrupted scan.
 
     ``progress(done, total)`` counts tokens.
     """
@@ -200,6 +204,10 @@ def scan_corpus(
     documents = list(documents)
     if not documents:
         raise StableRegionsError("no documents given")
+    ids = [d.id for d in documents]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise StableRegionsError(f"document id {dup!r} appears twice: ids must be unique")
     adapter = as_adapter(model)
     scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
     limit = adapter.context_length
