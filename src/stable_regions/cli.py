@@ -749,8 +749,9 @@ def _scan(args) -> int:
     console = Console()
     if args.top:
         e = run.frame.eps.iloc[0]
+        fragile = run.fragile(args.top)
         table = Table(
-            title=f"{args.top} most fragile positions at eps {e:g} "
+            title=f"{len(fragile)} most fragile positions at eps {e:g} "
             f"(of {len(run.frame[run.frame.eps == e])})",
             title_justify="left",
         )
@@ -760,7 +761,7 @@ def _scan(args) -> int:
                 justify="left" if col in ("document", "token", "next token") else "right",
                 overflow="fold",  # ids and tokens wrap on a narrow terminal, never cut
             )
-        for r in run.fragile(args.top).itertuples():
+        for r in fragile.itertuples():
             table.add_row(
                 escape(str(r.doc_id)),
                 str(r.position),

@@ -6,8 +6,9 @@ beside it) and the effective rank ``tr G / lambda_max``. Nothing is measured on 
 is the cheap overview, ``analyze`` checks any cell against the truth.
 
 The cells trade a little accuracy for speed. At the final layer they come in float32 from
-the logits, as a document scan's do (``scan.Scanner`` and ``geometry.curvature_trace``, no float64 copy of the
-head; within ~1e-6 of float64 on a tiny model). Inside the network all positions of a layer go
+the logits, as a document scan's do (``scan.Scanner`` and ``geometry.curvature_trace``, no
+float64 copy of the head; within ~1e-6 of float64 on a tiny model). Inside the network all
+positions of a layer go
 through the network together (``models.suffix.SuffixBatch``) in the model's own precision
 (float32 for the bundled models: lambda_max within 1e-5 of float64 on SmolLM2), Lanczos stops
 at a looser tolerance (``eig_tol``, default 1e-4 relative residual; the eigenvalue's error is

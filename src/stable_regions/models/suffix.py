@@ -72,7 +72,6 @@ class SuffixBatch:
             raise ValueError("no positions")
         self.dim = adapter.hook_dim(hook)
         self.dtype = adapter.unembed.weight.dtype
-        self.exact = adapter.is_float64
         device = ids.device
         self._pos = torch.tensor(self.positions, dtype=torch.long, device=device)
         self._tokens = ids[0, self._pos]
@@ -146,8 +145,8 @@ class SuffixBatch:
             )
         else:
             kwargs.update(use_cache=False)
-        # adapter.forward: float64 stays float64, layer_norm gets correct higher forward-mode
-        # derivatives, and the weights are frozen (derivatives in the activations only)
+        # adapter.forward: float64 stays float64, and layer_norm gets correct higher
+        # forward-mode derivatives (the derivative methods below freeze the weights)
         return self.adapter.forward(self._tokens[rows][None], **kwargs)
 
     def _rows(self, deltas: Tensor, rows: Tensor | None) -> Tensor:
