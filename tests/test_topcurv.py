@@ -54,6 +54,50 @@ def test_top_curvature_matches_dense_eigh_in_float64():
     torch.testing.assert_close(found.c4, k4, rtol=1e-8, atol=1e-12)
 
 
+def test_vocabulary_chunks_and_finished_positions_give_the_dense_answer(monkeypatch):
+    """Chunks of 37 of the 400 tokens: the product's reused buffers, positions leaving the
+    loop at different steps (dropped by index) and the moments merged chunk by chunk
+    (Pebay's pairwise update) must give what one dense float64 computation gives."""
+    import stable_regions.geometry.topcurv as topcurv
+
+    monkeypatch.setattr(topcurv, "_chunk", lambda P, V: 37)
+    W, logits = _problem()
+    lam_ref, vec_ref, p = _dense_top(W, logits)
+    found = top_curvature(W, logits, tol=1e-12, max_iter=24)
+    assert len(set(found.iterations.tolist())) > 1  # positions finished at different steps
+    torch.testing.assert_close(found.lambda_max, lam_ref, rtol=1e-9, atol=0)
+    _, k2, k3, k4 = cumulants(p, found.vector @ W.T)
+    torch.testing.assert_close(found.c3, k3, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(found.c4, k4, rtol=1e-8, atol=1e-12)
+
+
+def test_merged_moments_stay_exact_far_from_zero():
+    """Values 1e4 away from 0 with a spread of 1e-2: raw moments would lose everything in
+    float64 (1e4^4 against 1e-8); merged central sums keep the 3rd and 4th moments."""
+    from stable_regions.geometry.topcurv import _Moments
+
+    g = torch.Generator().manual_seed(1)
+    x = 1e4 + 1e-2 * torch.randn(6, 500, generator=g, dtype=torch.float64).exp()  # skewed
+    w = torch.rand(6, 500, generator=g, dtype=torch.float64)
+    n = w.sum(-1)
+    mean = (w * x).sum(-1) / n
+    c = x - mean[:, None]
+    ref = [(w * c**k).sum(-1) / n for k in (2, 3, 4)]
+    total = None
+    for s in range(0, 500, 77):  # chunks of unequal sizes, each about a slightly-off center
+        ws, xs = w[:, s : s + 77], x[:, s : s + 77]
+        ns = ws.sum(-1)
+        center = (ws * xs).sum(-1) / ns + 3e-4 * (s % 3 - 1)  # up to 3% of the spread off
+        cs = xs - center[:, None]
+        part = _Moments(
+            ns, center, *((ws * cs**k).sum(-1) for k in (2, 3, 4)), first=(ws * cs).sum(-1)
+        )
+        total = part if total is None else total.merge(part)
+    merged = (total.m2 / total.n, total.m3 / total.n, total.m4 / total.n)
+    for got, want in zip(merged, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=0)
+
+
 def test_float32_search_keeps_confident_positions_accurate():
     """Pivoting at the top token: in float32 the textbook product W^T (p * (a - p.a)) is off by
     ~1e-7 ||W^T p||^2, as large as lambda where p_top ~ 1; the pivoted one is not."""

@@ -79,28 +79,85 @@ class PivotedProbabilities:
     def moments(self, weight: Tensor, v: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
         """Central moments 2, 3, 4 of ``a = W v`` (P, V) under p, as float64 (P,) each.
 
-        Centered at the top token (so ``p_c`` enters only as ``p_c (-m)^k``), then at the
-        mean. ``a`` is made in vocabulary chunks: the first pass finds the mean, the second
-        sums the powers while each chunk is still in cache.
+        One pass over W in vocabulary chunks: each chunk's products, centered at the top
+        token (``a' = a - a_c``, so ``p_c`` enters only as one more point), give the chunk's
+        own weighted mean and central sums while it is in cache; the chunks (and the top
+        token) are merged with the pairwise update of Pebay (2008), which stays exact where
+        raw moments would cancel. Divided by the total mass ``sum p``.
         """
         V = weight.shape[0]
+        f64 = torch.float64
         a_top = (v * weight[self.index]).sum(-1, keepdim=True)
-        chunks, m = [], torch.zeros(len(v), 1, dtype=torch.float64)
+        # the top token alone: mass p_c at a' = 0
+        total = _Moments(self.top.to(f64).expand(len(v)).clone(), torch.zeros(len(v), dtype=f64))
+        buffer = torch.empty(len(v) * chunk, dtype=v.dtype)
         for s in range(0, V, chunk):
-            c = v @ weight[s : s + chunk].T - a_top
-            m += (self.rest[:, s : s + chunk] * c).sum(-1, keepdim=True, dtype=torch.float64)
-            chunks.append(c)
-        mu = torch.zeros(3, len(v), dtype=torch.float64)
-        mf = m.to(v.dtype)
-        for i, s in enumerate(range(0, V, chunk)):
-            c = chunks[i].sub_(mf)
-            rc = self.rest[:, s : s + chunk] * c
-            rc2 = rc * c
-            mu[0] += (rc * c).sum(-1, dtype=torch.float64)
-            mu[1] += (rc2 * c).sum(-1, dtype=torch.float64)
-            mu[2] += (rc2 * c.mul_(c)).sum(-1, dtype=torch.float64)
-        top, m = self.top.to(torch.float64), m[:, 0]
-        return mu[0] + top * m**2, mu[1] - top * m**3, mu[2] + top * m**4
+            e = min(s + chunk, V)
+            c = torch.mm(v, weight[s:e].T, out=buffer[: len(v) * (e - s)].view(len(v), e - s))
+            c.sub_(a_top)
+            w = self.rest[:, s:e]
+            # chunk sums in v's dtype (torch sums pairwise; a float64 sum would first copy
+            # the chunk to float64, ~2x the time of the whole chunk's work), merged in float64
+            n = w.sum(-1)
+            center = torch.linalg.vecdot(w, c) / n.clamp_min(1e-30)
+            c.sub_(center[:, None])  # at the chunk's own mean, as rounded
+            wc = w * c
+            wc2 = wc * c
+            m2, m3 = torch.linalg.vecdot(wc, c), torch.linalg.vecdot(wc2, c)
+            total = total.merge(
+                _Moments(
+                    n.to(f64),
+                    center.to(f64),
+                    m2.to(f64),
+                    m3.to(f64),
+                    torch.linalg.vecdot(wc2, c.mul_(c)).to(f64),
+                    first=wc.sum(-1).to(f64),  # ~0: the center is a rounded mean
+                )
+            )
+        return total.m2 / total.n, total.m3 / total.n, total.m4 / total.n
+
+
+@dataclass
+class _Moments:
+    """Weighted sums of a sample: mass ``n``, mean, central sums ``m2, m3, m4``."""
+
+    n: Tensor
+    mean: Tensor
+    m2: Tensor | float = 0.0
+    m3: Tensor | float = 0.0
+    m4: Tensor | float = 0.0
+    first: Tensor | float = 0.0  # sum w (x - mean), when ``mean`` is only near the mean
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.first, float):  # the sums are about a center near the mean:
+            shift = self.first / self.n.clamp_min(1e-300)  # move them to the exact mean
+            self.mean = self.mean + shift
+            self.m4 = self.m4 - 4 * shift * self.m3 + 6 * shift**2 * self.m2 - 3 * self.n * shift**4
+            self.m3 = self.m3 - 3 * shift * self.m2 + 2 * self.n * shift**3
+            self.m2 = self.m2 - self.n * shift**2
+            self.first = 0.0
+
+    def merge(self, other: _Moments) -> _Moments:
+        """The sums of both samples together (Pebay's pairwise formulas, weighted)."""
+        na, nb = self.n, other.n
+        n = na + nb
+        d = other.mean - self.mean
+        safe = n.clamp_min(1e-300)
+        m2 = self.m2 + other.m2 + d**2 * na * nb / safe
+        m3 = (
+            self.m3
+            + other.m3
+            + d**3 * na * nb * (na - nb) / safe**2
+            + 3 * d * (na * other.m2 - nb * self.m2) / safe
+        )
+        m4 = (
+            self.m4
+            + other.m4
+            + d**4 * na * nb * (na**2 - na * nb + nb**2) / safe**3
+            + 6 * d**2 * (na**2 * other.m2 + nb**2 * self.m2) / safe**2
+            + 4 * d * (na * other.m3 - nb * self.m3) / safe
+        )
+        return _Moments(n, self.mean + d * nb / safe, m2, m3, m4)
 
 
 def direction_cumulants(
@@ -111,11 +168,12 @@ def direction_cumulants(
     ``weight`` (V, d) the unembedding, ``logits`` (V,) at the origin, ``directions`` (R, d)
     unit vectors. ``c2, c3, c4`` are the variance and the third and fourth cumulants of
     ``a = W v`` under p (float64, (R,) each), for ``radius_pade``. The products run in
-    ``weight``'s dtype, pivoted at the top token, in vocabulary chunks (see
-    ``PivotedProbabilities.moments``); the sums are float64. No (R, V) float64 array is
+    ``weight``'s dtype, pivoted at the top token, in vocabulary chunks whose central sums
+    are merged in float64 (see ``PivotedProbabilities.moments``). No (R, V) float64 array is
     made: the float64 ``RayCurve`` path holds several (393 MB each for 1000 directions and a
-    49152 vocabulary) and runs ~3x slower; the two agree to ~1e-5 (SmolLM2, 1000 random
-    directions: 9e-6 in ``c2``, 7e-6 in the radius; the float32 logits set that floor).
+    49152 vocabulary) and runs ~3x slower; the two agree to ~1e-6 (SmolLM2, 1000 random
+    directions: 1.1e-6 in ``c2``, 5e-7 in the radius at eps 0.1; 9e-6 and 7e-6 when the
+    chunks' raw sums were accumulated instead).
     """
     dtype = weight.dtype
     p = torch.softmax(logits.to(dtype).reshape(1, -1), dim=-1)
@@ -269,40 +327,68 @@ class _PivotedProduct:
         H q = W^T (p' * a') - m (g' + p_c w_c),   a' = W q - a_c,  m = p' . a',  g' = W^T p'
 
     so no (P, V) intermediate is written back to memory; only ``p'`` is read per product.
+    A chunk's intermediates live in buffers made once: fresh ~1 MB tensors per chunk came
+    from fresh pages (glibc serves them by mmap) and their conversions ran several times
+    slower than into reused memory. Finished positions are dropped by an index into ``p'``,
+    not by copying the rest of the (P, V) array.
     """
 
     def __init__(self, search: Tensor, prob: PivotedProbabilities, dtype: torch.dtype) -> None:
         self.search = search
         self.dtype = dtype
-        self.rest = prob.rest
+        self.p_rest = prob.rest
+        self.rows: Tensor | None = None  # the running positions' rows of p' (None: all)
         self.top = prob.top
         self.w_top = search[prob.index].to(dtype)  # (P, d)
         P, V = prob.rest.shape
         self.chunk = _chunk(P, V)
-        self.g_rest = self._accumulate(lambda s, e: self.rest[:, s:e])  # W^T p'
+        size = P * self.chunk
+        low = search.dtype
+        self._p = torch.empty(size, dtype=dtype)  # p' of the running rows, when some left
+        self._a = torch.empty(size, dtype=low)  # W_c q
+        self._y = torch.empty(size, dtype=dtype)  # p' * a'
+        self._y_low = self._y if low == dtype else torch.empty(size, dtype=low)
+        self._part = torch.empty(P * search.shape[1], dtype=low)  # W_c^T y
+        self.g_rest = self._accumulate(lambda s, e, y: y.copy_(self._rest(s, e)))  # W^T p'
 
-    def _accumulate(self, block) -> Tensor:
-        out = None
-        V = self.search.shape[0]
+    @staticmethod
+    def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
+        return buffer[: rows * cols].view(rows, cols)
+
+    def _rest(self, s: int, e: int) -> Tensor:
+        """p' of the running positions, vocabulary columns s:e."""
+        if self.rows is None:
+            return self.p_rest[:, s:e]
+        out = self._view(self._p, len(self.rows), e - s)
+        return torch.index_select(self.p_rest[:, s:e], 0, self.rows, out=out)
+
+    def _accumulate(self, fill) -> Tensor:
+        """``sum_c W_c^T y_c`` (P, d) in the answer's dtype, ``fill(s, e, y)`` writing y_c."""
+        P = len(self.top)
+        V, d = self.search.shape
+        out = torch.zeros(P, d, dtype=self.dtype)
         for s in range(0, V, self.chunk):
             e = min(s + self.chunk, V)
+            y = fill(s, e, self._view(self._y, P, e - s))
+            y_low = y if self._y_low is self._y else self._view(self._y_low, P, e - s).copy_(y)
             # chunk products in the search dtype, their sum in the answer's (a (P, d) add)
-            part = (block(s, e).to(self.search.dtype) @ self.search[s:e]).to(self.dtype)
-            out = part if out is None else out.add_(part)
+            out.add_(torch.mm(y_low, self.search[s:e], out=self._view(self._part, P, d)))
         return out
 
-    def keep(self, rows: Tensor) -> None:
-        self.rest, self.top, self.w_top, self.g_rest = (
-            x[rows] for x in (self.rest, self.top, self.w_top, self.g_rest)
-        )
+    def keep(self, keep: Tensor) -> None:
+        """Drop the positions where ``keep`` (over the running ones) is False."""
+        rows = torch.arange(len(self.top)) if self.rows is None else self.rows
+        self.rows = rows[keep]
+        self.top, self.w_top, self.g_rest = (x[keep] for x in (self.top, self.w_top, self.g_rest))
 
     def matvec(self, q: Tensor) -> Tensor:
         a_top = (q * self.w_top).sum(-1, keepdim=True)
         qs = q.to(self.search.dtype)
         m = torch.zeros(len(q), 1, dtype=self.dtype)
 
-        def weighted(s: int, e: int) -> Tensor:
-            y = self.rest[:, s:e] * ((qs @ self.search[s:e].T).to(self.dtype) - a_top)
+        def weighted(s: int, e: int, y: Tensor) -> Tensor:
+            a = torch.mm(qs, self.search[s:e].T, out=self._view(self._a, len(q), e - s))
+            y.copy_(a).sub_(a_top).mul_(self._rest(s, e))
             m.add_(y.sum(-1, keepdim=True))
             return y
 
