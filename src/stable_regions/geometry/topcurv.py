@@ -96,8 +96,9 @@ class PivotedProbabilities:
             c = torch.mm(v, weight[s:e].T, out=buffer[: len(v) * (e - s)].view(len(v), e - s))
             c.sub_(a_top)
             w = self.rest[:, s:e]
-            # chunk sums in v's dtype (torch sums pairwise; a float64 sum would first copy
-            # the chunk to float64, ~2x the time of the whole chunk's work), merged in float64
+            # chunk sums in v's dtype (torch sums pairwise), merged in float64: a float64 sum
+            # first copies the chunk (100 us against ~50 us for a float32 multiply-and-sum of
+            # 341 x 1024)
             n = w.sum(-1)
             center = torch.linalg.vecdot(w, c) / n.clamp_min(1e-30)
             c.sub_(center[:, None])  # at the chunk's own mean, as rounded
