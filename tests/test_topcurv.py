@@ -89,9 +89,7 @@ def test_merged_moments_stay_exact_far_from_zero():
         ns = ws.sum(-1)
         center = (ws * xs).sum(-1) / ns + 3e-4 * (s % 3 - 1)  # up to 3% of the spread off
         cs = xs - center[:, None]
-        part = _Moments(
-            ns, center, *((ws * cs**k).sum(-1) for k in (2, 3, 4)), first=(ws * cs).sum(-1)
-        )
+        part = _Moments.about(center, ns, *((ws * cs**k).sum(-1) for k in (1, 2, 3, 4)))
         total = part if total is None else total.merge(part)
     merged = (total.m2 / total.n, total.m3 / total.n, total.m4 / total.n)
     for got, want in zip(merged, ref, strict=True):

@@ -93,7 +93,7 @@ class PivotedProbabilities:
         buffer = torch.empty(len(v) * chunk, dtype=v.dtype)
         for s in range(0, V, chunk):
             e = min(s + chunk, V)
-            c = torch.mm(v, weight[s:e].T, out=buffer[: len(v) * (e - s)].view(len(v), e - s))
+            c = torch.mm(v, weight[s:e].T, out=_buffer_view(buffer, len(v), e - s))
             c.sub_(a_top)
             w = self.rest[:, s:e]
             # chunk sums in v's dtype (torch sums pairwise), merged in float64: a float64 sum
@@ -106,13 +106,13 @@ class PivotedProbabilities:
             wc2 = wc * c
             m2, m3 = torch.linalg.vecdot(wc, c), torch.linalg.vecdot(wc2, c)
             total = total.merge(
-                _Moments(
+                _Moments.about(
+                    center.to(f64),  # a rounded mean: the first sum is ~0, not 0
                     n.to(f64),
-                    center.to(f64),
+                    wc.sum(-1).to(f64),
                     m2.to(f64),
                     m3.to(f64),
                     torch.linalg.vecdot(wc2, c.mul_(c)).to(f64),
-                    first=wc.sum(-1).to(f64),  # ~0: the center is a rounded mean
                 )
             )
         return total.m2 / total.n, total.m3 / total.n, total.m4 / total.n
@@ -127,16 +127,21 @@ class _Moments:
     m2: Tensor | float = 0.0
     m3: Tensor | float = 0.0
     m4: Tensor | float = 0.0
-    first: Tensor | float = 0.0  # sum w (x - mean), when ``mean`` is only near the mean
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.first, float):  # the sums are about a center near the mean:
-            shift = self.first / self.n.clamp_min(1e-300)  # move them to the exact mean
-            self.mean = self.mean + shift
-            self.m4 = self.m4 - 4 * shift * self.m3 + 6 * shift**2 * self.m2 - 3 * self.n * shift**4
-            self.m3 = self.m3 - 3 * shift * self.m2 + 2 * self.n * shift**3
-            self.m2 = self.m2 - self.n * shift**2
-            self.first = 0.0
+    @classmethod
+    def about(
+        cls, center: Tensor, n: Tensor, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor
+    ) -> _Moments:
+        """From the sums ``s_k = sum w (x - center)^k`` about a center near the mean: moved
+        to the exact mean ``center + s1 / n``."""
+        shift = s1 / n.clamp_min(1e-300)
+        return cls(
+            n,
+            center + shift,
+            s2 - n * shift**2,
+            s3 - 3 * shift * s2 + 2 * n * shift**3,
+            s4 - 4 * shift * s3 + 6 * shift**2 * s2 - 3 * n * shift**4,
+        )
 
     def merge(self, other: _Moments) -> _Moments:
         """The sums of both samples together (Pebay's pairwise formulas, weighted)."""
@@ -212,6 +217,11 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
         pull += (r.to(weight.dtype) @ rows).to(f64)
     mean = pull - rest.sum(-1, keepdim=True) * w_c.to(f64)  # sum_i p'_i (w_i - w_c)
     return spread - mean.pow(2).sum(-1)
+
+
+def _buffer_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
+    """The first ``rows * cols`` entries of a flat reusable buffer as a (rows, cols) matrix."""
+    return buffer[: rows * cols].view(rows, cols)
 
 
 def _chunk(P: int, V: int) -> int:
@@ -352,15 +362,11 @@ class _PivotedProduct:
         self._part = torch.empty(P * search.shape[1], dtype=low)  # W_c^T y
         self.g_rest = self._accumulate(lambda s, e, y: y.copy_(self._rest(s, e)))  # W^T p'
 
-    @staticmethod
-    def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
-        return buffer[: rows * cols].view(rows, cols)
-
     def _rest(self, s: int, e: int) -> Tensor:
         """p' of the running positions, vocabulary columns s:e."""
         if self.rows is None:
             return self.p_rest[:, s:e]
-        out = self._view(self._p, len(self.rows), e - s)
+        out = _buffer_view(self._p, len(self.rows), e - s)
         return torch.index_select(self.p_rest[:, s:e], 0, self.rows, out=out)
 
     def _accumulate(self, fill) -> Tensor:
@@ -370,10 +376,10 @@ class _PivotedProduct:
         out = torch.zeros(P, d, dtype=self.dtype)
         for s in range(0, V, self.chunk):
             e = min(s + self.chunk, V)
-            y = fill(s, e, self._view(self._y, P, e - s))
-            y_low = y if self._y_low is self._y else self._view(self._y_low, P, e - s).copy_(y)
+            y = fill(s, e, _buffer_view(self._y, P, e - s))
+            y_low = y if self._y_low is self._y else _buffer_view(self._y_low, P, e - s).copy_(y)
             # chunk products in the search dtype, their sum in the answer's (a (P, d) add)
-            out.add_(torch.mm(y_low, self.search[s:e], out=self._view(self._part, P, d)))
+            out.add_(torch.mm(y_low, self.search[s:e], out=_buffer_view(self._part, P, d)))
         return out
 
     def keep(self, keep: Tensor) -> None:
@@ -388,7 +394,7 @@ class _PivotedProduct:
         m = torch.zeros(len(q), 1, dtype=self.dtype)
 
         def weighted(s: int, e: int, y: Tensor) -> Tensor:
-            a = torch.mm(qs, self.search[s:e].T, out=self._view(self._a, len(q), e - s))
+            a = torch.mm(qs, self.search[s:e].T, out=_buffer_view(self._a, len(q), e - s))
             y.copy_(a).sub_(a_top).mul_(self._rest(s, e))
             m.add_(y.sum(-1, keepdim=True))
             return y
