@@ -96,6 +96,17 @@ def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> 
     return model.to(dtype).eval()
 
 
+def float64_reference(adapter):
+    """A float64 copy of the adapter's model, for brute-force references in tests only (the
+    library never copies a model)."""
+    import copy
+
+    import stable_regions as sr
+
+    twin = copy.deepcopy(adapter.model).to(torch.float64).requires_grad_(False)
+    return sr.wrap(twin, adapter.tokenizer, name=adapter.name)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()

@@ -221,7 +221,7 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path):
 def test_depth_commands_bad_input(argv, message, capsys, monkeypatch, tmp_path, tokenizer):
     monkeypatch.chdir(tmp_path)
     adapter = sr.wrap(tiny_model("llama"), tokenizer)
-    monkeypatch.setattr("stable_regions.models.load", lambda spec, log=None: adapter)
+    monkeypatch.setattr("stable_regions.models.load", lambda spec, **options: adapter)
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -230,7 +230,7 @@ def test_depth_commands_bad_input(argv, message, capsys, monkeypatch, tmp_path, 
 
 def test_depth_commands_write_outputs(capsys, monkeypatch, tmp_path, tokenizer):
     adapter = sr.wrap(tiny_model("llama"), tokenizer)
-    monkeypatch.setattr("stable_regions.models.load", lambda spec, log=None: adapter)
+    monkeypatch.setattr("stable_regions.models.load", lambda spec, **options: adapter)
     assert main(["map", "Hi there", "--layers", "all", "--out", str(tmp_path / "m")]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "m" / "map.json"), str(tmp_path / "m" / "map.png")]

@@ -38,12 +38,12 @@ def test_readme_columns_match_the_dataframe():
 def test_readme_command_lines_list_every_command_and_option():
     import argparse
 
-    from stable_regions.cli import _parser
+    from stable_regions.cli import build_parser
 
     text = (ROOT / "README.md").read_text()
     block = text.split("## Command line", 1)[1].split("```", 2)[1]
     lines = [line for line in block.splitlines() if line.startswith("stable-regions ")]
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, parser in sub.choices.items():
         mine = [line for line in lines if line.split()[1] == name]
         assert mine, f"`stable-regions {name}` is missing from the README's command lines"

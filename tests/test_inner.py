@@ -249,3 +249,63 @@ def test_analyze_inner_layer_brackets_the_full_model_boundary(arch_name, layer, 
         top = float(torch.linalg.eigvalsh(G)[-1])
         assert math.isclose(float(df[df.position == pos].lambda_max.iloc[0]), top, rel_tol=1e-7)
         assert math.isclose(float(v @ G @ v), top, rel_tol=1e-7)
+
+
+def test_other_threads_see_torch_unchanged_during_an_inner_analysis(tokenizer):
+    """The exact numerics are ours alone: while an inner-layer analysis of a float64 GPT-2
+    (float32 casts, layer norms and linears all corrected) runs on this thread, another thread
+    computing with torch sees torch's own behaviour: casts that cast, torch's own layer norm
+    and linear."""
+    import threading
+
+    import torch.nn.functional as F
+
+    adapter = sr.wrap(tiny_model("gpt2"), tokenizer)
+    inside = threading.Event()  # set while our thread is inside a block's forward
+    handles = [
+        adapter.layers[2].register_forward_pre_hook(lambda *_: inside.set()),
+        adapter.layers[2].register_forward_hook(lambda *_: inside.clear()),
+    ]
+    stop = threading.Event()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(8, 8, dtype=torch.float64, generator=g)
+    samples: list[tuple] = []
+
+    def watch():
+        while not stop.is_set():
+            during = inside.is_set()
+            xg = x.clone().requires_grad_(True)
+            sample = (
+                F.softmax(x, -1, dtype=torch.float32).dtype,
+                x.to(torch.float32).dtype,
+                x.float().dtype,
+                type(F.layer_norm(xg, (8,)).grad_fn).__name__,
+                type(F.linear(xg, w).grad_fn).__name__,
+            )
+            samples.append((during, sample))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        sr.analyze(adapter, PROMPT, eps=[0.1], positions=[4, 9], layer=0)
+    finally:
+        stop.set()
+        watcher.join()
+        for h in handles:
+            h.remove()
+    plain = (
+        torch.float32,
+        torch.float32,
+        torch.float32,
+        "NativeLayerNormBackward0",
+        "MmBackward0",
+    )
+    assert any(during for during, _ in samples), "no sample was taken during our forward passes"
+    assert all(sample == plain for _, sample in samples), {s for _, s in samples}
+    # and on our thread, inside the context, the corrections do apply
+    with exact_numerics():
+        xg = x.clone().requires_grad_(True)
+        assert F.softmax(x, -1, dtype=torch.float32).dtype == torch.float64
+        assert x.float().dtype == torch.float64
+        assert type(F.layer_norm(xg, (8,)).grad_fn).__name__ != "NativeLayerNormBackward0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import float64_reference
 
 import stable_regions as sr
 from stable_regions.models import PRELOGIT
@@ -27,7 +28,7 @@ EPS = [0.01, 0.1, 1.0]
 def loaded(request):
     adapter = sr.load(request.param)
     # The brute force runs the whole float64 model (full prefix, hooked), not the analysis path.
-    reference = adapter.float64()
+    reference = float64_reference(adapter)
     frames = []
     results = []
     for i, prompt in enumerate(PROMPTS):
@@ -116,7 +117,7 @@ def test_inner_layers_measured_radius_matches_full_model(name):
     with full-prefix float64 runs of the whole model to 1e-3 relative, and the Pade form beats
     the quadratic at small eps."""
     adapter = sr.load(name)
-    reference = adapter.float64()
+    reference = float64_reference(adapter)
     prompt = "The capital of France is Paris, and"
     ids = reference.tokenize(prompt)
     n_layers = adapter.n_layers

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, float64_reference, tiny_model
 
 import stable_regions as sr
 from stable_regions.calibration import (
@@ -477,7 +477,7 @@ def test_study_boundaries_on_the_real_model():
     """SmolLM2, one corpus prompt: the study's measured radii of one ray per family, checked by
     running the whole float64 model with the perturbation hooked in at the pre-logit vector."""
     model = sr.load("smollm2-135m")
-    twin = model.float64()
+    twin = float64_reference(model)
     prompts = corpus()
     prompt, partner = prompts[40], prompts[41]
     layer = _FinalLayer(model, StudySettings(positions_per_prompt=1))

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import as_adapter
 from .errors import StableRegionsError
 from .files import write_json
 from .geometry import (
@@ -35,6 +34,7 @@ from .geometry import (
     top_eigenpair_float64,
 )
 from .heap import return_freed_memory
+from .inputs import as_adapter
 from .models import ModelAdapter
 from .probes import RayKL, measure_boundaries
 from .prompts import corpus

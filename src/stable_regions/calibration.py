@@ -333,7 +333,8 @@ def bundled_calibration(model_name: str, layer: str = "final") -> Calibration:
         shipped = sorted(p.name for p in base.glob("*.json"))  # glob of a missing folder: none
         raise StableRegionsError(
             f"no bundled calibration for model {model_name!r} at layer {layer!r} "
-            f"(shipped: {', '.join(shipped) or 'none'}): use --calibration fit or a file"
+            f"(shipped: {', '.join(shipped) or 'none'}): fit one with `stable-regions validate "
+            "--calibration fit` and pass its calibration.json"
         )
     return load_calibration(path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,12 +45,33 @@ def write_parquet(frame, path: str | Path) -> Path:
     return Path(path)
 
 
-def start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool, kind: str) -> None:
+def start_or_resume(
+    out: Path,
+    manifest_path: Path,
+    record: dict,
+    resume: bool,
+    kind: str,
+    overwrite: bool = False,
+) -> None:
     """Begin a run that writes into directory ``out`` as it goes, or continue one.
 
     ``record`` describes the run (tool, model, settings, inputs); ``manifest_path`` holds it
     with ``"complete": false`` until the run ends. An existing run is continued only with
-    ``resume`` and the same record; a directory holding anything else is refused."""
+    ``resume`` and the same record, or replaced with ``overwrite`` (only a run of the same
+    tool: a directory holding anything else is refused, never emptied). A directory that
+    cannot be made or written is a user error, not a crash."""
+    try:
+        _start_or_resume(out, manifest_path, record, resume, kind, overwrite)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise StableRegionsError(
+            f"cannot write the {kind} to {out} ({reason}): choose a writable --out"
+        ) from None
+
+
+def _start_or_resume(
+    out: Path, manifest_path: Path, record: dict, resume: bool, kind: str, overwrite: bool
+) -> None:
     if out.exists() and not out.is_dir():
         raise StableRegionsError(f"--out {out} is a file: give a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -69,14 +91,16 @@ def start_or_resume(out: Path, manifest_path: Path, record: dict, resume: bool, 
                 "choose another --out"
             )
         state = "finished" if previous.get("complete") else "unfinished"
-        if not resume:
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
             raise StableRegionsError(
                 f"{out} already holds a {state} run: pass --resume to continue it, "
-                "or choose another --out"
+                "--overwrite to replace it, or choose another --out"
             )
         previous.pop("complete", None)
         changed = sorted(k for k in record if previous.get(k) != record[k])
-        if changed:
+        if changed and not overwrite:
             raise StableRegionsError(
                 f"--resume: the run in {out} used different {', '.join(changed)}: "
                 "rerun with the same options, or choose another --out"

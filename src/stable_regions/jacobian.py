@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis import as_adapter, check_positions, json_value
+from .engine import eig_tolerance
 from .errors import StableRegionsError
 from .geometry import JacobianGram
+from .inputs import as_adapter, check_positions, json_value
 from .models import PRELOGIT
 from .models.suffix import PositionSuffix
 from .plotting import pyplot, save
@@ -107,15 +108,14 @@ def jacobian_profile(
     adapter = as_adapter(model)
     ids = adapter.tokenize(prompt)
     (pos,) = check_positions([position], ids.shape[1])
-    f64 = adapter.float64()
-    n = f64.n_layers
+    n = adapter.n_layers
     sources = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n)]
     total = 2 * n + 1
     done = 0
     rows = []
     previous: PositionSuffix | None = None
     for index, source in enumerate(sources):
-        suffix = PositionSuffix(f64, ids, source, pos, shared_cache=previous)
+        suffix = PositionSuffix(adapter, ids, source, pos, shared_cache=previous)
         row = {
             "layer": "embed" if index == 0 else index - 1,
             "hook": source,
@@ -141,7 +141,7 @@ def jacobian_profile(
 def _top_singular_values(suffix: PositionSuffix, target: str, k: int, tol: float) -> list[float]:
     suffix.check_target(target)
     gram = JacobianGram(lambda v: suffix.jvp(v, target), suffix.vjp_fn(target), suffix.dim)
-    sigma, _ = gram.top_singular_values(k, tol=tol)
+    sigma, _ = gram.top_singular_values(k, tol=eig_tolerance(tol, suffix.batch.dtype))
     values = [float(s) for s in sigma]
     return values + [math.nan] * (k - len(values))
 

@@ -27,18 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .analysis import (
-    _inner_blocks,
-    _prelogit_blocks,
-    as_adapter,
-    check_eps,
-    check_positions,
-    json_value,
-)
+from .engine import inner_blocks, prelogit_blocks
 from .errors import StableRegionsError
 from .files import write_json
 from .geometry import curvature_trace, effective_rank, radius_quadratic
 from .heap import return_freed_memory
+from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .plotting import pyplot, save
 from .scan import Scanner, position_block
@@ -169,9 +163,9 @@ def stability_map(
         if hook == PRELOGIT and adapter.logit_softcap is None:
             blocks = _final_layer_cells(adapter, ids, pos, e, eig_tol)
         elif hook == PRELOGIT:  # softcapped logits: the float64 head's exact operator
-            blocks = _prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
+            blocks = prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
         else:
-            blocks = _inner_blocks(
+            blocks = inner_blocks(
                 adapter, ids, hook, pos, [e], False, 1e-6, eig_tol, trace="estimate"
             )
         for b in blocks:
@@ -201,7 +195,7 @@ def stability_map(
 
 @dataclass
 class _Cells:
-    """A block of cells of one layer (the fields of ``analysis._Block`` that a map reads)."""
+    """A block of cells of one layer (the fields of ``engine.Block`` that a map reads)."""
 
     positions: list[int]
     lambda_max: Tensor

@@ -31,6 +31,25 @@ class Prompt:
         return text_digest(self.text)
 
 
+def as_prompts(items, what: str = "prompt") -> list[Prompt]:
+    """``Prompt`` objects as given, plain strings as ``Prompt("{what}-{i}", text)``; any other
+    item is a TypeError that names what is accepted."""
+    if isinstance(items, (str, Prompt)):
+        items = [items]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Prompt):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Prompt(f"{what}-{i}", item))
+        else:
+            raise TypeError(
+                f"{what} {i} is a {type(item).__name__}: give strings or "
+                "stable_regions.prompts.Prompt objects"
+            )
+    return out
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -97,6 +116,10 @@ def read_documents(paths: Sequence[str | Path]) -> list[Prompt]:
                 for p in read_prompt_file(path)
             ]
             continue
+        if path.is_dir():
+            raise StableRegionsError(
+                f"{path} is a folder: give the documents in it, e.g. {path / '*.txt'}"
+            )
         if not path.is_file():
             raise StableRegionsError(f"document {path} not found")
         try:

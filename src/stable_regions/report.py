@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .files import write_text
+from .metrics import SUMMARY_COLUMNS, relative_error
 from .plotting import pyplot
 
 PUBLISHED = (
@@ -87,8 +88,6 @@ def _scatter(test: pd.DataFrame, eps_values, predictors) -> str:
 
 
 def _cdfs(test: pd.DataFrame, eps_values, families, predictors) -> str:
-    from .validation import relative_error
-
     plt = pyplot()
     fig, axes = plt.subplots(
         len(eps_values),
@@ -122,8 +121,6 @@ def _cdfs(test: pd.DataFrame, eps_values, families, predictors) -> str:
 
 
 def _by_entropy(test: pd.DataFrame, eps_values, predictors) -> str:
-    from .validation import relative_error
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(eps_values), figsize=(4 * len(eps_values), 3.2), squeeze=False)
     edges = np.array([0, 0.1, 0.5, 1, 2, 3, 4, 6, 12.5])
@@ -149,8 +146,6 @@ def _by_entropy(test: pd.DataFrame, eps_values, predictors) -> str:
 
 
 def _table(summary: list[dict]) -> str:
-    from .validation import SUMMARY_COLUMNS
-
     cols = SUMMARY_COLUMNS[1:]  # the model is in the header
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []

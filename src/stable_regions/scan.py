@@ -26,22 +26,25 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import as_adapter, check_eps
+from .budget import rows_within
 from .calibration import model_fingerprint
 from .errors import StableRegionsError
 from .files import start_or_resume, write_json, write_parquet
 from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
 from .heap import return_freed_memory
+from .inputs import as_adapter, check_eps
 from .models import ModelAdapter
 from .plotting import pyplot, save
-from .prompts import Prompt, corpus_digest
+from .prompts import Prompt, as_prompts, corpus_digest
+
+DEFAULT_WINDOW = 1024  # tokens per forward pass of a corpus scan
 
 
 def position_block(vocab_size: int) -> int:
-    """Positions per block: each (positions x V) float32 array stays ~64 MB (341 positions of
-    SmolLM2). With ~128 MB blocks the 512-token bench scan peaked at 1527-1551 MB against
-    1391-1423 MB, at the same speed (measured side by side)."""
-    return int(max(1, (1 << 24) // vocab_size))
+    """Positions per block: each (positions x V) float32 array within the shared budget (341
+    positions of SmolLM2). With blocks twice that size the 512-token bench scan peaked at
+    1527-1551 MB against 1391-1423 MB, at the same speed (measured side by side)."""
+    return rows_within(vocab_size, 4)
 
 
 class Scanner:
@@ -175,33 +178,35 @@ class CorpusScan:
 
 def scan_corpus(
     model,
-    documents: Sequence[Prompt],
+    documents: Sequence[Prompt | str],
     *,
     out: str | Path,
     eps: Sequence[float] = (0.1,),
-    window: int = 1024,
+    window: int | None = None,
     overlap: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CorpusScan:
     """Scan every position of every document at the pre-logit vector; write
     ``out/{results.parquet, summary.json, radius.png}``.
 
-    Each document is tokenized whole and run in windows of ``window`` tokens
-    (``document_windows``: consecutive windows overlap by ``overlap`` tokens, default
-    ``window // 8``, so a position near a window's start still has context). Per position:
+    ``documents``: strings or ``Prompt`` objects (their ids name the documents). Each document
+    is tokenized whole and run in windows of ``window`` tokens (default 1024, or the model's
+    context if it is shorter; a longer window is an error) (``document_windows``: consecutive
+    windows overlap by ``overlap`` tokens, default ``window // 8``, so a position near a
+    window's start still has context). Per position:
     the next token and its probability, the entropy, ``lambda_max``, the search's relative
     Ritz residual, and the closed-form radii along the top curvature direction
     (``radius_quadratic`` the published one, ``radius_corrected`` the 4th-order Pade form,
     nearest exit over both signs) at each eps. Documents are written as they finish
-    (``out/parts``), so ``resume=True`` continues an interrupted scan.
+    (``out/parts``), so ``resume=True`` continues an interrupted scan; ``overwrite=True``
+    replaces a scan already in ``out``.
 
     ``progress(done, total)`` counts tokens.
     """
-    overlap = int(window) // 8 if overlap is None else overlap
-    settings = ScanSettings(check_eps(eps), int(window), int(overlap))
-    document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
-    documents = list(documents)
+    eps = check_eps(eps)
+    documents = as_prompts(documents, "document")
     if not documents:
         raise StableRegionsError("no documents given")
     ids = [d.id for d in documents]
@@ -209,10 +214,18 @@ def scan_corpus(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise StableRegionsError(f"document id {dup!r} appears twice: ids must be unique")
     adapter = as_adapter(model)
-    scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
     limit = adapter.context_length
-    if limit is not None and settings.window > limit:
-        settings = ScanSettings(settings.eps, limit, min(settings.overlap, limit // 2))
+    if window is None:
+        window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
+    elif limit is not None and window > limit:
+        raise StableRegionsError(
+            f"window {window} is longer than the model's context of {limit} tokens: "
+            f"use a window of at most {limit}"
+        )
+    overlap = int(window) // 8 if overlap is None else overlap
+    settings = ScanSettings(eps, int(window), int(overlap))
+    document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
+    scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
     out = Path(out)
     manifest_path = out / "manifest.json"
     record = {
@@ -224,7 +237,7 @@ def scan_corpus(
         "n_documents": len(documents),
     }
     token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]
-    start_or_resume(out, manifest_path, record, resume, "scan")
+    start_or_resume(out, manifest_path, record, resume, "scan", overwrite)
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
     part_path = [parts / f"{i:05d}.parquet" for i in range(len(documents))]

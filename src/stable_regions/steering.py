@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import as_adapter, check_eps, check_positions
 from .errors import StableRegionsError, one_line
 from .geometry import radius_pade, radius_quadratic, series_coefficients
+from .inputs import as_adapter, check_eps, check_positions
 from .models import ModelAdapter
 from .models.suffix import PositionSuffix
 from .probes import measure_from_suffix
@@ -54,9 +54,16 @@ class SteeringResult:
         """Per eps: median and 5th percentile of each coefficient over prompts and positions."""
         df = self.to_frame()
         cols = ["coef_quadratic", "coef_corrected", "coef_exact"]
-        out = df.groupby("eps")[cols].agg(["median", lambda x: x.quantile(0.05)])
+        out = df.groupby("eps")[cols].agg(["median", _fifth_percentile])
         out.columns = [f"{c}_{'median' if s == 'median' else 'p05'}" for c, s in out.columns]
         return out.reset_index().assign(n=df.groupby("eps").size().values)
+
+
+def _fifth_percentile(x: pd.Series) -> float:
+    """The 5th percentile; where it falls between two infinite values (every coefficient
+    infinite: the KL never reaches eps), infinity, not the NaN of inf - inf."""
+    q = x.quantile(0.05)
+    return x.quantile(0.05, interpolation="lower") if np.isnan(q) and x.notna().any() else q
 
 
 def load_vector(path: str | Path, dim: int) -> Tensor:
@@ -161,14 +168,13 @@ def steering_budget(
         raise StableRegionsError("no prompts given")
     norm = float(vector.norm())
     u = vector / norm
-    exact_model = adapter.float64()
     jobs = []
     for prompt_id, prompt in enumerate(prompts):
-        ids = exact_model.tokenize(prompt)
+        ids = adapter.tokenize(prompt)
         jobs += [(prompt_id, ids, p) for p in check_positions(positions, ids.shape[1])]
     rows = []
     for done, (prompt_id, ids, position) in enumerate(jobs, start=1):
-        suffix = PositionSuffix(exact_model, ids, hook, position)
+        suffix = PositionSuffix(adapter, ids, hook, position)
         p = torch.softmax(suffix.logits0, -1)
         derivs = [d[None] for d in suffix.directional_derivatives(u, order=3)]
         c2, c3, c4 = series_coefficients(p, derivs)

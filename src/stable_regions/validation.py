@@ -41,7 +41,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import _entropy, _pade_radii, as_adapter, check_eps
 from .calibration import (
     FEATURES,
     Band,
@@ -50,12 +49,16 @@ from .calibration import (
     model_fingerprint,
     resolve_calibration,
 )
+from .engine import entropy, pade_radii
 from .errors import StableRegionsError
 from .files import start_or_resume, write_json, write_parquet
 from .geometry import FisherOperator, RayCurve, radius_quadratic
+from .inputs import as_adapter, check_eps
+from .metrics import THRESHOLDS, relative_error
 from .models import PRELOGIT, ModelAdapter
 from .probes import measure_boundaries
-from .prompts import Prompt, corpus, corpus_digest, sentiment_prompts
+from .prompts import Prompt, as_prompts, corpus, corpus_digest, sentiment_prompts
+from .report import write_report
 
 FAMILIES = ("top", "random", "eigenspace", "token", "interpolation", "steering")
 PREDICTORS = ("quadratic", "corrected", "calibrated")
@@ -77,18 +80,6 @@ RESULT_COLUMNS = [
     "corrected",
     "calibrated",
     "split",
-]
-THRESHOLDS = {"within_1pct": 0.01, "within_8pct": 0.08, "within_50pct": 0.5}
-SUMMARY_COLUMNS = [
-    "model",
-    "layer",
-    "family",
-    "eps",
-    "predictor",
-    "n",
-    "median_rel_err",
-    "p90_rel_err",
-    *THRESHOLDS,
 ]
 
 
@@ -233,7 +224,7 @@ class _FinalLayer:
         vecs = torch.nn.functional.normalize(vecs.to(torch.float64), dim=-1)
         del op
         p = torch.softmax(self.head.logits(h_all), -1)
-        entropy = _entropy(p)
+        ent = entropy(p)
         top_prob = p.max(-1).values
         out = []
         for j, position in enumerate(pos):
@@ -244,7 +235,7 @@ class _FinalLayer:
                     h_all[j],
                     [(f, i, sign) for f, i, _ in dirs for sign in (1, -1)],
                     torch.stack([sign * v for _, _, v in dirs for sign in (1.0, -1.0)]),
-                    float(entropy[j]),
+                    float(ent[j]),
                     float(top_prob[j]),
                 )
             )
@@ -259,7 +250,7 @@ class _FinalLayer:
             curve = RayCurve(self.head, self.head.raw(h[None]), self.head.direction(v))
             c2, c3, c4 = curve.coefficients()
             quadratic = np.stack([radius_quadratic(c2, e).numpy() for e in s.eps], 1)
-            corrected = _pade_radii(c2, c3, c4, s.eps)
+            corrected = pade_radii(c2, c3, c4, s.eps)
             scale = np.full(len(v), max(float(h.norm()), 1e-6))
             t_start = 1e-3 * scale
             if self.head.is_linear:
@@ -298,18 +289,6 @@ class _FinalLayer:
 
 
 # ----------------------------------------------------------------------------- calibration
-
-
-def relative_error(predicted: np.ndarray, empirical: np.ndarray) -> np.ndarray:
-    """``|predicted / empirical - 1|``; 0 where both are infinite, inf where only one is."""
-    predicted, empirical = np.asarray(predicted, float), np.asarray(empirical, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.abs(predicted / empirical - 1.0)
-    both_inf = np.isposinf(predicted) & np.isposinf(empirical)
-    one_inf = np.isposinf(predicted) ^ np.isposinf(empirical)
-    err[both_inf] = 0.0
-    err[one_inf] = np.inf
-    return err
 
 
 def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> set[str]:
@@ -445,6 +424,7 @@ def validate(
     families: Sequence[str] | None = None,
     calibration: str | Path | Calibration | None = "fit",
     resume: bool = False,
+    overwrite: bool = False,
     positions_per_prompt: int = 3,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -453,13 +433,15 @@ def validate(
 
     Args:
         model: a bundled name / path / ``ModelAdapter`` / transformers model.
-        prompts: the corpus (default: the shipped one, ``prompts.corpus()``).
+        prompts: the corpus (default: the shipped one, ``prompts.corpus()``): strings or
+            ``Prompt`` objects.
         eps: KL thresholds (nats).
         layers: ``["final"]`` (the only layer measured by the study so far).
         families: a subset of ``FAMILIES`` (default all).
         calibration: ``"fit"`` (fit on a seeded half of the prompts, evaluate on the other
             half, write ``calibration.json``), ``"bundled"``, a calibration file, or ``None``.
         resume: continue the unfinished run in ``out`` (same settings required).
+        overwrite: replace the validation run already in ``out``.
         progress: ``progress(done, total)`` after each prompt.
     """
     settings = StudySettings(
@@ -471,7 +453,7 @@ def validate(
     )
     if settings.positions_per_prompt < 1:
         raise StableRegionsError("positions_per_prompt must be at least 1")
-    prompts = list(corpus() if prompts is None else prompts)
+    prompts = corpus() if prompts is None else as_prompts(prompts)
     if not prompts:
         raise StableRegionsError("no prompts given")
     adapter = as_adapter(model)
@@ -493,7 +475,7 @@ def validate(
         "n_prompts": len(prompts),
         "calibration": "fit" if fitting else None if fixed is None else str(fixed.path or "given"),
     }
-    start_or_resume(out, manifest_path, record, resume, "validation run")
+    start_or_resume(out, manifest_path, record, resume, "validation run", overwrite)
 
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
@@ -527,8 +509,6 @@ def validate(
     summary = summarize(frame, adapter.name)
     write_parquet(frame, out / "results.parquet")
     write_json(out / "summary.json", summary)
-    from .report import write_report
-
     write_report(out / "report.html", frame, summary, record, used)
     write_json(manifest_path, {**record, "complete": True})
     return ValidationRun(out, frame, summary, used)

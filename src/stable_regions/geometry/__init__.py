@@ -1,5 +1,6 @@
 """Pure tensor math of stable regions. Nothing here imports the model layer."""
 
+from .curvature import CurvatureOperator, effective_rank
 from .curve import (
     RayCurve,
     cumulants,
@@ -8,7 +9,7 @@ from .curve import (
     radius_series,
     series_coefficients,
 )
-from .fisher import FisherOperator, effective_rank
+from .fisher import FisherOperator
 from .gram import JacobianGram
 from .head import LogitHead
 from .lanczos import LanczosRun, lanczos, lanczos_topk
@@ -25,6 +26,7 @@ from .topcurv import (
 )
 
 __all__ = [
+    "CurvatureOperator",
     "FisherOperator",
     "JacobianGram",
     "LanczosRun",

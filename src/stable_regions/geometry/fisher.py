@@ -6,12 +6,10 @@
 of ``KL(p || softmax(z(h + x)))`` at ``x = 0`` (the KL's gradient vanishes there, so the
 head's own curvature does not enter) and of the next-token cross-entropy for any target.
 
-Matrix-free product, for a batch of P positions at once (row i through operator i):
-
-    a = J v,   H v = J^T (p * a - p (p . a))          two O(V d) products
-
-``H = M^T M`` with ``M = (diag(sqrt p) - sqrt(p) p^T) J`` gives the dense form without a
-V x V matrix, and ``tr H = sum_i p_i ||J_i||^2 - ||J^T p||^2`` costs O(V d).
+The products are the head's own, two O(V d) matrix products for P positions at once
+(``CurvatureOperator`` does the rest). ``H = M^T M`` with
+``M = (diag(sqrt p) - sqrt(p) p^T) J`` gives the dense form without a V x V matrix, and
+``tr H = sum_i p_i ||J_i||^2 - ||J^T p||^2`` and the diagonal cost O(V d), not d products.
 """
 
 from __future__ import annotations
@@ -19,12 +17,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .curvature import CurvatureOperator, effective_rank
 from .head import LogitHead
-from .lanczos import lanczos_topk
+
+__all__ = ["FisherOperator", "effective_rank"]
 
 
-class FisherOperator:
+class FisherOperator(CurvatureOperator):
     """``H`` at P positions. ``p``: (P, V) probabilities; ``weight``: (V, d)."""
+
+    default_tol = 1e-12
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class FisherOperator:
             row_scale = None if row_scale is None else row_scale.reshape(1, -1)
         self.weight = weight
         self.p = p
+        self.d = weight.shape[1]
         self.scale = scale
         self.row_scale = row_scale  # (P, V) or None
         self._row_norms2 = row_norms2  # scale^2 ||W_i||^2, (V,), computed on demand
@@ -58,14 +61,6 @@ class FisherOperator:
             row_norms2=head.row_norms2,
         )
 
-    @property
-    def batch(self) -> int:
-        return self.p.shape[0]
-
-    @property
-    def d(self) -> int:
-        return self.weight.shape[1]
-
     def jvp(self, v: Tensor) -> Tensor:
         """``J v``: (P, d) or (P, k, d) -> (P, V) or (P, k, V)."""
         a = v @ self.weight.T
@@ -81,22 +76,6 @@ class FisherOperator:
             g = g * self.row_scale
         out = g @ self.weight
         return out * self.scale if self.scale != 1.0 else out
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for v of shape (P, d) (or (d,) when P = 1)."""
-        squeeze = v.ndim == 1
-        v = v.reshape(self.batch, self.d)
-        a = self.jvp(v)
-        fa = self.p * (a - (self.p * a).sum(-1, keepdim=True))
-        out = self.vjp(fa)
-        return out[0] if squeeze else out
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """``v^T H v`` for directions v of shape (P, k, d) -> (P, k), as the variance of ``J v`` under p."""
-        a = self.jvp(v)
-        p = self.p[:, None]
-        mean = (p * a).sum(-1, keepdim=True)
-        return (p * (a - mean) ** 2).sum(-1)
 
     def dense(self) -> Tensor:
         """Dense ``H`` (P, d, d) via ``M^T M``; O(V d^2) per position, for tests and small d."""
@@ -128,36 +107,3 @@ class FisherOperator:
             for s in range(0, self.weight.shape[0], chunk)
         )
         return first * self.scale**2 - self.vjp(self.p) ** 2
-
-    def start_vector(self) -> Tensor:
-        """A Lanczos start close to the top eigenvector: the top token's logit gradient minus its mean."""
-        top = self.p.argmax(-1)
-        e = torch.zeros_like(self.p)
-        e.scatter_(1, top[:, None], 1.0)
-        return self.vjp(e - self.p)
-
-    def top_eigenpairs(
-        self, k: int = 1, *, tol: float = 1e-12, max_iter: int | None = None, seed: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        """Largest k eigenpairs: (eigenvalues (P, k), eigenvectors (P, k, d))."""
-        g = torch.Generator(device=self.p.device).manual_seed(seed)
-        v0 = self.start_vector()
-        v0 = (
-            v0
-            + 1e-3
-            * v0.norm(dim=-1, keepdim=True)
-            * torch.randn(v0.shape, dtype=v0.dtype, device=v0.device, generator=g)
-            / self.d**0.5
-        )
-        evals, evecs, _ = lanczos_topk(self.matvec, v0, k, tol=tol, max_iter=max_iter, generator=g)
-        return evals.clamp_min(0.0), evecs
-
-
-def effective_rank(trace: Tensor, lambda_max: Tensor) -> Tensor:
-    """``tr H / lambda_max``: how many directions carry the curvature (1 = one direction).
-
-    This is the intrinsic dimension of a PSD matrix; it lies in [1, rank H], and is 0 where H = 0.
-    """
-    return torch.where(
-        lambda_max > 0, trace / lambda_max.clamp_min(1e-300), torch.zeros_like(trace)
-    )

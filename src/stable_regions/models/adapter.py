@@ -66,6 +66,7 @@ class ModelAdapter:
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not look like a {self.arch.family} causal LM (no {self.arch.layers})"
             )
+        _check_placement(model, unembed)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
@@ -73,10 +74,10 @@ class ModelAdapter:
         self.unembed: nn.Linear = unembed
         # None for OPT variants that normalise before each block only (do_layer_norm_before=False)
         self.final_norm: nn.Module | None = get_path(model, self.arch.final_norm)
-        self._float64: ModelAdapter | None = None
         softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_softcap: float | None = float(softcap) if softcap else None
         self._head: LogitHead | None = None
+        self._cache_name: str | None = None
 
     # ------------------------------------------------------------------ head
     @property
@@ -100,9 +101,8 @@ class ModelAdapter:
         return self._head
 
     def release_copies(self) -> None:
-        """Drop the float64 head and the float64 model twin (made again on next use)."""
+        """Drop the float64 head (made again on next use)."""
         self._head = None
-        self._float64 = None
 
     # ----------------------------------------------------------------- facts
     @property
@@ -200,6 +200,17 @@ class ModelAdapter:
         return [self.tokenizer.decode([i]) for i in ids]
 
     # ------------------------------------------------------------ running
+    def cache_kwarg(self, cache) -> dict:
+        """The keyword that hands a key/value cache to this model's forward: ``cache`` from
+        transformers 5.24 on (``past_key_values`` is deprecated there and goes in 5.40),
+        ``past_key_values`` before."""
+        if self._cache_name is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_name: cache}
+
     @property
     def is_float64(self) -> bool:
         return self.unembed.weight.dtype == torch.float64
@@ -288,19 +299,6 @@ class ModelAdapter:
         finally:
             handle.remove()
 
-    def float64(self) -> ModelAdapter:
-        """This model in float64 (a copy, made once): for derivatives and small KLs."""
-        if self.is_float64:
-            return self
-        if self._float64 is None:
-            import copy
-
-            twin = (
-                copy.deepcopy(self.model).to(torch.float64).requires_grad_(False)
-            )  # input grads only
-            self._float64 = ModelAdapter(twin, self.tokenizer, name=self.name)
-        return self._float64
-
     @torch.no_grad()
     def perturbed_logits(self, ids: Tensor, hook: str, position: int, deltas: Tensor) -> Tensor:
         """Next-token logits (batch, V) at ``position`` after adding each delta at ``hook``.
@@ -327,3 +325,22 @@ class ModelAdapter:
                 f"block {index} is out of range: this model has blocks 0..{self.n_layers - 1}"
             )
         return self.layers[index], m.group(2)
+
+
+def _check_placement(model: nn.Module, unembed: nn.Linear) -> None:
+    """One real device: weights that are not loaded (meta) or a model dispatched over several
+    devices are refused in one line."""
+    devices = {p.device for p in model.parameters()}
+    if any(d.type == "meta" for d in devices):
+        raise UnsupportedModelError(
+            "the model's weights are on the meta device (not loaded): load them first, e.g. "
+            "from_pretrained without init_empty_weights, or model.to_empty(...) and a state dict"
+        )
+    mapped = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(devices) > 1 or len(mapped) > 1:
+        names = sorted({str(d) for d in devices} | mapped)
+        raise UnsupportedModelError(
+            f"the model is dispatched over several devices ({', '.join(names)}): stable-regions "
+            f"runs a model on one device; load it with device_map={{'': '{unembed.weight.device}'}} "
+            "or .to(one device)"
+        )

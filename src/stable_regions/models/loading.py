@@ -7,15 +7,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..errors import ModelNotInstalledError, StableRegionsError, UnsupportedModelError, one_line
 from .adapter import ModelAdapter
 from .architectures import ARCHITECTURES, supported_names
+from .device import resolve_device, resolve_dtype
 from .store import (
     BUNDLED,
     DEFAULT_MODEL,
+    conversion_state,
     convert_user_gguf,
     install_command,
-    is_converted,
     model_dir,
 )
 
@@ -25,28 +28,45 @@ def _stderr(msg: str) -> None:
 
 
 def wrap(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
-    """Use an already loaded ``transformers`` causal LM (any dtype/device) with stable-regions."""
+    """Use an already loaded ``transformers`` causal LM with stable-regions. The model stays
+    where it is, on its own device and in its own dtype: nothing is copied or converted."""
     return ModelAdapter(model, tokenizer, name=name)
 
 
-def load(spec: str = DEFAULT_MODEL, *, log: Callable[[str], None] = _stderr) -> ModelAdapter:
+def load(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    log: Callable[[str], None] = _stderr,
+) -> ModelAdapter:
     """Load a model for analysis, never touching the network.
 
     ``spec`` is a bundled model name (``smollm2-135m``, ``gemma3-270m``), a local Hugging
     Face directory with safetensors weights, or a ``.gguf`` file (converted once into the
-    cache, then loaded from there).
+    cache, then loaded from there). ``device``: ``auto`` (the first GPU if there is one,
+    else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype``: ``auto`` (float32 on the CPU,
+    bfloat16 on a GPU that has it), ``float32``, ``bfloat16`` or ``float16``.
     """
+    where = resolve_device(device)
+    dtype = resolve_dtype(dtype, where)
     if not isinstance(spec, str) or not spec:
         raise StableRegionsError(
             "no model given: use a bundled name, a model directory or a .gguf file"
         )
     if spec in BUNDLED:
         path = model_dir(spec)
-        if not is_converted(path):
+        state = conversion_state(path)
+        if state == "damaged":
+            raise ModelNotInstalledError(
+                f"the converted weights of {spec!r} in {path} are damaged (cut short): run "
+                f"`{install_command(spec)} --force`"
+            )
+        if state != "converted":
             raise ModelNotInstalledError(
                 f"bundled model {spec!r} is not installed: run `{install_command(spec)}`"
             )
-        return _load_directory(path, name=spec)
+        return _load_directory(path, spec, where, dtype)
     path = Path(spec).expanduser()
     if not path.exists():
         raise StableRegionsError(
@@ -58,12 +78,13 @@ def load(spec: str = DEFAULT_MODEL, *, log: Callable[[str], None] = _stderr) -> 
             raise StableRegionsError(
                 f"{path} is a file but not .gguf: give a GGUF file or a model directory"
             )
-        return _load_directory(convert_user_gguf(path, log), name=path.name)
-    return _load_directory(path, name=str(path))
+        return _load_directory(convert_user_gguf(path, log), path.name, where, dtype)
+    return _load_directory(path, str(path), where, dtype)
 
 
-def _load_directory(path: Path, name: str) -> ModelAdapter:
-    import torch
+def _load_directory(
+    path: Path, name: str, device: torch.device, dtype: torch.dtype
+) -> ModelAdapter:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_file = path / "config.json"
@@ -100,8 +121,9 @@ def _load_directory(path: Path, name: str) -> ModelAdapter:
             use_safetensors=True,
             trust_remote_code=False,
             attn_implementation="eager",  # forward-mode AD has no CPU SDPA kernel
-            dtype=torch.float32,
+            dtype=dtype,
         )
+        model.to(device)
     except Exception as exc:  # safetensors/transformers raise many types for a bad file
         raise StableRegionsError(f"could not load the model in {path}: {one_line(exc)}") from None
     try:

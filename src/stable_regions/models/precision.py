@@ -1,4 +1,4 @@
-"""Numerics we can trust for small KLs and higher derivatives.
+"""Numerics we can trust for small KLs and higher derivatives, for our own computation only.
 
 1. Hugging Face eager attention computes its softmax in float32 (``softmax(..., dtype=float32)``)
    and RMSNorms cast to float32, even when the model is float64. That caps a "float64" model
@@ -13,36 +13,23 @@
    took 75 ms against 7 ms for the forward. Inside the context, ``F.linear`` with a constant
    weight is a custom Function whose JVP is one more matmul (16 ms), exact to the last bit.
 
-The patches are process-wide while the context is open (not thread-safe): keep it around
-model calls only. Contexts nest.
+All three are a ``torch.overrides.TorchFunctionMode``: torch keeps its stack of such modes
+per thread, so only the calls made on the thread that entered the context (our forward
+passes) see them. Nothing in ``torch`` is replaced: another thread computing during our call,
+or the user's own code after it, sees torch as it is. Contexts nest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-_depth = 0
-_originals: tuple = ()
-
-
-def _softmax(x, dim=None, _stacklevel=3, dtype=None):
-    if dtype is not None and x.dtype == torch.float64:
-        dtype = None
-    return _originals[0](x, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-
-
-def _to(self, *args, **kwargs):
-    if self.dtype == torch.float64 and not kwargs and len(args) == 1 and args[0] is torch.float32:
-        return self
-    return _originals[1](self, *args, **kwargs)
-
-
-def _to_float(self, *args, **kwargs):
-    return self if self.dtype == torch.float64 else _originals[2](self, *args, **kwargs)
+_linear = F.linear
+_layer_norm_torch = F.layer_norm
+_softmax = F.softmax
+_to = torch.Tensor.to
+_float = torch.Tensor.float
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -72,7 +59,7 @@ class _ConstantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weights: _Weights):
-        return _linear_original(x, weights.weight, weights.bias)
+        return _linear(x, weights.weight, weights.bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -88,36 +75,43 @@ class _ConstantLinear(torch.autograd.Function):
         return _ConstantLinear.apply(grad, _Weights(ctx.weight.t(), None)), None
 
 
-def _linear(x, weight, bias=None):
+def _constant_linear(x, weight, bias=None):
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return _linear_original(x, weight, bias)
+        return _linear(x, weight, bias)
     return _ConstantLinear.apply(x, _Weights(weight, bias))
 
 
-_float64_depth = 0
-_ln_original = None
-_linear_original = F.linear
+class ExactNumerics(TorchFunctionMode):
+    """Elementary-op layer norm and fast-JVP linear always; with ``float64``, float64 tensors
+    kept float64 through Hugging Face's float32 casts. Active on the entering thread only."""
+
+    def __init__(self, float64: bool = True) -> None:
+        super().__init__()
+        self.float64 = float64
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _linear:
+            return _constant_linear(*args, **kwargs)
+        if func is _layer_norm_torch:
+            return _layer_norm(*args, **kwargs)
+        if self.float64:
+            if func is _softmax and kwargs.get("dtype") is not None:
+                if args[0].dtype == torch.float64:
+                    kwargs = {**kwargs, "dtype": None}
+            elif func is _to:
+                if (
+                    args[0].dtype == torch.float64
+                    and not kwargs
+                    and len(args) == 2
+                    and args[1] is torch.float32
+                ):
+                    return args[0]
+            elif func is _float and args[0].dtype == torch.float64:
+                return args[0]
+        return func(*args, **kwargs)
 
 
-@contextmanager
-def exact_numerics(float64: bool = True) -> Iterator[None]:
-    """Elementary-op layer norm and fast-JVP linear always; float64 kept float64 through casts
-    when ``float64``."""
-    global _depth, _originals, _float64_depth, _ln_original, _linear_original
-    if _depth == 0:
-        _ln_original, _linear_original = F.layer_norm, F.linear
-        F.layer_norm, F.linear = _layer_norm, _linear
-    if float64 and _float64_depth == 0:
-        _originals = (F.softmax, torch.Tensor.to, torch.Tensor.float)
-        F.softmax, torch.Tensor.to, torch.Tensor.float = _softmax, _to, _to_float
-    _depth += 1
-    _float64_depth += int(float64)
-    try:
-        yield
-    finally:
-        _depth -= 1
-        _float64_depth -= int(float64)
-        if float64 and _float64_depth == 0:
-            F.softmax, torch.Tensor.to, torch.Tensor.float = _originals
-        if _depth == 0:
-            F.layer_norm, F.linear = _ln_original, _linear_original
+def exact_numerics(float64: bool = True) -> ExactNumerics:
+    """The context: ``with exact_numerics(): model(...)``."""
+    return ExactNumerics(float64)

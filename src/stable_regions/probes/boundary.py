@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..budget import rows_within
 from ..geometry import first_crossings
-
-ROW_BUDGET = 1 << 24  # float64 logits per evaluation chunk (~128 MB)
 
 
 class RayKL:
@@ -52,7 +51,7 @@ class RayKL:
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         rays_t = torch.as_tensor(rays, dtype=torch.long, device=self.h.device)
         ts_t = torch.as_tensor(np.asarray(ts, dtype=np.float64), device=self.h.device)
-        chunk = max(1, ROW_BUDGET // self.logp.shape[-1])
+        chunk = rows_within(self.logp.shape[-1])  # float64 logits per evaluation
         out = []
         for s in range(0, len(rays_t), chunk):
             r, t = rays_t[s : s + chunk], ts_t[s : s + chunk]

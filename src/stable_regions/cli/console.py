@@ -1,0 +1,155 @@
+"""What every command shares: model options, consoles, tables, progress, loading."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+
+from ..errors import StableRegionsError
+
+# Off a terminal (a pipe, a file, CI) nothing is ever cut: rich lays tables out at their
+# natural width when the console is this wide.
+UNLIMITED = 100_000
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and ``--dtype``: every command that loads a model has them."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="bundled name (default smollm2-135m), model directory or .gguf file",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N, or auto (default: the first GPU if there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
+    )
+
+
+def add_eps(parser: argparse.ArgumentParser, default: list[float]) -> None:
+    parser.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=default,
+        metavar="E",
+        help=f"KL thresholds in nats (default: {' '.join(f'{e:g}' for e in default)})",
+    )
+
+
+def add_run_directory(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--out``, ``--resume`` and ``--overwrite`` of a command that writes a run directory."""
+    parser.add_argument("--out", metavar="DIR", help=f"output directory (default ./{kind}-MODEL)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR")
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in DIR (same tool only)"
+    )
+
+
+def parse_positions(text: str):
+    if text in ("all", "last"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StableRegionsError(
+            f"--positions must be 'all', 'last' or comma-separated integers, got {text!r}"
+        ) from None
+
+
+def parse_layer(text: str):
+    """``'12'`` -> 12; ``'embed'``, ``'final'`` and hook names stay text."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}g}"
+
+
+def console(stderr: bool = False):
+    """A rich console on stdout (or stderr): the terminal's width on a terminal, and no width
+    limit elsewhere, so that piped or logged tables are never cut."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=UNLIMITED, soft_wrap=True)
+
+
+def cell(max_width: int) -> dict:
+    """Column options for text that may be long: cut with an ellipsis on a terminal only."""
+    if sys.stdout.isatty():
+        return dict(max_width=max_width, overflow="ellipsis", no_wrap=True)
+    return dict(no_wrap=True)
+
+
+def default_out(kind: str, adapter) -> str:
+    """``KIND-MODEL`` in the working directory: one run directory per model."""
+    return f"{kind}-{os.path.basename(adapter.name.rstrip('/'))}"
+
+
+def load_with_status(args):
+    """Load ``args.model`` on ``args.device`` in ``args.dtype``, logging to stderr; a spinner
+    only on a terminal (logs stay clean). Returns (stderr console, adapter)."""
+    from .. import models
+
+    err = console(stderr=True)
+    spec = args.model or models.DEFAULT_MODEL
+    with err.status(f"loading {spec}", spinner="dots") if err.is_terminal else nullcontext():
+        adapter = models.load(
+            spec, device=args.device, dtype=args.dtype, log=lambda msg: err.print(msg)
+        )
+    return err, adapter
+
+
+@contextmanager
+def progress(err, label: str):
+    """Yields ``(tick, stage)``: ``tick(done, total)`` moves a progress bar on a terminal and
+    elsewhere (logs, CI) prints ``label: done/total (N s)`` at most every 30 s and at the end;
+    ``stage(name)`` names what the work is doing now (in the bar, or as a line off a terminal),
+    so that a long stage of one block still shows life."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.monotonic()
+    last = [started]
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            now = time.monotonic()
+            if not err.is_terminal and (now - last[0] >= 30 or done == total):
+                last[0] = now
+                err.print(f"{label}: {done}/{total} ({now - started:.0f} s)")
+
+        def stage(name: str) -> None:
+            bar.update(task, description=f"{label} ({name})")
+            if not err.is_terminal:
+                err.print(f"{label}: {name} ({time.monotonic() - started:.0f} s)")
+
+        yield tick, stage

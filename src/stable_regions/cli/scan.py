@@ -1,0 +1,123 @@
+"""``stable-regions scan``: every position of documents or a corpus, for about a forward pass."""
+
+from __future__ import annotations
+
+from ..errors import StableRegionsError
+from .console import (
+    add_eps,
+    add_model,
+    add_run_directory,
+    console,
+    default_out,
+    load_with_status,
+    progress,
+)
+
+
+def add_parser(sub) -> None:
+    sc = sub.add_parser(
+        "scan",
+        help="every position of documents or a corpus: lambda_max and radius, for about the "
+        "price of running the model",
+        description=(
+            "Runs the model over each document (in overlapping windows when it is long) and, "
+            "at every position's pre-logit vector, finds lambda_max, its direction and the "
+            "closed-form radii along it (quadratic and corrected, nearest exit over both "
+            "signs). Nothing is measured on the model: check positions with `analyze`. Writes "
+            "DIR/results.parquet (one row per position and eps), DIR/summary.json and "
+            "DIR/radius.png; documents are written as they finish, and --resume continues an "
+            "interrupted scan."
+        ),
+    )
+    sc.add_argument(
+        "documents",
+        nargs="+",
+        metavar="FILE",
+        help="text files (each one document) or .jsonl files (one document per line, in a "
+        "'text' field)",
+    )
+    add_model(sc)
+    add_eps(sc, [0.1])
+    sc.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per forward pass (default 1024 or the model's context, if shorter)",
+    )
+    sc.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens of context a window repeats from the one before (default window/8)",
+    )
+    add_run_directory(sc, "scan")
+    sc.add_argument(
+        "--top", type=int, default=10, metavar="K", help="fragile positions to print (default 10)"
+    )
+
+
+def run(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..inputs import check_eps
+    from ..prompts import read_documents
+    from ..scan import document_windows, scan_corpus
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    eps = check_eps(args.eps)
+    if args.window is not None:
+        overlap = args.window // 8 if args.overlap is None else args.overlap
+        document_windows(1, args.window, overlap)
+    if args.top < 0:
+        raise StableRegionsError("--top must be 0 or more")
+    documents = read_documents(args.documents)
+    err, adapter = load_with_status(args)
+    out = args.out or default_out("scan", adapter)
+    with progress(err, "scanning tokens") as (tick, _):
+        run = scan_corpus(
+            adapter,
+            documents,
+            out=out,
+            eps=eps,
+            window=args.window,
+            overlap=args.overlap,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=tick,
+        )
+    stdout = console()
+    if args.top:
+        e = run.frame.eps.iloc[0]
+        fragile = run.fragile(args.top)
+        table = Table(
+            title=f"{len(fragile)} most fragile positions at eps {e:g} "
+            f"(of {len(run.frame[run.frame.eps == e])})",
+            title_justify="left",
+        )
+        for col in ("document", "position", "token", "next token", "p", "lambda_max", "radius"):
+            table.add_column(
+                col,
+                justify="left" if col in ("document", "token", "next token") else "right",
+                overflow="fold",  # ids and tokens wrap on a narrow terminal, never cut
+            )
+        for r in fragile.itertuples():
+            table.add_row(
+                escape(str(r.doc_id)),
+                str(r.position),
+                escape(repr(r.token)),
+                escape(repr(r.next_token)),
+                f"{r.next_prob:.3f}",
+                f"{r.lambda_max:.4g}",
+                f"{r.radius_corrected:.4g}",
+            )
+        stdout.print(table)
+        stdout.print(
+            "[dim]radius: the corrected closed form along the top curvature direction (nearest "
+            "exit over both signs), in the units of the pre-logit vector[/dim]"
+        )
+    for name in ("results.parquet", "summary.json", "radius.png"):
+        print(run.out / name)
+    return 0

@@ -1,0 +1,58 @@
+"""``stable-regions map``: radius, lambda_max and effective rank over layers x positions."""
+
+from __future__ import annotations
+
+from .console import add_model, load_with_status, parse_positions, progress
+
+
+def add_parser(sub) -> None:
+    mp = sub.add_parser(
+        "map",
+        help="stability map of a prompt: radius, lambda_max and effective rank over layers x positions",
+        description=(
+            "A grid over (layer x position) of the closed-form radius at eps, the top curvature "
+            "eigenvalue and the effective rank; writes DIR/map.json and the heatmap DIR/map.png. "
+            "Closed forms only: check a cell against the model with 'analyze --layer L'."
+        ),
+    )
+    mp.add_argument("prompt", help="the text")
+    add_model(mp)
+    mp.add_argument("--eps", type=float, default=0.1, help="KL threshold in nats (default 0.1)")
+    mp.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="'embed', 'final', block indices, or 'all' (default: embed, 8 evenly spaced blocks, final)",
+    )
+    mp.add_argument(
+        "--positions", default="all", help="'all' (default), 'last' or comma-separated indices"
+    )
+    mp.add_argument(
+        "--out",
+        default="stability-map",
+        metavar="DIR",
+        help="output directory (default ./stability-map)",
+    )
+
+
+def run(args) -> int:
+    from ..inputs import check_eps
+    from ..maps import stability_map
+
+    check_eps([args.eps])
+    positions = parse_positions(args.positions)
+    err, adapter = load_with_status(args)
+    with progress(err, "stability map") as (tick, _):
+        result = stability_map(
+            adapter,
+            args.prompt,
+            eps=args.eps,
+            layers=args.layers,
+            positions=positions,
+            progress=tick,
+        )
+    json_path, png_path = result.save(args.out)
+    print(json_path)
+    print(png_path)
+    return 0

@@ -1,0 +1,130 @@
+"""``stable-regions validate``: closed forms against measured boundaries over a corpus."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import StableRegionsError
+from .console import (
+    add_eps,
+    add_model,
+    add_run_directory,
+    console,
+    default_out,
+    load_with_status,
+    progress,
+)
+
+
+def add_parser(sub) -> None:
+    va = sub.add_parser(
+        "validate",
+        help="validation study: closed-form radii vs measured boundaries over a prompt corpus",
+        description=(
+            "For several positions of every prompt and six direction families (both signs), the "
+            "published quadratic radius, the corrected (Pade) radius and an isotonic calibration, "
+            "each against the boundary measured on the model. Writes DIR/results.parquet, "
+            "DIR/summary.json, DIR/report.html (and DIR/calibration.json when fitting); results "
+            "are written per prompt as the run goes, and --resume continues an interrupted run."
+        ),
+    )
+    add_model(va)
+    va.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="one prompt per line (a literal \\n is a newline) or .jsonl with a 'text' field "
+        "(default: the shipped corpus)",
+    )
+    add_eps(va, [0.01, 0.1, 1.0])
+    va.add_argument(
+        "--layers",
+        nargs="+",
+        default=["final"],
+        metavar="L",
+        help="'final' (default; the only one so far)",
+    )
+    va.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="F",
+        help="direction families (default all): top random eigenspace token interpolation steering",
+    )
+    va.add_argument(
+        "--calibration",
+        default="fit",
+        metavar="PATH|bundled|fit|none",
+        help="fit (default: isotonic on half the prompts, evaluated on the other half), the "
+        "calibration shipped for a bundled model, a calibration.json, or none",
+    )
+    va.add_argument(
+        "--positions-per-prompt",
+        type=int,
+        default=3,
+        metavar="N",
+        help="positions measured per prompt, evenly spread, the last included (default 3)",
+    )
+    add_run_directory(va, "validation")
+
+
+def run(args) -> int:
+    from ..inputs import check_eps
+    from ..prompts import read_prompt_file
+    from ..validation import check_families, check_layers, validate
+
+    # Everything that can be wrong with the input fails here, before a model is loaded.
+    check_eps(args.eps)
+    check_layers(args.layers)
+    check_families(args.families)
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    if args.calibration not in ("fit", "bundled", "none") and not os.path.isfile(args.calibration):
+        raise StableRegionsError(
+            f"calibration file {args.calibration} not found (use a path, 'bundled', 'fit' or 'none')"
+        )
+    if args.positions_per_prompt < 1:
+        raise StableRegionsError("--positions-per-prompt must be at least 1")
+    err, adapter = load_with_status(args)
+    out = args.out or default_out("validation", adapter)
+    with progress(err, "validating prompts") as (tick, _):
+        run = validate(
+            adapter,
+            prompts,
+            out=out,
+            eps=args.eps,
+            layers=args.layers,
+            families=args.families,
+            calibration=args.calibration,  # validate() reads "none", "fit", "bundled", paths
+            resume=args.resume,
+            overwrite=args.overwrite,
+            positions_per_prompt=args.positions_per_prompt,
+            progress=tick,
+        )
+    print_summary(run)
+    for name in ("results.parquet", "summary.json", "report.html", "calibration.json"):
+        if (run.out / name).exists():
+            print(run.out / name)
+    return 0
+
+
+def print_summary(run) -> None:
+    from rich.table import Table
+
+    out = console(stderr=True)  # stdout keeps only the paths of the files written
+    table = Table(title="held-out prompts, all families", title_justify="left")
+    for col in ("layer", "eps", "predictor", "n", "median err", "p90 err", "<=1%", "<=8%", "<=50%"):
+        table.add_column(col, justify="right")
+    for r in run.summary:
+        if r["family"] != "all":
+            continue
+        table.add_row(
+            r["layer"],
+            f"{r['eps']:g}",
+            r["predictor"],
+            str(r["n"]),
+            f"{100 * r['median_rel_err']:.3g}%",
+            f"{100 * r['p90_rel_err']:.3g}%",
+            f"{100 * r['within_1pct']:.1f}%",
+            f"{100 * r['within_8pct']:.1f}%",
+            f"{100 * r['within_50pct']:.1f}%",
+        )
+    out.print(table)

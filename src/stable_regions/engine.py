@@ -1,0 +1,250 @@
+"""The per-block engine every study calls: the geometry of a block of positions at one layer.
+
+``prelogit_blocks`` (the pre-logit vector: the head's curvature from ``p`` and ``W``, the exact
+CGF curve, the boundary measured through the head) and ``inner_blocks`` (a hook inside the
+network: the pullback curvature through the suffix of the model, the Pade form from nested
+forward-mode derivatives, the boundary measured through the suffix) yield ``Block``s: one row
+per position, radii per eps as the nearest exit over ``+v`` and ``-v``. ``analyze``, maps,
+steering and the bench read these; nothing here knows about tables or files.
+
+Inside the network everything runs in the model's own precision (no float64 copy of the
+model): the forward and tangent passes in the weights' dtype, the probabilities, KL values,
+cumulants, Lanczos tridiagonal and vocabulary sums in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .budget import rows_within
+from .geometry import (
+    FisherOperator,
+    PullbackOperator,
+    RayCurve,
+    effective_rank,
+    linf_radius_bounds,
+    radius_pade,
+    series_coefficients,
+)
+from .heap import return_freed_memory
+from .models import ModelAdapter
+from .models.suffix import SuffixBatch
+from .probes import RayKL, measure_boundaries, measure_from_suffix
+
+Stage = Callable[[str], None]
+
+
+@dataclass
+class Block:
+    """Per-position results of a block of positions; radii are (positions, eps), nearest exit
+    over +-v (NaN where not computed)."""
+
+    positions: list[int]
+    top_token: Tensor
+    top_prob: Tensor
+    entropy: Tensor
+    lambda_max: Tensor
+    effective_rank: Tensor
+    directions: Tensor
+    corrected: np.ndarray
+    curve: np.ndarray
+    measured: np.ndarray
+    linf_lower: np.ndarray
+    linf_upper: np.ndarray
+
+
+def nearest(radii: np.ndarray) -> np.ndarray:
+    """(2P, E) with rays 2j, 2j+1 = +v, -v of position j -> (P, E): the nearest exit."""
+    return np.minimum(radii[0::2], radii[1::2])
+
+
+def rays(a: Tensor, sign: float) -> Tensor:
+    """(P, n) -> (2P, n): rows 2j, 2j+1 = ``a_j``, ``sign * a_j`` (the rays +v, -v of position
+    j, the layout ``nearest`` reads)."""
+    return torch.stack([a, sign * a], dim=1).reshape(-1, a.shape[-1])
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Entropy (nats) of each row of ``p``."""
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0  # + 0.0: no -0.0 for one-hot p
+
+
+def pade_radii(c2: Tensor, c3: Tensor, c4: Tensor, eps_list: Sequence[float]) -> np.ndarray:
+    """(R, E): the [2/2] Pade radius of each ray's KL series at each eps."""
+    return np.stack([radius_pade(c2, c3, e, c4).cpu().numpy() for e in eps_list], axis=1)
+
+
+def linf_radii(eps_list, lam: Tensor, diagonal: Tensor, corner: Tensor):
+    """(P, E) lower and upper L-inf radii of the quadratic model (see geometry/linf.py)."""
+    pairs = [linf_radius_bounds(e, lam, diagonal, corner) for e in eps_list]
+    return tuple(np.stack([b[i].cpu().numpy() for b in pairs], axis=1) for i in (0, 1))
+
+
+def positions_per_block(vocab_size: int) -> int:
+    """Positions handled together (at the pre-logit vector and inside the network).
+
+    The Lanczos products of a block and every (position, sign, eps) search advance in
+    lockstep, so each step reads W once for many rows (the products are memory-bound), and
+    inside the network each step is one batched pass. The block's (rays x V) float64 arrays
+    (two rays per position) stay within the shared budget; at most 32 positions."""
+    return rows_within(2 * vocab_size, 8, cap=32)
+
+
+def eig_tolerance(requested: float, dtype: torch.dtype) -> float:
+    """The Lanczos tolerance a product in ``dtype`` can reach: products carry roundoff of
+    ~1e2 units of the last place, so a float32 model stops at ~1e-4 relative residual (the
+    eigenvalue's error is second order in it, below the products' own roundoff)."""
+    return max(requested, 1e3 * torch.finfo(dtype).eps)
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def prelogit_blocks(
+    adapter: ModelAdapter,
+    ids: Tensor,
+    pos: list[int],
+    eps_list: list[float],
+    exact: bool,
+    rtol: float,
+    stage: Stage = _quiet,
+) -> Iterator[Block]:
+    """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head."""
+    head = adapter.head
+    h_all = adapter.prelogits(ids)[pos]
+    block = positions_per_block(head.vocab_size)
+    for start in range(0, len(pos), block):
+        h = h_all[start : start + block]
+        P = h.shape[0]
+        stage("curvature")
+        op = FisherOperator.from_head(head, h)
+        lam, vecs = op.top_eigenpairs(k=1)
+        lam, vecs = lam[:, 0], vecs[:, 0]
+        rank = effective_rank(op.trace(), lam)
+        corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
+        linf = linf_radii(eps_list, lam, op.diagonal(), corner)
+        top_p, top_i = op.p.max(-1)
+        ent = entropy(op.p)
+        del op
+
+        # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
+        ray_h = h.repeat_interleave(2, dim=0)
+        ray_v = rays(vecs, -1.0)
+        curve = RayCurve.from_head(head, ray_h, ray_v)
+        predicted = pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
+        scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
+        search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
+        # The closed forms only seed the search brackets; they never decide the answer.
+        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
+        if exact:
+            stage("measuring")
+            measured = measure_boundaries(
+                RayKL(head.logits, ray_h, ray_v), eps_list, guesses=from_curve, **search
+            )
+        else:
+            measured = np.full_like(from_curve, np.nan)
+        yield Block(
+            pos[start : start + P],
+            top_i,
+            top_p,
+            ent,
+            lam,
+            rank,
+            vecs,
+            nearest(predicted),
+            nearest(from_curve),
+            nearest(measured),
+            *linf,
+        )
+
+
+def inner_blocks(
+    adapter: ModelAdapter,
+    ids: Tensor,
+    hook: str,
+    pos: list[int],
+    eps_list: list[float],
+    exact: bool,
+    rtol: float,
+    eig_tol: float,
+    trace: str = "exact",
+    stage: Stage = _quiet,
+) -> Iterator[Block]:
+    """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
+
+    A block of positions at a time (``SuffixBatch``: each position's token against the cached
+    keys/values of the prompt, one batch row each), so the Lanczos products, derivatives and
+    boundary searches of the block are batched passes. ``trace="exact"``: d forward-mode
+    products give the diagonal (the effective rank and the L-inf radii). ``trace="estimate"``
+    (stability maps): the trace from the Krylov space of the Lanczos run (free) plus 16
+    Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
+    """
+    E = len(eps_list)
+    tol = eig_tolerance(eig_tol, adapter.unembed.weight.dtype)
+    block = positions_per_block(adapter.vocab_size)
+    for start in range(0, len(pos), block):
+        chunk = pos[start : start + block]
+        P = len(chunk)
+        stage("suffix")
+        suffix = SuffixBatch(adapter, ids, hook, chunk)
+        op = PullbackOperator.from_suffix(suffix)
+        return_freed_memory()  # each stage's transients, not their sum with fragments
+        stage("curvature")
+        if trace == "exact":
+            lam, vecs = op.top_eigenpairs(k=1, tol=tol)
+            stage("trace")
+            diagonal = op.diagonal()
+            rank = effective_rank(diagonal.sum(-1), lam[:, 0])
+            corner = op.quadratic_form(torch.sign(vecs[:, :1]))[:, 0]
+            linf = linf_radii(eps_list, lam[:, 0], diagonal, corner)
+        else:
+            lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
+            rank = effective_rank(trace_g, lam[:, 0])
+            linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
+        v = vecs[:, 0]
+        return_freed_memory()
+        stage("derivatives")
+        # Logit derivatives along +v; along -v the odd ones flip sign.
+        derivs = suffix.directional_derivatives(v, order=3)
+        c2, c3, c4 = series_coefficients(op.p, derivs)
+        del derivs
+        # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
+        c2, c3, c4 = (
+            rays(c[:, None], sign)[:, 0] for c, sign in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
+        )
+        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
+        if exact:
+            stage("measuring")
+            measured = measure_from_suffix(
+                suffix,
+                rays(v, -1.0),
+                eps_list,
+                rows=torch.arange(P).repeat_interleave(2),
+                guesses=predicted,
+                rtol=rtol,
+            )
+        else:
+            measured = np.full_like(predicted, np.nan)
+        top_p, top_i = op.p.max(-1)
+        ent = entropy(op.p)
+        # the recorded pass and the cache go now, not when the next block replaces them
+        del suffix, op
+        yield Block(
+            chunk,
+            top_i,
+            top_p,
+            ent,
+            lam[:, 0],
+            rank,
+            v,
+            nearest(predicted),
+            np.full((P, E), np.nan),
+            nearest(measured),
+            *linf,
+        )
