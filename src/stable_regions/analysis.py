@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .calibration import resolve_calibration
 from .engine import inner_blocks, prelogit_blocks
+from .errors import StableRegionsError
 from .geometry import radius_quadratic
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT
@@ -73,6 +74,7 @@ def analyze(
     *,
     rtol: float = 1e-6,
     eig_tol: float = 1e-8,
+    trace: str | None = None,
     calibration=None,
     progress: Callable[[int, int], None] | None = None,
     stage: Callable[[str], None] | None = None,
@@ -92,7 +94,14 @@ def analyze(
             KL values and cumulants).
         exact: measure the true boundary by running the model (``radius_exact``); NaN if False.
         rtol: relative tolerance of the measured boundary.
-        eig_tol: Lanczos residual tolerance (relative to the top eigenvalue) inside the network.
+        eig_tol: Lanczos residual tolerance (relative to the top eigenvalue) inside the network
+            (at least what the model's precision reaches: ~1e-4 for a float32 model).
+        trace: inside the network, how ``tr G`` behind the effective rank is found:
+            ``"exact"`` (d forward-mode products: the exact diagonal, which the L-inf radii
+            need) or ``"estimate"`` (the Krylov space of the Lanczos run plus 16 Hutchinson
+            probes, within a few percent; L-inf radii NaN). Default: exact at ``embed``, where
+            the L-inf radii are meant, estimate at blocks (the d products cost twice the rest
+            of the analysis there). The pre-logit vector is always exact (O(V d)).
         calibration: a calibration (``"bundled"``, a ``calibration.json`` path from
             ``stable-regions validate``, or a ``Calibration``) of this model and layer:
             fills ``radius_calibrated`` (NaN without one).
@@ -114,7 +123,13 @@ def analyze(
     if hook == PRELOGIT:
         blocks = prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol, **stages)
     else:
-        blocks = inner_blocks(adapter, ids, hook, pos, eps_list, exact, rtol, eig_tol, **stages)
+        if trace is None:
+            trace = "exact" if hook == adapter.hook_for_layer("embed") else "estimate"
+        if trace not in ("exact", "estimate"):
+            raise StableRegionsError(f"trace must be 'exact' or 'estimate', got {trace!r}")
+        blocks = inner_blocks(
+            adapter, ids, hook, pos, eps_list, exact, rtol, eig_tol, trace, **stages
+        )
 
     rows: list[dict] = []
     directions: list[Tensor] = []

@@ -182,7 +182,7 @@ def inner_blocks(
     keys/values of the prompt, one batch row each), so the Lanczos products, derivatives and
     boundary searches of the block are batched passes. ``trace="exact"``: d forward-mode
     products give the diagonal (the effective rank and the L-inf radii). ``trace="estimate"``
-    (stability maps): the trace from the Krylov space of the Lanczos run (free) plus 16
+    (stability maps, ``analyze`` at blocks): the trace from the Krylov space of the Lanczos run (free) plus 16
     Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
     """
     E = len(eps_list)
@@ -195,8 +195,8 @@ def inner_blocks(
         suffix = SuffixBatch(adapter, ids, hook, chunk)
         op = PullbackOperator.from_suffix(suffix)
         return_freed_memory()  # each stage's transients, not their sum with fragments
-        stage("curvature")
         if trace == "exact":
+            stage("curvature")
             lam, vecs = op.top_eigenpairs(k=1, tol=tol)
             stage("trace")
             diagonal = op.diagonal()
@@ -204,6 +204,7 @@ def inner_blocks(
             corner = op.quadratic_form(torch.sign(vecs[:, :1]))[:, 0]
             linf = linf_radii(eps_list, lam[:, 0], diagonal, corner)
         else:
+            stage("curvature and trace estimate")
             lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
             rank = effective_rank(trace_g, lam[:, 0])
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))

@@ -42,6 +42,14 @@ def add_parser(sub) -> None:
         "block 0, or a block index i = the residual stream after block i (blocks.{i}.hook_resid_post)",
     )
     a.add_argument(
+        "--trace",
+        choices=["exact", "estimate"],
+        default=None,
+        help="inside the network: the exact trace behind eff.rank and the L-inf radii (d "
+        "products) or an estimate (a few percent; no L-inf radii). Default: exact at embed, "
+        "estimate at blocks",
+    )
+    a.add_argument(
         "--calibration",
         metavar="PATH|bundled",
         help="add radius_calibrated from a calibration of this model and layer "
@@ -74,6 +82,7 @@ def run(args) -> int:
             positions=positions,
             layer=args.layer,
             exact=not args.no_exact,
+            trace=args.trace,
             calibration=args.calibration,
             progress=tick,
             stage=stage,

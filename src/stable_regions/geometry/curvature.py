@@ -133,7 +133,9 @@ class CurvatureOperator:
         noise = torch.randn(v0.shape, dtype=v0.dtype, device=v0.device, generator=g)
         v0 = v0 + 1e-3 * v0.norm(dim=-1, keepdim=True) * noise / self.d**0.5
         tol = self.default_tol if tol is None else tol
-        return lanczos(self.matvec, v0, k, tol=tol, max_iter=max_iter, generator=g)
+        # a convergence check (a small tridiagonal eigh) after every product: the products
+        # cost far more, and each one saved inside the network is a pass through it
+        return lanczos(self.matvec, v0, k, tol=tol, max_iter=max_iter, check_every=1, generator=g)
 
     def top_eigenpairs(
         self, k: int = 1, *, tol: float | None = None, max_iter: int | None = None, seed: int = 0
