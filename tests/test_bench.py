@@ -57,7 +57,8 @@ def test_bench_rows_on_a_tiny_model(tmp_path):
         map_positions=6,
         map_layers="sample",
     )
-    doc = run_bench(adapter, settings=settings)
+    rows = ["top_eig_final", "scan_document_final", "predict_vs_measure", "pullback_hvp_mid"]
+    doc = run_bench(adapter, settings=settings, rows=[*rows, "map_prompt"])
     assert set(doc) == {"machine", "model", "quick", "settings", "rows"}
     names = {r["name"] for r in doc["rows"]}
     assert names == {
@@ -97,3 +98,30 @@ def test_cli_bench_refuses_a_directory(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "is a directory" in err and "\n" not in err
+
+
+def test_scale_rows_on_a_small_shape(monkeypatch):
+    """The scale rows build their model, run the three commands' paths on it and time a
+    forward pass beside each (here a small Llama shape instead of the 1B one)."""
+    from stable_regions import bench_scale
+
+    small = bench_scale.ScaleShape(
+        name="small",
+        hidden_size=64,
+        intermediate_size=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab_size=3000,
+        final_positions=6,
+        scan_tokens=20,
+    )
+    monkeypatch.setattr(bench_scale.ScaleShape, "make", classmethod(lambda cls, quick: small))
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
+    doc = run_bench(adapter, settings=BenchSettings(quick=True), rows=["scale_llama3_1b"])
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"scale_final_analysis", "scale_inner_position", "scale_scan"}
+    for r in rows.values():
+        assert not r["baseline"].startswith("failed"), r["baseline"]
+        assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["peak_rss_mb"] > 0
+        assert "small" in r["baseline"] and "weights" in r["baseline"]

@@ -26,10 +26,14 @@ from .geometry import (
     FisherOperator,
     PullbackOperator,
     RayCurve,
+    curvature_diagonal,
+    curvature_trace,
     effective_rank,
     linf_radius_bounds,
     radius_pade,
     series_coefficients,
+    top_curvature,
+    variance_along,
 )
 from .heap import return_freed_memory
 from .models import ModelAdapter
@@ -114,38 +118,71 @@ def prelogit_blocks(
     exact: bool,
     rtol: float,
     stage: Stage = _quiet,
+    eig_tol: float = 1e-10,
 ) -> Iterator[Block]:
-    """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head."""
-    head = adapter.head
-    h_all = adapter.prelogits(ids)[pos]
+    """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head.
+
+    The head is the model's own (``stored_head``: no float64 copy of W): every product with W
+    runs in the weight's dtype, the probabilities, cumulants, KL values and sums in float64.
+    A linear head takes the batched search from the logits (``top_curvature``: vocabulary
+    chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
+    softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
+    head = adapter.stored_head
+    weight = head.weight
+    tol = eig_tolerance(eig_tol, weight.dtype)
+    f64 = torch.float64
+    h_all = adapter.prelogits(ids, dtype=None)[pos]
     block = positions_per_block(head.vocab_size)
     for start in range(0, len(pos), block):
-        h = h_all[start : start + block]
+        h = h_all[start : start + block].to(f64)
         P = h.shape[0]
         stage("curvature")
-        op = FisherOperator.from_head(head, h)
-        lam, vecs = op.top_eigenpairs(k=1)
-        lam, vecs = lam[:, 0], vecs[:, 0]
-        rank = effective_rank(op.trace(), lam)
-        corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
-        linf = linf_radii(eps_list, lam, op.diagonal(), corner)
-        top_p, top_i = op.p.max(-1)
-        ent = entropy(op.p)
-        del op
+        u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
+        if head.is_linear:
+            logits = u0.to(weight.dtype)  # what the model itself computes
+            found = top_curvature(weight, logits, tol=tol, max_iter=min(64, head.d_model))
+            lam, vecs = found.lambda_max, found.vector.to(f64)
+            rank = effective_rank(curvature_trace(weight, logits), lam)
+            diagonal = curvature_diagonal(weight, logits)
+            corner = variance_along(weight, logits, torch.sign(vecs))
+            # the series along +v and -v: c3 flips with the sign, c2 and c4 do not
+            c2, c3, c4 = (
+                rays(c[:, None], sg)[:, 0]
+                for c, sg in ((lam, 1.0), (found.c3, -1.0), (found.c4, 1.0))
+            )
+            del logits, found
+        else:
+            op = FisherOperator.from_head(head, h)
+            lam, vecs = op.top_eigenpairs(k=1, tol=tol)
+            lam, vecs = lam[:, 0], vecs[:, 0]
+            rank = effective_rank(op.trace(), lam)
+            diagonal = op.diagonal()
+            corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
+            c2 = None
+            del op
+        linf = linf_radii(eps_list, lam, diagonal, corner)
+        p = torch.softmax(head.squash(u0), dim=-1)
+        top_p, top_i = p.max(-1)
+        ent = entropy(p)
+        del p
 
         # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
         ray_h = h.repeat_interleave(2, dim=0)
         ray_v = rays(vecs, -1.0)
-        curve = RayCurve.from_head(head, ray_h, ray_v)
-        predicted = pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
+        curve = RayCurve(head, u0.repeat_interleave(2, dim=0), head.direction_float64(ray_v))
+        del u0
+        if c2 is None:
+            c2, c3, c4 = curve.coefficients()
+        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
         # The closed forms only seed the search brackets; they never decide the answer.
         from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
+        del curve
         if exact:
             stage("measuring")
             measured = measure_boundaries(
-                RayKL(head.logits, ray_h, ray_v), eps_list, guesses=from_curve, **search
+                RayKL(head.logits_float64, ray_h, ray_v), eps_list, guesses=from_curve, **search
             )
         else:
             measured = np.full_like(from_curve, np.nan)

@@ -62,7 +62,8 @@ class SteeringResult:
 def _fifth_percentile(x: pd.Series) -> float:
     """The 5th percentile; where it falls between two infinite values (every coefficient
     infinite: the KL never reaches eps), infinity, not the NaN of inf - inf."""
-    q = x.quantile(0.05)
+    with np.errstate(invalid="ignore"):  # inf - inf, answered below
+        q = x.quantile(0.05)
     return x.quantile(0.05, interpolation="lower") if np.isnan(q) and x.notna().any() else q
 
 

@@ -32,8 +32,8 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
+        metavar="DTYPE",
+        help="auto, float32, bfloat16 or float16: the weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
     )
 
 

@@ -18,11 +18,13 @@ from .pullback import PullbackOperator
 from .roots import first_crossings
 from .topcurv import (
     TopCurvature,
+    curvature_diagonal,
     curvature_trace,
     direction_cumulants,
     search_dtype,
     top_curvature,
     top_eigenpair_float64,
+    variance_along,
 )
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "RayCurve",
     "TopCurvature",
     "cumulants",
+    "curvature_diagonal",
     "curvature_trace",
     "direction_cumulants",
     "effective_rank",
@@ -49,4 +52,5 @@ __all__ = [
     "series_coefficients",
     "top_curvature",
     "top_eigenpair_float64",
+    "variance_along",
 ]

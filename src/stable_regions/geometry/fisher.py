@@ -24,7 +24,8 @@ __all__ = ["FisherOperator", "effective_rank"]
 
 
 class FisherOperator(CurvatureOperator):
-    """``H`` at P positions. ``p``: (P, V) probabilities; ``weight``: (V, d)."""
+    """``H`` at P positions. ``p``: (P, V) probabilities; ``weight``: (V, d), as the model
+    stores it (products in its dtype, everything else in ``p``'s: no float64 copy of W)."""
 
     default_tol = 1e-12
 
@@ -63,7 +64,7 @@ class FisherOperator(CurvatureOperator):
 
     def jvp(self, v: Tensor) -> Tensor:
         """``J v``: (P, d) or (P, k, d) -> (P, V) or (P, k, V)."""
-        a = v @ self.weight.T
+        a = (v.to(self.weight.dtype) @ self.weight.T).to(self.p.dtype)
         if self.scale != 1.0:
             a = a * self.scale
         if self.row_scale is not None:
@@ -74,14 +75,14 @@ class FisherOperator(CurvatureOperator):
         """``J^T g``: (P, V) -> (P, d)."""
         if self.row_scale is not None:
             g = g * self.row_scale
-        out = g @ self.weight
+        out = (g.to(self.weight.dtype) @ self.weight).to(self.p.dtype)
         return out * self.scale if self.scale != 1.0 else out
 
     def dense(self) -> Tensor:
         """Dense ``H`` (P, d, d) via ``M^T M``; O(V d^2) per position, for tests and small d."""
         out = []
         for i in range(self.batch):
-            J = self.weight * self.scale
+            J = self.weight.to(self.p.dtype) * self.scale
             if self.row_scale is not None:
                 J = J * self.row_scale[i, :, None]
             p = self.p[i]
@@ -95,15 +96,16 @@ class FisherOperator(CurvatureOperator):
         if self._row_norms2 is None:
             self._row_norms2 = torch.linalg.vector_norm(self.weight, dim=-1) ** 2 * self.scale**2
         pr = self.p if self.row_scale is None else self.p * self.row_scale**2
-        first = pr @ self._row_norms2
+        first = pr @ self._row_norms2.to(pr.dtype)
         mean_row = self.vjp(self.p)  # J^T p
         return first - (mean_row**2).sum(-1)
 
     def diagonal(self, chunk: int = 8192) -> Tensor:
         """``diag H`` (P, d): ``sum_v p_v J_vj^2 - (sum_v p_v J_vj)^2``, O(V d), W^2 by row chunks."""
         pr = self.p if self.row_scale is None else self.p * self.row_scale**2
+        w = self.weight
         first = sum(
-            pr[:, s : s + chunk] @ self.weight[s : s + chunk] ** 2
-            for s in range(0, self.weight.shape[0], chunk)
+            (pr[:, s : s + chunk].to(w.dtype) @ w[s : s + chunk] ** 2).to(pr.dtype)
+            for s in range(0, w.shape[0], chunk)
         )
         return first * self.scale**2 - self.vjp(self.p) ** 2

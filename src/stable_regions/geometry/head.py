@@ -50,11 +50,39 @@ class LogitHead:
         return LogitHead(self.weight.to(dtype), bias, self.scale, self.softcap)
 
     def raw(self, h: Tensor) -> Tensor:
-        """``scale * (W h + b)`` for ``h`` of shape (..., d)."""
-        u = h @ self.weight.T
+        """``scale * (W h + b)`` for ``h`` of shape (..., d): the product in the weight's dtype
+        (the model's own arithmetic), returned in ``h``'s dtype."""
+        u = h.to(self.weight.dtype) @ self.weight.T
         if self.bias is not None:
             u = u + self.bias
+        u = u.to(h.dtype)
         return u * self.scale if self.scale != 1.0 else u
+
+    def raw_float64(self, h: Tensor, chunk_bytes: int = 1 << 23, *, bias: bool = True) -> Tensor:
+        """``raw(h)`` computed in float64 (R, V), the weight upcast a vocabulary chunk at a
+        time (~8 MB each, so it stays in cache): exact products without a float64 copy of W.
+        For measurements that must not carry the weight dtype's roundoff."""
+        f64 = torch.float64
+        h = h.to(f64)
+        if self.weight.dtype == f64:
+            u = h @ self.weight.T
+        else:
+            V, d = self.weight.shape
+            step = max(1, chunk_bytes // (8 * d))
+            u = torch.empty(*h.shape[:-1], V, dtype=f64, device=h.device)
+            for s in range(0, V, step):
+                u[..., s : s + step] = h @ self.weight[s : s + step].to(f64).T
+        if bias and self.bias is not None:
+            u = u + self.bias.to(f64)
+        return u * self.scale if self.scale != 1.0 else u
+
+    def direction_float64(self, v: Tensor) -> Tensor:
+        """``direction(v)`` in float64 throughout (see ``raw_float64``)."""
+        return self.raw_float64(v, bias=False)
+
+    def logits_float64(self, h: Tensor) -> Tensor:
+        """``logits(h)`` in float64 throughout (see ``raw_float64``)."""
+        return self.squash(self.raw_float64(h))
 
     def squash(self, u: Tensor) -> Tensor:
         """Apply the softcap (identity for a linear head)."""
@@ -66,8 +94,9 @@ class LogitHead:
         return self.squash(self.raw(h))
 
     def direction(self, v: Tensor) -> Tensor:
-        """``d u / d t`` along ``h + t v``: ``scale * W v`` for ``v`` of shape (..., d)."""
-        b = v @ self.weight.T
+        """``d u / d t`` along ``h + t v``: ``scale * W v`` for ``v`` of shape (..., d), the
+        product in the weight's dtype, returned in ``v``'s."""
+        b = (v.to(self.weight.dtype) @ self.weight.T).to(v.dtype)
         return b * self.scale if self.scale != 1.0 else b
 
     def squash_derivatives(self, u: Tensor, order: int) -> list[Tensor]:

@@ -89,8 +89,11 @@ class PivotedProbabilities:
         f64 = torch.float64
         a_top = (v * weight[self.index]).sum(-1, keepdim=True)
         # the top token alone: mass p_c at a' = 0
-        total = _Moments(self.top.to(f64).expand(len(v)).clone(), torch.zeros(len(v), dtype=f64))
-        buffer = torch.empty(len(v) * chunk, dtype=v.dtype)
+        dev = v.device
+        total = _Moments(
+            self.top.to(f64).expand(len(v)).clone(), torch.zeros(len(v), dtype=f64, device=dev)
+        )
+        buffer = torch.empty(len(v) * chunk, dtype=v.dtype, device=dev)
         for s in range(0, V, chunk):
             e = min(s + chunk, V)
             c = torch.mm(v, weight[s:e].T, out=_buffer_view(buffer, len(v), e - s))
@@ -205,8 +208,8 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
     rest = p.scatter(1, c[:, None], 0.0)  # p' (P, V)
     w_c = weight[c]  # (P, d)
     n_c = w_c.to(f64).pow(2).sum(-1, keepdim=True)
-    spread = torch.zeros(len(p), dtype=f64)
-    pull = torch.zeros(w_c.shape, dtype=f64)  # W^T p'
+    spread = torch.zeros(len(p), dtype=f64, device=p.device)
+    pull = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # W^T p'
     V = weight.shape[0]
     for s in range(0, V, _chunk(len(p), V)):
         rows = weight[s : s + _chunk(len(p), V)]
@@ -217,6 +220,44 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
         pull += (r.to(weight.dtype) @ rows).to(f64)
     mean = pull - rest.sum(-1, keepdim=True) * w_c.to(f64)  # sum_i p'_i (w_i - w_c)
     return spread - mean.pow(2).sum(-1)
+
+
+def variance_along(weight: Tensor, logits: Tensor, directions: Tensor) -> Tensor:
+    """``v_i^T H_i v_i = Var_p(W v_i)`` (P,) float64: one direction (P, d) per position, whose
+    logits (P, V) of a linear head with unembedding ``weight`` are given. Products in
+    ``weight``'s dtype over vocabulary chunks, pivoted at the top token, sums in float64
+    (``PivotedProbabilities.moments``)."""
+    dtype = weight.dtype
+    p = torch.softmax(logits.to(dtype), dim=-1)
+    prob = PivotedProbabilities.pivot(p, p.argmax(-1))
+    mu2, _, _ = prob.moments(weight, directions.to(dtype), _chunk(*logits.shape))
+    return mu2
+
+
+def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
+    """``diag H`` (P, d) float64 at logits (P, V) of a linear head: per coordinate j the
+    variance of ``W_ij`` under p, centred at the top token c (``sum p'_i (W_ij - W_cj)^2 -
+    (sum p'_i (W_ij - W_cj))^2``), so that a confident position loses nothing. Products in
+    ``weight``'s dtype over vocabulary chunks, sums in float64."""
+    f64 = torch.float64
+    p = torch.softmax(logits.to(f64), dim=-1)
+    c = p.argmax(-1)
+    rest = p.scatter(1, c[:, None], 0.0)  # p' (P, V)
+    w_c = weight[c].to(f64)  # (P, d)
+    second = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W^2
+    first = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W
+    V = weight.shape[0]
+    step = _chunk(len(p), V)
+    for s in range(0, V, step):
+        rows = weight[s : s + step]
+        r = rest[:, s : s + len(rows)].to(weight.dtype)
+        second += (r @ (rows * rows)).to(f64)
+        first += (r @ rows).to(f64)
+    mass = rest.sum(-1, keepdim=True)
+    # sum p' (W - w_c)^2 = sum p' W^2 - 2 w_c sum p' W + mass w_c^2, then minus the squared mean
+    spread = second - 2.0 * w_c * first + mass * w_c**2
+    mean = first - mass * w_c
+    return (spread - mean**2).clamp_min(0.0)
 
 
 def _buffer_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
@@ -282,15 +323,16 @@ def top_curvature(
     prob = PivotedProbabilities.pivot(p, idx[:, 0])
 
     m_cap = max(1, min(max_iter, d))
-    Q = torch.zeros(P, m_cap + 1, d, dtype=dtype)
-    alpha = torch.zeros(P, m_cap, dtype=torch.float64)
-    beta = torch.zeros(P, m_cap, dtype=torch.float64)
+    dev = logits.device
+    Q = torch.zeros(P, m_cap + 1, d, dtype=dtype, device=dev)
+    alpha = torch.zeros(P, m_cap, dtype=torch.float64, device=dev)
+    beta = torch.zeros(P, m_cap, dtype=torch.float64, device=dev)
     Q[:, 0] = start
-    vector = torch.empty(P, d, dtype=dtype)
-    resid = torch.zeros(P, dtype=torch.float64)
-    ritz = torch.zeros(P, dtype=torch.float64)
-    iters = torch.zeros(P, dtype=torch.long)
-    active = torch.arange(P)
+    vector = torch.empty(P, d, dtype=dtype, device=dev)
+    resid = torch.zeros(P, dtype=torch.float64, device=dev)
+    ritz = torch.zeros(P, dtype=torch.float64, device=dev)
+    iters = torch.zeros(P, dtype=torch.long, device=dev)
+    active = torch.arange(P, device=dev)
     op = _PivotedProduct(search, prob, dtype)
     for j in range(m_cap):
         q = Q[active, j]
@@ -355,11 +397,12 @@ class _PivotedProduct:
         self.chunk = _chunk(P, V)
         size = P * self.chunk
         low = search.dtype
-        self._p = torch.empty(size, dtype=dtype)  # p' of the running rows, when some left
-        self._a = torch.empty(size, dtype=low)  # W_c q
-        self._y = torch.empty(size, dtype=dtype)  # p' * a'
-        self._y_low = self._y if low == dtype else torch.empty(size, dtype=low)
-        self._part = torch.empty(P * search.shape[1], dtype=low)  # W_c^T y
+        dev = search.device
+        self._p = torch.empty(size, dtype=dtype, device=dev)  # p' of the running rows
+        self._a = torch.empty(size, dtype=low, device=dev)  # W_c q
+        self._y = torch.empty(size, dtype=dtype, device=dev)  # p' * a'
+        self._y_low = self._y if low == dtype else torch.empty(size, dtype=low, device=dev)
+        self._part = torch.empty(P * search.shape[1], dtype=low, device=dev)  # W_c^T y
         self.g_rest = self._accumulate(lambda s, e, y: y.copy_(self._rest(s, e)))  # W^T p'
 
     def _rest(self, s: int, e: int) -> Tensor:
@@ -373,7 +416,7 @@ class _PivotedProduct:
         """``sum_c W_c^T y_c`` (P, d) in the answer's dtype, ``fill(s, e, y)`` writing y_c."""
         P = len(self.top)
         V, d = self.search.shape
-        out = torch.zeros(P, d, dtype=self.dtype)
+        out = torch.zeros(P, d, dtype=self.dtype, device=self.search.device)
         for s in range(0, V, self.chunk):
             e = min(s + self.chunk, V)
             y = fill(s, e, _buffer_view(self._y, P, e - s))
@@ -384,14 +427,16 @@ class _PivotedProduct:
 
     def keep(self, keep: Tensor) -> None:
         """Drop the positions where ``keep`` (over the running ones) is False."""
-        rows = torch.arange(len(self.top)) if self.rows is None else self.rows
+        rows = (
+            torch.arange(len(self.top), device=self.top.device) if self.rows is None else self.rows
+        )
         self.rows = rows[keep]
         self.top, self.w_top, self.g_rest = (x[keep] for x in (self.top, self.w_top, self.g_rest))
 
     def matvec(self, q: Tensor) -> Tensor:
         a_top = (q * self.w_top).sum(-1, keepdim=True)
         qs = q.to(self.search.dtype)
-        m = torch.zeros(len(q), 1, dtype=self.dtype)
+        m = torch.zeros(len(q), 1, dtype=self.dtype, device=q.device)
 
         def weighted(s: int, e: int, y: Tensor) -> Tensor:
             a = torch.mm(qs, self.search[s:e].T, out=_buffer_view(self._a, len(q), e - s))

@@ -1,0 +1,288 @@
+"""Input checks, devices and dtypes, run directories, the model store's integrity check, and
+what a new user hit: each bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import transformers as T
+from conftest import CONFIGS, char_tokenizer, tiny_model
+
+import stable_regions as sr
+from stable_regions.cli import main
+from stable_regions.errors import StableRegionsError, UnsupportedModelError
+from stable_regions.inputs import EPS_FLOOR, check_eps, check_positions
+from stable_regions.models import store
+from stable_regions.models.device import check_dtype, resolve_device, resolve_dtype
+from stable_regions.scan import scan_corpus
+from stable_regions.steering import SteeringResult
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny_model("llama", seed=4, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def one_line_exit_2(proc_or_code, err: str, message: str) -> None:
+    code = proc_or_code if isinstance(proc_or_code, int) else proc_or_code.returncode
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- devices, dtypes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "cuda:3"], "no CUDA GPU"),
+        (["--device", "tpu"], "unknown device"),
+        (["--device", "mps"], "not supported"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--dtype", "int8"], "unknown dtype"),
+    ],
+)
+def test_bad_device_or_dtype_is_one_line_before_loading(option, message, capsys, tmp_path):
+    code = main(["analyze", "hi", "--model", str(tmp_path / "not-there"), *option])
+    one_line_exit_2(code, capsys.readouterr().err, message)
+
+
+def test_devices_and_dtypes_resolve_on_the_cpu():
+    cpu = torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu and resolve_device(None) == cpu
+    assert resolve_device("CPU") == cpu
+    assert resolve_dtype("auto", cpu) == torch.float32
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert resolve_dtype(name, cpu) == dtype
+    with pytest.raises(StableRegionsError, match="not a floating-point dtype"):
+        check_dtype(torch.int32, cpu)
+
+
+def test_load_in_bfloat16_halves_the_weights_and_analyzes(model_dir):
+    adapter = sr.load(str(model_dir), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.bfloat16}
+    df = sr.analyze(adapter, "Hello world", eps=[0.1], positions="last").to_frame()
+    reference = sr.analyze(sr.load(str(model_dir)), "Hello world", eps=[0.1], positions="last")
+    ref = reference.to_frame()
+    # bfloat16 weights are a different model: close to the float32 one, not equal
+    assert math.isclose(df.lambda_max[0], ref.lambda_max[0], rel_tol=0.1)
+    assert df.radius_exact[0] > 0 and math.isfinite(df.radius_exact[0])
+
+
+def test_wrap_refuses_a_model_on_the_meta_device(tokenizer):
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    with pytest.raises(UnsupportedModelError, match="meta device") as info:
+        sr.wrap(model, tokenizer)
+    assert "\n" not in str(info.value)
+
+
+def test_wrap_keeps_the_model_where_it_is(tokenizer):
+    model = tiny_model("qwen2", dtype=torch.float32)
+    before = {n: (p.data_ptr(), p.dtype, p.device) for n, p in model.named_parameters()}
+    adapter = sr.wrap(model, tokenizer)
+    sr.analyze(adapter, "abc", eps=[0.1], positions="last", layer=1)
+    after = {n: (p.data_ptr(), p.dtype, p.device) for n, p in model.named_parameters()}
+    assert before == after
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_eps_below_the_floor_is_refused_with_the_floor():
+    assert check_eps([EPS_FLOOR]) == [EPS_FLOOR]
+    with pytest.raises(StableRegionsError, match=f"{EPS_FLOOR:g}"):
+        check_eps([1e-12])
+
+
+def test_positions_named_twice_are_analysed_once(model_dir, capsys):
+    assert check_positions([1, 1, -1, 3], 4) == [1, 3]
+    assert (
+        main(
+            [
+                "analyze",
+                "abcd",
+                "--model",
+                str(model_dir),
+                "--positions",
+                "1,1",
+                "--json",
+                "--no-exact",
+                "--eps",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["position"] for r in rows] == [1]
+
+
+def test_all_infinite_coefficients_give_an_infinite_fifth_percentile():
+    rows = [
+        dict(
+            prompt_id=i,
+            position=0,
+            token="x",
+            eps=0.1,
+            layer="1",
+            vector_norm=1.0,
+            coef_quadratic=math.inf,
+            coef_corrected=math.inf,
+            coef_exact=math.inf,
+        )
+        for i in range(3)
+    ] + [
+        dict(
+            prompt_id=i,
+            position=0,
+            token="x",
+            eps=0.5,
+            layer="1",
+            vector_norm=1.0,
+            coef_quadratic=1.0 + i,
+            coef_corrected=1.0 + i,
+            coef_exact=1.0 + i,
+        )
+        for i in range(3)
+    ]
+    summary = SteeringResult("m", "1", [0.1, 0.5], rows).summary()
+    at = summary.set_index("eps")
+    assert math.isinf(at.loc[0.1, "coef_exact_p05"]) and at.loc[0.1, "coef_exact_p05"] > 0
+    assert at.loc[0.5, "coef_exact_p05"] == pytest.approx(pd.Series([1.0, 2, 3]).quantile(0.05))
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return sr.wrap(tiny_model("llama", seed=4, dtype=torch.float32), char_tokenizer(), name="tiny")
+
+
+def test_scan_and_validate_take_plain_strings(adapter, tmp_path):
+    run = scan_corpus(adapter, ["the quick fox", "hello"], out=tmp_path / "scan")
+    assert list(run.frame.doc_id.unique()) == ["document-0", "document-1"]
+    study = sr.validate(
+        adapter,
+        ["The cat sat.", "def f(x):"],
+        out=tmp_path / "val",
+        families=["top"],
+        positions_per_prompt=1,
+        calibration=None,
+    )
+    assert set(study.frame.prompt_id) == {"prompt-0", "prompt-1"}
+    with pytest.raises(TypeError, match="strings or stable_regions.prompts.Prompt"):
+        scan_corpus(adapter, ["ok", 3], out=tmp_path / "bad")
+    with pytest.raises(TypeError, match="strings or stable_regions.prompts.Prompt"):
+        sr.validate(adapter, [{"text": "x"}], out=tmp_path / "bad2")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+def test_a_window_longer_than_the_context_is_an_error(adapter, tmp_path):
+    with pytest.raises(StableRegionsError, match="longer than the model's context of 64"):
+        scan_corpus(adapter, ["hello"], out=tmp_path / "scan", window=99999)
+    assert not (tmp_path / "scan").exists()
+    run = scan_corpus(adapter, ["hello"], out=tmp_path / "ok")  # default: the context
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["settings"]["window"] == 64
+    assert len(run.frame) == len("hello")
+
+
+def test_overwrite_replaces_a_finished_run(model_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello there", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["scan", str(doc), "--model", str(model_dir), "--out", str(out), "--top", "0"]
+    assert main(args) == 0
+    (out / "stale.txt").write_text("from before")
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--eps", "0.5", "--overwrite"]) == 0  # other settings: a new run
+    assert not (out / "stale.txt").exists()
+    assert set(pd.read_parquet(out / "results.parquet").eps) == {0.5}
+    # a directory that holds no run is never emptied
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    code = main([*args[:-4], "--out", str(other), "--overwrite"])
+    one_line_exit_2(code, capsys.readouterr().err, "holds no scan")
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_an_impossible_out_is_a_user_error(model_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello", encoding="utf-8")
+    under_a_file = doc / "out"
+    for command in (["scan", str(doc)], ["validate", "--prompts", str(doc), "--families", "top"]):
+        code = main([*command, "--model", str(model_dir), "--out", str(under_a_file)])
+        one_line_exit_2(code, capsys.readouterr().err, "cannot write")
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code = main(["scan", str(doc), "--model", str(model_dir), "--out", str(locked / "x")])
+        one_line_exit_2(code, capsys.readouterr().err, "cannot write")
+
+
+def test_scan_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    code = main(["scan", str(tmp_path)])
+    one_line_exit_2(code, capsys.readouterr().err, "is a folder")
+
+
+# ----------------------------------------------------------------------------- model store
+
+
+def test_a_cut_short_conversion_is_reported_and_repaired(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STABLE_REGIONS_CACHE", str(tmp_path))
+    target = store.model_dir("smollm2-135m")
+    tiny_model("llama", dtype=torch.float32).save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    (target / store.MARKER).write_text("{}")
+    assert store.conversion_state(target) == "converted"
+    weights = next(target.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    assert store.conversion_state(target) == "damaged"
+    row = next(r for r in store.list_models() if r["name"] == "smollm2-135m")
+    assert not row["converted"] and row["state"].startswith("damaged")
+    with pytest.raises(StableRegionsError, match="--force"):
+        sr.load("smollm2-135m")
+    code = main(["analyze", "hi"])
+    one_line_exit_2(code, capsys.readouterr().err, "damaged")
+    converted = []
+    monkeypatch.setattr(store, "locate_gguf", lambda model, work: tmp_path / "x.gguf")
+    monkeypatch.setattr(store, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(
+        store, "convert_gguf", lambda gguf, out, source, log: converted.append(out) or out
+    )
+    monkeypatch.setattr(store.BundledModel, "package_dir", lambda self: tmp_path)
+    store.install("smollm2-135m", log=lambda m: None)  # no --force needed: damaged is repaired
+    assert converted == [target]
+
+
+def test_piped_tables_are_never_cut(tmp_path):
+    deep = tmp_path / ("a-very-long-folder-name-" * 6)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stable_regions", "models", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STABLE_REGIONS_CACHE": str(deep)},
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    assert str(deep / "models" / "smollm2-135m") in proc.stdout  # whole, on one line
+    assert "…" not in proc.stdout
