@@ -38,5 +38,10 @@ def test_readme_python_examples_run_as_written(tmp_path):
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for written in ("jacobian.png", "out/map.json", "out/map.png", "validation-smollm2/report.html"):
+    for written in (
+        "jacobian.png",
+        "out/map.json",
+        "out/map.png",
+        "validation-smollm2/report.html",
+    ):
         assert (tmp_path / written).stat().st_size > 0, written
