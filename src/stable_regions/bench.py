@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .bench_scale import rows_scale
+from .engine import eig_tolerance
 from .errors import StableRegionsError
 from .files import write_json
 from .geometry import (
@@ -139,11 +140,13 @@ def row_top_eig_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     stored = adapter.stored_head
     weight32 = stored.weight.float()
 
-    def ours():
-        if not stored.is_linear:  # float64 Lanczos on the exact operator
-            op = FisherOperator.from_head(adapter.head, h[None])
-            return float(op.top_eigenpairs(k=1, tol=1e-10)[0][0, 0])
-        # the accuracy this row asks for; the estimate behind rtol is second order (see there)
+    def ours():  # what analyze runs for one position (engine.prelogit_blocks)
+        if not stored.is_linear:  # Lanczos on the head's operator through the softcap
+            op = FisherOperator.from_head(stored, h[None])
+            tol = eig_tolerance(1e-10, stored.weight.dtype)
+            return float(op.top_eigenpairs(k=1, tol=tol)[0][0, 0])
+        # engine.top_vectors_linear's one-position routine, at the accuracy this row asks for
+        # (analyze asks 1e-8); the estimate behind rtol is second order (see there)
         lam, _ = top_eigenpair_float64(weight32, h[None], bias=stored.bias, rtol=1e-6)
         return float(lam[0])
 
@@ -238,10 +241,10 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
     stored = adapter.stored_head
     weight32 = stored.weight.float()
 
-    def ours():
-        if not stored.is_linear:  # the float64 curve of the exact head
-            head = adapter.head
-            c2, c3, c4 = RayCurve(head, head.raw(h[None]), head.direction(v)).coefficients()
+    def ours():  # what validate predicts along its rays (validation._FinalLayer.measure)
+        if not stored.is_linear:  # the curve through the softcap
+            u0 = stored.raw_float64(h[None])
+            c2, c3, c4 = RayCurve(stored, u0, stored.direction_float64(v)).coefficients()
         else:  # the logits from h, then the cumulants from float32 products, chunked
             logits = h.float() @ weight32.T
             if stored.bias is not None:

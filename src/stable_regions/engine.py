@@ -26,6 +26,7 @@ from .geometry import (
     FisherOperator,
     PullbackOperator,
     RayCurve,
+    cumulants_along,
     curvature_diagonal,
     curvature_trace,
     effective_rank,
@@ -33,7 +34,7 @@ from .geometry import (
     radius_pade,
     series_coefficients,
     top_curvature,
-    variance_along,
+    top_eigenpair_float64,
 )
 from .heap import return_freed_memory
 from .models import ModelAdapter
@@ -110,6 +111,24 @@ def _quiet(_: str) -> None:
     return None
 
 
+def top_vectors_linear(head, h: Tensor, u0: Tensor, tol: float, rtol: float = 1e-8) -> Tensor:
+    """Top eigenvectors (P, d) of ``H`` at pre-logit vectors ``h`` (P, d) of a linear head
+    whose float64 logits are ``u0`` (P, V), every product with W in the weight's dtype.
+
+    One position: ``top_eigenpair_float64`` (a Krylov space grown from the likely tokens'
+    restricted problem, float64 where it decides the answer, stopped at relative accuracy
+    ``rtol`` by a Kato-Temple estimate: 3-5 passes over W). Several: ``top_curvature``, all
+    positions' Lanczos products in lockstep over vocabulary chunks (residual ``tol``). On
+    SmolLM2 (same process, medians of 3): one position 27 vs 31 ms, 8 positions 258 vs 98 ms,
+    22 positions 649 vs 128 ms."""
+    weight = head.weight
+    if len(h) == 1:
+        return top_eigenpair_float64(weight, h, bias=head.bias, rtol=rtol)[1]
+    logits = u0.to(weight.dtype)  # the search reads the logits the model itself computes
+    found = top_curvature(weight, logits, tol=tol, max_iter=min(64, head.d_model), refine=False)
+    return found.vector
+
+
 def prelogit_blocks(
     adapter: ModelAdapter,
     ids: Tensor,
@@ -139,18 +158,16 @@ def prelogit_blocks(
         stage("curvature")
         u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
         if head.is_linear:
-            logits = u0.to(weight.dtype)  # what the model itself computes
-            found = top_curvature(weight, logits, tol=tol, max_iter=min(64, head.d_model))
-            lam, vecs = found.lambda_max, found.vector.to(f64)
-            rank = effective_rank(curvature_trace(weight, logits), lam)
-            diagonal = curvature_diagonal(weight, logits)
-            corner = variance_along(weight, logits, torch.sign(vecs))
+            vecs = top_vectors_linear(head, h, u0, tol)
+            c2, c3, c4 = cumulants_along(weight, u0, vecs)  # float64 p: c2 = lambda_max
+            lam, vecs = c2, vecs.to(f64)
+            rank = effective_rank(curvature_trace(weight, u0), lam)
+            diagonal = curvature_diagonal(weight, u0)
+            corner = cumulants_along(weight, u0, torch.sign(vecs))[0]
             # the series along +v and -v: c3 flips with the sign, c2 and c4 do not
             c2, c3, c4 = (
-                rays(c[:, None], sg)[:, 0]
-                for c, sg in ((lam, 1.0), (found.c3, -1.0), (found.c4, 1.0))
+                rays(c[:, None], sg)[:, 0] for c, sg in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
             )
-            del logits, found
         else:
             op = FisherOperator.from_head(head, h)
             lam, vecs = op.top_eigenpairs(k=1, tol=tol)

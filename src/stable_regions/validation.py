@@ -52,7 +52,7 @@ from .calibration import (
 from .engine import entropy, pade_radii
 from .errors import StableRegionsError
 from .files import start_or_resume, write_json, write_parquet
-from .geometry import FisherOperator, RayCurve, radius_quadratic
+from .geometry import FisherOperator, RayCurve, direction_cumulants, radius_quadratic
 from .inputs import as_adapter, check_eps
 from .metrics import THRESHOLDS, relative_error
 from .models import PRELOGIT, ModelAdapter
@@ -160,10 +160,10 @@ class _FinalLayer:
     def __init__(self, adapter: ModelAdapter, settings: StudySettings) -> None:
         self.adapter = adapter
         self.settings = settings
-        self.head = adapter.head
-        # Eigenvectors only choose directions (the curvature along each ray is recomputed in
-        # float64), so Lanczos runs on a float32 copy of the head: half the bytes per product.
-        self.eig_head = adapter.head.to(torch.float32)
+        # The model's own head: products with W in its dtype, everything else in float64
+        # (no float64 copy of W). Eigenvectors only choose directions (the curvature along
+        # each ray is recomputed), so their Lanczos stops at 1e-4.
+        self.head = adapter.stored_head
         self._steering: Tensor | None = None
         self._last: tuple[str, Tensor] | None = None
 
@@ -202,7 +202,10 @@ class _FinalLayer:
         if "token" in fams:
             top = torch.topk(p, s.n_token + 1).indices
             w = self.head.weight
-            out += [("token", i, _unit(w[top[0]] - w[top[i + 1]])) for i in range(s.n_token)]
+            out += [
+                ("token", i, _unit((w[top[0]] - w[top[i + 1]]).to(h.dtype)))
+                for i in range(s.n_token)
+            ]
         if "interpolation" in fams and partner is not None:
             out.append(("interpolation", 0, _unit(partner - h)))
         if "steering" in fams:
@@ -219,7 +222,7 @@ class _FinalLayer:
         if partner is not None and "interpolation" in s.families:
             partner_h = self._prelogits(partner.text)[-1]
         k = max(s.n_top if "top" in s.families else 1, s.eigenspace_k)
-        op = FisherOperator.from_head(self.eig_head, h_all.to(torch.float32))
+        op = FisherOperator.from_head(self.head, h_all)
         _, vecs = op.top_eigenpairs(k=k, tol=1e-4)
         vecs = torch.nn.functional.normalize(vecs.to(torch.float64), dim=-1)
         del op
@@ -247,8 +250,12 @@ class _FinalLayer:
         rows = []
         for pr in self.rays(prompt, partner):
             h, v = pr.h, pr.v
-            curve = RayCurve(self.head, self.head.raw(h[None]), self.head.direction(v))
-            c2, c3, c4 = curve.coefficients()
+            u0 = self.head.raw_float64(h[None])
+            curve = RayCurve(self.head, u0, self.head.direction_float64(v))
+            if self.head.is_linear:  # the closed forms from the weight's own products
+                c2, c3, c4 = direction_cumulants(self.head.weight, u0[0], v)
+            else:  # through the softcap's real nonlinearity
+                c2, c3, c4 = curve.coefficients()
             quadratic = np.stack([radius_quadratic(c2, e).numpy() for e in s.eps], 1)
             corrected = pade_radii(c2, c3, c4, s.eps)
             scale = np.full(len(v), max(float(h.norm()), 1e-6))

@@ -18,13 +18,13 @@ from .pullback import PullbackOperator
 from .roots import first_crossings
 from .topcurv import (
     TopCurvature,
+    cumulants_along,
     curvature_diagonal,
     curvature_trace,
     direction_cumulants,
     search_dtype,
     top_curvature,
     top_eigenpair_float64,
-    variance_along,
 )
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "RayCurve",
     "TopCurvature",
     "cumulants",
+    "cumulants_along",
     "curvature_diagonal",
     "curvature_trace",
     "direction_cumulants",
@@ -52,5 +53,4 @@ __all__ = [
     "series_coefficients",
     "top_curvature",
     "top_eigenpair_float64",
-    "variance_along",
 ]

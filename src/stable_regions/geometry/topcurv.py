@@ -78,6 +78,8 @@ class PivotedProbabilities:
 
     def moments(self, weight: Tensor, v: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
         """Central moments 2, 3, 4 of ``a = W v`` (P, V) under p, as float64 (P,) each.
+        The products run in ``v``'s dtype (the weight's); the sums in p's (float64 p: float64
+        sums, ``v``'s dtype: chunk sums in it, merged in float64).
 
         One pass over W in vocabulary chunks: each chunk's products, centered at the top
         token (``a' = a - a_c``, so ``p_c`` enters only as one more point), give the chunk's
@@ -94,9 +96,12 @@ class PivotedProbabilities:
             self.top.to(f64).expand(len(v)).clone(), torch.zeros(len(v), dtype=f64, device=dev)
         )
         buffer = torch.empty(len(v) * chunk, dtype=v.dtype, device=dev)
+        wide = self.rest.dtype != v.dtype  # float64 p: the chunk's sums in float64 too
+        a_top = a_top.to(self.rest.dtype)
         for s in range(0, V, chunk):
             e = min(s + chunk, V)
             c = torch.mm(v, weight[s:e].T, out=_buffer_view(buffer, len(v), e - s))
+            c = c.to(self.rest.dtype) if wide else c
             c.sub_(a_top)
             w = self.rest[:, s:e]
             # chunk sums in v's dtype (torch sums pairwise), merged in float64: a float64 sum
@@ -222,16 +227,18 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
     return spread - mean.pow(2).sum(-1)
 
 
-def variance_along(weight: Tensor, logits: Tensor, directions: Tensor) -> Tensor:
-    """``v_i^T H_i v_i = Var_p(W v_i)`` (P,) float64: one direction (P, d) per position, whose
-    logits (P, V) of a linear head with unembedding ``weight`` are given. Products in
-    ``weight``'s dtype over vocabulary chunks, pivoted at the top token, sums in float64
-    (``PivotedProbabilities.moments``)."""
-    dtype = weight.dtype
-    p = torch.softmax(logits.to(dtype), dim=-1)
+def cumulants_along(
+    weight: Tensor, logits: Tensor, directions: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The KL series ``(c2, c3, c4)`` (P,) float64 along one direction (P, d) per position, at
+    logits (P, V) of a linear head with unembedding ``weight``: the variance and the third and
+    fourth cumulants of ``W v`` under p. ``p`` is a float64 softmax of the logits; the
+    products ``W v`` run in ``weight``'s dtype over vocabulary chunks, pivoted at the top
+    token, their sums in float64 (``PivotedProbabilities.moments``). ``c2 = v^T H v``."""
+    p = torch.softmax(logits.to(torch.float64), dim=-1)
     prob = PivotedProbabilities.pivot(p, p.argmax(-1))
-    mu2, _, _ = prob.moments(weight, directions.to(dtype), _chunk(*logits.shape))
-    return mu2
+    mu2, mu3, mu4 = prob.moments(weight, directions.to(weight.dtype), _chunk(*logits.shape))
+    return mu2, mu3, mu4 - 3.0 * mu2**2
 
 
 def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
