@@ -199,3 +199,59 @@ def test_curvature_trace_matches_the_dense_trace_at_confident_and_flat_rows():
     p32 = torch.softmax(logits.float().double(), -1)
     ref32 = torch.diagonal(FisherOperator(W32.double(), p32).dense(), dim1=-2, dim2=-1).sum(-1)
     torch.testing.assert_close(curvature_trace(W32, logits.float()), ref32, rtol=1e-5, atol=0)
+
+
+def test_curvature_diagonal_and_cumulants_along_match_dense_float64():
+    """At confident and flat rows: diag H against the dense float64 H, and the series along
+    one direction per position against the cumulants of W v under p, computed directly."""
+    from stable_regions.geometry import cumulants_along, curvature_diagonal
+
+    W, logits = _problem()
+    p = torch.softmax(logits, -1)
+    dense = FisherOperator(W, p).dense()
+    torch.testing.assert_close(
+        curvature_diagonal(W, logits), torch.diagonal(dense, dim1=-2, dim2=-1), rtol=1e-10, atol=0
+    )
+    g = torch.Generator().manual_seed(7)
+    v = torch.nn.functional.normalize(
+        torch.randn(len(logits), W.shape[1], generator=g, dtype=torch.float64), dim=-1
+    )
+    got = cumulants_along(W, logits, v)
+    _, k2, k3, k4 = cumulants(p, torch.einsum("pd,vd->pv", v, W))
+    for a, b in zip(got, (k2, k3, k4), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[0], torch.einsum("pd,pde,pe->p", v, dense, v), rtol=1e-9, atol=0)
+    # float32 weights: float32 products, float64 p and sums
+    W32 = W.float()
+    ref32 = FisherOperator(W32.double(), p).dense()
+    torch.testing.assert_close(
+        curvature_diagonal(W32, logits),
+        torch.diagonal(ref32, dim1=-2, dim2=-1),
+        rtol=1e-5,
+        atol=0,
+    )
+    c2 = cumulants_along(W32, logits, v)[0]
+    torch.testing.assert_close(c2, torch.einsum("pd,pde,pe->p", v, ref32, v), rtol=1e-5, atol=0)
+
+
+def test_float64_head_products_from_float32_weights_are_exact():
+    """raw_float64 / direction_float64: the float32 weights' exact values in float64 products,
+    a vocabulary chunk at a time, equal to the product with a float64 copy."""
+    from stable_regions.geometry import LogitHead
+
+    g = torch.Generator().manual_seed(8)
+    W32 = torch.randn(1000, 24, generator=g)
+    bias = torch.randn(1000, generator=g)
+    h = torch.randn(3, 24, generator=g, dtype=torch.float64)
+    head = LogitHead(W32, bias, scale=0.7)
+    exact = LogitHead(W32.double(), bias.double(), scale=0.7)
+    torch.testing.assert_close(
+        head.raw_float64(h, chunk_bytes=24 * 8 * 37), exact.raw(h), rtol=1e-15, atol=1e-13
+    )
+    torch.testing.assert_close(
+        head.direction_float64(h), exact.direction(h), rtol=1e-15, atol=1e-13
+    )
+    # the plain products run in the weight's dtype: float32 roundoff, returned in float64
+    plain = head.raw(h)
+    assert plain.dtype == torch.float64
+    assert 0 < float((plain - exact.raw(h)).abs().max()) < 1e-4

@@ -546,6 +546,8 @@ def _top_eigenpair_one(
         s = L_inv.T @ S[:, -1]
         theta = theta_all[-1]
         u = s @ Xd
+        if float(theta) <= 0.0:  # no curvature at all (p one-hot to float64): any direction
+            return theta.clamp_min(0.0), u / u.norm()
         Hu = ((p * (s @ C)).to(low) @ weight).to(f64)  # a transposed pass
         r = Hu - theta * u
         rho = float(r.norm() / theta.clamp_min(1e-300))
