@@ -286,3 +286,37 @@ def test_piped_tables_are_never_cut(tmp_path):
     assert proc.returncode == 0
     assert str(deep / "models" / "smollm2-135m") in proc.stdout  # whole, on one line
     assert "…" not in proc.stdout
+
+
+def test_a_bfloat16_model_computes_in_float32_after_the_hook(tokenizer):
+    """Inside a bfloat16 model the rows widen to float32 at the hook and the blocks after it
+    multiply their bfloat16 weights upcast: the pullback curvature then matches a float32
+    model with the same (bfloat16-rounded) weights to float32 accuracy at the perturbed row;
+    only the cached prefix keeps the model's own bfloat16 (a few 1e-3 here)."""
+    from stable_regions.geometry import PullbackOperator
+    from stable_regions.models.suffix import SuffixBatch
+
+    low = tiny_model("llama", seed=6, dtype=torch.bfloat16)
+    wide = copy_to(low, torch.float32)
+    a16, a32 = sr.wrap(low, tokenizer), sr.wrap(wide, tokenizer)
+    assert a16.compute_dtype == torch.float32
+    ids = a16.tokenize("The cat sat on it.")
+    hook = "blocks.1.hook_resid_post"
+    s16 = SuffixBatch(a16, ids, hook, [0, 9])
+    s32 = SuffixBatch(a32, ids, hook, [0, 9])
+    assert s16.logits0.dtype == torch.float64
+    # position 0 has no prefix: everything after the hook is float32 arithmetic on the same
+    # weights, so the two agree to float32 roundoff
+    lam16 = PullbackOperator.from_suffix(s16).top_eigenpairs(k=1, tol=1e-6)[0][:, 0]
+    lam32 = PullbackOperator.from_suffix(s32).top_eigenpairs(k=1, tol=1e-6)[0][:, 0]
+    assert abs(float(lam16[0] / lam32[0]) - 1) < 1e-4
+    assert abs(float(lam16[1] / lam32[1]) - 1) < 0.05
+    df = sr.analyze(a16, "The cat sat on it.", eps=[0.1], positions=[9], layer=1).to_frame()
+    assert math.isfinite(df.radius_exact[0]) and df.radius_exact[0] > 0
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}  # nothing converted in place
+
+
+def copy_to(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)

@@ -147,6 +147,9 @@ def prelogit_blocks(
     chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
     softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
     head = adapter.stored_head
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        # a 16-bit head: the search and the sums on a float32 copy of the head alone
+        head = head.to(torch.float32)
     weight = head.weight
     tol = eig_tolerance(eig_tol, weight.dtype)
     f64 = torch.float64
@@ -198,6 +201,12 @@ def prelogit_blocks(
         del curve
         if exact:
             stage("measuring")
+            if head.is_linear:
+                # The KL along a ray of a linear head, K(t) - t K'(0), increases for t > 0 (K
+                # is convex): its only crossing is the first, so the scan may start at half the
+                # curve's root instead of far below it (it walks down if it starts above).
+                first = np.where(np.isfinite(from_curve), from_curve, np.inf).min(1)
+                search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
             measured = measure_boundaries(
                 RayKL(head.logits_float64, ray_h, ray_v), eps_list, guesses=from_curve, **search
             )
@@ -240,7 +249,7 @@ def inner_blocks(
     Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
     """
     E = len(eps_list)
-    tol = eig_tolerance(eig_tol, adapter.unembed.weight.dtype)
+    tol = eig_tolerance(eig_tol, adapter.compute_dtype)
     block = positions_per_block(adapter.vocab_size)
     for start in range(0, len(pos), block):
         chunk = pos[start : start + block]

@@ -140,7 +140,9 @@ def jacobian_profile(
 
 def _top_singular_values(suffix: PositionSuffix, target: str, k: int, tol: float) -> list[float]:
     suffix.check_target(target)
-    gram = JacobianGram(lambda v: suffix.jvp(v, target), suffix.vjp_fn(target), suffix.dim)
+    gram = JacobianGram(
+        lambda v: suffix.jvp(v, target), suffix.vjp_fn(target), suffix.dim, suffix.x0.device
+    )
     sigma, _ = gram.top_singular_values(k, tol=eig_tolerance(tol, suffix.batch.dtype))
     values = [float(s) for s in sigma]
     return values + [math.nan] * (k - len(values))

@@ -221,7 +221,7 @@ def _final_layer_cells(
             pos[s : s + block],
             found["lambda_max"],
             effective_rank(trace, found["lambda_max"]),
-            found["radius"].numpy(),
+            found["radius"].cpu().numpy(),
         )
 
 

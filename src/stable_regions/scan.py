@@ -67,7 +67,7 @@ class Scanner:
         self.weight = adapter.unembed.weight.detach().to(torch.float32)
         bias = adapter.unembed.bias
         self.bias = None if bias is None else bias.detach().to(torch.float32)
-        dtype = search or search_dtype()  # default: bfloat16 where the CPU has it natively
+        dtype = search or search_dtype(self.weight.device)  # bfloat16 where it is native
         self.search = None if dtype == torch.float32 else self.weight.to(dtype)
         self.tol = tol
         self.tokens = tokens
@@ -285,10 +285,10 @@ def _positions_frame(
         "position": positions,
         "token": tokens,
         "next_token": next_tokens,
-        "next_prob": found["next_prob"].numpy(),
-        "entropy": found["entropy"].numpy(),
-        "lambda_max": found["lambda_max"].numpy(),
-        "residual": found["residual"].numpy(),
+        "next_prob": found["next_prob"].cpu().numpy(),
+        "entropy": found["entropy"].cpu().numpy(),
+        "lambda_max": found["lambda_max"].cpu().numpy(),
+        "residual": found["residual"].cpu().numpy(),
     }
     return pd.concat(
         [
@@ -296,8 +296,8 @@ def _positions_frame(
                 {
                     **per_position,
                     "eps": e,
-                    "radius_quadratic": radius_quadratic(found["lambda_max"], e).numpy(),
-                    "radius_corrected": found["radius"][:, j].numpy(),
+                    "radius_quadratic": radius_quadratic(found["lambda_max"], e).cpu().numpy(),
+                    "radius_corrected": found["radius"][:, j].cpu().numpy(),
                 }
             )
             for j, e in enumerate(eps)

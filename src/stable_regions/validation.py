@@ -256,7 +256,7 @@ class _FinalLayer:
                 c2, c3, c4 = direction_cumulants(self.head.weight, u0[0], v)
             else:  # through the softcap's real nonlinearity
                 c2, c3, c4 = curve.coefficients()
-            quadratic = np.stack([radius_quadratic(c2, e).numpy() for e in s.eps], 1)
+            quadratic = np.stack([radius_quadratic(c2, e).cpu().numpy() for e in s.eps], 1)
             corrected = pade_radii(c2, c3, c4, s.eps)
             scale = np.full(len(v), max(float(h.norm()), 1e-6))
             t_start = 1e-3 * scale

@@ -137,8 +137,8 @@ class RayCurve:
 
     def kl_at(self, rays: Tensor, t: Tensor) -> Tensor:
         """KL of ray ``rays[i]`` at step ``t[i]``: shape (M,)."""
-        rays = torch.as_tensor(rays, dtype=torch.long)
-        t = torch.as_tensor(t, dtype=self.b.dtype)
+        rays = torch.as_tensor(rays, dtype=torch.long, device=self.b.device)
+        t = torch.as_tensor(t, dtype=self.b.dtype, device=self.b.device)
         out = torch.empty_like(t)
         # One ray at a time: broadcasting its (V,) rows is cheaper than gathering (M, V) copies.
         for r in torch.unique(rays).tolist():
@@ -155,15 +155,17 @@ class RayCurve:
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """``kl_at`` on numpy arrays: the row function ``first_crossings`` expects."""
-        return self.kl_at(
-            torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64))
-        ).numpy()
+        return (
+            self.kl_at(torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64)))
+            .cpu()
+            .numpy()
+        )
 
     def kl(self, t: Tensor | float) -> Tensor:
         """KL of every ray at common steps ``t`` (n,): shape (n, R)."""
         t = torch.as_tensor(t, dtype=self.b.dtype).reshape(-1)
         R = self.b.shape[0]
-        rays = torch.arange(R).repeat(t.numel())
+        rays = torch.arange(R, device=self.b.device).repeat(t.numel())
         return self.kl_at(rays, t.repeat_interleave(R)).reshape(t.numel(), R)
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:

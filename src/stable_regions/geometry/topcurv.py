@@ -287,9 +287,13 @@ def likely_token_start(weight: Tensor, pk: Tensor, idx: Tensor) -> Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def search_dtype() -> torch.dtype:
-    """bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16: 3-4x the float32
-    GEMM rate), else float32 (emulated bfloat16 would be slower than float32)."""
+def search_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bfloat16 where the device multiplies it natively (a CUDA GPU that has it; a CPU with AMX
+    or AVX512-BF16: 3-4x the float32 GEMM rate), else float32 (emulated bfloat16 would be
+    slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     try:
         native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:  # private helpers moved: take the safe choice

@@ -212,6 +212,13 @@ class ModelAdapter:
         return {self._cache_name: cache}
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype our passes through the network compute in from a hook on: float64 for a
+        float64 model, else float32 (a 16-bit model's weights are upcast per matrix product,
+        see ``precision``)."""
+        return torch.float64 if self.is_float64 else torch.float32
+
+    @property
     def is_float64(self) -> bool:
         return self.unembed.weight.dtype == torch.float64
 

@@ -13,7 +13,12 @@
    took 75 ms against 7 ms for the forward. Inside the context, ``F.linear`` with a constant
    weight is a custom Function whose JVP is one more matmul (16 ms), exact to the last bit.
 
-All three are a ``torch.overrides.TorchFunctionMode``: torch keeps its stack of such modes
+4. Width, for 16-bit models: where our pass widened the activations (float32 deltas added at
+   the hook, ``ModelAdapter.compute_dtype``), a ``linear`` or ``addmm`` whose weights are
+   bfloat16 or float16 multiplies them upcast to the activations' dtype, one matrix at a time.
+   The blocks after the hook then compute in float32 on the model's own weights.
+
+All four are a ``torch.overrides.TorchFunctionMode``: torch keeps its stack of such modes
 per thread, so only the calls made on the thread that entered the context (our forward
 passes) see them. Nothing in ``torch`` is replaced: another thread computing during our call,
 or the user's own code after it, sees torch as it is. Contexts nest.
@@ -30,6 +35,7 @@ _layer_norm_torch = F.layer_norm
 _softmax = F.softmax
 _to = torch.Tensor.to
 _float = torch.Tensor.float
+_addmm = torch.addmm
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -92,7 +98,9 @@ class ExactNumerics(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _linear:
-            return _constant_linear(*args, **kwargs)
+            return _constant_linear(*_widened(args, kwargs))
+        if func is _addmm:
+            return func(*_widened(args, {}), **kwargs)
         if func is _layer_norm_torch:
             return _layer_norm(*args, **kwargs)
         if self.float64:
@@ -110,6 +118,16 @@ class ExactNumerics(TorchFunctionMode):
             elif func is _float and args[0].dtype == torch.float64:
                 return args[0]
         return func(*args, **kwargs)
+
+
+def _widened(args, kwargs) -> list:
+    """The tensor arguments of a matrix product in the widest floating dtype among them: a
+    16-bit model whose activations were widened at the hook (``compute_dtype``) multiplies
+    its weights there in float32, upcast one matrix at a time (never a copy of the model)."""
+    args = [*args, *kwargs.values()]
+    floats = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    wide = max(floats, key=lambda t: torch.finfo(t).bits, default=None)
+    return [a.to(wide) if isinstance(a, torch.Tensor) and a.dtype != wide else a for a in args]
 
 
 def exact_numerics(float64: bool = True) -> ExactNumerics:

@@ -72,7 +72,7 @@ class SuffixBatch:
         if not self.positions:
             raise ValueError("no positions")
         self.dim = adapter.hook_dim(hook)
-        self.dtype = adapter.unembed.weight.dtype
+        self.dtype = adapter.compute_dtype  # the rows widen to it at the hook
         device = ids.device
         self._pos = torch.tensor(self.positions, dtype=torch.long, device=device)
         self._tokens = ids[0, self._pos]
