@@ -301,17 +301,19 @@ def test_a_bfloat16_model_computes_in_float32_after_the_hook(tokenizer):
     a16, a32 = sr.wrap(low, tokenizer), sr.wrap(wide, tokenizer)
     assert a16.compute_dtype == torch.float32
     ids = a16.tokenize("The cat sat on it.")
-    hook = "blocks.1.hook_resid_post"
+    hook = "blocks.0.hook_resid_pre"  # the embedding: bfloat16 values, exact in float32
     s16 = SuffixBatch(a16, ids, hook, [0, 9])
     s32 = SuffixBatch(a32, ids, hook, [0, 9])
     assert s16.logits0.dtype == torch.float64
-    # position 0 has no prefix: everything after the hook is float32 arithmetic on the same
-    # weights, so the two agree to float32 roundoff
+    # position 0 has no prefix, and its activation at the embedding is the same in both:
+    # everything after the hook is float32 arithmetic on the same weight values, so the two
+    # agree to float32 roundoff
     lam16 = PullbackOperator.from_suffix(s16).top_eigenpairs(k=1, tol=1e-6)[0][:, 0]
     lam32 = PullbackOperator.from_suffix(s32).top_eigenpairs(k=1, tol=1e-6)[0][:, 0]
     assert abs(float(lam16[0] / lam32[0]) - 1) < 1e-4
     assert abs(float(lam16[1] / lam32[1]) - 1) < 0.05
     df = sr.analyze(a16, "The cat sat on it.", eps=[0.1], positions=[9], layer=1).to_frame()
+    assert df.lambda_max[0] > 0
     assert math.isfinite(df.radius_exact[0]) and df.radius_exact[0] > 0
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}  # nothing converted in place
 
