@@ -322,3 +322,15 @@ def copy_to(model, dtype):
     import copy
 
     return copy.deepcopy(model).to(dtype)
+
+
+def test_wrap_refuses_a_model_dispatched_over_several_devices(tokenizer):
+    """A device_map over several devices (here recorded as accelerate records it) is one
+    line that says what is supported."""
+    model = tiny_model("llama", dtype=torch.float32)
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": 0, "lm_head": 0}
+    with pytest.raises(UnsupportedModelError, match="several devices.*one device") as info:
+        sr.wrap(model, tokenizer)
+    assert "\n" not in str(info.value)
+    model.hf_device_map = {"": "cpu"}  # one device: fine
+    assert sr.wrap(model, tokenizer).device == torch.device("cpu")

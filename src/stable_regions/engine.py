@@ -158,6 +158,7 @@ def prelogit_blocks(
     for start in range(0, len(pos), block):
         h = h_all[start : start + block].to(f64)
         P = h.shape[0]
+        return_freed_memory()  # the last block's transients, not their sum with fragments
         stage("curvature")
         u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
         if head.is_linear:
@@ -165,6 +166,7 @@ def prelogit_blocks(
             c2, c3, c4 = cumulants_along(weight, u0, vecs)  # float64 p: c2 = lambda_max
             lam, vecs = c2, vecs.to(f64)
             rank = effective_rank(curvature_trace(weight, u0), lam)
+            return_freed_memory()
             diagonal = curvature_diagonal(weight, u0)
             corner = cumulants_along(weight, u0, torch.sign(vecs))[0]
             # the series along +v and -v: c3 flips with the sign, c2 and c4 do not

@@ -216,8 +216,9 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
     spread = torch.zeros(len(p), dtype=f64, device=p.device)
     pull = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # W^T p'
     V = weight.shape[0]
-    for s in range(0, V, _chunk(len(p), V)):
-        rows = weight[s : s + _chunk(len(p), V)]
+    step = _row_chunk(len(p), *weight.shape)
+    for s in range(0, V, step):
+        rows = weight[s : s + step]
         n_i = rows.to(f64).pow(2).sum(-1)
         d2 = n_i[None] + n_c - 2.0 * (w_c @ rows.T).to(f64)  # ||w_i - w_c||^2
         r = rest[:, s : s + len(rows)]
@@ -254,7 +255,7 @@ def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
     second = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W^2
     first = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W
     V = weight.shape[0]
-    step = _chunk(len(p), V)
+    step = _row_chunk(len(p), *weight.shape)
     for s in range(0, V, step):
         rows = weight[s : s + step]
         r = rest[:, s : s + len(rows)].to(weight.dtype)
@@ -270,6 +271,13 @@ def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
 def _buffer_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
     """The first ``rows * cols`` entries of a flat reusable buffer as a (rows, cols) matrix."""
     return buffer[: rows * cols].view(rows, cols)
+
+
+def _row_chunk(P: int, V: int, d: int) -> int:
+    """Vocabulary rows per chunk where a chunk's rows of W are themselves transformed (squared,
+    upcast): ``_chunk``, and at most ~8 MB of float64 rows (one position would otherwise take
+    the whole vocabulary at once: 1.3 GB for Gemma-3's 262k x 640)."""
+    return min(_chunk(P, V), max(256, (1 << 20) // d))
 
 
 def _chunk(P: int, V: int) -> int:
