@@ -34,30 +34,21 @@ def build(name: str):
 
     if name in ("smollm2-135m", "gemma3-270m"):
         return sr.load(name, device="cpu", dtype="float32")
+    from stable_regions.bench_scale import ScaleShape, build_model
+
     tokenizer = sr.load("smollm2-135m").tokenizer  # its ids fit both vocabularies
-    if name == "qwen2-0.5b-shape":
-        config = T.Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-        )
-    else:
-        config = T.LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            tie_word_embeddings=True,
-        )
+    if name == "llama3-1b-shape":  # the bench's own 1B model
+        return build_model(ScaleShape(name=name), tokenizer)
+    config = T.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", dtype=torch.float32

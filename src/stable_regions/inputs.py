@@ -27,7 +27,8 @@ def as_adapter(model) -> ModelAdapter:
 
 # Below this eps the measured boundary is no longer exact: the KL of two float64 softmaxes
 # carries roundoff of ~1e-16 times the logits' size, which approaches eps itself (issue 15
-# reported -0.35% at 1e-12 and -45% at 1e-14 against the exact small-eps limit).
+# reported -0.35% at 1e-12 and -45% at 1e-14 against the exact small-eps limit). At 1e-10
+# the measured radius is within 4.5e-5 of the series form (exact there) on SmolLM2.
 EPS_FLOOR = 1e-10
 
 
