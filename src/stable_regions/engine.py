@@ -24,6 +24,7 @@ from torch import Tensor
 from .budget import rows_within
 from .geometry import (
     FisherOperator,
+    LogitHead,
     PullbackOperator,
     RayCurve,
     cumulants_along,
@@ -111,7 +112,9 @@ def _quiet(_: str) -> None:
     return None
 
 
-def top_vectors_linear(head, h: Tensor, u0: Tensor, tol: float, rtol: float = 1e-8) -> Tensor:
+def top_vectors_linear(
+    head: LogitHead, h: Tensor, u0: Tensor, tol: float, rtol: float = 1e-8
+) -> Tensor:
     """Top eigenvectors (P, d) of ``H`` at pre-logit vectors ``h`` (P, d) of a linear head
     whose float64 logits are ``u0`` (P, V), every product with W in the weight's dtype.
 

@@ -93,9 +93,10 @@ class ModelAdapter:
 
     @property
     def head(self) -> LogitHead:
-        """The head in float64, for the exact curvature and small KLs: a copy made on first
-        use (226 MB for SmolLM2, 1.3 GB for Gemma-3's 262k vocabulary), kept until
-        ``release_copies``. Paths that work in the model's precision use ``stored_head``."""
+        """The head in float64: a copy made on first use (226 MB for SmolLM2, 1.3 GB for
+        Gemma-3's 262k vocabulary), kept until ``release_copies``. For references (the bench's
+        baselines, tests); the library's own paths use ``stored_head`` and float64
+        arithmetic where it matters."""
         if self._head is None:
             self._head = self.stored_head.to(torch.float64)
         return self._head
