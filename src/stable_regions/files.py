@@ -108,3 +108,38 @@ def _start_or_resume(
     out.mkdir(parents=True, exist_ok=True)
     # From here on the run is unfinished until it ends (also a resumed finished one).
     write_json(manifest_path, {**record, "complete": False})
+
+
+class RunDirectory:
+    """A run that writes as it goes (``validate``, ``scan``): ``DIR/manifest.json`` holds the
+    run's record with ``"complete": false`` until ``finish``, and each of its ``n`` items is
+    one Parquet part ``DIR/parts/NNNNN.parquet``, written whole or not at all, so that a
+    resumed run skips the parts already there and loses or repeats nothing."""
+
+    def __init__(
+        self, out: str | Path, record: dict, kind: str, *, resume: bool, overwrite: bool
+    ) -> None:
+        self.out = Path(out)
+        self.manifest = self.out / "manifest.json"
+        self.record = record
+        start_or_resume(self.out, self.manifest, record, resume, kind, overwrite)
+        (self.out / "parts").mkdir(exist_ok=True)
+
+    def part(self, i: int) -> Path:
+        return self.out / "parts" / f"{i:05d}.parquet"
+
+    def done(self, i: int) -> bool:
+        return self.part(i).exists()
+
+    def write_part(self, i: int, frame) -> Path:
+        return write_parquet(frame, self.part(i))
+
+    def frame(self, n: int):
+        """Parts ``0..n-1`` as one DataFrame, in order."""
+        import pandas as pd
+
+        return pd.concat([pd.read_parquet(self.part(i)) for i in range(n)], ignore_index=True)
+
+    def finish(self) -> None:
+        """The run is complete: said last, after every other file is written."""
+        write_json(self.manifest, {**self.record, "complete": True})

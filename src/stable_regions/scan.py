@@ -29,7 +29,7 @@ from torch import Tensor
 from .budget import rows_within
 from .calibration import model_fingerprint
 from .errors import StableRegionsError
-from .files import start_or_resume, write_json, write_parquet
+from .files import RunDirectory, write_json, write_parquet
 from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
 from .heap import return_freed_memory
 from .inputs import as_adapter, check_eps
@@ -226,8 +226,6 @@ def scan_corpus(
     settings = ScanSettings(eps, int(window), int(overlap))
     document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
     scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
-    out = Path(out)
-    manifest_path = out / "manifest.json"
     record = {
         "tool": "stable-regions scan",
         "model": adapter.name,
@@ -237,16 +235,13 @@ def scan_corpus(
         "n_documents": len(documents),
     }
     token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]
-    start_or_resume(out, manifest_path, record, resume, "scan", overwrite)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    part_path = [parts / f"{i:05d}.parquet" for i in range(len(documents))]
+    run = RunDirectory(out, record, "scan", resume=resume, overwrite=overwrite)
     total = sum(len(t) for t in token_ids)
-    done = sum(len(t) for t, p in zip(token_ids, part_path, strict=True) if p.exists())
+    done = sum(len(t) for i, t in enumerate(token_ids) if run.done(i))
     if progress is not None:
         progress(done, total)
-    for doc, ids, path in zip(documents, token_ids, part_path, strict=True):
-        if path.exists():
+    for i, (doc, ids) in enumerate(zip(documents, token_ids, strict=True)):
+        if run.done(i):
             continue
         frames = []
         for start, stop, first in document_windows(len(ids), settings.window, settings.overlap):
@@ -256,20 +251,21 @@ def scan_corpus(
             done += stop - first
             if progress is not None:
                 progress(done, total)
-        write_parquet(pd.concat(frames, ignore_index=True), path)
+        run.write_part(i, pd.concat(frames, ignore_index=True))
         return_freed_memory()
-    frame = pd.concat([pd.read_parquet(p) for p in part_path], ignore_index=True)
+    frame = run.frame(len(documents))
     summary = [
         _document_summary(doc.id, f)
         for doc, (_, f) in zip(documents, frame.groupby("doc_id", sort=False), strict=True)
     ]
+    out = run.out
     write_parquet(frame, out / "results.parquet")
     write_json(
         out / "summary.json",
         {"model": adapter.name, "settings": asdict(settings), "documents": summary},
     )
     plot_radius_along_documents(frame, out / "radius.png")
-    write_json(manifest_path, {**record, "complete": True})
+    run.finish()
     return CorpusScan(out, frame, summary)
 
 

@@ -51,7 +51,7 @@ from .calibration import (
 )
 from .engine import entropy, pade_radii
 from .errors import StableRegionsError
-from .files import start_or_resume, write_json, write_parquet
+from .files import RunDirectory, write_json, write_parquet
 from .geometry import FisherOperator, RayCurve, direction_cumulants, radius_quadratic
 from .inputs import as_adapter, check_eps
 from .metrics import THRESHOLDS, relative_error
@@ -471,8 +471,6 @@ def validate(
         for e in settings.eps:
             fixed.band_for(e)  # fail before measuring, not after
 
-    out = Path(out)
-    manifest_path = out / "manifest.json"
     record = {
         "tool": "stable-regions validate",
         "model": adapter.name,
@@ -482,28 +480,23 @@ def validate(
         "n_prompts": len(prompts),
         "calibration": "fit" if fitting else None if fixed is None else str(fixed.path or "given"),
     }
-    start_or_resume(out, manifest_path, record, resume, "validation run", overwrite)
-
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
+    run = RunDirectory(out, record, "validation run", resume=resume, overwrite=overwrite)
+    out = run.out
     layer = _FinalLayer(adapter, settings)
     total = len(prompts)
-    done = sum((parts / f"{i:05d}.parquet").exists() for i in range(total))
+    done = sum(run.done(i) for i in range(total))
     if progress is not None:
         progress(done, total)
     for i, prompt in enumerate(prompts):
-        part = parts / f"{i:05d}.parquet"
-        if part.exists():
+        if run.done(i):
             continue
         partner = prompts[(i + 1) % total] if total > 1 else None
-        write_parquet(layer.measure(prompt, partner), part)
+        run.write_part(i, layer.measure(prompt, partner))
         done += 1
         if progress is not None:
             progress(done, total)
 
-    frame = pd.concat(
-        [pd.read_parquet(parts / f"{i:05d}.parquet") for i in range(total)], ignore_index=True
-    )
+    frame = run.frame(total)
     used = fixed
     if fitting:
         train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
@@ -517,5 +510,5 @@ def validate(
     write_parquet(frame, out / "results.parquet")
     write_json(out / "summary.json", summary)
     write_report(out / "report.html", frame, summary, record, used)
-    write_json(manifest_path, {**record, "complete": True})
+    run.finish()
     return ValidationRun(out, frame, summary, used)
