@@ -335,56 +335,19 @@ def top_curvature(
     dtype = weight.dtype
     search = weight if search_weight is None else search_weight
     P, V = logits.shape
-    d = weight.shape[1]
     p = torch.softmax(logits.to(dtype), dim=-1)
     pk, idx = p.topk(min(tokens, V), dim=-1)
     start = likely_token_start(weight, pk, idx)
     prob = PivotedProbabilities.pivot(p, idx[:, 0])
 
-    m_cap = max(1, min(max_iter, d))
-    dev = logits.device
-    Q = torch.zeros(P, m_cap + 1, d, dtype=dtype, device=dev)
-    alpha = torch.zeros(P, m_cap, dtype=torch.float64, device=dev)
-    beta = torch.zeros(P, m_cap, dtype=torch.float64, device=dev)
-    Q[:, 0] = start
-    vector = torch.empty(P, d, dtype=dtype, device=dev)
-    resid = torch.zeros(P, dtype=torch.float64, device=dev)
-    ritz = torch.zeros(P, dtype=torch.float64, device=dev)
-    iters = torch.zeros(P, dtype=torch.long, device=dev)
-    active = torch.arange(P, device=dev)
     op = _PivotedProduct(search, prob, dtype)
-    for j in range(m_cap):
-        q = Q[active, j]
-        w = op.matvec(q)
-        alpha[active, j] = (w * q).sum(-1, dtype=torch.float64)
-        basis = Q[active, : j + 1]
-        for _ in range(2):  # full reorthogonalization, twice
-            w = w - torch.einsum("pm,pmd->pd", torch.einsum("pmd,pd->pm", basis, w), basis)
-        b = w.norm(dim=-1)
-        beta[active, j] = b.to(torch.float64)
-        Q[active, j + 1] = w / b[:, None].clamp_min(1e-30)
-        T = torch.diag_embed(alpha[active, : j + 1])
-        if j > 0:
-            off = beta[active, :j]
-            T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        theta, s = evals[:, -1], evecs[:, :, -1]
-        r = (beta[active, j] * s[:, -1]).abs()
-        done = (r <= tol * theta.abs()) | (b.to(torch.float64) <= 1e-7 * theta.abs()) | (theta <= 0)
-        if j == m_cap - 1:
-            done[:] = True
-        if done.any():
-            rows = active[done]
-            resid[rows] = r[done] / theta[done].abs().clamp_min(1e-300)
-            iters[rows] = j + 1
-            vector[rows] = torch.einsum("pm,pmd->pd", s[done].to(dtype), Q[rows, : j + 1])
-            ritz[rows] = theta[done].clamp_min(0.0)
-        keep = ~done
-        if not keep.any():
-            break
-        active = active[keep]
-        op.keep(keep)
-    vector = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    run = lanczos(
+        op.matvec, start, k=1, tol=tol, max_iter=max(1, max_iter), check_every=1, retire=op.keep
+    )
+    vector = run.vectors[:, 0]
+    ritz = run.values[:, 0].clamp_min(0.0)
+    resid = run.residuals[:, 0] / run.values[:, 0].abs().clamp_min(1e-300)
+    iters = run.iterations
     if not refine:
         nan = torch.full_like(ritz, torch.nan)
         return TopCurvature(ritz, vector, nan, nan, resid, iters)
