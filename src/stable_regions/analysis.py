@@ -107,10 +107,13 @@ def analyze(
             fills ``radius_calibrated`` (NaN without one).
         progress: called as ``progress(done, total)`` after each block of positions.
         stage: called with the name of each stage as it begins (``suffix``, ``curvature``,
-            ``trace``, ``derivatives``, ``measuring``): inner layers spend minutes in one block.
+            ``trace`` or ``curvature and trace estimate``, ``derivatives``, ``measuring``):
+            inner layers spend minutes in one block.
     """
     adapter = as_adapter(model)
     eps_list = check_eps(eps)
+    if trace not in (None, "exact", "estimate"):
+        raise StableRegionsError(f"trace must be 'exact' or 'estimate', got {trace!r}")
     hook = adapter.hook_for_layer(layer)
     cal = resolve_calibration(calibration, adapter, "final" if hook == PRELOGIT else str(layer))
     if cal is not None:
@@ -119,17 +122,12 @@ def analyze(
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
-    stages = {} if stage is None else {"stage": stage}
     if hook == PRELOGIT:
-        blocks = prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol, **stages)
+        blocks = prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol, stage)
     else:
         if trace is None:
             trace = "exact" if hook == adapter.hook_for_layer("embed") else "estimate"
-        if trace not in ("exact", "estimate"):
-            raise StableRegionsError(f"trace must be 'exact' or 'estimate', got {trace!r}")
-        blocks = inner_blocks(
-            adapter, ids, hook, pos, eps_list, exact, rtol, eig_tol, trace, **stages
-        )
+        blocks = inner_blocks(adapter, ids, hook, pos, eps_list, exact, rtol, eig_tol, trace, stage)
 
     rows: list[dict] = []
     directions: list[Tensor] = []

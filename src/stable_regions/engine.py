@@ -45,6 +45,10 @@ from .probes import RayKL, measure_boundaries, measure_from_suffix
 Stage = Callable[[str], None]
 
 
+def _quiet(_: str) -> None:
+    return None
+
+
 @dataclass
 class Block:
     """Per-position results of a block of positions; radii are (positions, eps), nearest exit
@@ -108,10 +112,6 @@ def eig_tolerance(requested: float, dtype: torch.dtype) -> float:
     return max(requested, 1e3 * torch.finfo(dtype).eps)
 
 
-def _quiet(_: str) -> None:
-    return None
-
-
 def top_vectors_linear(
     head: LogitHead, h: Tensor, u0: Tensor, tol: float, rtol: float = 1e-8
 ) -> Tensor:
@@ -139,7 +139,7 @@ def prelogit_blocks(
     eps_list: list[float],
     exact: bool,
     rtol: float,
-    stage: Stage = _quiet,
+    stage: Stage | None = None,
     eig_tol: float = 1e-10,
 ) -> Iterator[Block]:
     """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head.
@@ -149,6 +149,7 @@ def prelogit_blocks(
     A linear head takes the batched search from the logits (``top_curvature``: vocabulary
     chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
     softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
+    stage = stage or _quiet
     head = adapter.stored_head
     if head.weight.dtype not in (torch.float32, torch.float64):
         # a 16-bit head: the search and the sums on a float32 copy of the head alone
@@ -242,7 +243,7 @@ def inner_blocks(
     rtol: float,
     eig_tol: float,
     trace: str = "exact",
-    stage: Stage = _quiet,
+    stage: Stage | None = None,
 ) -> Iterator[Block]:
     """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
 
@@ -253,6 +254,7 @@ def inner_blocks(
     (stability maps, ``analyze`` at blocks): the trace from the Krylov space of the Lanczos run (free) plus 16
     Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
     """
+    stage = stage or _quiet
     E = len(eps_list)
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
     block = positions_per_block(adapter.vocab_size)
