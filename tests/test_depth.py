@@ -38,12 +38,21 @@ def rel(a, b) -> float:
 def test_jacobian_gram_gives_the_singular_values():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(40, 12, dtype=torch.float64, generator=g)
-    gram = JacobianGram(lambda v: v @ A.T, lambda u: u @ A, 12)
-    assert rel(gram.dense(), A.T @ A) < 1e-12
+    B = torch.randn(40, 12, dtype=torch.float64, generator=g)
+    B[:, 0] *= 5.0
+    maps = torch.stack([A, B])  # two maps at once, row i through map i
+    gram = JacobianGram(
+        lambda v: torch.einsum("pkd,pod->pko", v, maps),
+        lambda u: torch.einsum("po,pod->pd", u, maps),
+        12,
+        batch=2,
+    )
+    assert rel(gram.dense(), maps.transpose(1, 2) @ maps) < 1e-12
     sigma, vecs = gram.top_singular_values(3, tol=1e-10)
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    assert rel(sigma, S[:3]) < 1e-10
-    assert (vecs @ Vh[:3].T).abs().diagonal().min() > 1 - 1e-8
+    for i, M in enumerate((A, B)):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        assert rel(sigma[i], S[:3]) < 1e-10
+        assert (vecs[i] @ Vh[:3].T).abs().diagonal().min() > 1 - 1e-8
 
 
 def test_linf_bounds_bracket_the_brute_force_radius():

@@ -18,6 +18,10 @@ PROMPT = "The cat sat on it."  # 18 characters: longer than the tiny Gemma slidi
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
 
 
+def rel(a, b) -> float:
+    return float(((a - b).norm() / b.norm()).detach())
+
+
 def full_forward_fn(adapter, ids, hook, pos):
     """delta -> logits at pos, running the whole prompt prefix with the perturbation hooked in."""
 
@@ -79,7 +83,6 @@ def test_pullback_matches_dense_autograd(arch, tokenizer):
     # position `pos` batched with two others: each row must be its own position's operator
     suffix = SuffixBatch(adapter, ids, hook, [3, pos, 0])
     op = PullbackOperator.from_suffix(suffix)
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     G_ref = G_ref.detach()
     assert rel(op.dense()[1], G_ref) < 1e-6
     v = torch.randn(3, d, dtype=torch.float64)
@@ -309,3 +312,86 @@ def test_other_threads_see_torch_unchanged_during_an_inner_analysis(tokenizer):
         assert F.softmax(x, -1, dtype=torch.float32).dtype == torch.float64
         assert x.float().dtype == torch.float64
         assert type(F.layer_norm(xg, (8,)).grad_fn).__name__ != "NativeLayerNormBackward0"
+
+
+def test_series_along_matches_autograd_kl_derivatives(arch, tokenizer):
+    """engine.series_along (two forward-mode levels, one reverse pass, the head applied once
+    when it is linear; through the softcap when not) == d^k KL / dt^k by autograd on the
+    full forward, at several positions in one batch."""
+    from stable_regions.engine import series_along
+
+    adapter = sr.wrap(tiny_model(arch, seed=4), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook, positions = "blocks.0.hook_resid_post", [3, 9, ids.shape[1] - 1]
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(len(positions), adapter.hook_dim(hook), dtype=torch.float64, generator=g)
+    v /= v.norm(dim=-1, keepdim=True)
+    suffix = SuffixBatch(adapter, ids, hook, positions)
+    c2, c3, c4 = series_along(adapter, suffix, torch.softmax(suffix.logits0, -1), v)
+    for i, pos in enumerate(positions):
+        f = full_forward_fn(adapter, ids, hook, pos)
+        with torch.no_grad():
+            logp = torch.log_softmax(f(torch.zeros_like(v[i])), -1)
+        t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        y = (logp.exp() * (logp - torch.log_softmax(f(t * v[i]), -1))).sum()
+        ref = []
+        for _ in range(4):
+            (y,) = torch.autograd.grad(y, t, create_graph=True)
+            ref.append(float(y.detach()))
+        assert math.isclose(float(c2[i]), ref[1], rel_tol=1e-8), (arch, pos)
+        assert math.isclose(float(c3[i]), ref[2], rel_tol=1e-7, abs_tol=1e-12), (arch, pos)
+        assert math.isclose(float(c4[i]), ref[3], rel_tol=1e-6, abs_tol=1e-12), (arch, pos)
+
+
+def test_linearized_products_match_forward_and_reverse_mode(tokenizer):
+    """SuffixBatch.linearization: J v (replayed backward of u -> J^T u) == the forward-mode
+    jvp, and J^T u == torch.func.vjp of the full forward, to a target hook and to the logits."""
+    adapter = sr.wrap(tiny_model("llama", seed=6), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook, positions = "blocks.0.hook_resid_pre", [2, 8, ids.shape[1] - 1]
+    suffix = SuffixBatch(adapter, ids, hook, positions)
+    g = torch.Generator().manual_seed(7)
+    for target in (None, "blocks.1.hook_resid_post", "ln_final.hook_normalized"):
+        jvp_one, vjp = suffix.linearization(target)
+        v = torch.randn(len(positions), suffix.dim, dtype=torch.float64, generator=g)
+        forward = suffix.jvp(v[:, None], target)[:, 0]
+        assert rel(jvp_one(v), forward) < 1e-12, target
+        u = torch.randn_like(forward)
+        for i, pos in enumerate(positions):
+            seen = []
+
+            def f(delta, pos=pos, seen=seen, target=target):  # the full prefix, read at target
+                if target is None:
+                    return full_forward_fn(adapter, ids, hook, pos)(delta)
+                seen.clear()
+                with (
+                    adapter.perturbation(hook, pos, delta[None]),
+                    adapter._on_activation(target, seen.append),
+                    exact_numerics(),
+                ):
+                    adapter.model(input_ids=ids[:, : pos + 1])
+                return seen[0][0, pos]
+
+            _, pull = torch.func.vjp(f, torch.zeros(suffix.dim, dtype=torch.float64))
+            assert rel(vjp(u)[i], pull(u[i])[0]) < 1e-10, (target, pos)
+
+
+def test_rows_perturbed_at_different_hooks_equal_one_hook_each(arch, tokenizer):
+    """A SuffixBatch with a hook per row (every layer at one token) gives each row what a
+    suffix of that hook alone gives: logits for the same perturbation, and x0."""
+    adapter = sr.wrap(tiny_model(arch, seed=8), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    pos = ids.shape[1] - 2
+    together = SuffixBatch(adapter, ids, HOOKS, [pos] * len(HOOKS))
+    g = torch.Generator().manual_seed(9)
+    deltas = 0.5 * torch.randn(len(HOOKS), together.dim, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        both = together.logits(deltas)
+    for i, hook in enumerate(HOOKS):
+        alone = SuffixBatch(adapter, ids, hook, [pos])
+        with torch.no_grad():
+            expected = alone.logits(deltas[i : i + 1])[0]
+        assert rel(both[i], expected) < 1e-12, (arch, hook)
+        assert rel(together.x0[i], alone.x0[0]) < 1e-14, (arch, hook)
+    with pytest.raises(ValueError, match="does not come after"):
+        together.check_target("blocks.1.hook_resid_pre")

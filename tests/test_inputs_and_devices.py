@@ -73,6 +73,20 @@ def test_devices_and_dtypes_resolve_on_the_cpu():
         check_dtype(torch.int32, cpu)
 
 
+def test_a_dtype_the_device_cannot_compute_in_is_one_clear_error(monkeypatch):
+    """The probe product fails (here on the meta device, which computes nothing): one line
+    naming the device, the dtype and what to use; a GPU without bfloat16 is refused before
+    any allocation (simulated: this machine has no GPU)."""
+    with pytest.raises(StableRegionsError) as info:
+        check_dtype(torch.float16, torch.device("meta"))
+    message = str(info.value)
+    assert "meta cannot compute in float16" in message and "--dtype float32" in message
+    assert "\n" not in message
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(StableRegionsError, match="cannot compute in bfloat16.*float16 or float32"):
+        check_dtype(torch.bfloat16, torch.device("cuda:0"))
+
+
 def test_load_in_bfloat16_halves_the_weights_and_analyzes(model_dir):
     adapter = sr.load(str(model_dir), device="cpu", dtype="bfloat16")
     assert {p.dtype for p in adapter.model.parameters()} == {torch.bfloat16}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .engine import eig_tolerance
@@ -23,7 +24,7 @@ from .errors import StableRegionsError
 from .geometry import JacobianGram
 from .inputs import as_adapter, check_positions, json_value
 from .models import PRELOGIT
-from .models.suffix import PositionSuffix
+from .models.suffix import SuffixBatch
 from .plotting import pyplot, save
 
 
@@ -111,41 +112,50 @@ def jacobian_profile(
     n = adapter.n_layers
     sources = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n)]
     total = 2 * n + 1
-    done = 0
+    # Every layer's map to the output at once: one row per layer, each perturbed at its own
+    # hook (a row runs the whole network anyway), so each Lanczos step is one pass for all
+    # of them instead of one per layer (SmolLM2: 61 maps in 8.5 s against 29 s).
+    everywhere = SuffixBatch(adapter, ids, sources, [pos] * len(sources))
+    output = _top_singular_values(everywhere, PRELOGIT, k, tol)
+    done = len(sources)
+    if progress is not None:
+        progress(done, total)
     rows = []
-    previous: PositionSuffix | None = None
     for index, source in enumerate(sources):
-        suffix = PositionSuffix(adapter, ids, source, pos, shared_cache=previous)
         row = {
             "layer": "embed" if index == 0 else index - 1,
             "hook": source,
-            "resid_norm": float(suffix.x0.norm()),
+            "resid_norm": float(everywhere.x0[index].norm()),
         }
-        maps = [(suffix, PRELOGIT, "output")]
-        if previous is not None:  # the block between the previous hook and this one
-            maps.insert(0, (previous, source, "block"))
-        else:
+        row.update({f"output_s{j + 1}": float(output[index, j]) for j in range(k)})
+        if index == 0:
             row.update({f"block_s{j + 1}": math.nan for j in range(k)})
-        for origin, target, name in maps:
-            values = _top_singular_values(origin, target, k, tol)
-            row.update({f"{name}_s{j + 1}": values[j] for j in range(k)})
+        else:  # the block between the previous hook and this one: one block deep, cheap
+            origin = SuffixBatch(adapter, ids, sources[index - 1], [pos], shared_cache=everywhere)
+            block = _top_singular_values(origin, source, k, tol)[0]
+            row.update({f"block_s{j + 1}": float(block[j]) for j in range(k)})
             done += 1
             if progress is not None:
                 progress(done, total)
         rows.append(row)
-        previous = suffix
     token = adapter.token_strings(ids[0, pos : pos + 1])[0]
     return JacobianProfile(adapter.name, prompt, pos, token, k, rows)
 
 
-def _top_singular_values(suffix: PositionSuffix, target: str, k: int, tol: float) -> list[float]:
+def _top_singular_values(suffix: SuffixBatch, target: str, k: int, tol: float) -> np.ndarray:
+    """Top ``k`` singular values (P, k) of the map from each row's hook to ``target`` (NaN
+    where the Krylov space held fewer)."""
     suffix.check_target(target)
+    jvp_single, vjp = suffix.linearization(target)
     gram = JacobianGram(
-        lambda v: suffix.jvp(v, target), suffix.vjp_fn(target), suffix.dim, suffix.x0.device
+        lambda v: suffix.jvp(v, target),
+        vjp,
+        suffix.dim,
+        suffix.x0.device,
+        jvp_single,
+        batch=suffix.n_positions,
     )
-    sigma, _ = gram.top_singular_values(k, tol=eig_tolerance(tol, suffix.batch.dtype))
-    values = [float(s) for s in sigma]
-    return values + [math.nan] * (k - len(values))
-
-
-__all__ = ["JacobianProfile", "jacobian_profile"]
+    sigma, _ = gram.top_singular_values(k, tol=eig_tolerance(tol, suffix.dtype))
+    out = np.full((suffix.n_positions, k), math.nan)
+    out[:, : sigma.shape[1]] = sigma.cpu().numpy()
+    return out

@@ -44,10 +44,14 @@ def cumulants(p: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return mean, m2, m3, m4 - 3.0 * m2**2
 
 
-def series_coefficients(p: Tensor, derivs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def series_coefficients(
+    p: Tensor, derivs: list[Tensor], cov13: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(c2, c3, c4)`` of the KL series from the logit derivatives ``[a1, a2, a3]``.
 
     ``p`` broadcasts against each ``a_k`` (shape (..., V)); missing ``a2``/``a3`` mean zero.
+    ``a3`` enters only as ``Cov_p(a1, a3) = (F a1) . a3``: ``cov13`` gives that number when
+    ``a3`` itself was never formed (``SuffixBatch.series_derivatives``).
     """
     a1 = derivs[0]
     c1 = _centered(p, a1)
@@ -61,6 +65,8 @@ def series_coefficients(p: Tensor, derivs: list[Tensor]) -> tuple[Tensor, Tensor
         c4 = c4 + 6.0 * (p * c1**2 * c2a).sum(-1) + 3.0 * (p * c2a**2).sum(-1)
     if len(derivs) > 2:
         c4 = c4 + 4.0 * (p * c1 * _centered(p, derivs[2])).sum(-1)
+    elif cov13 is not None:
+        c4 = c4 + 4.0 * cov13
     return c2, c3, c4
 
 
