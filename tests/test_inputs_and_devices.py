@@ -98,6 +98,35 @@ def test_load_in_bfloat16_halves_the_weights_and_analyzes(model_dir):
     assert df.radius_exact[0] > 0 and math.isfinite(df.radius_exact[0])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_recorded_pass_of_a_16_bit_model_keeps_no_wide_weight_copies(tokenizer, arch):
+    """The rows compute in float32 on a bfloat16 model's weights, upcast one matrix at a time;
+    a recorded pass (the replayed products) must not keep those float32 copies alive (they
+    would cost twice the bfloat16 weights after the hook). F.linear (Llama) and addmm
+    (GPT-2's Conv1D) both. The replayed products still equal the forward-mode ones."""
+    import gc
+    import warnings
+
+    from stable_regions.models.suffix import SuffixBatch
+
+    adapter = sr.wrap(tiny_model(arch, dtype=torch.bfloat16), tokenizer)
+    shapes = {tuple(p.shape) for p in adapter.model.parameters() if p.ndim == 2}
+    shapes |= {s[::-1] for s in shapes}
+    ids = adapter.tokenize("The cat sat on it.")
+    suffix = SuffixBatch(adapter, ids, "blocks.0.hook_resid_pre", [3, 9])
+    gc.collect()
+    jvp_one, vjp = suffix.linearization()
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every live object touches deprecated names
+        warnings.simplefilter("ignore")
+        live = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+    wide = [t for t in live if t.dtype == torch.float32 and tuple(t.shape) in shapes]
+    assert not wide, [tuple(t.shape) for t in wide]
+    v = torch.randn(2, suffix.dim, dtype=torch.float64)
+    forward = suffix.jvp(v[:, None])[:, 0]
+    assert float((jvp_one(v) - forward).norm() / forward.norm()) < 1e-5
+
+
 def test_wrap_refuses_a_model_on_the_meta_device(tokenizer):
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]())

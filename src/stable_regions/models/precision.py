@@ -16,7 +16,9 @@
 4. Width, for 16-bit models: where our pass widened the activations (float32 deltas added at
    the hook, ``ModelAdapter.compute_dtype``), a ``linear`` or ``addmm`` whose weights are
    bfloat16 or float16 multiplies them upcast to the activations' dtype, one matrix at a time.
-   The blocks after the hook then compute in float32 on the model's own weights.
+   The blocks after the hook then compute in float32 on the model's own weights, and a
+   recorded pass (``vjp``, the replayed products) keeps the 16-bit weights, not wide copies:
+   each product upcasts again.
 
 All four are a ``torch.overrides.TorchFunctionMode``: torch keeps its stack of such modes
 per thread, so only the calls made on the thread that entered the context (our forward
@@ -51,13 +53,20 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 class _Weights:
     """Weight and bias handed to ``_ConstantLinear`` as a non-tensor, so that torch.func
-    does not make (and fill) a zero tangent of the weight's size for it."""
+    does not make (and fill) a zero tangent of the weight's size for it, with the dtype the
+    product runs in. A 16-bit weight is upcast for each product and dropped after it: a
+    recorded pass (``vjp``) keeps the model's own weight, never a wide copy of it."""
 
-    __slots__ = ("weight", "bias")
+    __slots__ = ("weight", "bias", "dtype")
 
-    def __init__(self, weight, bias) -> None:
+    def __init__(self, weight, bias, dtype) -> None:
         self.weight = weight
         self.bias = bias
+        self.dtype = dtype
+
+    def product(self, x):
+        bias = None if self.bias is None else self.bias.to(self.dtype)
+        return _linear(x, self.weight.to(self.dtype), bias)
 
 
 class _ConstantLinear(torch.autograd.Function):
@@ -65,26 +74,42 @@ class _ConstantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weights: _Weights):
-        return _linear(x, weights.weight, weights.bias)
+        return weights.product(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.weight = inputs[1].weight
+        ctx.weight, ctx.dtype = inputs[1].weight, inputs[1].dtype
 
     @staticmethod
     def jvp(ctx, x_t, _):
         # Applied through the Function again, so that nested jvp levels stay fast and exact.
-        return _ConstantLinear.apply(x_t, _Weights(ctx.weight, None))
+        return _ConstantLinear.apply(x_t, _Weights(ctx.weight, None, ctx.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        return _ConstantLinear.apply(grad, _Weights(ctx.weight.t(), None)), None
+        return _ConstantLinear.apply(grad, _Weights(ctx.weight.t(), None, ctx.dtype)), None
+
+
+def _widest(*tensors) -> torch.dtype:
+    floats = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max(floats, key=lambda t: torch.finfo(t).bits)
 
 
 def _constant_linear(x, weight, bias=None):
+    wide = _widest(x, weight, bias)
+    x = x.to(wide)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return _linear(x, weight, bias)
-    return _ConstantLinear.apply(x, _Weights(weight, bias))
+        return _linear(x, weight.to(wide), None if bias is None else bias.to(wide))
+    return _ConstantLinear.apply(x, _Weights(weight, bias, wide))
+
+
+def _constant_addmm(bias, x, weight, *, beta=1, alpha=1):
+    """``addmm(b, x, W) = x W + b`` (GPT-2's Conv1D) with a model weight ``W``: the constant
+    linear of ``W^T``, so that a recorded pass keeps no wide copy of a 16-bit ``W`` either."""
+    plain = beta == 1 and alpha == 1 and bias.ndim == 1
+    if plain and isinstance(weight, torch.nn.Parameter) and not weight.requires_grad:
+        return _constant_linear(x, weight.t(), bias)
+    return _addmm(*_widened((bias, x, weight), {}), beta=beta, alpha=alpha)
 
 
 class ExactNumerics(TorchFunctionMode):
@@ -98,9 +123,9 @@ class ExactNumerics(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _linear:
-            return _constant_linear(*_widened(args, kwargs))
+            return _constant_linear(*args, **kwargs)
         if func is _addmm:
-            return func(*_widened(args, {}), **kwargs)
+            return _constant_addmm(*args, **kwargs)
         if func is _layer_norm_torch:
             return _layer_norm(*args, **kwargs)
         if self.float64:

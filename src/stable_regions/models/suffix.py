@@ -109,16 +109,36 @@ class SuffixBatch:
                 )
             self.cache_data = [(layer.keys, layer.values) for layer in cache.layers]
         self._cache_masks = self._cache_allowed()
-        # One unperturbed pass gives both the activations at the hooks and the logits.
-        captured: dict[str, list[Tensor]] = {h: [] for h in distinct}
+        self._x0: Tensor | None = None  # made on first use (a map's layers never need x0)
+        self._logits0: Tensor | None = None
+
+    @property
+    def x0(self) -> Tensor:
+        """(B, d) float64: the unperturbed activations at each row's hook."""
+        if self._x0 is None:
+            self._unperturbed()
+        return self._x0
+
+    @property
+    def logits0(self) -> Tensor:
+        """(B, V) float64: the unperturbed logits (from ``linearization``'s recorded pass
+        when that came first)."""
+        if self._logits0 is None:
+            self._unperturbed()
+        return self._logits0
+
+    def _unperturbed(self) -> None:
+        """One pass gives both the activations at the hooks and the logits."""
+        captured: dict[str, list[Tensor]] = {h: [] for h in self._distinct_hooks}
+        device = self._pos.device
         zero = torch.zeros(len(self.positions), self.dim, dtype=self.dtype, device=device)
         with torch.no_grad(), ExitStack() as stack:
-            for h in distinct:
-                stack.enter_context(adapter.capture(h, captured[h]))
-            self.logits0 = self.logits(zero).to(torch.float64)
-        seen = torch.stack([captured[h][0][0] for h in distinct])  # (hooks, B, d)
+            for h in self._distinct_hooks:
+                stack.enter_context(self.adapter.capture(h, captured[h]))
+            self._logits0 = self.logits(zero).to(torch.float64)
+        seen = torch.stack([captured[h][0][0] for h in self._distinct_hooks])  # (hooks, B, d)
         slots = torch.arange(len(self.positions), device=device)
-        self.x0 = seen[self._slot_hook, slots].to(torch.float64)  # (B, d)
+        self._x0 = seen[self._slot_hook, slots].to(torch.float64)
 
     @property
     def n_positions(self) -> int:
@@ -257,6 +277,8 @@ class SuffixBatch:
         ``jvp`` stays the better choice for many directions at few positions: it takes them
         all in one batched pass."""
         y, back = self._record(target)
+        if target is None and self._logits0 is None:  # the same pass: no second one for p
+            self._logits0 = y.to(torch.float64)
         with self.adapter.frozen():
             _, forward = vjp(lambda u: back(u)[0], torch.zeros_like(y))
         return self._widened(forward), self._widened(back)
