@@ -9,9 +9,25 @@ from __future__ import annotations
 
 ARRAY_BYTES = 64 << 20  # one (rows x V) array: 64 MiB (341 float32 rows of SmolLM2's 49152)
 
+# What a pass recorded through the network keeps (its saved activations, for the replayed
+# products and the reverse pass of the series) may hold at once. Measured on SmolLM2 (peak
+# RSS by stage, 64 positions from block 8, 21 blocks): the recorded products raised the peak
+# by ~560 MB, the series' two forward levels and their reverse pass by ~800 MB: ~70 saved
+# activations per row and block (an activation: the residual plus the MLP's hidden width).
+GRAPH_BYTES = 512 << 20
+SAVED_PER_WIDTH = 70
+
 
 def rows_within(width: int, itemsize: int = 8, *, cap: int | None = None) -> int:
     """Rows of ``width`` elements of ``itemsize`` bytes that fit in ``ARRAY_BYTES`` (at least 1,
     at most ``cap``)."""
     rows = max(1, ARRAY_BYTES // max(1, width * itemsize))
     return rows if cap is None else max(1, min(cap, rows))
+
+
+def rows_recordable(blocks: int, width: int, itemsize: int, *, cap: int) -> int:
+    """Rows whose recorded pass through ``blocks`` blocks (activations of ``width`` elements
+    of ``itemsize`` bytes: the residual plus the MLP's hidden width) fits in ``GRAPH_BYTES``;
+    at least 1, at most ``cap``."""
+    per_row = SAVED_PER_WIDTH * max(1, blocks) * width * itemsize
+    return max(1, min(cap, GRAPH_BYTES // per_row))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .budget import rows_within
+from .budget import rows_recordable, rows_within
 from .geometry import (
     FisherOperator,
     LogitHead,
@@ -107,6 +107,22 @@ def positions_per_block(vocab_size: int, inner: bool = False) -> int:
     Python of the blocks, the nest of derivative passes) that more rows share. SmolLM2,
     block 15, 64 positions: one block of 64 took 6.0 s, two blocks of 32 took 9.1 s."""
     return rows_within(2 * vocab_size, 8, cap=64 if inner else 32)
+
+
+def positions_per_recorded_block(adapter: ModelAdapter, hook: str, n_positions: int) -> int:
+    """Positions per block inside the network: ``positions_per_block`` (inner), fewer where
+    the pass recorded through the blocks after ``hook`` would outgrow ``budget.GRAPH_BYTES``,
+    and blocks of equal size (64 positions at a cap of 40 are two blocks of 32, not 40 + 24).
+    SmolLM2's default map of 64 positions peaked at 2.1 GB with blocks of 64 everywhere."""
+    start = adapter.hook_points().index(hook)
+    blocks = sum(1 for h in adapter.hook_points()[start + 1 :] if h.endswith("hook_resid_post"))
+    width = adapter.d_resid + (getattr(adapter.config, "intermediate_size", None) or 0)
+    itemsize = torch.finfo(adapter.compute_dtype).bits // 8
+    cap = rows_recordable(
+        blocks, width, itemsize, cap=positions_per_block(adapter.vocab_size, True)
+    )
+    count = -(-n_positions // cap)  # blocks needed
+    return max(1, -(-n_positions // count))
 
 
 def eig_tolerance(requested: float, dtype: torch.dtype) -> float:
@@ -292,7 +308,7 @@ def inner_blocks(
     stage = stage or _quiet
     E = len(eps_list)
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
-    block = positions_per_block(adapter.vocab_size, inner=True)
+    block = positions_per_recorded_block(adapter, hook, len(pos))
     for start in range(0, len(pos), block):
         chunk = pos[start : start + block]
         P = len(chunk)
@@ -314,9 +330,11 @@ def inner_blocks(
             rank = effective_rank(trace_g, lam[:, 0])
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
         v = vecs[:, 0]
+        p = op.p
+        del op  # its recorded passes: the series records its own
         return_freed_memory()
         stage("derivatives")
-        c2, c3, c4 = series_along(adapter, suffix, op.p, v)
+        c2, c3, c4 = series_along(adapter, suffix, p, v)
         # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
         c2, c3, c4 = (
             rays(c[:, None], sign)[:, 0] for c, sign in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
@@ -334,10 +352,10 @@ def inner_blocks(
             )
         else:
             measured = np.full_like(predicted, np.nan)
-        top_p, top_i = op.p.max(-1)
-        ent = entropy(op.p)
-        # the recorded pass and the cache go now, not when the next block replaces them
-        del suffix, op
+        top_p, top_i = p.max(-1)
+        ent = entropy(p)
+        # the cache goes now, not when the next block replaces it
+        del suffix
         yield Block(
             chunk,
             top_i,
