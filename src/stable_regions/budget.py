@@ -14,7 +14,9 @@ ARRAY_BYTES = 64 << 20  # one (rows x V) array: 64 MiB (341 float32 rows of Smol
 # RSS by stage, 64 positions from block 8, 21 blocks): the recorded products raised the peak
 # by ~560 MB, the series' two forward levels and their reverse pass by ~800 MB: ~70 saved
 # activations per row and block (an activation: the residual plus the MLP's hidden width).
-GRAPH_BYTES = 512 << 20
+# At 384 MiB SmolLM2's full 32-layer map peaked at 1647 MB and its default map at 1521 MB
+# (1763 MB at 512 MiB; 2134 MB for the default map with blocks of 64 everywhere).
+GRAPH_BYTES = 384 << 20
 SAVED_PER_WIDTH = 70
 
 

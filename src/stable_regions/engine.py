@@ -262,13 +262,13 @@ def series_along(
     With a linear head the passes stop at the pre-logit vector and the head maps the
     derivatives once (``a_k = W h_k``, ``(F a1) . a3 = (W^T F a1) . h3``): the nest then carries
     (P, d) tangents, not (P, V) logits in every branch. A softcapped head is not linear: the
-    passes run to the logits."""
+    passes run to the logits, as they do from the pre-logit vector itself."""
     head = adapter.stored_head
 
     def fisher(a1: Tensor) -> Tensor:  # F a1 = p * (a1 - p . a1)
         return p * (a1 - (p * a1).sum(-1, keepdim=True))
 
-    if not head.is_linear:
+    if not head.is_linear or PRELOGIT in suffix.hooks:  # no blocks between: the logits
         a1, a2, cov13 = suffix.series_derivatives(v, fisher)
         return series_coefficients(p, [a1, a2], cov13=cov13)
 

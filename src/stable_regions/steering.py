@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .engine import series_along
 from .errors import StableRegionsError, one_line
-from .geometry import radius_pade, radius_quadratic, series_coefficients
+from .geometry import radius_pade, radius_quadratic
 from .inputs import as_adapter, check_eps, check_positions
 from .models import ModelAdapter
 from .models.suffix import PositionSuffix
@@ -177,8 +178,7 @@ def steering_budget(
     for done, (prompt_id, ids, position) in enumerate(jobs, start=1):
         suffix = PositionSuffix(adapter, ids, hook, position)
         p = torch.softmax(suffix.logits0, -1)
-        derivs = [d[None] for d in suffix.directional_derivatives(u, order=3)]
-        c2, c3, c4 = series_coefficients(p, derivs)
+        c2, c3, c4 = series_along(adapter, suffix.batch, p[None], u[None].to(p.dtype))
         corrected = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
         if exact:
             measured = measure_from_suffix(suffix, u[None], eps_list, guesses=corrected, rtol=rtol)[

@@ -322,7 +322,10 @@ class SuffixBatch:
             f64 = torch.float64
             y1 = y1.detach().to(f64)
             w = weight(y1).to(y2.dtype)
-            (grad,) = torch.autograd.grad(y2, x, grad_outputs=w)
+            if y2.requires_grad:
+                (grad,) = torch.autograd.grad(y2, x, grad_outputs=w)
+            else:  # outputs linear in the perturbation (nothing between hook and output)
+                grad = torch.zeros_like(x)
         s3 = (grad.to(f64) * v.to(f64)).sum(-1)
         return y1, y2.detach().to(f64), s3
 
