@@ -14,8 +14,10 @@ the batch is block-diagonal: one ``jvp`` or ``vjp`` serves all positions at once
 
 ``logits`` is an ordinary differentiable function of the perturbation, so forward-mode
 (``torch.autograd.forward_ad``) and ``torch.func.vjp`` give ``J v`` and ``J^T u`` through it,
-and nested ``jvp`` the higher directional derivatives. Models must be loaded with
-``attn_implementation="eager"`` for forward-mode AD.
+and nested ``jvp`` the higher directional derivatives. ``linearization`` records one pass
+and replays it for both products (``J v`` as the derivative of ``u -> J^T u``), which is what
+Lanczos runs on. Models must be loaded with ``attn_implementation="eager"`` for forward-mode
+AD.
 """
 
 from __future__ import annotations
