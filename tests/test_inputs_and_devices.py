@@ -96,6 +96,14 @@ def test_load_in_bfloat16_halves_the_weights_and_analyzes(model_dir):
     # bfloat16 weights are a different model: close to the float32 one, not equal
     assert math.isclose(df.lambda_max[0], ref.lambda_max[0], rel_tol=0.1)
     assert df.radius_exact[0] > 0 and math.isfinite(df.radius_exact[0])
+    # inside the network too: the series (a 16-bit head mapped back in float32) and the
+    # measured boundary
+    inner = sr.analyze(adapter, "Hello world", eps=[0.1], positions="last", layer=0).to_frame()
+    inner_ref = sr.analyze(
+        sr.load(str(model_dir)), "Hello world", eps=[0.1], positions="last", layer=0
+    ).to_frame()
+    for column in ("lambda_max", "radius_corrected", "radius_exact"):
+        assert math.isclose(inner[column][0], inner_ref[column][0], rel_tol=0.1), column
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
