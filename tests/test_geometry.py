@@ -275,3 +275,18 @@ def test_first_crossings_never_reached():
         _rows([np.tanh, lambda t: t]), np.array([[2.0], [3.0]]), t_start=1e-3, t_max=1e4
     )
     assert math.isinf(got[0, 0]) and math.isclose(got[1, 0], 3.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_transpose_matches_the_dense_product(dtype):
+    """``LogitHead.transpose_wide``: ``scale W^T r`` against the dense float64 product of the
+    same (rounded) weights; a 16-bit W in float32 chunks (chunks of 7 rows here)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(50, 6, dtype=torch.float64, generator=g).to(dtype)
+    head = LogitHead(W, None, 1.7, None)
+    r = torch.randn(4, 50, dtype=torch.float64, generator=g)
+    got = head.transpose_wide(r, chunk_bytes=7 * 4 * 6)
+    want = 1.7 * r @ W.to(torch.float64)
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((got.double() - want).norm() / want.norm()) < tol

@@ -273,14 +273,7 @@ def series_along(
         return series_coefficients(p, [a1, a2], cov13=cov13)
 
     def pulled_back(h1: Tensor) -> Tensor:  # W^T F W h1, at least in float32
-        r = fisher(head.direction_float64(h1))
-        weight = head.weight
-        wide = torch.promote_types(weight.dtype, torch.float32)
-        out = torch.zeros(r.shape[0], weight.shape[1], dtype=wide, device=r.device)
-        step = rows_within(weight.shape[1], torch.finfo(wide).bits // 8)
-        for s in range(0, weight.shape[0], step):  # a 16-bit W upcast a chunk at a time
-            out += r[:, s : s + step].to(wide) @ weight[s : s + step].to(wide)
-        return out * head.scale
+        return head.transpose_wide(fisher(head.direction_float64(h1)))
 
     h1, h2, cov13 = suffix.series_derivatives(v, pulled_back, target=PRELOGIT)
     a = [head.direction_float64(h) for h in (h1, h2)]

@@ -76,6 +76,21 @@ class LogitHead:
             u = u + self.bias.to(f64)
         return u * self.scale if self.scale != 1.0 else u
 
+    def transpose_wide(self, r: Tensor, chunk_bytes: int = 1 << 23) -> Tensor:
+        """``scale * W^T r`` for ``r`` (R, V) -> (R, d), in the weight's dtype or float32,
+        whichever is wider: a 16-bit W is upcast a vocabulary chunk at a time (~8 MB each),
+        never as a whole copy."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        V, d = self.weight.shape
+        if self.weight.dtype == wide:
+            out = r.to(wide) @ self.weight
+        else:
+            step = max(1, chunk_bytes // (torch.finfo(wide).bits // 8 * d))
+            out = torch.zeros(r.shape[0], d, dtype=wide, device=r.device)
+            for s in range(0, V, step):
+                out += r[:, s : s + step].to(wide) @ self.weight[s : s + step].to(wide)
+        return out * self.scale if self.scale != 1.0 else out
+
     def direction_float64(self, v: Tensor) -> Tensor:
         """``direction(v)`` in float64 throughout (see ``raw_float64``)."""
         return self.raw_float64(v, bias=False)

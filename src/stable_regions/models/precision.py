@@ -90,9 +90,10 @@ class _ConstantLinear(torch.autograd.Function):
         return _ConstantLinear.apply(grad, _Weights(ctx.weight.t(), None, ctx.dtype)), None
 
 
-def _widest(*tensors) -> torch.dtype:
+def _widest(*tensors) -> torch.dtype | None:
+    """The widest floating dtype among the tensor arguments (None if there is none)."""
     floats = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return max(floats, key=lambda t: torch.finfo(t).bits)
+    return max(floats, key=lambda t: torch.finfo(t).bits, default=None)
 
 
 def _constant_linear(x, weight, bias=None):
@@ -150,8 +151,7 @@ def _widened(args, kwargs) -> list:
     16-bit model whose activations were widened at the hook (``compute_dtype``) multiplies
     its weights there in float32, upcast one matrix at a time (never a copy of the model)."""
     args = [*args, *kwargs.values()]
-    floats = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    wide = max(floats, key=lambda t: torch.finfo(t).bits, default=None)
+    wide = _widest(*args)
     return [a.to(wide) if isinstance(a, torch.Tensor) and a.dtype != wide else a for a in args]
 
 

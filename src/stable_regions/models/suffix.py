@@ -264,10 +264,6 @@ class SuffixBatch:
         out = out.reshape(B, k, -1)
         return out[:, 0] if squeeze else out
 
-    def vjp_fn(self, target: str | None = None):
-        """A reusable ``u -> J^T u`` ((B, V) or (B, d_target) -> (B, d)) from one recorded pass."""
-        return self._widened(self._record(target)[1])
-
     def linearization(self, target: str | None = None):
         """``(v -> J v, u -> J^T u)`` for one direction per position ((B, d) -> (B, V) or
         (B, d_target), and back), both replaying one recorded pass.
@@ -278,19 +274,14 @@ class SuffixBatch:
         0.06-0.08 s a product against 0.21-0.24 s (one position: 0.022 s against 0.096 s).
         ``jvp`` stays the better choice for many directions at few positions: it takes them
         all in one batched pass."""
-        y, back = self._record(target)
-        if target is None and self._logits0 is None:  # the same pass: no second one for p
-            self._logits0 = y.to(torch.float64)
-        with self.adapter.frozen():
-            _, forward = vjp(lambda u: back(u)[0], torch.zeros_like(y))
-        return self._widened(forward), self._widened(back)
-
-    def _record(self, target: str | None):
-        """One recorded pass: the outputs at delta = 0 and their ``vjp`` function."""
         zero = torch.zeros(self.n_positions, self.dim, dtype=self.dtype, device=self._pos.device)
         with self.adapter.frozen():  # the recorded pass then holds no weight-side graph
-            y, fn = vjp(lambda x: self.outputs(x, None, target), zero)
-        return y.detach(), fn
+            y, back = vjp(lambda x: self.outputs(x, None, target), zero)
+            y = y.detach()
+            _, forward = vjp(lambda u: back(u)[0], torch.zeros_like(y))
+        if target is None and self._logits0 is None:  # the same pass: no second one for p
+            self._logits0 = y.to(torch.float64)
+        return self._widened(forward), self._widened(back)
 
     def _widened(self, fn):
         """A torch.func linear map as ``(B, n) -> (B, m)`` in float64, inputs in our dtype."""
@@ -395,17 +386,6 @@ class PositionSuffix:
     def jvp(self, v: Tensor, target: str | None = None) -> Tensor:
         """``J v`` for directions (k, d) -> (k, V) (or (k, d_target)), all k in one batched pass."""
         return self.batch.jvp(v[None], target)[0]
-
-    def vjp_fn(self, target: str | None = None):
-        """A reusable ``u -> J^T u`` ((V,) or (d_target,) -> (d,)) from one recorded pass."""
-        fn = self.batch.vjp_fn(target)
-        return lambda u: fn(u[None])[0]
-
-    def linearization(self, target: str | None = None):
-        """``(v -> J v, u -> J^T u)`` for one direction ((d,) -> (V,) or (d_target,), and
-        back), replaying one recorded pass (``SuffixBatch.linearization``)."""
-        forward, back = self.batch.linearization(target)
-        return (lambda v: forward(v[None])[0]), (lambda u: back(u[None])[0])
 
     def directional_derivatives(self, v: Tensor, order: int = 3) -> list[Tensor]:
         """``[d^k z / dt^k at t = 0 for k = 1..order]``, each (V,), along ``delta = t v``."""
