@@ -169,9 +169,11 @@ def test_cli_inner_layer_json(model_dir, capsys, layer):
     doc = json.loads(capsys.readouterr().out)
     (row,) = doc["rows"]
     assert row["layer"] == layer and row["position"] == len("Hi there") - 1
-    assert (
-        row["radius_curve"] is None
-    )  # NaN -> null: the CGF curve exists only at the pre-logit vector
+    # inside the network the curve is the logits' Taylor path: near the measured boundary
+    assert abs(row["radius_curve"] / row["radius_exact"] - 1) < 0.05
+    assert row["radius_relative"] == pytest.approx(row["radius_curve"] / row["norm"])
+    assert row["reliable"] is (row["radius_relative"] <= 0.1)
+    assert (row["unreliable_reason"] == "") is row["reliable"]
     assert (
         row["lambda_max"] > 0
         and row["radius_exact"] not in (None, "inf")

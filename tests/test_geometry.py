@@ -290,3 +290,35 @@ def test_head_transpose_matches_the_dense_product(dtype):
     assert got.dtype == torch.promote_types(dtype, torch.float32)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert float((got.double() - want).norm() / want.norm()) < tol
+
+
+def test_every_closed_form_radius_rises_with_eps():
+    """Property: over random series coefficients (both skews, saturating and pole-bound [2/2]
+    forms) and a fine eps grid, no radius shrinks as eps grows; on the approximant's rising
+    branch the [2/2] root still solves it."""
+    from stable_regions.geometry.curve import pade_branch
+
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    c2 = torch.rand(n, generator=g, dtype=torch.float64) * 2 + 1e-3
+    c3 = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    c4 = torch.randn(n, generator=g, dtype=torch.float64) * 10
+    eps_grid = np.geomspace(1e-5, 1e2, 300)
+    for form in (
+        lambda e: radius_quadratic(c2, e),
+        lambda e: radius_pade(c2, c3, e),
+        lambda e: radius_pade(c2, c3, e, c4),
+    ):
+        radii = torch.stack([form(e) for e in eps_grid], 1)
+        assert not torch.isnan(radii).any()
+        assert (torch.diff(radii, dim=1) >= -1e-12 * radii[:, :-1]).all()
+    t_end, eps_end = pade_branch(c2, c3, c4)
+    beta = -c3 / (3 * c2)
+    gamma = beta**2 - c4 / (12 * c2)
+    for e in (1e-3, 0.1, 1.0):
+        t = radius_pade(c2, c3, e, c4)
+        on = e < eps_end
+        lhs = c2[on] * t[on] ** 2 / 2
+        rhs = e * (1 + beta[on] * t[on] + gamma[on] * t[on] ** 2)
+        assert torch.allclose(lhs, rhs, rtol=1e-9)
+        assert (t[on] <= t_end[on] * (1 + 1e-9)).all()

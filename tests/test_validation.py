@@ -27,7 +27,7 @@ from stable_regions.validation import (
     FAMILIES,
     RESULT_COLUMNS,
     StudySettings,
-    _FinalLayer,
+    FinalLayerStudy,
     relative_error,
     split_prompts,
     validate,
@@ -101,7 +101,7 @@ def test_prompt_files(tmp_path):
 
 def test_direction_families(adapter):
     s = StudySettings()
-    layer = _FinalLayer(adapter, s)
+    layer = FinalLayerStudy(adapter, s)
     rays = layer.rays(PROMPTS[0], PROMPTS[1])
     n = adapter.tokenize(PROMPTS[0].text).shape[1]
     assert [r.position for r in rays] == sorted({n - 1, *[r.position for r in rays]})
@@ -145,7 +145,7 @@ def test_direction_families(adapter):
 
 def test_measured_boundaries_against_the_full_model(adapter):
     """Every empirical radius, checked by running the whole model with the perturbation hooked in."""
-    layer = _FinalLayer(adapter, StudySettings(eps=[0.01, 0.1, 1.0]))
+    layer = FinalLayerStudy(adapter, StudySettings(eps=[0.01, 0.1, 1.0]))
     prompt = PROMPTS[3]
     frame = layer.measure(prompt, PROMPTS[4])
     rays = layer.rays(prompt, PROMPTS[4])
@@ -282,7 +282,7 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
     # the split is by prompt: a prompt is all train or all test
     assert (frame.groupby("prompt_id")["split"].nunique() == 1).all()
     train_ids = set(frame.loc[frame["split"] == "train", "prompt_digest"])
-    cal = load_calibration(out / "calibration.json")
+    cal = load_calibration(out / "calibration-final.json")
     assert set(cal.train_prompts) == train_ids and 0 < len(train_ids) < len(PROMPTS)
 
     summary = json.loads((out / "summary.json").read_text())
@@ -310,7 +310,7 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
         assert row["within_8pct"] == pytest.approx(np.mean(err <= 0.08))
         for k in ("within_1pct", "within_8pct", "within_50pct"):
             assert 0.0 <= row[k] <= 1.0
-    assert {r["predictor"] for r in summary} == {"quadratic", "corrected", "calibrated"}
+    assert {r["predictor"] for r in summary} == {"quadratic", "corrected", "taylor", "calibrated"}
 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
@@ -319,7 +319,11 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
 
     # the calibration applies to analyze; the same map as in the run
     res = sr.analyze(
-        adapter, "The cat", eps=[0.01, 1.0], positions="last", calibration=out / "calibration.json"
+        adapter,
+        "The cat",
+        eps=[0.01, 1.0],
+        positions="last",
+        calibration=out / "calibration-final.json",
     )
     for row in res.rows:
         expect = cal.predict(
@@ -327,13 +331,17 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
             np.array([row["radius_quadratic"]]),
             np.array([row["radius_corrected"]]),
             np.array([row["entropy"]]),
+            np.array([row["radius_curve"]]),
         )
         assert row["radius_calibrated"] == pytest.approx(float(expect[0]), rel=1e-12)
         assert np.isfinite(row["radius_calibrated"])
 
     # a given calibration keeps its own training prompts out of the evaluation
     again = validate(
-        adapter, PROMPTS, out=tmp_path / "given", **{**kw, "calibration": out / "calibration.json"}
+        adapter,
+        PROMPTS,
+        out=tmp_path / "given",
+        **{**kw, "calibration": out / "calibration-final.json"},
     )
     assert set(again.frame.loc[again.frame["split"] == "train", "prompt_digest"]) == train_ids
 
@@ -347,7 +355,7 @@ def test_calibration_checks_model_layer_and_eps(adapter, tmp_path):
         positions_per_prompt=1,
         families=["top", "random"],
     )
-    path = tmp_path / "r" / "calibration.json"
+    path = tmp_path / "r" / "calibration-final.json"
     other = sr.wrap(tiny_model("llama", seed=6), char_tokenizer(), name="other")
     with pytest.raises(StableRegionsError, match="fitted on model 'tiny-llama'"):
         sr.analyze(other, "hi", calibration=path)
@@ -355,7 +363,7 @@ def test_calibration_checks_model_layer_and_eps(adapter, tmp_path):
         sr.analyze(adapter, "hi", layer=1, calibration=path)
     with pytest.raises(StableRegionsError, match="no band for eps 5"):
         sr.analyze(adapter, "hi", eps=[5.0], calibration=path)
-    assert model_fingerprint(adapter) == run.calibration.fingerprint
+    assert model_fingerprint(adapter) == run.calibrations["final"].fingerprint
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"format": "stable-regions-calibration", "bands": [')
     with pytest.raises(StableRegionsError, match="corrupt"):
@@ -419,7 +427,14 @@ def test_cli_validate_writes_a_complete_run(model_dir, tmp_path, capsys):
         (["--calibration", "{tmp}/corrupt.json"], "corrupt"),
         (["--calibration", "{tmp}/nope.json"], "not found"),
         (["--calibration", "{tmp}/wrong_layer.json"], "fitted at layer"),
-        (["--layers", "3"], "layer 'final'"),
+        (["--layers", "9"], "layer 9 is out of range"),
+        (["--layers", "1", "embed", "1"], "layer 1 is given twice"),
+        (["--layers", "sideways"], "unknown layer 'sideways'"),
+        (
+            ["--layers", "embed", "final", "--calibration", "{tmp}/wrong_layer.json"],
+            "covers one layer",
+        ),
+        (["--layers", "embed", "--calibration", "bundled"], "no bundled calibration"),
         (["--eps", "0"], "eps must be"),
     ],
 )
@@ -480,7 +495,7 @@ def test_study_boundaries_on_the_real_model():
     twin = float64_reference(model)
     prompts = corpus()
     prompt, partner = prompts[40], prompts[41]
-    layer = _FinalLayer(model, StudySettings(positions_per_prompt=1))
+    layer = FinalLayerStudy(model, StudySettings(positions_per_prompt=1))
     frame = layer.measure(prompt, partner)
     (pr,) = layer.rays(prompt, partner)
     ids = model.tokenize(prompt.text)

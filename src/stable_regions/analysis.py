@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .calibration import resolve_calibration
-from .engine import inner_blocks, prelogit_blocks
+from .engine import inner_blocks, prelogit_blocks, reliability
 from .errors import StableRegionsError
 from .geometry import radius_quadratic
 from .inputs import as_adapter, check_eps, check_positions, json_value
@@ -35,6 +35,10 @@ COLUMNS = [
     "radius_exact",
     "radius_linf_lower",
     "radius_linf_upper",
+    "norm",
+    "radius_relative",
+    "reliable",
+    "unreliable_reason",
 ]
 
 
@@ -134,6 +138,11 @@ def analyze(
     done = 0
     for b in blocks:
         next_tokens = adapter.token_strings(b.top_token)
+        norm = b.norm.cpu().numpy()
+        # the best closed form of each row: the exact curve at the pre-logit vector, the
+        # Taylor path inside the network (the Pade form where no curve was computed)
+        best = np.where(np.isnan(b.curve), b.corrected, b.curve)
+        reliable, reason = reliability(best, norm[:, None], inner=hook != PRELOGIT)
         for j, position in enumerate(b.positions):
             for e_idx, e in enumerate(eps_list):
                 quadratic = float(radius_quadratic(b.lambda_max[j], e))
@@ -151,12 +160,21 @@ def analyze(
                         radius_quadratic=quadratic,
                         radius_corrected=float(b.corrected[j, e_idx]),
                         radius_calibrated=_calibrated(
-                            cal, e, quadratic, b.corrected[j, e_idx], b.entropy[j]
+                            cal,
+                            e,
+                            quadratic,
+                            b.corrected[j, e_idx],
+                            b.entropy[j],
+                            b.curve[j, e_idx],
                         ),
                         radius_curve=float(b.curve[j, e_idx]),
                         radius_exact=float(b.measured[j, e_idx]),
                         radius_linf_lower=float(b.linf_lower[j, e_idx]),
                         radius_linf_upper=float(b.linf_upper[j, e_idx]),
+                        norm=float(norm[j]),
+                        radius_relative=float(best[j, e_idx] / max(norm[j], 1e-300)),
+                        reliable=bool(reliable[j, e_idx]),
+                        unreliable_reason=str(reason[j, e_idx]),
                     )
                 )
         directions.append(b.directions.cpu())
@@ -166,10 +184,10 @@ def analyze(
     return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, torch.cat(directions))
 
 
-def _calibrated(cal, eps: float, quadratic, corrected, entropy) -> float:
+def _calibrated(cal, eps: float, quadratic, corrected, entropy, taylor) -> float:
     """The calibrated radius of the nearest exit: the maps are increasing, so calibrating the
     nearer sign's prediction gives the smaller calibrated radius of the two."""
     if cal is None:
         return math.nan
-    q, c, h = (np.array([float(x)]) for x in (quadratic, corrected, entropy))
-    return float(cal.predict(eps, q, c, h)[0])
+    q, c, h, t = (np.array([float(x)]) for x in (quadratic, corrected, entropy, taylor))
+    return float(cal.predict(eps, q, c, h, t)[0])

@@ -241,7 +241,7 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
     stored = adapter.stored_head
     weight32 = stored.weight.float()
 
-    def ours():  # what validate predicts along its rays (validation._FinalLayer.measure)
+    def ours():  # what validate predicts along its rays (validation.FinalLayerStudy.measure)
         if not stored.is_linear:  # the curve through the softcap
             u0 = stored.raw_float64(h[None])
             c2, c3, c4 = RayCurve(stored, u0, stored.direction_float64(v)).coefficients()

@@ -7,9 +7,10 @@ interpolation between the fitted thresholds (in log space), clipped at both ends
 scikit-learn object is stored and nothing is unpickled.
 
 ``Calibration`` holds, per eps band of one (model, layer), the feature the band uses and its
-maps: ``quadratic`` or ``corrected`` (one map), or ``corrected_by_entropy`` (one map of the
-corrected radius per entropy band of the next-token distribution: the closed forms err most
-where ``p`` is nearly one-hot, so the correction they need depends on the entropy). It also
+maps: ``quadratic``, ``corrected`` or ``taylor`` (one map of that closed form), or
+``corrected_by_entropy`` / ``taylor_by_entropy`` (one map per entropy band of the next-token
+distribution: the closed forms err most where ``p`` is nearly one-hot, so the correction they
+need depends on the entropy). It also
 keeps the digests of the prompts it was fitted on (so a later evaluation can keep them out)
 and a fingerprint of the model it belongs to.
 """
@@ -28,7 +29,7 @@ from .errors import StableRegionsError
 from .files import write_json
 
 FORMAT = "stable-regions-calibration"
-FEATURES = ("quadratic", "corrected", "corrected_by_entropy")
+FEATURES = ("quadratic", "corrected", "corrected_by_entropy", "taylor", "taylor_by_entropy")
 ENTROPY_EDGES = (0.0, 0.5, 2.0, 4.0, math.inf)  # nats; bands of corrected_by_entropy
 MIN_BAND_ROWS = 50  # fewer training rows in an entropy band: it uses the unbanded map
 
@@ -110,6 +111,18 @@ class IsotonicRadius:
         return cls(x, y)
 
 
+def _feature_input(feature: str, quadratic, corrected, taylor) -> np.ndarray:
+    """The closed-form radius a feature maps: its name without ``_by_entropy``."""
+    base = feature.removesuffix("_by_entropy")
+    if base == "taylor" and taylor is None:
+        raise StableRegionsError(
+            f"this calibration maps the Taylor-path radius ({feature}), which was not computed: "
+            "pass it, or use a calibration of another feature"
+        )
+    chosen = {"quadratic": quadratic, "corrected": corrected, "taylor": taylor}[base]
+    return np.asarray(chosen, dtype=float)
+
+
 @dataclass
 class Band:
     """The calibrator for ``eps`` in ``[eps_min, eps_max)``: ``maps[i]`` applies to
@@ -134,11 +147,12 @@ class Band:
         corrected: np.ndarray,
         entropy: np.ndarray,
         measured: np.ndarray,
+        taylor: np.ndarray | None = None,
     ) -> Band:
-        x = np.asarray(quadratic if feature == "quadratic" else corrected, dtype=float)
+        x = _feature_input(feature, quadratic, corrected, taylor)
         measured = np.asarray(measured, dtype=float)
         whole = IsotonicRadius().fit(x, measured)
-        if feature != "corrected_by_entropy":
+        if not feature.endswith("_by_entropy"):
             return cls(eps, eps_min, eps_max, feature, [whole])
         entropy = np.asarray(entropy, dtype=float)
         maps = []
@@ -150,9 +164,13 @@ class Band:
         return cls(eps, eps_min, eps_max, feature, maps, list(ENTROPY_EDGES))
 
     def predict(
-        self, quadratic: np.ndarray, corrected: np.ndarray, entropy: np.ndarray | None
+        self,
+        quadratic: np.ndarray,
+        corrected: np.ndarray,
+        entropy: np.ndarray | None,
+        taylor: np.ndarray | None = None,
     ) -> np.ndarray:
-        x = np.asarray(quadratic if self.feature == "quadratic" else corrected, dtype=float)
+        x = _feature_input(self.feature, quadratic, corrected, taylor)
         if len(self.maps) == 1:
             return self.maps[0].predict(x)
         if entropy is None:
@@ -230,10 +248,11 @@ class Calibration:
         quadratic: np.ndarray,
         corrected: np.ndarray,
         entropy: np.ndarray | None = None,
+        taylor: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Calibrated radii at ``eps`` from the two closed-form predictions (and the entropy
-        of ``p`` in nats, which ``corrected_by_entropy`` bands need)."""
-        return self.band_for(eps).predict(quadratic, corrected, entropy)
+        """Calibrated radii at ``eps`` from the closed-form predictions (and the entropy of
+        ``p`` in nats, which the ``*_by_entropy`` bands need)."""
+        return self.band_for(eps).predict(quadratic, corrected, entropy, taylor)
 
     def check(self, adapter, layer: str) -> None:
         """Refuse a calibration that belongs to another model or layer."""
@@ -323,18 +342,38 @@ def load_calibration(path: str | Path) -> Calibration:
         ) from None
 
 
-def bundled_calibration(model_name: str, layer: str = "final") -> Calibration:
-    """The calibration shipped for a bundled model (fitted on the shipped corpus)."""
+def _layer_index(layer: str, n_layers: int) -> int:
+    """Where a layer name sits in the network: embed -1, block i at i, final at n_layers."""
+    return -1 if layer == "embed" else n_layers if layer == "final" else int(layer)
+
+
+def bundled_calibration(model_name: str, layer: str = "final", n_layers: int | None = None):
+    """The calibration shipped for a bundled model (fitted on the shipped corpus) at ``layer``,
+    or, given the model's ``n_layers``, at the shipped block nearest to it: within
+    ``max(1, n_layers // 8)`` blocks (``final`` only for ``final``, ``embed`` counts as block
+    -1). Returns it with ``layer`` set to the one asked for when a neighbour stands in."""
     from .prompts import package_path
 
     base = package_path("calibrators")
+    shipped = sorted(p.name for p in base.glob("*.json") if p.name.startswith(f"{model_name}-"))
     path = base / f"{model_name}-{layer}.json"
+    if not path.is_file() and n_layers is not None and layer != "final":
+        target = _layer_index(layer, n_layers)
+        near = [
+            (abs(_layer_index(name[len(model_name) + 1 : -5], n_layers) - target), name)
+            for name in shipped
+            if not name.endswith("-final.json")
+        ]
+        near = [(d, name) for d, name in near if d <= max(1, n_layers // 8)]
+        if near:
+            cal = load_calibration(base / min(near)[1])
+            cal.layer = str(layer)
+            return cal
     if not path.is_file():
-        shipped = sorted(p.name for p in base.glob("*.json"))  # glob of a missing folder: none
         raise StableRegionsError(
-            f"no bundled calibration for model {model_name!r} at layer {layer!r} "
+            f"no bundled calibration fits model {model_name!r} at layer {layer!r} "
             f"(shipped: {', '.join(shipped) or 'none'}): fit one with `stable-regions validate "
-            "--calibration fit` and pass its calibration.json"
+            f"--layers {layer} --calibration fit` and pass its calibration-{layer}.json"
         )
     return load_calibration(path)
 
@@ -346,7 +385,7 @@ def resolve_calibration(spec, adapter, layer: str) -> Calibration | None:
     if isinstance(spec, Calibration):
         cal = spec
     elif str(spec) == "bundled":
-        cal = bundled_calibration(adapter.name, str(layer))
+        cal = bundled_calibration(adapter.name, str(layer), adapter.n_layers)
     else:
         cal = load_calibration(spec)
     cal.check(adapter, str(layer))

@@ -83,6 +83,13 @@ class StabilityMap:
     radius_quadratic: np.ndarray
     lambda_max: np.ndarray
     effective_rank: np.ndarray
+    norm: np.ndarray  # |h| of each cell: the activation's norm at that layer and position
+
+    @property
+    def radius_relative(self) -> np.ndarray:
+        """``radius / |h|``: layers with different activation scales compare on it."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.radius / self.norm
 
     def to_json(self) -> dict:
         def grid(a: np.ndarray) -> list[list]:
@@ -100,17 +107,20 @@ class StabilityMap:
             "radius_quadratic": grid(self.radius_quadratic),
             "lambda_max": grid(self.lambda_max),
             "effective_rank": grid(self.effective_rank),
+            "norm": grid(self.norm),
+            "radius_relative": grid(self.radius_relative),
         }
 
-    def save(self, out_dir: str | Path) -> tuple[Path, Path]:
+    def save(self, out_dir: str | Path, relative: bool = False) -> tuple[Path, Path]:
         """Write ``map.json`` and ``map.png`` into ``out_dir`` (created if needed)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         json_path = write_json(out / "map.json", self.to_json())
-        return json_path, self.plot(out / "map.png")
+        return json_path, self.plot(out / "map.png", relative=relative)
 
-    def plot(self, path: str | Path) -> Path:
-        """Three heatmaps (radius, lambda_max, effective rank): tokens across, layers down."""
+    def plot(self, path: str | Path, relative: bool = False) -> Path:
+        """Three heatmaps (radius, lambda_max, effective rank): tokens across, layers down.
+        ``relative``: the radius panel shows ``radius / |h|``."""
         plt = pyplot()
         from matplotlib.colors import LogNorm
 
@@ -120,8 +130,17 @@ class StabilityMap:
         labels = [
             f"{p}:{_token_label(t)}" for p, t in zip(self.positions, self.tokens, strict=True)
         ]
+        radius_panel = (
+            (self.radius_relative, f"radius / |h| at eps={self.eps:g} (corrected, log)", "viridis")
+            if relative
+            else (
+                self.radius,
+                f"radius at eps={self.eps:g} (corrected closed form, log)",
+                "viridis",
+            )
+        )
         panels = [
-            (self.radius, f"radius at eps={self.eps:g} (corrected closed form, log)", "viridis"),
+            radius_panel,
             (self.lambda_max, "lambda_max: top curvature eigenvalue (log)", "magma"),
             (self.effective_rank, "effective rank = tr G / lambda_max (log)", "cividis"),
         ]
@@ -164,7 +183,7 @@ def stability_map(
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     shape = (len(layer_list), len(pos))
-    grids = {name: np.full(shape, np.nan) for name in (*QUANTITIES, "radius_quadratic")}
+    grids = {name: np.full(shape, np.nan) for name in (*QUANTITIES, "radius_quadratic", "norm")}
     total, done = shape[0] * shape[1], 0
     cache = None  # the prompt's keys and values, computed once for every inner layer
     inner = [hook for hook in hooks if hook != PRELOGIT]
@@ -187,6 +206,7 @@ def stability_map(
                 eig_tol,
                 trace="estimate",
                 shared_cache=cache,
+                curve=False,
             )
         for b in blocks:
             cols = [pos.index(p) for p in b.positions]
@@ -194,6 +214,7 @@ def stability_map(
             grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
             grids["radius"][i, cols] = b.corrected[:, 0]
             grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
+            grids["norm"][i, cols] = b.norm.cpu().numpy()
             done += len(cols)
             return_freed_memory()  # else the resident set creeps block after block
             if progress is not None:
@@ -210,6 +231,7 @@ def stability_map(
         grids["radius_quadratic"],
         grids["lambda_max"],
         grids["effective_rank"],
+        grids["norm"],
     )
 
 
@@ -221,6 +243,7 @@ class _Cells:
     lambda_max: Tensor
     effective_rank: Tensor
     corrected: np.ndarray  # (positions, 1): nearest exit over +-v
+    norm: Tensor  # (positions,) |h|
 
 
 def _final_layer_cells(
@@ -242,6 +265,7 @@ def _final_layer_cells(
             found["lambda_max"],
             effective_rank(trace, found["lambda_max"]),
             found["radius"].cpu().numpy(),
+            h[s : s + block].float().norm(dim=-1),
         )
 
 

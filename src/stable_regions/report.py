@@ -33,7 +33,7 @@ COLORS = {
     "interpolation": "#2ca02c",
     "steering": "#9467bd",
 }
-STYLES = {"quadratic": ":", "corrected": "-", "calibrated": "--"}
+STYLES = {"quadratic": ":", "corrected": "-", "taylor": "-.", "calibrated": "--"}
 
 
 def _png(fig) -> str:
@@ -45,8 +45,8 @@ def _png(fig) -> str:
 
 
 def _predictors(frame: pd.DataFrame) -> list[str]:
-    preds = ["quadratic", "corrected"]
-    return preds + (["calibrated"] if frame["calibrated"].notna().any() else [])
+    optional = [c for c in ("taylor", "calibrated") if c in frame and frame[c].notna().any()]
+    return ["quadratic", "corrected", *optional]
 
 
 def _scatter(test: pd.DataFrame, eps_values, predictors) -> str:
@@ -165,10 +165,8 @@ def _table(summary: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(
-    path: Path, frame: pd.DataFrame, summary: list[dict], record: dict, calibration
-) -> Path:
-    test = frame[frame["split"] == "test"]
+def _layer_section(layer: str, test: pd.DataFrame, summary: list[dict], calibration) -> str:
+    """Figures and table of one layer's held-out rows."""
     eps_values = sorted(test["eps"].unique())
     families = [f for f in COLORS if f in set(test["family"])]
     predictors = _predictors(test)
@@ -180,14 +178,36 @@ def write_report(
             _by_entropy(test, eps_values, predictors),
         ),
     ]
-    settings = record.get("settings", {})
     cal_text = "none"
     if calibration is not None:
         bands = ", ".join(f"eps {b.eps:g}: {b.feature}" for b in calibration.bands)
         cal_text = (
             f"isotonic per eps band, fitted on {len(calibration.train_prompts)} prompts "
-            f"(features chosen on held-out prompts: {bands})"
+            f"(features chosen inside the training prompts: {bands})"
         )
+    where = (
+        "the pre-logit vector"
+        if layer == "final"
+        else ("the embedding output" if layer == "embed" else f"the output of block {layer}")
+    )
+    figs_html = "".join(
+        f"<h3>{html.escape(t)}</h3><img src='{src}' alt='{html.escape(t)}'>" for t, src in figures
+    )
+    rows = [r for r in summary if str(r["layer"]) == layer]
+    return (
+        f"<h2 id='layer-{html.escape(layer)}'>Layer {html.escape(layer)} ({where})</h2>"
+        f"<p>{len(test)} held-out rows; calibration: {html.escape(cal_text)}</p>"
+        f"{figs_html}<h3>Summary</h3>{_table(rows)}"
+    )
+
+
+def write_report(
+    path: Path, frame: pd.DataFrame, summary: list[dict], record: dict, calibrations: dict
+) -> Path:
+    """The page of a run: its settings, then one section per layer."""
+    test = frame[frame["split"] == "test"]
+    settings = record.get("settings", {})
+    layers = [str(x) for x in settings.get("layers", sorted(test["layer"].unique()))]
     meta = [
         ("model", record.get("model")),
         (
@@ -196,21 +216,26 @@ def write_report(
         ),
         ("rows", f"{len(frame)} ({len(test)} held out)"),
         ("eps", ", ".join(f"{e:g}" for e in settings.get("eps", []))),
-        ("layers", ", ".join(settings.get("layers", []))),
+        ("layers", ", ".join(layers)),
         ("families", ", ".join(settings.get("families", []))),
         ("positions per prompt", settings.get("positions_per_prompt")),
-        ("calibration", cal_text),
         (
             "measurement",
-            "first crossing of KL(p || p_t) along each ray, evaluated on the model's "
-            f"head, relative tolerance {settings.get('rtol')}",
+            "first crossing of KL(p || p_t) along each ray, through the model's head at "
+            "'final' and through the rest of the network inside it, relative tolerance "
+            f"{settings.get('rtol')}",
         ),
     ]
     meta_html = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta
     )
-    figs_html = "".join(
-        f"<h2>{html.escape(t)}</h2><img src='{src}' alt='{html.escape(t)}'>" for t, src in figures
+    toc = " &middot; ".join(
+        f"<a href='#layer-{html.escape(x)}'>{html.escape(x)}</a>" for x in layers
+    )
+    sections = "".join(
+        _layer_section(x, test[test["layer"] == x], summary, calibrations.get(x))
+        for x in layers
+        if (test["layer"] == x).any()
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>stable-regions validation: {html.escape(str(record.get("model")))}</title>
@@ -224,12 +249,13 @@ img {{ max-width: 100%; }}
 <h1>Validation: {html.escape(str(record.get("model")))}</h1>
 <table>{meta_html}</table>
 <p>{html.escape(PUBLISHED)}</p>
-<p>Relative error is |predicted / measured - 1|; every figure and the table use held-out prompts only.
-quadratic = sqrt(2 eps / v<sup>T</sup>Hv) (published); corrected = [2/2] Pad&eacute; of the cumulant series;
-calibrated = isotonic map of the better of the two.</p>
-{figs_html}
-<h2>Summary</h2>
-{_table(summary)}
+<p>Relative error is |predicted / measured - 1|; every figure and table uses held-out prompts only.
+quadratic = sqrt(2 eps / v<sup>T</sup>Gv) (published); corrected = [2/2] Pad&eacute; of the KL series;
+taylor = the exact KL root along the cubic Taylor path of the logits (at 'final' the path is
+exact, so this is the exact root from p and W alone); calibrated = isotonic map of the feature
+chosen per layer.</p>
+<p>Layers: {toc}</p>
+{sections}
 </body></html>
 """
     return write_text(path, page)

@@ -3,8 +3,12 @@
 Adding ``c * s`` to the residual stream at a layer (``s`` the steering vector) moves the
 activation by ``t = c ||s||`` along the unit direction ``u = s / ||s||``. The budget at a
 position is the smallest ``c > 0`` with ``KL(p || p_c) >= eps``: predicted in closed form
-from the KL series along ``u`` (quadratic and Pade [2/2], no eigen-analysis needed) and
-measured by running the model. Steering has a sign, so only ``+s`` is considered.
+from the logits' derivatives along ``u`` (quadratic and Pade [2/2] from their KL series, and
+the exact KL root along their cubic Taylor path, ``coef_curve``: the exact curve at
+``final``, where the head is linear in ``h``; no eigen-analysis needed) and measured by
+running the model. Steering has a sign, so only ``+s`` is considered: one-sided, so a form
+that overshoots on one side is not hidden by the nearer sign (the ``reliable`` flag says where
+``coef_curve`` left the validated regime).
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .engine import series_along
+from .engine import logit_derivatives, reliability, taylor_radii
 from .errors import StableRegionsError, one_line
-from .geometry import radius_pade, radius_quadratic
+from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .inputs import as_adapter, check_eps, check_positions
-from .models import ModelAdapter
+from .models import PRELOGIT, ModelAdapter
 from .models.suffix import PositionSuffix
 from .probes import measure_from_suffix
 from .prompts import read_prompt_file
@@ -37,7 +41,10 @@ STEER_COLUMNS = [
     "vector_norm",
     "coef_quadratic",
     "coef_corrected",
+    "coef_curve",
     "coef_exact",
+    "reliable",
+    "unreliable_reason",
 ]
 
 
@@ -54,7 +61,7 @@ class SteeringResult:
     def summary(self) -> pd.DataFrame:
         """Per eps: median and 5th percentile of each coefficient over prompts and positions."""
         df = self.to_frame()
-        cols = ["coef_quadratic", "coef_corrected", "coef_exact"]
+        cols = ["coef_quadratic", "coef_corrected", "coef_curve", "coef_exact"]
         out = df.groupby("eps")[cols].agg(["median", _fifth_percentile])
         out.columns = [f"{c}_{'median' if s == 'median' else 'p05'}" for c, s in out.columns]
         return out.reset_index().assign(n=df.groupby("eps").size().values)
@@ -177,13 +184,18 @@ def steering_budget(
     rows = []
     for done, (prompt_id, ids, position) in enumerate(jobs, start=1):
         suffix = PositionSuffix(adapter, ids, hook, position)
-        p = torch.softmax(suffix.logits0, -1)
-        c2, c3, c4 = series_along(adapter, suffix.batch, p[None], u[None].to(p.dtype))
+        logp = torch.log_softmax(suffix.logits0, -1)[None]
+        derivs = logit_derivatives(adapter, suffix.batch, u[None].to(logp.dtype))
+        c2, c3, c4 = series_coefficients(logp.exp(), derivs)
         corrected = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
+        norm_h = float(suffix.batch.x0[0].norm())
+        # the Taylor-path search runs both signs; steering keeps +u (ray 0)
+        scale = np.full(2, max(norm_h, 1e-6))
+        curve = taylor_radii(logp, derivs, torch.zeros(1, dtype=torch.long), eps_list, scale)
+        curve = curve[:1]
+        reliable, reason = reliability(curve[0], norm_h, inner=hook != PRELOGIT)
         if exact:
-            measured = measure_from_suffix(suffix, u[None], eps_list, guesses=corrected, rtol=rtol)[
-                0
-            ]
+            measured = measure_from_suffix(suffix, u[None], eps_list, guesses=curve, rtol=rtol)[0]
         else:
             measured = np.full(len(eps_list), math.nan)
         token = adapter.token_strings(ids[0, position : position + 1])[0]
@@ -198,7 +210,10 @@ def steering_budget(
                     vector_norm=norm,
                     coef_quadratic=float(radius_quadratic(c2[0], e)) / norm,
                     coef_corrected=float(corrected[0, e_idx]) / norm,
+                    coef_curve=float(curve[0, e_idx]) / norm,
                     coef_exact=float(measured[e_idx]) / norm,
+                    reliable=bool(reliable[e_idx]),
+                    unreliable_reason=str(reason[e_idx]),
                 )
             )
         if progress is not None:

@@ -29,6 +29,12 @@ def add_parser(sub) -> None:
         "--positions", default="all", help="'all' (default), 'last' or comma-separated indices"
     )
     mp.add_argument(
+        "--relative",
+        action="store_true",
+        help="plot radius / |h| (the activation's norm there), so that layers of different "
+        "activation scales compare; map.json has both",
+    )
+    mp.add_argument(
         "--out",
         default="stability-map",
         metavar="DIR",
@@ -52,7 +58,7 @@ def run(args) -> int:
             positions=positions,
             progress=tick,
         )
-    json_path, png_path = result.save(args.out)
+    json_path, png_path = result.save(args.out, relative=args.relative)
     print(json_path)
     print(png_path)
     return 0

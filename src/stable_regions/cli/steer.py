@@ -121,7 +121,8 @@ def run(args) -> int:
         title=f"{result.model}: steering budget at layer '{result.layer}' (|vector| = {result.rows[0]['vector_norm']:.4g})",
         title_justify="left",
     )
-    for col in ("prompt", "pos", "token", "eps", "quadratic", "corrected", "measured"):
+    cols = ("prompt", "pos", "token", "eps", "quadratic", "corrected", "curve", "measured")
+    for col in cols:
         table.add_column(col, justify="left" if col == "token" else "right")
     for r in result.rows:
         table.add_row(
@@ -131,6 +132,7 @@ def run(args) -> int:
             fmt(r["eps"], 3),
             fmt(r["coef_quadratic"]),
             fmt(r["coef_corrected"]),
+            fmt(r["coef_curve"]) + ("" if r["reliable"] else " ?"),
             fmt(r["coef_exact"]),
         )
     out.print(table)
@@ -138,7 +140,7 @@ def run(args) -> int:
         title="summary over prompts and positions: pick a coefficient below the 5th percentile",
         title_justify="left",
     )
-    for col in ("eps", "n", "measured median", "measured p05", "corrected median", "corrected p05"):
+    for col in ("eps", "n", "measured median", "measured p05", "curve median", "curve p05"):
         s_table.add_column(col, justify="right")
     for r in summary.to_dict("records"):
         s_table.add_row(
@@ -146,11 +148,13 @@ def run(args) -> int:
             str(r["n"]),
             fmt(r["coef_exact_median"]),
             fmt(r["coef_exact_p05"]),
-            fmt(r["coef_corrected_median"]),
-            fmt(r["coef_corrected_p05"]),
+            fmt(r["coef_curve_median"]),
+            fmt(r["coef_curve_p05"]),
         )
     out.print(s_table)
     out.print(
-        "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; inf = never.[/dim]"
+        "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; "
+        "inf = never; curve = the KL root along the logits' Taylor path (exact at final); "
+        "? = outside the regime where it was validated (beyond 0.1 |h|).[/dim]"
     )
     return 0

@@ -21,10 +21,11 @@ def add_parser(sub) -> None:
         "validate",
         help="validation study: closed-form radii vs measured boundaries over a prompt corpus",
         description=(
-            "For several positions of every prompt and six direction families (both signs), the "
+            "For several positions of every prompt, at each layer asked for (--layers), and six "
+            "direction families (both signs), the "
             "published quadratic radius, the corrected (Pade) radius and an isotonic calibration, "
             "each against the boundary measured on the model. Writes DIR/results.parquet, "
-            "DIR/summary.json, DIR/report.html (and DIR/calibration.json when fitting); results "
+            "DIR/summary.json, DIR/report.html (and DIR/calibration-LAYER.json when fitting); results "
             "are written per prompt as the run goes, and --resume continues an interrupted run."
         ),
     )
@@ -41,7 +42,8 @@ def add_parser(sub) -> None:
         nargs="+",
         default=["final"],
         metavar="L",
-        help="'final' (default; the only one so far)",
+        help="any of embed, block indices and final, each once (default final); e.g. "
+        "--layers embed 7 15 final",
     )
     va.add_argument(
         "--families",
@@ -55,7 +57,8 @@ def add_parser(sub) -> None:
         default="fit",
         metavar="PATH|bundled|fit|none",
         help="fit (default: isotonic on half the prompts, evaluated on the other half), the "
-        "calibration shipped for a bundled model, a calibration.json, or none",
+        "calibrations shipped for a bundled model, a calibration-LAYER.json (one-layer runs), "
+        "the folder of a finished run (its calibration of every layer), or none",
     )
     va.add_argument(
         "--positions-per-prompt",
@@ -77,9 +80,10 @@ def run(args) -> int:
     check_layers(args.layers)
     check_families(args.families)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
-    if args.calibration not in ("fit", "bundled", "none") and not os.path.isfile(args.calibration):
+    if args.calibration not in ("fit", "bundled", "none") and not os.path.exists(args.calibration):
         raise StableRegionsError(
-            f"calibration file {args.calibration} not found (use a path, 'bundled', 'fit' or 'none')"
+            f"calibration {args.calibration} not found (use a file, a run's folder, 'bundled', "
+            "'fit' or 'none')"
         )
     if args.positions_per_prompt < 1:
         raise StableRegionsError("--positions-per-prompt must be at least 1")
@@ -100,7 +104,10 @@ def run(args) -> int:
             progress=tick,
         )
     print_summary(run)
-    for name in ("results.parquet", "summary.json", "report.html", "calibration.json"):
+    from ..validation import calibration_file
+
+    names = ["results.parquet", "summary.json", "report.html"]
+    for name in names + [calibration_file(layer) for layer in run.calibrations]:
         if (run.out / name).exists():
             print(run.out / name)
     return 0

@@ -3,6 +3,7 @@
 from .curvature import CurvatureOperator, effective_rank
 from .curve import (
     RayCurve,
+    TaylorPathKL,
     cumulants,
     radius_pade,
     radius_quadratic,
@@ -35,6 +36,7 @@ __all__ = [
     "LogitHead",
     "PullbackOperator",
     "RayCurve",
+    "TaylorPathKL",
     "TopCurvature",
     "cumulants",
     "cumulants_along",

@@ -76,8 +76,47 @@ def radius_quadratic(c2: Tensor, eps: float) -> Tensor:
     return torch.where(c2 > 0, torch.sqrt(2.0 * eps / c2.clamp_min(1e-300)), torch.inf)
 
 
+def pade_branch(c2: Tensor, c3: Tensor, c4: Tensor) -> tuple[Tensor, Tensor]:
+    """``(t_end, eps_end)``: where the [2/2] approximant ``R(t) = (c2 t^2/2) / (1 + beta t +
+    gamma t^2)`` stops being a usable KL curve, and its value there.
+
+    ``R'(t)`` has the sign of ``t (2 + beta t)`` wherever the denominator is positive, so R
+    rises from 0 until its pole (then ``eps_end = inf``: every eps is crossed on the way) or
+    until ``t = -2 / beta`` where it peaks (``beta < 0``). With ``beta >= 0`` and ``gamma > 0``
+    it rises for ever towards ``c2 / (2 gamma)``, while a real KL grows at least linearly:
+    there the branch is trusted up to half that level."""
+    c2 = torch.as_tensor(c2, dtype=torch.float64)
+    safe = c2.clamp_min(1e-300)
+    beta = -torch.as_tensor(c3, dtype=torch.float64) / (3.0 * safe)
+    gamma = beta**2 - torch.as_tensor(c4, dtype=torch.float64) / (12.0 * safe)
+    inf = torch.full_like(safe, torch.inf)
+    # the first positive root of the denominator 1 + beta t + gamma t^2 (the pole)
+    disc = beta**2 - 4.0 * gamma
+    root = torch.sqrt(disc.clamp_min(0.0))
+    small = torch.where(gamma != 0, (-beta - root) / (2.0 * gamma), -1.0 / beta)
+    large = torch.where(gamma != 0, (-beta + root) / (2.0 * gamma), -1.0 / beta)
+    real = (disc >= 0) | (gamma == 0)
+    pole = torch.where(real & (small > 0), small, torch.where(real & (large > 0), large, inf))
+    peak = torch.where(beta < 0, -2.0 / beta, inf)
+
+    def value(t: Tensor) -> Tensor:
+        return safe * t**2 / 2.0 / (1.0 + beta * t + gamma * t**2)
+
+    t_end = torch.where(pole <= peak, pole, peak)
+    eps_end = torch.where(pole <= peak, inf, value(torch.where(torch.isfinite(peak), peak, 1.0)))
+    saturating = torch.isinf(t_end) & (gamma > 0)
+    half = safe / (4.0 * gamma.clamp_min(1e-300))  # half the level it tends to
+    # R(t) = half: c2 t^2/2 = half (1 + beta t + gamma t^2), the positive root
+    qa, qb = safe / 2.0 - half * gamma, half * beta
+    t_half = (qb + torch.sqrt((qb**2 + 4.0 * qa * half).clamp_min(0.0))) / (2.0 * qa)
+    t_end = torch.where(saturating, t_half, t_end)
+    eps_end = torch.where(saturating, half, eps_end)
+    return t_end, eps_end
+
+
 def radius_pade(c2: Tensor, c3: Tensor, eps: float, c4: Tensor | None = None) -> Tensor:
-    """Root of a Pade approximant of the KL series, in closed form.
+    """Root of a Pade approximant of the KL series, in closed form; never smaller at a larger
+    eps.
 
     ``KL ~ (c2 t^2 / 2) / (1 + beta t + gamma t^2)`` with ``beta = -c3 / (3 c2)`` and
     ``gamma = beta^2 - c4 / (12 c2)`` matches the series to fourth order ([2/2]); without
@@ -87,8 +126,10 @@ def radius_pade(c2: Tensor, c3: Tensor, eps: float, c4: Tensor | None = None) ->
 
         t = 2 eps / (sqrt(D) - eps beta),   D = eps^2 beta^2 + 4 A eps
 
-    (a form without cancellation). Where the [2/2] form never reaches ``eps`` the [2/1]
-    root is returned. Infinite where ``c2 = 0``.
+    (a form without cancellation). The [2/2] root is taken on the approximant's rising branch
+    only (``pade_branch``: below ``eps_end``, where it is the first crossing of a rising
+    curve); above it the [2/1] root, but never short of the branch's end ``t_end``. So the
+    radius rises with eps by construction. Infinite where ``c2 = 0``.
     """
     c2 = torch.as_tensor(c2, dtype=torch.float64)
     c3 = torch.as_tensor(c3, dtype=torch.float64)
@@ -97,11 +138,17 @@ def radius_pade(c2: Tensor, c3: Tensor, eps: float, c4: Tensor | None = None) ->
     t21 = 2.0 * eps / (torch.sqrt((eps * beta) ** 2 + 2.0 * safe * eps) - eps * beta)
     t = t21
     if c4 is not None:
-        gamma = beta**2 - torch.as_tensor(c4, dtype=torch.float64) / (12.0 * safe)
+        c4 = torch.as_tensor(c4, dtype=torch.float64)
+        gamma = beta**2 - c4 / (12.0 * safe)
         D = (eps * beta) ** 2 + 4.0 * (safe / 2.0 - eps * gamma) * eps
         den = torch.sqrt(D.clamp_min(0.0)) - eps * beta
         ok = (D >= 0) & (den > 0)
-        t = torch.where(ok, 2.0 * eps / torch.where(ok, den, torch.ones_like(den)), t21)
+        t22 = 2.0 * eps / torch.where(ok, den, torch.ones_like(den))
+        t_end, eps_end = pade_branch(c2, c3, c4)
+        on_branch = ok & (eps < eps_end) & (t22 <= t_end * (1 + 1e-12))
+        t = torch.where(
+            on_branch, t22, torch.maximum(t21, torch.where(torch.isfinite(t_end), t_end, t21))
+        )
     return torch.where(c2 > 0, t, torch.inf)
 
 
@@ -180,3 +227,61 @@ class RayCurve:
             return series_coefficients(self.p, [self.b])
         derivs = self.head.logit_derivatives(self.u0, self.b, order=3)
         return series_coefficients(self.p, derivs)
+
+
+class TaylorPathKL:
+    """``KL(p || softmax(z(t)))`` along the Taylor path of the logits, the softmax exact:
+
+        z(t) = z0 + t a1 + t^2/2 a2 + t^3/6 a3,    KL = log E_p[exp d(t)] - E_p[d(t)]
+
+    with ``d(t) = z(t) - z0`` (each direction's ``a_k``: the k-th derivative of the logits
+    along it, (N, V); fewer than three truncate the path earlier). The series of this KL
+    agrees with the exact one to fourth order (it shares ``a1..a3``), and the softmax
+    saturates as the real one does, where a series in ``t`` diverges: at confident positions
+    and large eps. With a linear head at the pre-logit vector the path is exact (``a2 = a3 =
+    0``).
+
+    ``logp`` (P, V): the log-probabilities at the origins; ``origin`` (N,): the origin of each
+    direction (default: direction i at origin i). With ``both_signs`` the rays are ``+v`` and
+    ``-v`` of each direction (rays 2i, 2i + 1: the odd derivatives flip), else ray i is
+    direction i. A callable ``(rays, ts) -> KL`` as ``first_crossings`` wants: the radius is
+    the first crossing, so it never shrinks as eps grows.
+    """
+
+    def __init__(
+        self,
+        logp: Tensor,
+        derivs: list[Tensor],
+        origin: Tensor | None = None,
+        both_signs: bool = False,
+    ) -> None:
+        if not 1 <= len(derivs) <= 3:
+            raise ValueError(f"1 to 3 logit derivatives, got {len(derivs)}")
+        derivs = [torch.atleast_2d(a).to(torch.float64) for a in derivs]
+        self.logp = torch.atleast_2d(logp).to(torch.float64)
+        N = derivs[0].shape[0]
+        self.origin = torch.arange(N) if origin is None else torch.as_tensor(origin).long()
+        self.origin = self.origin.to(self.logp.device)
+        self.both_signs = both_signs
+        p = self.logp.exp()[self.origin]
+        # centred: d(t) - E_p d(t) has no large common offset to cancel
+        self.centred = [a - (p * a).sum(-1, keepdim=True) for a in derivs]
+
+    def kl_at(self, rays: Tensor, t: Tensor) -> Tensor:
+        rays = torch.as_tensor(rays, dtype=torch.long, device=self.logp.device)
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.logp.device)
+        out = torch.empty_like(t)
+        for r in torch.unique(rays).tolist():
+            idx = (rays == r).nonzero()[:, 0]
+            i, sign = (r // 2, -1.0 if r % 2 else 1.0) if self.both_signs else (r, 1.0)
+            tr = sign * t[idx, None]  # -v at t is +v at -t
+            d = sum((tr**k / math.factorial(k)) * a[i] for k, a in enumerate(self.centred, start=1))
+            out[idx] = torch.logsumexp(self.logp[self.origin[i]] + d, -1)
+        return out.clamp_min(0.0)
+
+    def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        return (
+            self.kl_at(torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64)))
+            .cpu()
+            .numpy()
+        )

@@ -85,13 +85,16 @@ def measure_from_suffix(
     rows: Tensor | None = None,
     guesses: np.ndarray | None = None,
     rtol: float = 1e-6,
+    start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Measured first crossings (k, E) along each of ``directions`` (k, d) inside the network.
 
     ``suffix`` is a ``models.suffix.SuffixBatch`` (ray ``r`` at its position ``rows[r]``) or
     a ``PositionSuffix`` (every ray at its one position); its origin activations ``x0`` and
-    ``logits(deltas, rows)`` are used. The search starts at ``1e-3 |x0|`` and gives up at
-    ``1e6 |x0|``. All rays advance in lockstep: each step is one batched forward pass.
+    ``logits(deltas, rows)`` are used. The search starts at ``1e-3 |x0|`` (or at ``start``
+    (k,), where a caller knows the crossings lie well beyond it; it still walks down while
+    the KL there is already above the smallest eps) and gives up at ``1e6 |x0|``. All rays
+    advance in lockstep: each step is one batched forward pass.
     """
     batch = getattr(suffix, "batch", suffix)
     k = directions.shape[0]
@@ -102,7 +105,8 @@ def measure_from_suffix(
     x0 = batch.x0[rows]
     scale = x0.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
     kl = RayKL(lambda x, r: batch.logits(x - batch.x0[r], r), x0, directions, rows=rows)
+    t_start = 1e-3 * scale if start is None else np.maximum(1e-3 * scale, start)
     with torch.no_grad():
         return measure_boundaries(
-            kl, eps, guesses=guesses, t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol
+            kl, eps, guesses=guesses, t_start=t_start, t_max=1e6 * scale, rtol=rtol
         )

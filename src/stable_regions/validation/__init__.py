@@ -1,0 +1,44 @@
+"""The validation study: closed-form radii against measured boundaries, at any layer.
+
+``validate`` runs it (``run.py``); ``final.FinalLayerStudy`` and ``inner.InnerLayerStudy``
+measure one prompt at one layer; ``fitting`` calibrates and summarizes per layer; ``study``
+holds what every layer shares (settings, families, rows).
+"""
+
+from ..metrics import relative_error
+from .final import FinalLayerStudy
+from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
+from .inner import InnerLayerStudy
+from .run import ValidationRun, calibration_file, resolve_calibrations, validate
+from .study import (
+    FAMILIES,
+    PREDICTORS,
+    RESULT_COLUMNS,
+    PositionRays,
+    StudySettings,
+    check_families,
+    check_layers,
+    study_positions,
+)
+
+__all__ = [
+    "FAMILIES",
+    "PREDICTORS",
+    "RESULT_COLUMNS",
+    "FinalLayerStudy",
+    "InnerLayerStudy",
+    "PositionRays",
+    "StudySettings",
+    "ValidationRun",
+    "apply_calibration",
+    "calibration_file",
+    "check_families",
+    "check_layers",
+    "fit_calibration",
+    "relative_error",
+    "resolve_calibrations",
+    "split_prompts",
+    "study_positions",
+    "summarize",
+    "validate",
+]

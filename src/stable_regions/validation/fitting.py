@@ -1,0 +1,130 @@
+"""Calibration and summaries of a validation run: fitted per layer on training prompts only.
+
+The split is by prompt, never by row: a seeded half of the prompts trains, the other half
+judges. Inside the training half the calibration's feature is chosen (fit on one half of it,
+scored on the other), so the held-out prompts judge the final calibrator and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..calibration import FEATURES, Band, Calibration, band_edges, model_fingerprint
+from ..metrics import THRESHOLDS, relative_error
+from ..models import ModelAdapter
+from .study import FAMILIES, PREDICTORS, seed_of
+
+
+def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> set[str]:
+    """The digests of the training prompts: a seeded random subset (split by prompt, never by row)."""
+    unique = sorted(set(digests))
+    rng = np.random.default_rng(seed_of("split", seed))
+    n_train = int(round(train_fraction * len(unique)))
+    return {unique[i] for i in rng.permutation(len(unique))[:n_train]}
+
+
+def _score(predicted: np.ndarray, empirical: np.ndarray) -> float:
+    """Median |log(predicted / empirical)| over finite pairs: the feature-selection criterion."""
+    ok = np.isfinite(predicted) & np.isfinite(empirical) & (predicted > 0) & (empirical > 0)
+    return float(np.median(np.abs(np.log(predicted[ok] / empirical[ok])))) if ok.any() else np.inf
+
+
+def _calibration_columns(rows: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    return tuple(
+        rows[c].to_numpy() for c in ("quadratic", "corrected", "entropy", "empirical", "taylor")
+    )
+
+
+def _predict(band: Band, rows: pd.DataFrame) -> np.ndarray:
+    return band.predict(rows["quadratic"], rows["corrected"], rows["entropy"], rows["taylor"])
+
+
+def fit_calibration(
+    frame: pd.DataFrame, adapter: ModelAdapter, layer: str, train: set[str]
+) -> Calibration:
+    """One isotonic map per eps, on the training prompts; the feature that wins on the others."""
+    rows = frame[frame["layer"] == layer]
+    eps_values = sorted(rows["eps"].unique())
+    is_train = rows["prompt_digest"].isin(train)
+    # The feature is chosen inside the training prompts (fit on one half, score on the other),
+    # so the held-out prompts judge the final calibrator and nothing else.
+    inner = split_prompts(sorted(train), 0.5, seed=len(train))
+    is_inner = rows["prompt_digest"].isin(inner)
+    bands = []
+    for e, (lo, hi) in zip(eps_values, band_edges(eps_values), strict=True):
+        at = rows["eps"] == e
+        scores = {}
+        for feature in FEATURES:
+            a, b = rows[at & is_train & is_inner], rows[at & is_train & ~is_inner]
+            if a.empty or b.empty:  # too few training prompts to choose: the corrected form
+                scores[feature] = 0.0 if feature == "corrected" else np.inf
+                continue
+            band = Band.fit(e, lo, hi, feature, *_calibration_columns(a))
+            predicted = _predict(band, b)
+            scores[feature] = _score(predicted, b["empirical"].to_numpy())
+        feature = min(FEATURES, key=lambda f: scores[f])
+        fit_rows, test_rows = rows[at & is_train], rows[at & ~is_train]
+        band = Band.fit(e, lo, hi, feature, *_calibration_columns(fit_rows))
+        predicted = _predict(band, test_rows)
+        err = relative_error(predicted, test_rows["empirical"])
+        band.heldout = {
+            "n": int(len(test_rows)),
+            "selection_median_abs_log_error": {
+                f: (float(v) if np.isfinite(v) else None) for f, v in scores.items()
+            },
+            **{k: float(np.mean(err <= t)) if len(err) else None for k, t in THRESHOLDS.items()},
+        }
+        bands.append(band)
+    return Calibration(adapter.name, model_fingerprint(adapter), layer, bands, sorted(train), None)
+
+
+def apply_calibration(frame: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
+    """Fill ``calibrated``; rows of prompts the calibration was fitted on become ``split=train``."""
+    frame = frame.copy()
+    rows = frame["layer"] == cal.layer
+    for e in frame.loc[rows, "eps"].unique():
+        at = rows & (frame["eps"] == e)
+        frame.loc[at, "calibrated"] = cal.predict(
+            float(e),
+            frame.loc[at, "quadratic"].to_numpy(),
+            frame.loc[at, "corrected"].to_numpy(),
+            frame.loc[at, "entropy"].to_numpy(),
+            frame.loc[at, "taylor"].to_numpy(),
+        )
+    trained = set(cal.train_prompts)
+    frame.loc[rows, "split"] = np.where(
+        frame.loc[rows, "prompt_digest"].isin(trained), "train", "test"
+    )
+    return frame
+
+
+def summarize(frame: pd.DataFrame, model: str) -> list[dict]:
+    """Summary rows per (layer, family, eps, predictor) over held-out rows (``split == test``)."""
+    test = frame[frame["split"] == "test"]
+    out = []
+    for (layer, e), group in test.groupby(["layer", "eps"], sort=True):
+        families = ["all"] + [f for f in FAMILIES if f in set(group["family"])]
+        for family in families:
+            g = group if family == "all" else group[group["family"] == family]
+            for predictor in PREDICTORS:
+                pred = g[predictor].to_numpy()
+                if predictor == "calibrated" and np.isnan(pred).all():
+                    continue
+                err = relative_error(pred, g["empirical"].to_numpy())
+                out.append(
+                    dict(
+                        model=model,
+                        layer=layer,
+                        family=family,
+                        eps=float(e),
+                        predictor=predictor,
+                        n=int(len(err)),
+                        median_rel_err=float(np.median(err)),
+                        p90_rel_err=float(np.quantile(err, 0.9)),
+                        **{k: float(np.mean(err <= t)) for k, t in THRESHOLDS.items()},
+                    )
+                )
+    return out

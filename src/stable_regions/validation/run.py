@@ -1,0 +1,197 @@
+"""The validation study: closed-form radii against measured boundaries over a prompt corpus.
+
+For each prompt, a few positions (evenly spread, the last included), each layer asked for and
+each direction family (``study.FAMILIES``), both signs ``+v`` and ``-v`` of every direction are
+rays; along each ray and for each eps we record the published closed form (``quadratic``), the
+[2/2] Pade form of the KL series (``corrected``), the exact KL root along the logits' Taylor
+path (``taylor``), the boundary measured on the model (``empirical``) and, once the run is
+calibrated, the isotonic calibration of the chosen closed form (``calibrated``), one per
+layer. ``final.FinalLayerStudy`` measures at the pre-logit vector through the head,
+``inner.InnerLayerStudy`` at ``embed`` or a block through the rest of the network.
+
+The run is written as it goes: ``DIR/parts/NNNNN.parquet`` per prompt, every layer (atomic), so
+``resume=True`` continues after an interruption without losing or duplicating rows; the
+finished files (``results.parquet``, ``summary.json``, ``report.html``,
+``calibration-LAYER.json``) appear only at the end, and ``manifest.json`` says
+``"complete": true`` last of all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..calibration import Calibration, model_fingerprint, resolve_calibration
+from ..errors import StableRegionsError
+from ..files import RunDirectory, write_json, write_parquet
+from ..inputs import as_adapter, check_eps
+from ..prompts import Prompt, as_prompts, corpus, corpus_digest
+from ..report import write_report
+from .final import FinalLayerStudy
+from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
+from .inner import InnerLayerStudy
+from .study import StudySettings, check_families, check_layers
+
+
+def calibration_file(layer: str) -> str:
+    """The name of a run's calibration of ``layer``: ``calibration-final.json``, ..."""
+    return f"calibration-{layer}.json"
+
+
+def resolve_calibrations(spec, adapter, layers: list[str], eps: list[float]):
+    """One checked calibration per layer from ``spec``: ``"bundled"`` (the shipped one of
+    each layer), a ``Calibration`` or a calibration file (its one layer must be the run's only
+    layer), or a finished run's folder (its ``calibration-LAYER.json`` of every layer)."""
+    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        out = {}
+        for layer in layers:
+            path = Path(spec) / calibration_file(layer)
+            if not path.is_file():
+                raise StableRegionsError(
+                    f"{spec} holds no calibration of layer {layer} ({path.name}): fit one with "
+                    "'validate --calibration fit' at that layer"
+                )
+            out[layer] = resolve_calibration(path, adapter, layer)
+    elif str(spec) == "bundled":
+        out = {layer: resolve_calibration("bundled", adapter, layer) for layer in layers}
+    else:
+        given = resolve_calibration(spec, adapter, layers[0]) if len(layers) == 1 else None
+        if given is None:
+            raise StableRegionsError(
+                f"one calibration file covers one layer, and this run measures {len(layers)} "
+                "({', '.join(layers)}): give the folder of a run fitted at all of them, "
+                "'bundled' or 'fit'"
+            )
+        out = {layers[0]: given}
+    for cal in out.values():
+        for e in eps:
+            cal.band_for(e)  # fail before measuring, not after
+    return out
+
+
+@dataclass
+class ValidationRun:
+    """A finished run: the rows, the summary, where the files are, the calibration of each
+    layer (empty without one)."""
+
+    out: Path
+    frame: pd.DataFrame
+    summary: list[dict]
+    calibrations: dict[str, Calibration]
+
+    def summary_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.summary)
+
+
+def validate(
+    model,
+    prompts: Sequence[Prompt] | None = None,
+    *,
+    out: str | Path,
+    eps: Sequence[float] = (0.01, 0.1, 1.0),
+    layers: Sequence[str | int] | None = None,
+    families: Sequence[str] | None = None,
+    calibration: str | Path | Calibration | None = "fit",
+    resume: bool = False,
+    overwrite: bool = False,
+    positions_per_prompt: int = 3,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ValidationRun:
+    """Run the validation study and write ``out/{results.parquet, summary.json, report.html}``.
+
+    Args:
+        model: a bundled name / path / ``ModelAdapter`` / transformers model.
+        prompts: the corpus (default: the shipped one, ``prompts.corpus()``): strings or
+            ``Prompt`` objects.
+        eps: KL thresholds (nats).
+        layers: any of ``"embed"``, block indices and ``"final"`` (default ``["final"]``),
+            each once; all are measured on the same prompts, positions and families.
+        families: a subset of ``FAMILIES`` (default all).
+        calibration: ``"fit"`` (per layer, fit on a seeded half of the prompts, evaluate on
+            the other half, write ``calibration-LAYER.json``), ``"bundled"``, a calibration
+            file (a one-layer run), a finished run's folder, or ``None``.
+        resume: continue the unfinished run in ``out`` (same settings required).
+        overwrite: replace the validation run already in ``out``.
+        progress: ``progress(done, total)`` after each prompt.
+    """
+    settings = StudySettings(
+        eps=check_eps(eps),
+        layers=check_layers(layers),
+        families=check_families(families),
+        positions_per_prompt=int(positions_per_prompt),
+        seed=int(seed),
+    )
+    if settings.positions_per_prompt < 1:
+        raise StableRegionsError("positions_per_prompt must be at least 1")
+    prompts = corpus() if prompts is None else as_prompts(prompts)
+    if not prompts:
+        raise StableRegionsError("no prompts given")
+    adapter = as_adapter(model)
+    check_layers(settings.layers, adapter.n_layers)
+    fitting = isinstance(calibration, str) and calibration == "fit"
+    fixed: dict[str, Calibration] = {}
+    if not fitting and calibration is not None and str(calibration) != "none":
+        fixed = resolve_calibrations(calibration, adapter, settings.layers, settings.eps)
+    studies = [
+        FinalLayerStudy(adapter, settings)
+        if layer == "final"
+        else InnerLayerStudy(adapter, settings, layer)
+        for layer in settings.layers
+    ]
+
+    for study in studies:
+        if "steering" in settings.families and not float(study.steering_vector().norm()) > 0:
+            raise StableRegionsError(
+                f"the steering family is undefined at layer {study.layer}: the shipped "
+                "sentiment prompts' last-token activations there are identical (their mean "
+                "difference is zero); leave it out with --families"
+            )
+
+    record = {
+        "tool": "stable-regions validate",
+        "model": adapter.name,
+        "fingerprint": model_fingerprint(adapter),
+        "settings": asdict(settings),
+        "prompts": corpus_digest(prompts),
+        "n_prompts": len(prompts),
+        "calibration": "fit"
+        if fitting
+        else {k: str(c.path or "given") for k, c in fixed.items()} or None,
+    }
+    run = RunDirectory(out, record, "validation run", resume=resume, overwrite=overwrite)
+    out = run.out
+    total = len(prompts)
+    done = sum(run.done(i) for i in range(total))
+    if progress is not None:
+        progress(done, total)
+    for i, prompt in enumerate(prompts):
+        if run.done(i):
+            continue
+        partner = prompts[(i + 1) % total] if total > 1 else None
+        run.write_part(
+            i, pd.concat([study.measure(prompt, partner) for study in studies], ignore_index=True)
+        )
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    frame = run.frame(total)
+    used = fixed
+    if fitting:
+        train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
+        used = {layer: fit_calibration(frame, adapter, layer, train) for layer in settings.layers}
+        for layer, cal in used.items():
+            cal.save(out / calibration_file(layer))
+    frame["split"] = "test"
+    for cal in used.values():
+        frame = apply_calibration(frame, cal)
+    summary = summarize(frame, adapter.name)
+    write_parquet(frame, out / "results.parquet")
+    write_json(out / "summary.json", summary)
+    write_report(out / "report.html", frame, summary, record, used)
+    run.finish()
+    return ValidationRun(out, frame, summary, used)
