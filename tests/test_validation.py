@@ -26,8 +26,8 @@ from stable_regions.prompts import Prompt, corpus, read_prompt_file
 from stable_regions.validation import (
     FAMILIES,
     RESULT_COLUMNS,
-    StudySettings,
     FinalLayerStudy,
+    StudySettings,
     relative_error,
     split_prompts,
     validate,
