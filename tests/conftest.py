@@ -115,3 +115,19 @@ def tokenizer():
 @pytest.fixture(params=ARCH_NAMES)
 def arch(request):
     return request.param
+
+
+def _study_prompts():
+    from stable_regions.prompts import Prompt
+
+    return [
+        Prompt("a", "The cat sat on the mat."),
+        Prompt("b", "def f(x):\n    return x"),
+        Prompt("c", "1, 2, 3, 4,"),
+        Prompt("d", "Bonjour, je m'appelle"),
+        Prompt("e", "Q: why?\nA: because"),
+        Prompt("f", "zebra"),
+    ]
+
+
+STUDY_PROMPTS = _study_prompts()  # the validation tests' small corpus: prose, code, numbers, ...

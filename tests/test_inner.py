@@ -399,3 +399,15 @@ def test_rows_perturbed_at_different_hooks_equal_one_hook_each(arch, tokenizer):
         assert rel(together.x0[i], alone.x0[0]) < 1e-14, (arch, hook)
     with pytest.raises(ValueError, match="does not come after"):
         together.check_target("blocks.1.hook_resid_pre")
+
+
+def test_inner_analysis_inside_a_callers_no_grad(tokenizer):
+    """A user's ``torch.no_grad()`` around the call changes nothing: the third forward-mode
+    level of silu needs grad mode, which the derivative passes turn on themselves."""
+    adapter = sr.wrap(tiny_model("llama", seed=3), tokenizer)
+    want = sr.analyze(adapter, "Hello world", eps=[0.1], positions="last", layer=1).rows[0]
+    with torch.no_grad():
+        got = sr.analyze(adapter, "Hello world", eps=[0.1], positions="last", layer=1).rows[0]
+    assert np.isfinite(got["radius_curve"])
+    for key in ("lambda_max", "radius_corrected", "radius_curve"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9)

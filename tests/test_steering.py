@@ -77,9 +77,13 @@ def test_budget_measured_against_full_forward(adapter, layer):
             math.sqrt(2 * row.eps / float(quad)) / float(vec.norm()),
             rel_tol=1e-8,
         )
-    # at eps 0.01 the Pade form is close to the measured budget
+    # at eps 0.01 the Pade form is close to the measured budget, the Taylor path closer
     small = df[df.eps == 0.01]
     assert ((small.coef_corrected / small.coef_exact - 1).abs() < 0.05).all()
+    assert ((small.coef_curve / small.coef_exact - 1).abs() < 0.01).all()
+    if layer == "final":  # a linear head: the curve is the exact KL along the ray
+        assert np.allclose(df.coef_curve, df.coef_exact, rtol=1e-5)
+    assert df.coef_calibrated.isna().all()  # no calibration given
     summary = res.summary()
     assert list(summary.eps) == [0.01, 0.1]
     assert (summary.coef_exact_p05 <= summary.coef_exact_median).all()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import char_tokenizer, float64_reference, tiny_model
+from conftest import STUDY_PROMPTS, char_tokenizer, float64_reference, tiny_model
 
 import stable_regions as sr
 from stable_regions.calibration import (
@@ -22,7 +22,7 @@ from stable_regions.cli import main
 from stable_regions.errors import StableRegionsError
 from stable_regions.geometry import FisherOperator
 from stable_regions.models import PRELOGIT
-from stable_regions.prompts import Prompt, corpus, read_prompt_file
+from stable_regions.prompts import corpus, read_prompt_file
 from stable_regions.validation import (
     FAMILIES,
     RESULT_COLUMNS,
@@ -33,14 +33,7 @@ from stable_regions.validation import (
     validate,
 )
 
-PROMPTS = [
-    Prompt("a", "The cat sat on the mat."),
-    Prompt("b", "def f(x):\n    return x"),
-    Prompt("c", "1, 2, 3, 4,"),
-    Prompt("d", "Bonjour, je m'appelle"),
-    Prompt("e", "Q: why?\nA: because"),
-    Prompt("f", "zebra"),
-]
+PROMPTS = STUDY_PROMPTS
 
 
 @pytest.fixture(scope="module")

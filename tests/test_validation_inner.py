@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import STUDY_PROMPTS, char_tokenizer, tiny_model
 
 import stable_regions as sr
 from stable_regions.errors import StableRegionsError
 from stable_regions.geometry import TaylorPathKL, first_crossings, series_coefficients
 from stable_regions.models.precision import exact_numerics
-from stable_regions.prompts import Prompt
 from stable_regions.validation import (
     FAMILIES,
     InnerLayerStudy,
@@ -24,14 +23,7 @@ from stable_regions.validation import (
     validate,
 )
 
-PROMPTS = [
-    Prompt("a", "The cat sat on the mat."),
-    Prompt("b", "def f(x):\n    return x"),
-    Prompt("c", "1, 2, 3, 4,"),
-    Prompt("d", "Bonjour, je m'appelle"),
-    Prompt("e", "Q: why?\nA: because"),
-    Prompt("f", "zebra"),
-]
+PROMPTS = STUDY_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_inner_families_against_dense_references(adapter, layer):
         f = _logits_of_delta(adapter, ids, hook, pr.position)
         zero = torch.zeros(pr.h.shape[-1], dtype=torch.float64)
         J = torch.autograd.functional.jacobian(f, zero).detach()  # (V, d)
-        p = torch.softmax(f(zero), -1)
+        p = torch.softmax(f(zero), -1).detach()
         G = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
         evals, evecs = torch.linalg.eigh(G)
         eig8 = evecs[:, -8:]
@@ -213,6 +205,31 @@ def test_validate_several_layers_in_one_run(adapter, tmp_path):
     for layer in ("embed", "1", "final"):
         assert f"id='layer-{layer}'" in html
     assert html.count("data:image/png;base64,") == 9
+
+    # a layer's calibration turns a steering budget's closed forms into coef_calibrated
+    cal = run.calibrations["1"]
+    vec = torch.randn(adapter.hook_dim(adapter.hook_for_layer(1)), dtype=torch.float64)
+    budget = sr.steering_budget(
+        adapter, ["The cat sat"], vec, 1, eps=[0.1], calibration=out / calibration_file("1")
+    )
+    (row,) = budget.rows
+    n = float(vec.norm())
+    ids = adapter.tokenize("The cat sat")
+    logp = torch.log_softmax(
+        adapter.perturbed_logits(
+            ids, "blocks.1.hook_resid_post", ids.shape[1] - 1, torch.zeros(1, vec.shape[0])
+        )[0],
+        -1,
+    )
+    entropy = float(-(logp.exp() * logp).sum())
+    want = cal.predict(
+        0.1,
+        np.array([row["coef_quadratic"] * n]),
+        np.array([row["coef_corrected"] * n]),
+        np.array([entropy]),
+        np.array([row["coef_curve"] * n]),
+    )
+    assert row["coef_calibrated"] == pytest.approx(float(want[0]) / n, rel=1e-9)
 
     # a finished run's folder calibrates every layer of a new run of the same layers
     again = validate(adapter, PROMPTS[:3], out=tmp_path / "again", calibration=out, **kw)

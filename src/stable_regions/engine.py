@@ -307,20 +307,21 @@ def scan_start(guesses: np.ndarray) -> np.ndarray:
 def reliability(radius: np.ndarray, norm: np.ndarray, inner: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(reliable, reason)`` of closed-form radii (any shape) at activations of norm
     ``norm`` (broadcast): inside the network the Taylor-path radius is trusted up to
-    ``RELIABLE_RELATIVE |h|``; at the pre-logit vector the curve is exact."""
+    ``RELIABLE_RELATIVE |h|``, and not where that path never reaches eps; at the pre-logit
+    vector the curve is exact."""
     radius = np.asarray(radius, dtype=float)
     relative = radius / np.maximum(np.asarray(norm, dtype=float), 1e-300)
     reliable = np.ones(radius.shape, dtype=bool)
     reason = np.full(radius.shape, "", dtype=object)
-    if inner:
+    if inner:  # at the pre-logit vector the curve is exact: even "never" (inf) is the answer
         far = relative > RELIABLE_RELATIVE
         reliable &= ~far
         reason[far] = (
             f"radius beyond {RELIABLE_RELATIVE:g} |h|, where the Taylor path is not validated"
         )
-    none = ~np.isfinite(radius)
-    reliable &= ~none
-    reason[none] = "no crossing found along the curve"
+        none = ~np.isfinite(radius)
+        reliable &= ~none
+        reason[none] = "no crossing along the Taylor path"
     return reliable, reason
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .calibration import resolve_calibration
 from .engine import logit_derivatives, reliability, taylor_radii
 from .errors import StableRegionsError, one_line
 from .geometry import radius_pade, radius_quadratic, series_coefficients
@@ -42,6 +43,7 @@ STEER_COLUMNS = [
     "coef_quadratic",
     "coef_corrected",
     "coef_curve",
+    "coef_calibrated",
     "coef_exact",
     "reliable",
     "unreliable_reason",
@@ -159,17 +161,25 @@ def steering_budget(
     exact: bool = True,
     *,
     rtol: float = 1e-6,
+    calibration=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SteeringResult:
     """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt and position.
 
     ``coef_*`` are coefficients ``c`` of ``c * vector`` (so they scale with 1 / ||vector||):
     ``coef_quadratic`` from ``sqrt(2 eps / u^T G u)``, ``coef_corrected`` from the Pade [2/2]
-    form of the KL series along ``u``, ``coef_exact`` measured on the model (float64).
+    form of the KL series along ``u``, ``coef_curve`` the KL root along the logits' Taylor path
+    (exact at ``final``), ``coef_calibrated`` the ``calibration`` of this layer (``"bundled"``,
+    a ``calibration-LAYER.json`` from ``validate`` or a ``Calibration``; NaN without one)
+    applied to those, ``coef_exact`` measured on the model.
     """
     adapter: ModelAdapter = as_adapter(model)
     eps_list = check_eps(eps)
     hook = adapter.hook_for_layer(layer)
+    cal = resolve_calibration(calibration, adapter, "final" if hook == PRELOGIT else str(layer))
+    if cal is not None:
+        for e in eps_list:
+            cal.band_for(e)  # an eps outside the calibrated bands fails before any work
     vector = check_vector(torch.as_tensor(vector), adapter.hook_dim(hook))
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -199,7 +209,13 @@ def steering_budget(
         else:
             measured = np.full(len(eps_list), math.nan)
         token = adapter.token_strings(ids[0, position : position + 1])[0]
+        entropy = float(-(logp.exp() * logp.clamp_min(-1e300)).sum())
         for e_idx, e in enumerate(eps_list):
+            quadratic = float(radius_quadratic(c2[0], e))
+            calibrated = math.nan
+            if cal is not None:
+                one = (np.array([x]) for x in (quadratic, corrected[0, e_idx], entropy))
+                calibrated = float(cal.predict(e, *one, np.array([curve[0, e_idx]]))[0])
             rows.append(
                 dict(
                     prompt_id=prompt_id,
@@ -208,9 +224,10 @@ def steering_budget(
                     eps=e,
                     layer=str(layer),
                     vector_norm=norm,
-                    coef_quadratic=float(radius_quadratic(c2[0], e)) / norm,
+                    coef_quadratic=quadratic / norm,
                     coef_corrected=float(corrected[0, e_idx]) / norm,
                     coef_curve=float(curve[0, e_idx]) / norm,
+                    coef_calibrated=calibrated / norm,
                     coef_exact=float(measured[e_idx]) / norm,
                     reliable=bool(reliable[e_idx]),
                     unreliable_reason=str(reason[e_idx]),

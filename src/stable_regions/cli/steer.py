@@ -57,6 +57,13 @@ def add_parser(sub) -> None:
     )
     st.add_argument("--no-exact", action="store_true", help="closed form only, no measurement")
     st.add_argument(
+        "--calibration",
+        default=None,
+        metavar="PATH|bundled",
+        help="a calibration of this layer (a calibration-LAYER.json from 'validate', or "
+        "'bundled'): adds coef_calibrated",
+    )
+    st.add_argument(
         "--json",
         action="store_true",
         help="print one JSON document {model, layer, eps, rows, summary}",
@@ -101,6 +108,7 @@ def run(args) -> int:
             eps=eps,
             positions=positions,
             exact=not args.no_exact,
+            calibration=args.calibration,
             progress=tick,
         )
     summary = result.summary()

@@ -341,7 +341,9 @@ class SuffixBatch:
 
         for _ in range(order):
             fn = (lambda g: lambda x: jvp(g, (x,), (v,)))(fn)
-        with self.adapter.frozen():
+        # grad mode on even inside a caller's no_grad: the forward-mode rules of some ops at
+        # the third level (silu's, through silu_backward) need it
+        with self.adapter.frozen(), torch.enable_grad():
             out = fn(torch.zeros_like(v))
         derivs = []
         for k in range(1, order + 1):
