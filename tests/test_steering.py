@@ -84,6 +84,15 @@ def test_budget_measured_against_full_forward(adapter, layer):
     if layer == "final":  # a linear head: the curve is the exact KL along the ray
         assert np.allclose(df.coef_curve, df.coef_exact, rtol=1e-5)
     assert df.coef_calibrated.isna().all()  # no calibration given
+    # the move the curve allows, relative to the activation there
+    for _, row in df.iterrows():
+        ids = adapter.tokenize(prompts[row.prompt_id])
+        store = []
+        with adapter.capture(hook, store), torch.no_grad():
+            adapter.forward(ids, use_cache=False)
+        h = store[0][0, int(row.position)].to(torch.float64)
+        want = row.coef_curve * float(vec.norm()) / float(h.norm())
+        assert row.radius_relative == pytest.approx(want, rel=1e-9)
     summary = res.summary()
     assert list(summary.eps) == [0.01, 0.1]
     assert (summary.coef_exact_p05 <= summary.coef_exact_median).all()

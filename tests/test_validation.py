@@ -481,6 +481,26 @@ def test_bundled_calibrations(name):
 
 
 @pytest.mark.real_model
+def test_bundled_inner_calibration_of_the_nearest_block():
+    """SmolLM2 ships a block-15 calibrator: at block 14 (within an eighth of the depth) it
+    stands in, fills radius_calibrated, and keeps small-eps predictions near the measurement."""
+    model = sr.load("smollm2-135m")
+    res = sr.analyze(
+        model,
+        "Yesterday the orchestra played",
+        eps=[0.01, 0.1],
+        layer=14,
+        calibration="bundled",
+    )
+    frame = res.to_frame()
+    err = (frame["radius_calibrated"] / frame["radius_exact"] - 1).abs()
+    assert err.notna().all()
+    assert (err[frame["eps"] == 0.01] < 0.08).mean() >= 0.8
+    with pytest.raises(StableRegionsError, match="no bundled calibration fits"):
+        sr.analyze(model, "Hi", layer=5, calibration="bundled")
+
+
+@pytest.mark.real_model
 def test_study_boundaries_on_the_real_model():
     """SmolLM2, one corpus prompt: the study's measured radii of one ray per family, checked by
     running the whole float64 model with the perturbation hooked in at the pre-logit vector."""

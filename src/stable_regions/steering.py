@@ -45,6 +45,7 @@ STEER_COLUMNS = [
     "coef_curve",
     "coef_calibrated",
     "coef_exact",
+    "radius_relative",
     "reliable",
     "unreliable_reason",
 ]
@@ -229,6 +230,7 @@ def steering_budget(
                     coef_curve=float(curve[0, e_idx]) / norm,
                     coef_calibrated=calibrated / norm,
                     coef_exact=float(measured[e_idx]) / norm,
+                    radius_relative=float(curve[0, e_idx]) / max(norm_h, 1e-300),
                     reliable=bool(reliable[e_idx]),
                     unreliable_reason=str(reason[e_idx]),
                 )

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..budget import rows_within
 from ..engine import (
+    eig_tolerance,
     entropy,
     logit_derivatives,
     pade_radii,
@@ -90,7 +91,8 @@ class InnerLayerStudy:
         p = op.p
         vecs = None
         if s.n_eigenvectors:
-            tol = max(1e-4, 1e3 * torch.finfo(self.adapter.compute_dtype).eps)
+            # the eigenvectors only choose directions (each ray's curvature is recomputed)
+            tol = eig_tolerance(1e-4, self.adapter.compute_dtype)
             _, vecs = op.top_eigenpairs(k=min(s.n_eigenvectors, suffix.dim), tol=tol)
             vecs = torch.nn.functional.normalize(vecs.to(torch.float64), dim=-1)
         top = torch.topk(p, s.n_token + 1, dim=-1).indices  # (P, n_token + 1)
