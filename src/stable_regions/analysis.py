@@ -106,7 +106,7 @@ def analyze(
             probes, within a few percent; L-inf radii NaN). Default: exact at ``embed``, where
             the L-inf radii are meant, estimate at blocks (the d products cost twice the rest
             of the analysis there). The pre-logit vector is always exact (O(V d)).
-        calibration: a calibration (``"bundled"``, a ``calibration.json`` path from
+        calibration: a calibration (``"bundled"``, a ``calibration-LAYER.json`` path from
             ``stable-regions validate``, or a ``Calibration``) of this model and layer:
             fills ``radius_calibrated`` (NaN without one).
         progress: called as ``progress(done, total)`` after each block of positions.

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
         "--calibration",
         metavar="PATH|bundled",
         help="add radius_calibrated from a calibration of this model and layer "
-        "(a calibration.json written by 'validate', or 'bundled')",
+        "(a calibration-LAYER.json written by 'validate', or 'bundled': the shipped calibrator of this layer or of the nearest shipped block)",
     )
     a.add_argument(
         "--no-exact",
