@@ -172,7 +172,8 @@ def test_cli_inner_layer_json(model_dir, capsys, layer):
     # inside the network the curve is the logits' Taylor path: near the measured boundary
     assert abs(row["radius_curve"] / row["radius_exact"] - 1) < 0.05
     assert row["radius_relative"] == pytest.approx(row["radius_curve"] / row["norm"])
-    assert row["reliable"] is (row["radius_relative"] <= 0.1)
+    agree = abs(row["radius_corrected"] / row["radius_curve"] - 1) <= 0.02
+    assert row["reliable"] is (row["radius_relative"] <= 0.1 and agree)
     assert (row["unreliable_reason"] == "") is row["reliable"]
     assert (
         row["lambda_max"] > 0

@@ -318,3 +318,18 @@ def test_bundled_calibration_of_the_nearest_shipped_layer(tmp_path, monkeypatch)
             StableRegionsError, match=f"no bundled calibration fits model 'm' at layer '{far}'"
         ):
             calib.bundled_calibration("m", far, n_layers=16)
+
+
+def test_reliability_flag_rules():
+    """Inside the network a radius is reliable only near the activation (<= 0.1 |h|) and where
+    the Pade form agrees with the Taylor path (<= 2%); at the pre-logit vector always."""
+    from stable_regions.engine import reliability
+
+    radius = np.array([0.05, 0.5, 0.05, np.inf])
+    series = np.array([0.0505, 0.5, 0.06, np.inf])
+    ok, why = reliability(radius, 1.0, True, series)
+    assert ok.tolist() == [True, False, False, False]
+    assert why[0] == "" and "0.1 |h|" in why[1] and "differ by more than 2%" in why[2]
+    assert "no crossing" in why[3]
+    ok, why = reliability(radius, 1.0, False, series)
+    assert ok.all() and (why == "").all()

@@ -142,7 +142,7 @@ def analyze(
         # the best closed form of each row: the exact curve at the pre-logit vector, the
         # Taylor path inside the network (the Pade form where no curve was computed)
         best = np.where(np.isnan(b.curve), b.corrected, b.curve)
-        reliable, reason = reliability(best, norm[:, None], inner=hook != PRELOGIT)
+        reliable, reason = reliability(best, norm[:, None], hook != PRELOGIT, b.corrected)
         for j, position in enumerate(b.positions):
             for e_idx, e in enumerate(eps_list):
                 quadratic = float(radius_quadratic(b.lambda_max[j], e))

@@ -204,7 +204,7 @@ def steering_budget(
         scale = np.full(2, max(norm_h, 1e-6))
         curve = taylor_radii(logp, derivs, torch.zeros(1, dtype=torch.long), eps_list, scale)
         curve = curve[:1]
-        reliable, reason = reliability(curve[0], norm_h, inner=hook != PRELOGIT)
+        reliable, reason = reliability(curve[0], norm_h, hook != PRELOGIT, corrected[0])
         if exact:
             measured = measure_from_suffix(suffix, u[None], eps_list, guesses=curve, rtol=rtol)[0]
         else:

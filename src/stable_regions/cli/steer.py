@@ -163,6 +163,7 @@ def run(args) -> int:
     out.print(
         "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; "
         "inf = never; curve = the KL root along the logits' Taylor path (exact at final); "
-        "? = outside the regime where it was validated (beyond 0.1 |h|).[/dim]"
+        "? = outside the regime where it was validated (beyond 0.1 |h|, or the Pade form "
+        "disagrees by more than 2%).[/dim]"
     )
     return 0
