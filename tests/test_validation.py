@@ -425,7 +425,7 @@ def test_cli_validate_writes_a_complete_run(model_dir, tmp_path, capsys):
         (["--layers", "sideways"], "unknown layer 'sideways'"),
         (
             ["--layers", "embed", "final", "--calibration", "{tmp}/wrong_layer.json"],
-            "covers one layer",
+            "measures 2 (embed, final)",
         ),
         (["--layers", "embed", "--calibration", "bundled"], "no bundled calibration"),
         (["--eps", "0"], "eps must be"),

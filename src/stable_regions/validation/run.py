@@ -62,7 +62,7 @@ def resolve_calibrations(spec, adapter, layers: list[str], eps: list[float]):
         if given is None:
             raise StableRegionsError(
                 f"one calibration file covers one layer, and this run measures {len(layers)} "
-                "({', '.join(layers)}): give the folder of a run fitted at all of them, "
+                f"({', '.join(layers)}): give the folder of a run fitted at all of them, "
                 "'bundled' or 'fit'"
             )
         out = {layers[0]: given}
