@@ -195,6 +195,7 @@ def test_validate_several_layers_in_one_run(adapter, tmp_path):
         rows = frame[frame["layer"] == layer]
         assert set(rows["family"]) == set(families)
         assert (rows["norm"] > 0).all()
+        assert np.allclose(rows["radius_relative"], rows["taylor"] / rows["norm"])
         cal = sr.calibration.load_calibration(out / calibration_file(layer))
         assert cal.layer == layer
         assert run.calibrations[layer].layer == layer

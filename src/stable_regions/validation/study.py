@@ -52,6 +52,7 @@ RESULT_COLUMNS = [
     "quadratic",
     "corrected",
     "taylor",
+    "radius_relative",
     "calibrated",
     "split",
 ]
@@ -258,6 +259,9 @@ def ray_rows(
                     quadratic=float(quadratic[r, e_idx]),
                     corrected=float(predicted["corrected"][r, e_idx]),
                     taylor=float(predicted["taylor"][r, e_idx]),
+                    # the best closed form's move relative to the activation (comparable
+                    # across layers of different activation scales)
+                    radius_relative=float(predicted["taylor"][r, e_idx]) / max(norm, 1e-300),
                     calibrated=np.nan,
                     split="",
                 )
