@@ -187,7 +187,4 @@ def analyze(
 def _calibrated(cal, eps: float, quadratic, corrected, entropy, taylor) -> float:
     """The calibrated radius of the nearest exit: the maps are increasing, so calibrating the
     nearer sign's prediction gives the smaller calibrated radius of the two."""
-    if cal is None:
-        return math.nan
-    q, c, h, t = (np.array([float(x)]) for x in (quadratic, corrected, entropy, taylor))
-    return float(cal.predict(eps, q, c, h, t)[0])
+    return math.nan if cal is None else cal.predict_one(eps, quadratic, corrected, entropy, taylor)

@@ -254,6 +254,13 @@ class Calibration:
         ``p`` in nats, which the ``*_by_entropy`` bands need)."""
         return self.band_for(eps).predict(quadratic, corrected, entropy, taylor)
 
+    def predict_one(
+        self, eps: float, quadratic: float, corrected: float, entropy: float, taylor: float
+    ) -> float:
+        """``predict`` for one row (one position or ray): a float."""
+        q, c, h, t = (np.array([float(x)]) for x in (quadratic, corrected, entropy, taylor))
+        return float(self.predict(eps, q, c, h, t)[0])
+
     def check(self, adapter, layer: str) -> None:
         """Refuse a calibration that belongs to another model or layer."""
         where = self.path or "the calibration"

@@ -367,6 +367,40 @@ def series_along(
     return series_coefficients(p, a, cov13=cov13)
 
 
+def closed_forms_along(
+    adapter: ModelAdapter,
+    suffix: SuffixBatch,
+    v: Tensor,
+    p: Tensor,
+    eps_list: list[float],
+    rtol: float,
+    *,
+    logp: Tensor | None = None,
+    origin: Tensor | None = None,
+) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """``(c2 (R,), pade (2R, E), taylor (2R, E))`` along ``v`` (R, d), one direction per row of
+    ``suffix`` with next-token probabilities ``p`` (R, V); the radii for ``+v`` and ``-v``
+    (rays 2i, 2i + 1).
+
+    With ``logp`` (P, V) (the log-probabilities at the origins, row i at ``origin[i]``): the
+    logits' derivatives ``a1..a3`` (one nest of three forward-mode levels) give the series and
+    the Taylor-path roots (``taylor_radii``). Without: the cheaper ``series_along`` gives the
+    series only, and ``taylor`` is NaN (stability maps)."""
+    if logp is not None:
+        derivs = logit_derivatives(adapter, suffix, v)
+        c2, c3, c4 = series_coefficients(p, derivs)
+    else:
+        c2, c3, c4 = series_along(adapter, suffix, p, v)
+    # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
+    k2, k3, k4 = (rays(c[:, None], sign)[:, 0] for c, sign in ((c2, 1.0), (c3, -1.0), (c4, 1.0)))
+    pade = pade_radii(k2, k3, k4, eps_list)
+    taylor = np.full_like(pade, np.nan)
+    if logp is not None:
+        scale = suffix.x0.norm(dim=-1).clamp_min(1e-6).repeat_interleave(2).cpu().numpy()
+        taylor = taylor_radii(logp, derivs, origin, eps_list, scale, pade, rtol)
+    return c2, pade, taylor
+
+
 def inner_blocks(
     adapter: ModelAdapter,
     ids: Tensor,
@@ -425,23 +459,10 @@ def inner_blocks(
         return_freed_memory()
         stage("derivatives")
         norm = suffix.x0.norm(dim=-1)
-        scale = norm.clamp_min(1e-6).repeat_interleave(2).cpu().numpy()
-        if curve:
-            derivs = logit_derivatives(adapter, suffix, v)
-            c2, c3, c4 = series_coefficients(p, derivs)
-        else:
-            c2, c3, c4 = series_along(adapter, suffix, p, v)
-        # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
-        c2, c3, c4 = (
-            rays(c[:, None], sign)[:, 0] for c, sign in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
+        logp = torch.log_softmax(suffix.logits0, -1) if curve else None
+        _, predicted, on_path = closed_forms_along(
+            adapter, suffix, v, p, eps_list, rtol, logp=logp, origin=torch.arange(P)
         )
-        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
-        on_path = np.full_like(predicted, np.nan)
-        if curve:
-            logp = torch.log_softmax(suffix.logits0, -1)
-            origin = torch.arange(P)
-            on_path = taylor_radii(logp, derivs, origin, eps_list, scale, predicted, rtol)
-            del derivs
         if exact:
             stage("measuring")
             guess = on_path if curve else predicted

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .calibration import resolve_calibration
-from .engine import logit_derivatives, reliability, taylor_radii
+from .engine import entropy, logit_derivatives, reliability, taylor_radii
 from .errors import StableRegionsError, one_line
 from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .inputs import as_adapter, check_eps, check_positions
@@ -210,13 +210,14 @@ def steering_budget(
         else:
             measured = np.full(len(eps_list), math.nan)
         token = adapter.token_strings(ids[0, position : position + 1])[0]
-        entropy = float(-(logp.exp() * logp.clamp_min(-1e300)).sum())
+        h_p = float(entropy(logp.exp())[0])
         for e_idx, e in enumerate(eps_list):
             quadratic = float(radius_quadratic(c2[0], e))
             calibrated = math.nan
             if cal is not None:
-                one = (np.array([x]) for x in (quadratic, corrected[0, e_idx], entropy))
-                calibrated = float(cal.predict(e, *one, np.array([curve[0, e_idx]]))[0])
+                calibrated = cal.predict_one(
+                    e, quadratic, corrected[0, e_idx], h_p, curve[0, e_idx]
+                )
             rows.append(
                 dict(
                     prompt_id=prompt_id,

@@ -161,6 +161,12 @@ def radius_series(coeffs: list[float], eps: float) -> float:
     return float(real.min()) if real.size else math.inf
 
 
+def _on_numpy(kl_at, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """A ``kl_at(rays, t)`` of tensors as the numpy row function ``first_crossings`` expects."""
+    t = torch.as_tensor(np.asarray(ts, dtype=np.float64))
+    return kl_at(torch.as_tensor(rays), t).cpu().numpy()
+
+
 @dataclass
 class RayCurve:
     """Exact ``KL(p || p_t)`` along ``R`` rays ``h_r + t v_r``.
@@ -208,11 +214,7 @@ class RayCurve:
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """``kl_at`` on numpy arrays: the row function ``first_crossings`` expects."""
-        return (
-            self.kl_at(torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64)))
-            .cpu()
-            .numpy()
-        )
+        return _on_numpy(self.kl_at, rays, ts)
 
     def kl(self, t: Tensor | float) -> Tensor:
         """KL of every ray at common steps ``t`` (n,): shape (n, R)."""
@@ -280,8 +282,4 @@ class TaylorPathKL:
         return out.clamp_min(0.0)
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        return (
-            self.kl_at(torch.as_tensor(rays), torch.as_tensor(np.asarray(ts, dtype=np.float64)))
-            .cpu()
-            .numpy()
-        )
+        return _on_numpy(self.kl_at, rays, ts)

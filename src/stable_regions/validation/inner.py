@@ -27,16 +27,14 @@ from torch import Tensor
 
 from ..budget import rows_within
 from ..engine import (
+    closed_forms_along,
     eig_tolerance,
     entropy,
-    logit_derivatives,
-    pade_radii,
     positions_per_recorded_block,
     rays,
     scan_start,
-    taylor_radii,
 )
-from ..geometry import PullbackOperator, series_coefficients
+from ..geometry import PullbackOperator
 from ..models import ModelAdapter
 from ..models.suffix import SuffixBatch
 from ..probes import measure_from_suffix
@@ -156,20 +154,11 @@ class InnerLayerStudy:
                 [suffix.positions[j] for j in chunk.tolist()],
                 shared_cache=suffix,
             )
-            derivs = logit_derivatives(self.adapter, batch, v[rows])
-            k2, k3, k4 = series_coefficients(p[chunk], derivs)
+            k2, pade, path = closed_forms_along(
+                self.adapter, batch, v[rows], p[chunk], s.eps, s.rtol, logp=logp, origin=chunk
+            )
             c2[rows] = k2.cpu().numpy()
-            # along -v the odd derivatives a1, a3 flip: c3 flips, c2 and c4 do not
-            k2, k3, k4 = (
-                rays(c[:, None], sg)[:, 0] for c, sg in ((k2, 1.0), (k3, -1.0), (k4, 1.0))
-            )
-            pade = pade_radii(k2, k3, k4, s.eps)
-            corrected[ray_rows_] = pade
-            scale = batch.x0.norm(dim=-1).clamp_min(1e-6).repeat_interleave(2).cpu().numpy()
-            taylor[ray_rows_] = taylor_radii(
-                logp, derivs, chunk, s.eps, scale, guesses=pade, rtol=s.rtol
-            )
-            del derivs
+            corrected[ray_rows_], taylor[ray_rows_] = pade, path
             guess = taylor[ray_rows_]
             measured[ray_rows_] = measure_from_suffix(
                 batch,
