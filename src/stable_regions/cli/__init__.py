@@ -13,11 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import StableRegionsError, one_line
-from . import analyze, bench, jacobian, models, scan, stability_map, steer, validate
+from . import analyze, bench, certify, jacobian, models, scan, stability_map, steer, validate
 
 COMMANDS = {
     "analyze": analyze,
     "steer": steer,
+    "certify": certify,
     "jacobian": jacobian,
     "map": stability_map,
     "validate": validate,

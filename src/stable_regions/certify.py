@@ -1,0 +1,310 @@
+"""``certify``: what can be guaranteed about a position, what a search finds, and the closed form.
+
+For every position and eps, one row brackets the radius of the largest safe ball (L2) or box
+(L-inf) about the activation at the layer: no perturbation inside it moves the next-token
+distribution by KL > eps.
+
+- ``radius_certified`` (from below): a proof from ``p`` and ``W`` alone at the pre-logit
+  vector (``geometry.certificate``), and through the final norm's Lipschitz bound at the
+  last block's output. NaN elsewhere, with the reason in ``certified_by``: no rigorous bound
+  through the blocks is claimed.
+- ``radius_attack`` (from above): the smallest measured exit that projected gradient ascent
+  from the top curvature directions finds (``probes.attack``).
+- ``radius_quadratic`` along the top eigenvector (``sqrt(2 eps / lambda_max)``, in the norm's
+  units) and that direction's measured exit ``radius_exact``: the closed form between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .engine import Stage, positions_per_recorded_block
+from .errors import StableRegionsError
+from .geometry import PullbackOperator
+from .geometry.certificate import prelogit_certificate, radius_through_norm
+from .inputs import as_adapter, check_eps, check_positions, json_value
+from .models import PRELOGIT, ModelAdapter
+from .models.norms import describe_norm
+from .models.suffix import SuffixBatch
+from .probes.attack import KLTarget, unit, worst_case_search
+
+NORMS = ("l2", "linf")
+
+COLUMNS = [
+    "position",
+    "token",
+    "next_token",
+    "next_prob",
+    "eps",
+    "layer",
+    "norm",
+    "entropy",
+    "lambda_max",
+    "lambda_upper",
+    "radius_certified",
+    "certified_by",
+    "radius_attack",
+    "radius_quadratic",
+    "radius_exact",
+    "tightness",
+]
+
+BY_HEAD = "p and W at the pre-logit vector (tilted-variance and Hoeffding bounds)"
+BY_NORM = "the final norm's Lipschitz bound on the ball, then p and W"
+NONE_INSIDE = (
+    "none: no rigorous bound through the blocks (certificates exist at 'final' and at the "
+    "last block's output)"
+)
+
+
+@dataclass
+class CertifyResult:
+    """One row per (position, eps); see ``COLUMNS``."""
+
+    model: str
+    prompt: str
+    layer: str
+    norm: str
+    eps: list[float]
+    rows: list[dict]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=COLUMNS)
+
+    def to_json(self) -> dict:
+        """``{"model", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities as strings)."""
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "norm": self.norm,
+            "eps": self.eps,
+            "rows": [{k: json_value(r[k]) for k in COLUMNS} for r in self.rows],
+        }
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise StableRegionsError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    return norm
+
+
+def certify(
+    model,
+    prompt: str,
+    eps: float | Sequence[float] = (0.01, 0.1, 1.0),
+    layer: str | int = "final",
+    norm: str = "l2",
+    positions: str | int | Sequence[int] = "all",
+    *,
+    restarts: int = 2,
+    rounds: int = 2,
+    steps: int = 6,
+    rtol: float = 1e-6,
+    progress: Callable[[int, int], None] | None = None,
+    stage: Stage | None = None,
+) -> CertifyResult:
+    """Certified radius, worst case found by search, and the closed form, per position and eps.
+
+    Args:
+        model: a bundled name / path, a ``ModelAdapter`` or a transformers causal LM.
+        eps: KL thresholds (nats), each > 0.
+        layer: ``"final"`` (the pre-logit vector), ``"embed"`` or a block index.
+        norm: ``"l2"`` (a ball) or ``"linf"`` (a box; radii in L-inf units).
+        positions: ``"all"``, ``"last"`` or token indices.
+        restarts: top curvature directions the search starts from (each with both signs).
+        rounds, steps: search rounds, and gradient steps per round.
+    """
+    adapter = as_adapter(model)
+    eps_list = check_eps(eps)
+    norm = check_norm(norm)
+    if restarts < 1 or rounds < 0 or steps < 0:
+        raise StableRegionsError("restarts must be >= 1, rounds and steps >= 0")
+    hook = adapter.hook_for_layer(layer)
+    ids = adapter.tokenize(prompt)
+    pos = check_positions(positions, ids.shape[1])
+    tokens = adapter.token_strings(ids[0])
+    stage = stage or (lambda _: None)
+    last_block = adapter.hook_for_layer(adapter.n_layers - 1)
+    if hook == PRELOGIT:
+        blocks = _prelogit(adapter, ids, pos, eps_list, norm, restarts, rounds, steps, rtol, stage)
+    else:
+        blocks = _inner(
+            adapter,
+            ids,
+            hook,
+            pos,
+            eps_list,
+            norm,
+            restarts,
+            rounds,
+            steps,
+            rtol,
+            stage,
+            through_norm=hook == last_block,
+        )
+    rows: list[dict] = []
+    done = 0
+    for b in blocks:
+        next_tokens = adapter.token_strings(b["top"])
+        for j, position in enumerate(b["positions"]):
+            for e_idx, e in enumerate(eps_list):
+                cert = float(b["certified"][j, e_idx])
+                attack = float(b["attack"][j, e_idx])
+                rows.append(
+                    dict(
+                        position=position,
+                        token=tokens[position],
+                        next_token=next_tokens[j],
+                        next_prob=float(b["top_p"][j]),
+                        eps=e,
+                        layer=str(layer),
+                        norm=norm,
+                        entropy=float(b["entropy"][j]),
+                        lambda_max=float(b["lam"][j]),
+                        lambda_upper=float(b["lam_upper"][j]),
+                        radius_certified=cert,
+                        certified_by=b["by"][j] if math.isfinite(cert) else b["why_not"],
+                        radius_attack=attack,
+                        radius_quadratic=float(b["quadratic"][j, e_idx]),
+                        radius_exact=float(b["exact"][j, e_idx]),
+                        tightness=cert / attack if attack > 0 else math.nan,
+                    )
+                )
+        done += len(b["positions"])
+        if progress is not None:
+            progress(done, len(pos))
+    return CertifyResult(adapter.name, prompt, str(layer), norm, eps_list, rows)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0
+
+
+def _quadratic(lam: Tensor, top: Tensor, eps_list: list[float], norm: str) -> np.ndarray:
+    """(P, E) ``sqrt(2 eps / v^T G v)`` along the top eigenvector ``top`` (P, d) scaled to unit
+    norm: ``lambda_max`` for L2, ``lambda_max / |v|_inf^2`` for L-inf."""
+    curvature = lam if norm == "l2" else lam / top.abs().amax(-1) ** 2
+    e = torch.tensor(eps_list, dtype=torch.float64)
+    return torch.sqrt(2.0 * e[None, :] / curvature.clamp_min(1e-300)[:, None].cpu()).numpy()
+
+
+def _search(
+    target: KLTarget, starts: Tensor, eps_list, norm, rounds, steps, rtol
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(radius_attack, radius_exact)`` (P, E): the search from ``starts`` (P, S, d), and the
+    exits along the top start's two signs alone (in the norm's units)."""
+    found = worst_case_search(target, starts, eps_list, norm, rounds=rounds, steps=steps, rtol=rtol)
+    S = starts.shape[1]
+    exact = np.minimum(found.start_radii[:, 0], found.start_radii[:, S])
+    return found.radius, exact
+
+
+def _prelogit(
+    adapter: ModelAdapter, ids, pos, eps_list, norm, restarts, rounds, steps, rtol, stage
+):
+    head = adapter.stored_head
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        head = head.to(torch.float32)  # a 16-bit head: the sums on a float32 copy of the head
+    h_all = adapter.prelogits(ids, dtype=None)[pos].to(torch.float64)
+    block = 32
+    for start in range(0, len(pos), block):
+        h = h_all[start : start + block]
+        stage("certificate")
+        cert = prelogit_certificate(head, h, eps_list, norm)
+        stage("search")
+        target = KLTarget(lambda x, _rows: head.logits(x), h, head.logits_float64(h))
+        starts = cert.vectors[:, : max(1, restarts)]
+        attack, exact = _search(target, starts, eps_list, norm, rounds, steps, rtol)
+        top_p, top_i = cert.p.max(-1)
+        yield dict(
+            positions=pos[start : start + len(h)],
+            top=top_i,
+            top_p=top_p,
+            entropy=_entropy(cert.p),
+            lam=cert.ritz,
+            lam_upper=cert.upper,
+            certified=cert.radius.cpu().numpy(),
+            by=[BY_HEAD] * len(h),
+            why_not="none",
+            attack=attack,
+            quadratic=_quadratic(cert.ritz, cert.vectors[:, 0], eps_list, norm),
+            exact=exact,
+        )
+
+
+def _inner(
+    adapter: ModelAdapter,
+    ids,
+    hook,
+    pos,
+    eps_list,
+    norm,
+    restarts,
+    rounds,
+    steps,
+    rtol,
+    stage,
+    through_norm: bool,
+):
+    head = adapter.stored_head
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        head = head.to(torch.float32)
+    block = positions_per_recorded_block(adapter, hook, len(pos))
+    E = len(eps_list)
+    for start in range(0, len(pos), block):
+        chunk = pos[start : start + block]
+        P = len(chunk)
+        stage("suffix")
+        suffix = SuffixBatch(adapter, ids, hook, chunk)
+        stage("curvature")
+        op = PullbackOperator.from_suffix(suffix)
+        lam, vecs = op.top_eigenpairs(k=max(1, restarts), tol=1e-4)
+        p = op.p
+        del op
+        certified = np.full((P, E), np.nan)
+        lam_upper = torch.full((P,), math.nan, dtype=torch.float64)
+        why_not = NONE_INSIDE
+        if through_norm:
+            stage("certificate")
+            spec, reason = describe_norm(adapter.final_norm, suffix.x0)
+            if spec is None:
+                why_not = f"none: {reason}"
+            else:
+                h = adapter.prelogits(ids, dtype=None)[chunk].to(torch.float64)
+                cert = prelogit_certificate(head, h, eps_list, "l2")
+                lam_upper = cert.upper
+                d = suffix.x0.shape[-1]
+                radius = radius_through_norm(
+                    cert.radius, spec.centred_norm(suffix.x0), spec.max_gain, spec.eps, d
+                )
+                if norm == "linf":  # |delta|_2 <= sqrt(d) |delta|_inf
+                    radius = radius / math.sqrt(d)
+                certified = radius.cpu().numpy()
+        stage("search")
+        target = KLTarget(
+            lambda x, r, s=suffix: s.logits(x - s.x0[r], r), suffix.x0, suffix.logits0
+        )
+        attack, exact = _search(target, unit(vecs, "l2"), eps_list, norm, rounds, steps, rtol)
+        top_p, top_i = p.max(-1)
+        yield dict(
+            positions=chunk,
+            top=top_i,
+            top_p=top_p,
+            entropy=_entropy(p),
+            lam=lam[:, 0],
+            lam_upper=lam_upper,
+            certified=certified,
+            by=[BY_NORM] * P,
+            why_not=why_not,
+            attack=attack,
+            quadratic=_quadratic(lam[:, 0], vecs[:, 0], eps_list, norm),
+            exact=exact,
+        )
+        del target, suffix  # the cache goes now, not when the next block replaces it

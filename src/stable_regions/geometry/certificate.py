@@ -1,0 +1,354 @@
+"""Certified radii at the pre-logit vector: a ball on which the KL provably stays below eps.
+
+For a linear head ``z = scale (W h + b)`` and a perturbation ``delta`` of ``h``, write
+``u = scale W delta`` and ``c_i = u_i - E_p u = scale (w_i - mu) . delta`` with
+``mu = W^T p``. Then (docs/certify.md gives the reason for every step)
+
+    KL(p || p_delta) = K(1) - K'(0) = int_0^1 (1 - s) K''(s) ds,   K(s) = log E_p e^{s u}
+    K''(s) = Var_{p_s}(u) <= E_p[e^{s c} c^2] / E_p[e^{s c}] <= E_p[e^{s c} c^2]
+
+(``p_s`` the tilted distribution; Jensen gives ``E_p e^{s c} >= 1``). With ``|delta| <= r``:
+``c_i <= r R_i`` (``R_i = scale |w_i - mu|_*``, the dual norm: L2 for an L2 ball, L1 for an
+L-inf box) and ``E_p c^2 = delta^T H delta <= r^2 lam`` (``lam >= max v^T H v`` over the unit
+ball of the norm). Splitting the tokens at a threshold ``rho``:
+
+    E_p[e^{s c} c^2] <= r^2 [lam e^{s r rho} + sum_{R_i > rho} p_i R_i^2 (e^{s r R_i} - e^{s r rho})]
+
+and integrating, with ``phi(x) = (e^x - 1 - x) / x^2`` (``int_0^1 (1 - s) e^{s x} ds``):
+
+    KL <= r^2 [lam phi(r rho) + sum_{R_i > rho} p_i R_i^2 (phi(r R_i) - phi(r rho))]     (tilted)
+    KL <= r^2 D^2 / 8,   D = 2 max_i R_i >= the range of u / r                          (Hoeffding)
+
+Both grow with ``r``; the certified radius is the largest ``r`` where their minimum stays
+below eps. As ``eps -> 0`` it tends to ``sqrt(2 eps / lam)``, the quadratic radius of the top
+direction when ``lam = lambda_max``. ``lam`` must be an upper bound on ``lambda_max``:
+``subspace_upper_bound`` gives one from a few Ritz vectors and the exact trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .fisher import FisherOperator
+from .head import LogitHead
+
+# Float64 roundoff in the sums behind lam, R_i and the bound (relative ~1e-13 for vocabulary
+# sums of 2^18 terms) is covered by this relative margin, applied to every bound.
+ROUNDOFF_MARGIN = 1e-9
+BISECTION_STEPS = 64
+
+
+def phi(x: Tensor) -> Tensor:
+    """``(e^x - 1 - x) / x^2`` for ``x >= 0`` (1/2 at 0), never below the true value: a
+    series with a rounded-up remainder below 1e-3, ``expm1`` above (cancellation there is
+    ~1e-13 relative, inside ``ROUNDOFF_MARGIN``)."""
+    small = x < 1e-3
+    xs = torch.where(small, torch.ones_like(x), x)
+    big = (torch.expm1(xs) - xs) / (xs * xs)
+    series = 0.5 + x / 6.0 + x * x / 24.0 * (1.0 + x)  # remainder sum_{k>=3} x^k/(k+2)! <= x^3/24
+    return torch.where(small, series, big)
+
+
+def subspace_upper_bound(gram: Tensor, residual: Tensor, trace: Tensor) -> Tensor:
+    """Upper bound (P,) on ``lambda_max`` of PSD ``G`` from an orthonormal ``Y`` (k columns).
+
+    In the basis ``[Y, Y_perp]`` G has blocks ``A = Y^T G Y`` (``gram``, (P, k, k)),
+    ``B = Y_perp^T G Y`` with ``|B| = |(I - Y Y^T) G Y|`` (``residual``, (P,)) and
+    ``C = Y_perp^T G Y_perp``, PSD with ``lambda_max(C) <= tr C = tr G - tr A`` (``trace`` the
+    exact ``tr G``). For a unit ``x = (x1, x2)``: ``x^T G x <= a |x1|^2 + 2 b |x1||x2| + c |x2|^2``
+    with ``a = lambda_max(A)``, so ``lambda_max(G) <= lambda_max([[a, b], [b, c]])``. Tight when
+    Y holds the top eigenvectors (``b`` small) and the rest of the spectrum is below ``a``."""
+    a = torch.linalg.eigvalsh(gram)[..., -1]
+    c = (trace - torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)).clamp_min(0.0)
+    half = 0.5 * (a - c)
+    bound = 0.5 * (a + c) + torch.sqrt(half * half + residual * residual)
+    return bound + ROUNDOFF_MARGIN * trace.abs()
+
+
+def ritz_upper_bound(
+    gy: Tensor, y: Tensor, trace: Tensor, complement: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The best ``subspace_upper_bound`` over the leading Ritz vectors of ``span(y)``.
+
+    ``y`` (P, k, d) orthonormal rows, ``gy`` (P, k, d) = ``G y`` computed exactly. Rayleigh-Ritz
+    in float64 orders the subspace; each prefix of 1..k Ritz vectors gives a bound (more
+    vectors lower ``c`` but may raise ``b``) and the smallest is returned, with the top Ritz
+    value (a lower bound on ``lambda_max``). ``complement(ritz_vectors)`` (optional) gives
+    another upper bound on ``lambda_max`` of G outside the span of the converged Ritz vectors
+    (residual below 1e-3 of the top value), used for that prefix where it beats the trace.
+    Returns ``(upper, ritz)``, both (P,)."""
+    gram = torch.einsum("pkd,pjd->pkj", y, gy)
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    theta, s = torch.linalg.eigh(gram)  # ascending
+    theta, s = theta.flip(-1), s.flip(-1)
+    ry = torch.einsum("pkj,pkd->pjd", s, y)  # Ritz vectors, descending
+    rgy = torch.einsum("pkj,pkd->pjd", s, gy)
+    resid = rgy - theta[:, :, None] * ry
+    best = torch.full_like(trace, math.inf)
+    for k in range(1, y.shape[1] + 1):
+        b = torch.linalg.matrix_norm(resid[:, :k].transpose(1, 2), ord=2)
+        bound = subspace_upper_bound(torch.diag_embed(theta[:, :k]), b, trace)
+        best = torch.minimum(best, bound)
+    if complement is not None:
+        converged = resid.norm(dim=-1) <= 1e-3 * theta[:, :1].abs()
+        k = max(1, int(converged.cumprod(-1).sum(-1).min()))  # a prefix every position has
+        b = torch.linalg.matrix_norm(resid[:, :k].transpose(1, 2), ord=2)
+        a = theta[:, 0]
+        c = torch.minimum((trace - theta[:, :k].sum(-1)).clamp_min(0.0), complement(ry[:, :k]))
+        half = 0.5 * (a - c)
+        bound = 0.5 * (a + c) + torch.sqrt(half * half + b * b) + ROUNDOFF_MARGIN * trace
+        best = torch.minimum(best, bound)
+    return best, theta[:, 0]
+
+
+def head_tail_complement(
+    weight: Tensor, scale: float, p: Tensor, mu: Tensor, dual: Tensor, tokens: int = 1024
+) -> Callable[[Tensor], Tensor]:
+    """``complement`` for ``ritz_upper_bound`` at the pre-logit vector: with ``A`` the
+    ``tokens`` likeliest tokens and ``T`` the rest, ``G = G_A + G_T`` (each a sum of
+    ``p_i c_i c_i^T``, PSD), so on the complement ``Y_perp`` of the Ritz vectors
+    ``lambda_max <= |P G_A P|_F + tr G_T`` (``P = I - Y^T Y``; Frobenius >= spectral norm,
+    trace >= the top eigenvalue of a PSD matrix). ``dual`` are the L2 ``R_i`` (rounded up)."""
+
+    def bound(ry: Tensor) -> Tensor:
+        k = min(tokens, p.shape[-1])
+        pa, idx = p.topk(k, dim=-1)  # (P, k)
+        rows = weight[idx].to(torch.float64) * scale  # (P, k, d)
+        z = pa.sqrt()[:, :, None] * (rows - mu[:, None, :])
+        z = z - torch.einsum("pkd,pjd->pkj", z, ry) @ ry  # project out the Ritz vectors
+        gram = z.transpose(1, 2) @ z if k >= z.shape[-1] else z @ z.transpose(1, 2)
+        frob = torch.linalg.matrix_norm(gram, ord="fro")
+        head_mass = (pa * dual.gather(-1, idx) ** 2).sum(-1)
+        tail = ((p * dual * dual).sum(-1) - head_mass).clamp_min(0.0)
+        return (frob + tail) * (1 + ROUNDOFF_MARGIN) + 1e-12 * (p * dual * dual).sum(-1)
+
+    return bound
+
+
+class BallBound:
+    """``KL <= bound(r)`` on the ball ``|delta| <= r`` at P positions (see the module doc).
+
+    Args:
+        lam: (P,) an upper bound on ``max delta^T H delta`` over the unit ball of the norm.
+        p: (P, V) the next-token probabilities (float64).
+        dual: (P, V) ``R_i``, an upper bound on ``max c_i`` over the unit ball.
+    """
+
+    def __init__(self, lam: Tensor, p: Tensor, dual: Tensor) -> None:
+        f64 = torch.float64
+        self.lam = lam.to(f64) * (1 + ROUNDOFF_MARGIN)
+        dual = dual.to(f64) * (1 + ROUNDOFF_MARGIN)
+        p = p.to(f64)
+        self.diameter = 2.0 * dual.max(-1).values
+        # the threshold rho: the tokens of largest R_i whose p_i R_i^2 add up to lam (the
+        # split that minimises the bound for every s); at most TAIL of them are kept apart
+        order = dual.argsort(dim=-1, descending=True)
+        r_sorted = dual.gather(-1, order)
+        mass = p.gather(-1, order) * r_sorted**2
+        count = (mass.cumsum(-1) < self.lam[:, None]).sum(-1).clamp(max=self.TAIL)
+        width = max(1, int(count.max()))
+        idx = torch.arange(width, device=p.device)
+        keep = idx[None, :] < count[:, None]
+        self.rho = r_sorted.gather(-1, count[:, None].clamp(max=r_sorted.shape[-1] - 1))[:, 0]
+        self.tail_r = torch.where(keep, r_sorted[:, :width], self.rho[:, None])
+        self.tail_mass = torch.where(keep, mass[:, :width], torch.zeros_like(mass[:, :width]))
+
+    TAIL = 8192
+
+    def __call__(self, r: Tensor) -> Tensor:
+        """The bound on KL at radii ``r`` (P, n) -> (P, n)."""
+        r = r.to(torch.float64)
+        base = phi(r * self.rho[:, None])
+        tilted = self.lam[:, None] * base
+        extra = phi(r[:, :, None] * self.tail_r[:, None, :]) - base[:, :, None]
+        tilted = tilted + (self.tail_mass[:, None, :] * extra).sum(-1)
+        hoeffding = self.diameter[:, None] ** 2 / 8.0
+        return r * r * torch.minimum(tilted, hoeffding) * (1 + ROUNDOFF_MARGIN)
+
+    def radius(self, eps_list: Sequence[float]) -> Tensor:
+        """(P, E): the largest ``r`` (to bisection accuracy, from below) with bound <= eps."""
+        eps = torch.tensor(list(eps_list), dtype=torch.float64, device=self.lam.device)
+        P, E = self.lam.shape[0], eps.shape[0]
+        lo = torch.zeros(P, E, dtype=torch.float64, device=eps.device)
+        # bound(r) >= r^2 lam / 2 (phi >= 1/2, and D^2/4 >= lam): the radius lies below this
+        hi = torch.sqrt(2.0 * eps[None, :] / self.lam.clamp_min(1e-300)[:, None])
+        for _ in range(BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            ok = self(mid) <= eps[None, :]
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid)
+        return lo
+
+
+def box_curvature_bound(lam_upper: Tensor, diagonal: Tensor) -> Tensor:
+    """Upper bound (P,) on ``max s^T H s`` over the box ``|s|_inf <= 1``:
+    ``min(d lambda_max, (sum_j sqrt(H_jj))^2)`` (``|s|_2^2 <= d``; and with ``H = A^T A``,
+    ``|A s| <= sum_j |s_j| |A e_j|``)."""
+    d = diagonal.shape[-1]
+    column = diagonal.clamp_min(0.0).sqrt().sum(-1) ** 2
+    return torch.minimum(d * lam_upper, column) * (1 + ROUNDOFF_MARGIN)
+
+
+def norm_lipschitz(radius: Tensor, center_norm: Tensor, gain: float, eps: float, d: int) -> Tensor:
+    """Lipschitz bound of an RMSNorm / LayerNorm on the ball of ``radius`` about ``x``.
+
+    ``f(x) = g * y / sqrt(|y|^2 / d + eps)`` with ``y = x`` (RMSNorm) or ``y = x - mean(x)``
+    (LayerNorm; the centring has norm 1); ``center_norm = |y(x)|``, ``gain = max |g|``. Its
+    Jacobian is ``diag(g) (I - y y^T / (d n^2)) / n`` (times the centring), of norm at most
+    ``gain / n`` with ``n = sqrt(|y|^2 / d + eps)``, and ``|y| >= center_norm - radius`` on the
+    ball, so the mean-value inequality gives ``gain / sqrt((center_norm - r)_+^2 / d + eps)``."""
+    low = (center_norm - radius).clamp_min(0.0)
+    return gain / torch.sqrt(low * low / d + eps)
+
+
+def radius_through_norm(
+    radius_after: Tensor, center_norm: Tensor, gain: float, eps: float, d: int
+) -> Tensor:
+    """The largest ``r`` (from below) with ``r * norm_lipschitz(r) <= radius_after``: a ball of
+    radius r before the norm maps into the certified ball after it. Shapes broadcast."""
+    radius_after = radius_after.to(torch.float64)
+    center = center_norm.to(torch.float64)
+    if center.ndim < radius_after.ndim:
+        center = center.reshape(center.shape + (1,) * (radius_after.ndim - center.ndim))
+    lo = torch.zeros_like(radius_after)
+    # r * L(r) >= r * L(0), so the answer lies below radius_after / L(0)
+    hi = (radius_after / norm_lipschitz(torch.zeros_like(center), center, gain, eps, d)).expand_as(
+        radius_after
+    ) * (1 + 1e-12)
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        ok = mid * norm_lipschitz(mid, center, gain, eps, d) <= radius_after
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo
+
+
+@dataclass
+class ExactHeadPass:
+    """What one float64 pass over W gives at P positions (products exact to float64 roundoff;
+    W upcast a vocabulary chunk at a time, never as a whole copy).
+
+    ``mu`` (P, d) = ``scale W^T p``; ``gy`` (P, k, d) = ``H y`` for the rows of ``y``;
+    ``trace`` (P,) = ``tr H`` (rounded up); ``dual`` (P, V) = ``scale |w_i - mu|`` in the
+    dual norm (L2, or L1 with ``l1=True``), rounded up; ``diagonal`` (P, d) = ``diag H``
+    (with ``l1=True``, else None); ``row_dual`` (V,) = ``scale |w_i|`` in the same norm."""
+
+    mu: Tensor
+    gy: Tensor
+    trace: Tensor
+    dual: Tensor
+    diagonal: Tensor | None
+    row_dual: Tensor
+
+
+def exact_head_pass(
+    weight: Tensor, scale: float, p: Tensor, y: Tensor, l1: bool = False, chunk_bytes: int = 1 << 23
+) -> ExactHeadPass:
+    """``H = scale^2 W^T (diag p - p p^T) W`` applied exactly (see ``ExactHeadPass``)."""
+    f64 = torch.float64
+    V, d = weight.shape
+    P = p.shape[0]
+    step = max(1, chunk_bytes // (8 * d))
+    if l1:  # the (P, n, d) differences of the L1 norms stay within the same budget
+        step = max(1, min(step, chunk_bytes // (8 * d * P)))
+    mu = torch.zeros(P, d, dtype=f64, device=p.device)
+    for s in range(0, V, step):
+        mu += p[:, s : s + step] @ (weight[s : s + step].to(f64) * scale)
+    mu_y = torch.einsum("pd,pkd->pk", mu, y)
+    mu2 = (mu * mu).sum(-1)
+    gy = torch.zeros_like(y)
+    dual = torch.empty(P, V, dtype=f64, device=p.device)
+    row_dual = torch.empty(V, dtype=f64, device=p.device)
+    diagonal = torch.zeros(P, d, dtype=f64, device=p.device) if l1 else None
+    for s in range(0, V, step):
+        w = weight[s : s + step].to(f64) * scale  # (n, d)
+        pc = p[:, s : s + step]
+        b = torch.einsum("pkd,nd->pkn", y, w) - mu_y[:, :, None]  # centred logit tangents
+        g = pc[:, None, :] * b
+        gy += torch.einsum("pkn,nd->pkd", g, w) - g.sum(-1)[:, :, None] * mu[:, None, :]
+        if l1:
+            diff = w[None, :, :] - mu[:, None, :]  # (P, n, d)
+            dual[:, s : s + step] = diff.abs().sum(-1)
+            diagonal += torch.einsum("pn,pnd->pd", pc, diff * diff)
+            row_dual[s : s + step] = w.abs().sum(-1)
+        else:
+            w2 = (w * w).sum(-1)
+            r2 = w2[None, :] - 2.0 * (mu @ w.T) + mu2[:, None]
+            # |w|^2 - 2 w.mu + |mu|^2 loses ~1e-16 (|w|^2 + |mu|^2) absolutely: rounded up
+            r2 = r2.clamp_min(0.0) + 1e-14 * (w2[None, :] + mu2[:, None])
+            dual[:, s : s + step] = r2.sqrt()
+            row_dual[s : s + step] = w2.sqrt()
+    if l1:
+        trace = diagonal.sum(-1)
+    else:
+        trace = (p * dual * dual).sum(-1)
+    return ExactHeadPass(mu, gy, trace * (1 + ROUNDOFF_MARGIN), dual, diagonal, row_dual)
+
+
+@dataclass
+class PrelogitCertificate:
+    """Per position (P): ``ritz`` the top Ritz value (a lower bound on ``lambda_max``),
+    ``upper`` a rigorous upper bound on it, ``radius`` (P, E) the certified radius in the
+    norm, ``vectors`` (P, k, d) the Ritz vectors (descending), ``p`` (P, V) float64."""
+
+    ritz: Tensor
+    upper: Tensor
+    radius: Tensor
+    vectors: Tensor
+    p: Tensor
+
+
+def prelogit_certificate(
+    head: LogitHead,
+    h: Tensor,
+    eps_list: Sequence[float],
+    norm: str = "l2",
+    ritz: int = 8,
+) -> PrelogitCertificate:
+    """Certified radii of the L2 ball or L-inf box about pre-logit vectors ``h`` (P, d).
+
+    ``ritz`` Lanczos vectors of ``H`` (products in the weight's dtype: they only choose the
+    subspace), then one exact float64 pass (``exact_head_pass``) for ``H Y``, ``tr H`` and the
+    ``R_i``; ``ritz_upper_bound`` turns them into a rigorous ``lambda_max`` bound.
+
+    A linear head uses the module doc's bound. Under a softcap ``z = c tanh(u / c)`` the
+    logit change ``dz`` is not linear in ``delta``, but ``|dz_i| <= |du_i|`` (the cap is
+    1-Lipschitz): then ``Var_p(dz) <= E_p[du^2] = delta^T (H_u + mu mu^T) delta`` (``H_u``
+    the curvature of the raw logits under the model's p) and ``dz_i - E_p dz <= 2 r max_j R_j``
+    with ``R_j = scale |w_j|_*``: the same bound with ``lam + |mu|^2`` and ``R_i = 2 max_j R_j``.
+    """
+    f64 = torch.float64
+    h = h.to(f64)
+    u0 = head.raw_float64(h)
+    p = torch.softmax(head.squash(u0), dim=-1)
+    del u0
+    op = FisherOperator(head.weight, p, scale=head.scale)  # raw-logit curvature under p
+    k = max(1, min(ritz, head.d_model))
+    run = op.lanczos(k, tol=1e-6, max_iter=min(head.d_model, 4 * k + 16))
+    y = torch.linalg.qr(run.vectors.to(f64).transpose(1, 2))[0].transpose(1, 2)
+    exact = exact_head_pass(head.weight, head.scale, p, y, l1=norm == "linf")
+    l2 = exact if norm == "l2" else exact_head_pass(head.weight, head.scale, p, y[:, :0])
+    complement = head_tail_complement(head.weight, head.scale, p, exact.mu, l2.dual)
+    upper, top = ritz_upper_bound(exact.gy, y, exact.trace, complement)
+    dual = exact.dual
+    lam = upper
+    if not head.is_linear:
+        mu2 = (exact.mu * exact.mu).sum(-1)
+        lam = upper + mu2
+        dual = 2.0 * exact.row_dual.max().expand_as(dual)
+    if norm == "linf":
+        diagonal = exact.diagonal
+        if not head.is_linear:
+            diagonal = diagonal + exact.mu * exact.mu
+        lam = box_curvature_bound(lam, diagonal)
+    radius = BallBound(lam, p, dual).radius(eps_list)
+    # the Ritz vectors in descending order, for the search's starts
+    gram = torch.einsum("pkd,pjd->pkj", y, exact.gy)
+    s = torch.linalg.eigh(0.5 * (gram + gram.transpose(1, 2)))[1].flip(-1)
+    vectors = torch.einsum("pkj,pkd->pjd", s, y)
+    return PrelogitCertificate(top, upper, radius, vectors, p)

@@ -1,0 +1,282 @@
+"""Certified radii: never violated by brute force, and a weakened bound is caught.
+
+The references are independent of the library's bound and search: the KL of the perturbed
+softmax computed directly (float64, whole model where a model is involved), over many random
+directions, the dense Hessian's top eigenvectors, and a projected-gradient ascent written
+here with autograd.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCH_NAMES, tiny_model
+
+from stable_regions.certify import certify
+from stable_regions.cli import main
+from stable_regions.geometry import FisherOperator, LogitHead
+from stable_regions.geometry.certificate import (
+    phi,
+    prelogit_certificate,
+    radius_through_norm,
+    ritz_upper_bound,
+)
+from stable_regions.models import wrap
+from stable_regions.models.norms import describe_norm
+
+EPS = [0.01, 0.1, 1.0]
+
+
+def head_kl(head: LogitHead, h: Tensor, delta: Tensor) -> Tensor:  # noqa: F821
+    """KL(p || p_delta) at one pre-logit vector ``h`` (d,) for perturbations (n, d), float64."""
+    logp = torch.log_softmax(head.logits_float64(h[None]), -1)
+    logq = torch.log_softmax(head.logits_float64(h[None] + delta), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def worst_kl(
+    kl_fn,
+    d: int,
+    radius: float,
+    norm: str,
+    starts: torch.Tensor,
+    seed: int = 0,
+    n_random: int = 2000,
+    steps: int = 60,
+):
+    """The largest KL found on the sphere / box of ``radius``: ``n_random`` random directions,
+    the given starts (both signs), and ``steps`` of projected gradient ascent from the best 8."""
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randn(n_random, d, generator=g, dtype=torch.float64)
+    cand = torch.cat([rand, starts, -starts])
+    if norm == "l2":
+        cand = radius * cand / cand.norm(dim=-1, keepdim=True)
+    else:
+        cand = radius * torch.sign(cand)  # the box's corners: a convex KL peaks at corners
+    values = kl_fn(cand)
+    best = cand[values.argsort(descending=True)[:8]].clone()
+    step = 0.3 * radius
+    for _ in range(steps):
+        x = best.clone().requires_grad_(True)
+        grad = torch.autograd.grad(kl_fn(x).sum(), x)[0]
+        if norm == "l2":
+            x = best + step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            x = radius * x / x.norm(dim=-1, keepdim=True)
+        else:
+            x = (best + step * torch.sign(grad)).clamp(-radius, radius)
+        with torch.no_grad():
+            keep = kl_fn(x) > kl_fn(best)
+        best = torch.where(keep[:, None], x.detach(), best)
+        step *= 0.95
+    with torch.no_grad():
+        return float(torch.cat([values, kl_fn(best)]).max())
+
+
+def random_head(seed: int, V: int = 300, d: int = 12, softcap: float | None = None) -> LogitHead:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64)
+    b = 0.5 * torch.randn(V, generator=g, dtype=torch.float64)
+    return LogitHead(w, b, scale=1.0, softcap=softcap)
+
+
+def test_phi_is_the_integral_and_never_below_it():
+    x = torch.tensor([0.0, 1e-8, 1e-4, 9.9e-4, 1e-3, 0.1, 1.0, 7.0, 40.0], dtype=torch.float64)
+    s = torch.linspace(0, 1, 200001, dtype=torch.float64)
+    integrand = (1 - s)[None, :] * torch.exp(s[None, :] * x[:, None])
+    exact = torch.trapezoid(integrand, s, dim=-1)
+    assert torch.allclose(phi(x), exact, rtol=1e-8)
+    # near the series/expm1 switch the closed form in extended terms
+    xs = torch.tensor([1e-5, 5e-4, 9.99e-4], dtype=torch.float64)
+    series = sum(xs**k / math.factorial(k + 2) for k in range(12))
+    assert torch.all(phi(xs) >= series * (1 - 1e-15))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ritz_bound_is_above_lambda_max_and_close(seed):
+    head = random_head(seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    h = 1.5 * torch.randn(5, head.d_model, generator=g, dtype=torch.float64)
+    p = torch.softmax(head.logits_float64(h), -1)
+    op = FisherOperator(head.weight, p)
+    dense = op.dense()
+    lam = torch.linalg.eigvalsh(dense)[:, -1]
+    cert = prelogit_certificate(head, h, EPS, ritz=4)
+    assert torch.all(cert.upper >= lam * (1 - 1e-12))
+    assert torch.all(cert.ritz <= lam * (1 + 1e-9))
+    assert torch.all(cert.upper <= 1.05 * lam)
+    # with a subspace that misses the top eigenvector the bound still holds (it is loose)
+    vecs = torch.linalg.eigh(dense)[1]
+    y = vecs[:, :, :2].transpose(1, 2).contiguous()  # the two smallest
+    gy = torch.einsum("pij,pkj->pki", dense, y)
+    upper, _ = ritz_upper_bound(gy, y, torch.diagonal(dense, dim1=1, dim2=2).sum(-1))
+    assert torch.all(upper >= lam * (1 - 1e-12))
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_certificate_is_never_violated_and_a_weakened_one_is(norm, softcap, seed):
+    head = random_head(seed, softcap=softcap)
+    g = torch.Generator().manual_seed(seed + 100)
+    # from near-uniform to confident positions
+    h = torch.randn(3, head.d_model, generator=g, dtype=torch.float64)
+    h = h * torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)[:, None]
+    cert = prelogit_certificate(head, h, EPS, norm=norm)
+    caught = 0
+    for j in range(len(h)):
+        fisher = FisherOperator.from_head(head.to(torch.float64), h[j : j + 1]).dense()[0]
+        top = torch.linalg.eigh(fisher)[1][:, -3:].T
+        # a bound that ignores the higher orders: 1.5 x the quadratic radius of the top
+        # direction (of its corner for a box)
+        v = top[-1] if norm == "l2" else torch.sign(top[-1])
+        curvature = float(v @ fisher @ v)
+
+        def kl(delta, j=j):
+            return head_kl(head, h[j], delta)
+
+        for e_idx, eps in enumerate(EPS):
+            r = float(cert.radius[j, e_idx])
+            assert r > 0
+            assert worst_kl(kl, head.d_model, r, norm, top) <= eps
+            weakened = 1.5 * math.sqrt(2 * eps / curvature)
+            if worst_kl(kl, head.d_model, weakened, norm, top) > eps:
+                caught += 1
+    assert caught == 9  # the same search does catch an over-claim
+
+
+@pytest.mark.real_model
+def test_certificate_on_smollm2_holds_and_is_near_the_top_exit():
+    from stable_regions import load
+
+    adapter = load("smollm2-135m")
+    ids = adapter.tokenize("The capital of France is Paris, and the capital of Italy is")
+    h = adapter.prelogits(ids)[[3, 8, 12]]
+    head = adapter.stored_head
+    cert = prelogit_certificate(head, h, EPS)
+    for j in range(3):
+        starts = cert.vectors[j, :3]
+
+        def kl(delta, j=j):
+            return head_kl(head, h[j], delta)
+
+        for e_idx, eps in enumerate(EPS):
+            r = float(cert.radius[j, e_idx])
+            assert worst_kl(kl, head.d_model, r, "l2", starts, n_random=200, steps=15) <= eps
+    # at small eps the certificate is close to the quadratic radius of the top direction
+    quad = torch.sqrt(2 * 0.01 / cert.ritz)
+    assert torch.all(cert.radius[:, 0] > 0.7 * quad)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "gpt_neox"])
+def test_norm_spec_matches_the_module_and_its_lipschitz_bound_holds(name, tokenizer):
+    model = tiny_model(name)
+    adapter = wrap(model, tokenizer)
+    g = torch.Generator().manual_seed(0)
+    x = 2.0 * torch.randn(4, adapter.d_model, generator=g, dtype=torch.float64)
+    spec, reason = describe_norm(adapter.final_norm, x)
+    assert spec is not None, reason
+    with torch.no_grad():
+        assert torch.allclose(spec(x), adapter.final_norm(x).double(), rtol=1e-6, atol=1e-8)
+    # brute force: random and radial perturbations at radius r never stretch beyond r L(r)
+    for r_after in [0.05, 0.5, 2.0]:
+        r = radius_through_norm(
+            torch.tensor([r_after]), spec.centred_norm(x[:1]), spec.max_gain, spec.eps, x.shape[1]
+        )
+        delta = torch.randn(3000, x.shape[1], generator=g, dtype=torch.float64)
+        delta = torch.cat([delta, -x[:1], x[:1]])  # toward and away from the origin
+        delta = float(r) * delta / delta.norm(dim=-1, keepdim=True)
+        moved = (spec(x[:1] + delta) - spec(x[:1])).norm(dim=-1)
+        assert float(moved.max()) <= r_after * (1 + 1e-9)
+
+
+def _whole_model_kl(adapter, ids, hook, position, deltas):
+    """KL at ``position`` with ``deltas`` (n, d) added at ``hook``: whole float64 forward passes
+    of the prompt prefix, differentiable (one batch row per delta)."""
+    prefix = ids[:, : position + 1]
+    with torch.no_grad():
+        logp = torch.log_softmax(adapter.forward(prefix).logits[0, -1].double(), -1)
+    with adapter.perturbation(hook, position, deltas, seq_len=position + 1):
+        out = adapter.forward(prefix.expand(deltas.shape[0], -1), use_cache=False)
+    logq = torch.log_softmax(out.logits[:, -1].double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
+def test_last_block_certificate_holds_on_the_whole_model(name, tokenizer):
+    adapter = wrap(tiny_model(name), tokenizer)
+    prompt = "the cat sat on"
+    ids = adapter.tokenize(prompt)
+    last = adapter.n_layers - 1
+    hook = adapter.hook_for_layer(last)
+    result = certify(adapter, prompt, EPS, layer=last, positions=[2, 5], rounds=1, steps=3)
+    frame = result.to_frame()
+    assert frame["radius_certified"].notna().all(), frame["certified_by"].iloc[0]
+    assert (frame["radius_certified"] <= frame["radius_attack"]).all()
+    for position in [2, 5]:
+
+        def kl(delta, position=position):
+            return _whole_model_kl(adapter, ids, hook, position, delta)
+
+        rows = frame[frame.position == position]
+        for _, row in rows.iterrows():
+            got = worst_kl(
+                kl, adapter.d_model, row.radius_certified, "l2", torch.zeros(0, 32), 300, 20
+            )
+            assert got <= row.eps
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_certify_at_final_brackets_the_radius_on_every_architecture(name, tokenizer):
+    adapter = wrap(tiny_model(name), tokenizer)
+    prompt = "a bird in the hand"
+    ids = adapter.tokenize(prompt)
+    frame = certify(adapter, prompt, EPS, positions=[1, 4, 7], rounds=1, steps=3).to_frame()
+    assert frame["radius_certified"].gt(0).all()
+    # certified <= attack <= the top direction's own exit; and the attack is a real exit of
+    # the whole model: past it (0.1% further) the KL is at least eps
+    assert (frame["radius_certified"] <= frame["radius_attack"] * (1 + 1e-9)).all()
+    assert (frame["radius_attack"] <= frame["radius_exact"] * (1 + 1e-9)).all()
+    found = certify(adapter, prompt, [0.1], positions=[4], rounds=1, steps=3)
+    hook = adapter.hook_for_layer("final")
+    row = found.rows[0]
+    assert math.isfinite(row["radius_attack"])
+    # the L-inf box of the certificate also holds on the whole model
+    box = certify(adapter, prompt, [0.1], norm="linf", positions=[4], rounds=0).rows[0]
+
+    def kl(delta):
+        return _whole_model_kl(adapter, ids, hook, 4, delta)
+
+    radius, dim = box["radius_certified"], adapter.hook_dim(hook)
+    assert worst_kl(kl, dim, radius, "linf", torch.zeros(0, dim), 300, 20) <= 0.1
+
+
+def test_inner_layer_has_no_certificate_but_a_search(tokenizer):
+    adapter = wrap(tiny_model("llama"), tokenizer)
+    frame = certify(adapter, "the cat sat", [0.1], layer=0, positions=[2], steps=2).to_frame()
+    assert frame["radius_certified"].isna().all()
+    assert frame["certified_by"].str.startswith("none:").all()
+    assert np.isfinite(frame["radius_attack"]).all()
+
+
+def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):
+    for argv, needle in [
+        (["certify", "x", "--norm", "l1"], "norm must be 'l2' or 'linf'"),
+        (["certify", "x", "--eps", "0"], "eps must be"),
+        (["certify", "x", "--eps", "-1"], "eps must be"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    assert main(["certify", "The cat", "--positions", "last", "--layer", "99"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["certify", "The cat", "--positions", "last", "--eps", "0.1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"model", "layer", "norm", "eps", "rows"}
+    assert doc["norm"] == "l2" and doc["eps"] == [0.1]
+    row = doc["rows"][0]
+    assert {"position", "eps", "radius_certified", "radius_attack", "tightness"} <= set(row)
+    assert 0 < row["radius_certified"] <= row["radius_attack"]
