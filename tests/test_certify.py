@@ -280,3 +280,48 @@ def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):
     row = doc["rows"][0]
     assert {"position", "eps", "radius_certified", "radius_attack", "tightness"} <= set(row)
     assert 0 < row["radius_certified"] <= row["radius_attack"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
+def test_substitutions_are_the_nearest_tokens_and_their_kl_is_the_model_s(name, tokenizer):
+    adapter = wrap(tiny_model(name), tokenizer)
+    prompt = "the cat sat"
+    ids = adapter.tokenize(prompt)
+    result = certify(adapter, prompt, [0.01, 0.5], positions=[1, 4], rounds=0, substitutions=3)
+    frame = result.substitutions_frame()
+    assert len(frame) == 2 * 3 * 2
+    embedding = adapter.model.get_input_embeddings().weight.detach().double()
+    hook = adapter.hook_for_layer("embed")
+    for position in [1, 4]:
+        rows = frame[(frame.position == position) & (frame.eps == 0.01)]
+        token = int(ids[0, position])
+        dist = (embedding - embedding[token]).norm(dim=-1)
+        dist[token] = math.inf
+        assert sorted(rows.substitute_id) == sorted(dist.argsort()[:3].tolist())
+        for _, row in rows.iterrows():
+            # the substitution is the move delta at the embedding hook: the whole model with
+            # the token swapped and with delta added agree, and delta has the reported length
+            swapped = ids.clone()
+            swapped[0, position] = row.substitute_id
+            seen = []
+            with torch.no_grad(), adapter.capture(hook, seen):
+                adapter.forward(swapped[:, : position + 1])
+                adapter.forward(ids[:, : position + 1])
+            delta = (seen[0][0, position] - seen[1][0, position]).double()
+            assert float(delta.norm()) == pytest.approx(row.distance, rel=1e-9)
+            kl = _whole_model_kl(adapter, ids, hook, position, delta[None]).item()
+            assert kl == pytest.approx(row.kl_substituted, rel=1e-6, abs=1e-12)
+    assert (frame.flips_measured == (frame.kl_substituted > frame.eps)).all()
+    finite = np.isfinite(frame.radius_predicted)
+    assert (
+        frame.flips_predicted[finite] == (frame.radius_predicted < frame.distance)[finite]
+    ).all()
+    doc = result.to_json()
+    assert len(doc["substitutions"]) == len(frame)
+
+
+def test_cli_substitutions_bad_count(capsys):
+    for bad in ["0", "-1", "two"]:
+        assert main(["certify", "x", "--substitutions", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--substitutions must be" in err and err.count("\n") == 1

@@ -2,6 +2,7 @@
 
 from .analysis import AnalysisResult, analyze
 from .calibration import Calibration, load_calibration
+from .certify import CertifyResult, certify
 from .errors import StableRegionsError
 from .jacobian import JacobianProfile, jacobian_profile
 from .maps import StabilityMap, stability_map
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "AnalysisResult",
     "Calibration",
+    "CertifyResult",
     "JacobianProfile",
     "ModelAdapter",
     "StableRegionsError",
@@ -22,6 +24,7 @@ __all__ = [
     "SteeringResult",
     "ValidationRun",
     "analyze",
+    "certify",
     "jacobian_profile",
     "load",
     "load_calibration",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,9 @@ from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .models.norms import describe_norm
 from .models.suffix import SuffixBatch
-from .probes.attack import KLTarget, unit, worst_case_search
+from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
+from .substitutions import COLUMNS as SUBSTITUTION_COLUMNS
+from .substitutions import token_substitutions
 
 NORMS = ("l2", "linf")
 
@@ -74,19 +76,31 @@ class CertifyResult:
     norm: str
     eps: list[float]
     rows: list[dict]
+    substitutions: list[dict] = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
+    def substitutions_frame(self) -> pd.DataFrame:
+        """One row per (position, substitute, eps) with ``substitutions=K``; see
+        ``stable_regions.substitutions``."""
+        return pd.DataFrame(self.substitutions, columns=SUBSTITUTION_COLUMNS)
+
     def to_json(self) -> dict:
-        """``{"model", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities as strings)."""
-        return {
+        """``{"model", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities as strings),
+        and ``"substitutions"`` when they were asked for."""
+        doc = {
             "model": self.model,
             "layer": self.layer,
             "norm": self.norm,
             "eps": self.eps,
             "rows": [{k: json_value(r[k]) for k in COLUMNS} for r in self.rows],
         }
+        if self.substitutions:
+            doc["substitutions"] = [
+                {k: json_value(r[k]) for k in SUBSTITUTION_COLUMNS} for r in self.substitutions
+            ]
+        return doc
 
 
 def check_norm(norm: str) -> str:
@@ -103,9 +117,10 @@ def certify(
     norm: str = "l2",
     positions: str | int | Sequence[int] = "all",
     *,
+    substitutions: int = 0,
     restarts: int = 2,
-    rounds: int = 2,
-    steps: int = 6,
+    rounds: int = 1,
+    steps: int = 4,
     rtol: float = 1e-6,
     progress: Callable[[int, int], None] | None = None,
     stage: Stage | None = None,
@@ -118,6 +133,9 @@ def certify(
         layer: ``"final"`` (the pre-logit vector), ``"embed"`` or a block index.
         norm: ``"l2"`` (a ball) or ``"linf"`` (a box; radii in L-inf units).
         positions: ``"all"``, ``"last"`` or token indices.
+        substitutions: K > 0 also checks each position's K nearest tokens in the input
+            embedding (``stable_regions.substitutions``): the predicted and the measured
+            effect of swapping the token, in ``CertifyResult.substitutions``.
         restarts: top curvature directions the search starts from (each with both signs).
         rounds, steps: search rounds, and gradient steps per round.
     """
@@ -126,6 +144,10 @@ def certify(
     norm = check_norm(norm)
     if restarts < 1 or rounds < 0 or steps < 0:
         raise StableRegionsError("restarts must be >= 1, rounds and steps >= 0")
+    if isinstance(substitutions, bool) or not isinstance(substitutions, int) or substitutions < 0:
+        raise StableRegionsError(
+            f"substitutions must be a whole number K >= 1 of nearest tokens (0: none), got {substitutions!r}"
+        )
     hook = adapter.hook_for_layer(layer)
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
@@ -180,7 +202,11 @@ def certify(
         done += len(b["positions"])
         if progress is not None:
             progress(done, len(pos))
-    return CertifyResult(adapter.name, prompt, str(layer), norm, eps_list, rows)
+    swaps = []
+    if substitutions:
+        stage("substitutions")
+        swaps = token_substitutions(adapter, ids, pos, eps_list, substitutions, rtol)
+    return CertifyResult(adapter.name, prompt, str(layer), norm, eps_list, rows, swaps)
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -196,14 +222,26 @@ def _quadratic(lam: Tensor, top: Tensor, eps_list: list[float], norm: str) -> np
 
 
 def _search(
-    target: KLTarget, starts: Tensor, eps_list, norm, rounds, steps, rtol
+    target: KLTarget, starts: Tensor, eps_list, norm, rounds, steps, rtol, guesses=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(radius_attack, radius_exact)`` (P, E): the search from ``starts`` (P, S, d), and the
     exits along the top start's two signs alone (in the norm's units)."""
-    found = worst_case_search(target, starts, eps_list, norm, rounds=rounds, steps=steps, rtol=rtol)
+    found = worst_case_search(
+        target, starts, eps_list, norm, rounds=rounds, steps=steps, rtol=rtol, guesses=guesses
+    )
     S = starts.shape[1]
     exact = np.minimum(found.start_radii[:, 0], found.start_radii[:, S])
     return found.radius, exact
+
+
+def _quadratic_guesses(target: SubspaceKL, starts: Tensor, eps_list) -> np.ndarray:
+    """(P, S, E) ``sqrt(2 eps / Var_p(tangent))`` along each start of the subspace search."""
+    b = torch.einsum("psm,pmv->psv", starts, target.tangents)
+    p = target.logp0.exp()[:, None, :]
+    centred = b - (p * b).sum(-1, keepdim=True)
+    curvature = (p * centred * centred).sum(-1).clamp_min(1e-300)  # (P, S)
+    e = torch.tensor(eps_list, dtype=torch.float64, device=b.device)
+    return torch.sqrt(2.0 * e / curvature[..., None]).cpu().numpy()
 
 
 def _prelogit(
@@ -219,9 +257,19 @@ def _prelogit(
         stage("certificate")
         cert = prelogit_certificate(head, h, eps_list, norm)
         stage("search")
-        target = KLTarget(lambda x, _rows: head.logits(x), h, head.logits_float64(h))
-        starts = cert.vectors[:, : max(1, restarts)]
-        attack, exact = _search(target, starts, eps_list, norm, rounds, steps, rtol)
+        if norm == "l2":
+            # in the certificate's subspace (its Ritz vectors and the next tokens' directions):
+            # O(V m) per step from the exact logit tangents, no pass over W
+            target = SubspaceKL(
+                head.squash, cert.logits, cert.tangents, h.norm(dim=-1), head.is_linear
+            )
+            starts = cert.coefficients[:, :, :restarts].transpose(1, 2)
+            guesses = _quadratic_guesses(target, starts, eps_list)
+        else:  # the box is not a box in a subspace: the full space, a pass over W per step
+            target = KLTarget(lambda x, _rows: head.logits(x), h, head.logits_float64(h))
+            starts = cert.vectors[:, :restarts]
+            guesses = None
+        attack, exact = _search(target, starts, eps_list, norm, rounds, steps, rtol, guesses)
         top_p, top_i = cert.p.max(-1)
         yield dict(
             positions=pos[start : start + len(h)],

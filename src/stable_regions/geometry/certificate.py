@@ -40,7 +40,7 @@ from .head import LogitHead
 # Float64 roundoff in the sums behind lam, R_i and the bound (relative ~1e-13 for vocabulary
 # sums of 2^18 terms) is covered by this relative margin, applied to every bound.
 ROUNDOFF_MARGIN = 1e-9
-BISECTION_STEPS = 64
+BISECTION_STEPS = 50  # 2^-50 of the bracket: below the roundoff margin
 
 
 def phi(x: Tensor) -> Tensor:
@@ -158,7 +158,7 @@ class BallBound:
         self.tail_r = torch.where(keep, r_sorted[:, :width], self.rho[:, None])
         self.tail_mass = torch.where(keep, mass[:, :width], torch.zeros_like(mass[:, :width]))
 
-    TAIL = 8192
+    TAIL = 4096
 
     def __call__(self, r: Tensor) -> Tensor:
         """The bound on KL at radii ``r`` (P, n) -> (P, n)."""
@@ -236,7 +236,8 @@ class ExactHeadPass:
     ``mu`` (P, d) = ``scale W^T p``; ``gy`` (P, k, d) = ``H y`` for the rows of ``y``;
     ``trace`` (P,) = ``tr H`` (rounded up); ``dual`` (P, V) = ``scale |w_i - mu|`` in the
     dual norm (L2, or L1 with ``l1=True``), rounded up; ``diagonal`` (P, d) = ``diag H``
-    (with ``l1=True``, else None); ``row_dual`` (V,) = ``scale |w_i|`` in the same norm."""
+    (with ``l1=True``, else None); ``row_dual`` (V,) = ``scale |w_i|`` in the same norm;
+    ``tangents`` (P, k, V) = ``scale W y`` (the raw logits' change along each row of ``y``)."""
 
     mu: Tensor
     gy: Tensor
@@ -244,6 +245,7 @@ class ExactHeadPass:
     dual: Tensor
     diagonal: Tensor | None
     row_dual: Tensor
+    tangents: Tensor
 
 
 def exact_head_pass(
@@ -265,10 +267,12 @@ def exact_head_pass(
     dual = torch.empty(P, V, dtype=f64, device=p.device)
     row_dual = torch.empty(V, dtype=f64, device=p.device)
     diagonal = torch.zeros(P, d, dtype=f64, device=p.device) if l1 else None
+    tangents = torch.empty(P, y.shape[1], V, dtype=f64, device=p.device)
     for s in range(0, V, step):
         w = weight[s : s + step].to(f64) * scale  # (n, d)
         pc = p[:, s : s + step]
-        b = torch.einsum("pkd,nd->pkn", y, w) - mu_y[:, :, None]  # centred logit tangents
+        tangents[:, :, s : s + step] = torch.einsum("pkd,nd->pkn", y, w)
+        b = tangents[:, :, s : s + step] - mu_y[:, :, None]  # centred logit tangents
         g = pc[:, None, :] * b
         gy += torch.einsum("pkn,nd->pkd", g, w) - g.sum(-1)[:, :, None] * mu[:, None, :]
         if l1:
@@ -287,20 +291,30 @@ def exact_head_pass(
         trace = diagonal.sum(-1)
     else:
         trace = (p * dual * dual).sum(-1)
-    return ExactHeadPass(mu, gy, trace * (1 + ROUNDOFF_MARGIN), dual, diagonal, row_dual)
+    return ExactHeadPass(mu, gy, trace * (1 + ROUNDOFF_MARGIN), dual, diagonal, row_dual, tangents)
 
 
 @dataclass
 class PrelogitCertificate:
     """Per position (P): ``ritz`` the top Ritz value (a lower bound on ``lambda_max``),
     ``upper`` a rigorous upper bound on it, ``radius`` (P, E) the certified radius in the
-    norm, ``vectors`` (P, k, d) the Ritz vectors (descending), ``p`` (P, V) float64."""
+    norm, ``p`` (P, V) float64. The subspace it worked in: ``basis`` (P, m, d) orthonormal,
+    ``coefficients`` (P, m, m) the Ritz vectors in it (columns, descending; ``vectors``
+    (P, m, d) the same in the activation space), ``tangents`` (P, m, V) the raw logits' change
+    along each basis row, and ``logits`` (P, V) the raw logits, float64."""
 
     ritz: Tensor
     upper: Tensor
     radius: Tensor
-    vectors: Tensor
     p: Tensor
+    basis: Tensor
+    coefficients: Tensor
+    tangents: Tensor
+    logits: Tensor
+
+    @property
+    def vectors(self) -> Tensor:
+        return torch.einsum("pkj,pkd->pjd", self.coefficients, self.basis)
 
 
 def prelogit_certificate(
@@ -309,12 +323,15 @@ def prelogit_certificate(
     eps_list: Sequence[float],
     norm: str = "l2",
     ritz: int = 8,
+    tokens: int = 2,
 ) -> PrelogitCertificate:
     """Certified radii of the L2 ball or L-inf box about pre-logit vectors ``h`` (P, d).
 
     ``ritz`` Lanczos vectors of ``H`` (products in the weight's dtype: they only choose the
-    subspace), then one exact float64 pass (``exact_head_pass``) for ``H Y``, ``tr H`` and the
-    ``R_i``; ``ritz_upper_bound`` turns them into a rigorous ``lambda_max`` bound.
+    subspace) and the directions ``w_j - w_top`` toward the ``tokens`` next likeliest tokens
+    (where a large move goes), orthonormalized, then one exact float64 pass
+    (``exact_head_pass``) for ``H Y``, ``tr H``, the ``R_i`` and the logit tangents;
+    ``ritz_upper_bound`` turns them into a rigorous ``lambda_max`` bound.
 
     A linear head uses the module doc's bound. Under a softcap ``z = c tanh(u / c)`` the
     logit change ``dz`` is not linear in ``delta``, but ``|dz_i| <= |du_i|`` (the cap is
@@ -326,15 +343,18 @@ def prelogit_certificate(
     h = h.to(f64)
     u0 = head.raw_float64(h)
     p = torch.softmax(head.squash(u0), dim=-1)
-    del u0
     op = FisherOperator(head.weight, p, scale=head.scale)  # raw-logit curvature under p
     k = max(1, min(ritz, head.d_model))
-    run = op.lanczos(k, tol=1e-6, max_iter=min(head.d_model, 4 * k + 16))
-    y = torch.linalg.qr(run.vectors.to(f64).transpose(1, 2))[0].transpose(1, 2)
+    run = op.lanczos(k, tol=1e-4, max_iter=min(head.d_model, 3 * k + 8))
+    top = p.topk(min(tokens + 1, p.shape[-1]), dim=-1).indices
+    rows = head.weight[top].to(f64)  # (P, tokens + 1, d)
+    toward = rows[:, 1:] - rows[:, :1]
+    span = torch.cat([run.vectors.to(f64), toward], dim=1)[:, : head.d_model]
+    y = torch.linalg.qr(span.transpose(1, 2))[0].transpose(1, 2)
     exact = exact_head_pass(head.weight, head.scale, p, y, l1=norm == "linf")
     l2 = exact if norm == "l2" else exact_head_pass(head.weight, head.scale, p, y[:, :0])
     complement = head_tail_complement(head.weight, head.scale, p, exact.mu, l2.dual)
-    upper, top = ritz_upper_bound(exact.gy, y, exact.trace, complement)
+    upper, ritz_value = ritz_upper_bound(exact.gy, y, exact.trace, complement)
     dual = exact.dual
     lam = upper
     if not head.is_linear:
@@ -349,6 +369,5 @@ def prelogit_certificate(
     radius = BallBound(lam, p, dual).radius(eps_list)
     # the Ritz vectors in descending order, for the search's starts
     gram = torch.einsum("pkd,pjd->pkj", y, exact.gy)
-    s = torch.linalg.eigh(0.5 * (gram + gram.transpose(1, 2)))[1].flip(-1)
-    vectors = torch.einsum("pkj,pkd->pjd", s, y)
-    return PrelogitCertificate(top, upper, radius, vectors, p)
+    coefficients = torch.linalg.eigh(0.5 * (gram + gram.transpose(1, 2)))[1].flip(-1)
+    return PrelogitCertificate(ritz_value, upper, radius, p, y, coefficients, exact.tangents, u0)

@@ -15,6 +15,7 @@ of the network through ``SuffixBatch`` inside it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class KLTarget:
     def __init__(self, logits_fn: LogitsFn, x0: Tensor, logits0: Tensor) -> None:
         self.logits_fn = logits_fn
         self.x0 = x0.to(torch.float64)
+        self.scale = self.x0.norm(dim=-1)  # (P,): where the ray searches start and give up
         self.logp0 = torch.log_softmax(logits0.to(torch.float64), -1)
         self.chunk = rows_within(self.logp0.shape[-1], 8 * 3)  # logits, grads, softmax
 
@@ -96,8 +98,10 @@ class KLTarget:
         t_max: np.ndarray,
         rtol: float,
         start: np.ndarray | None = None,
+        guesses: np.ndarray | None = None,
     ) -> np.ndarray:
-        """First crossing (R, E) of ``levels`` (R, E) along ``directions`` (R, d) at ``rows``."""
+        """First crossing (R, E) of ``levels`` (R, E) along ``directions`` (R, d) at ``rows``
+        (``guesses`` (R, E) only speed up the refinement)."""
         directions = directions.to(torch.float64)
 
         def kl(rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -106,7 +110,153 @@ class KLTarget:
             return self.value(t[:, None] * directions[r], rows[r]).cpu().numpy()
 
         t_start = 1e-3 * t_max if start is None else start
-        return first_crossings(kl, levels, t_start=t_start, t_max=t_max, rtol=rtol)
+        return first_crossings(kl, levels, t_start=t_start, t_max=t_max, rtol=rtol, guesses=guesses)
+
+
+class SubspaceKL(KLTarget):
+    """The KL at the pre-logit vector for perturbations ``Q^T y`` in an orthonormal subspace.
+
+    ``logits`` (P, V) are the raw logits at the origins and ``tangents`` (P, m, V) the raw
+    logits' change along each basis row (``scale W q``, float64), so every evaluation is
+    ``squash(u0 + y . tangents)``: O(V m) instead of a pass over W, and exact (the head is
+    linear in the raw logits). ``|Q^T y| = |y|`` for an orthonormal Q, so an L2 search in
+    ``y`` is the L2 search in the subspace. ``scale`` (P,): the norms of the origins.
+
+    With a linear head (``linear=True``) the gradient is closed-form, ``tangents (q - p)``,
+    and the KL along a ray, ``K(t) - t K'(0)`` with K the cumulant generating function of
+    ``b = y . tangents`` under p, is convex and increasing: ``crossings`` then runs Newton's
+    method from above the root (every iterate reaches eps, so each is an honest exit, and
+    they decrease to the root), a few evaluations instead of a scan and a bracket."""
+
+    def __init__(
+        self,
+        squash: Callable[[Tensor], Tensor],
+        logits: Tensor,
+        tangents: Tensor,
+        scale: Tensor,
+        linear: bool = True,
+    ) -> None:
+        self.squash = squash
+        self.linear = linear
+        self.u0 = logits.to(torch.float64)
+        self.tangents = tangents.to(torch.float64)
+        self.x0 = torch.zeros(tangents.shape[:2], dtype=torch.float64, device=tangents.device)
+        self.scale = scale.to(torch.float64)
+        self.logp0 = torch.log_softmax(squash(self.u0), -1)
+        self.p0 = self.logp0.exp()
+        self.chunk = rows_within(self.logp0.shape[-1], 8 * 3)
+        self.logits_fn = self._logits
+
+    def _by_position(self, rows: Tensor, fn) -> Tensor:
+        """``fn(position, index)`` for each position's rows, reassembled in ``rows``' order."""
+        order = torch.argsort(rows)
+        sorted_rows = rows[order]
+        pieces = [
+            fn(position, order[sorted_rows == position])
+            for position in torch.unique_consecutive(sorted_rows).tolist()
+        ]
+        return torch.cat(pieces)[torch.argsort(order)]
+
+    def _logits(self, y: Tensor, rows: Tensor) -> Tensor:
+        return self._by_position(
+            rows, lambda pos, idx: self.squash(self.u0[pos] + y[idx] @ self.tangents[pos])
+        )
+
+    def value_and_grad(self, delta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.linear:
+            return super().value_and_grad(delta, rows)
+
+        def one(pos: int, idx: Tensor) -> Tensor:
+            logq = torch.log_softmax(self.u0[pos] + delta[idx] @ self.tangents[pos], -1)
+            kl = (self.p0[pos] * (self.logp0[pos] - logq)).sum(-1)
+            grad = (logq.exp() - self.p0[pos]) @ self.tangents[pos].T
+            return torch.cat([kl[:, None], grad], dim=1)
+
+        out = torch.cat(
+            [
+                self._by_position(rows[s : s + self.chunk], lambda pos, idx, s=s: one(pos, idx + s))
+                for s in range(0, len(rows), self.chunk)
+            ]
+        )
+        return out[:, 0], out[:, 1:]
+
+    def crossings(
+        self,
+        directions: Tensor,
+        rows: Tensor,
+        levels: np.ndarray,
+        t_max: np.ndarray,
+        rtol: float,
+        start: np.ndarray | None = None,
+        guesses: np.ndarray | None = None,
+    ) -> np.ndarray:
+        if not self.linear:
+            return super().crossings(directions, rows, levels, t_max, rtol, start, guesses)
+        R, E = levels.shape
+        out = np.full((R, E), np.inf)
+        t0 = np.broadcast_to(
+            np.asarray(start if start is not None else 1e-3 * t_max, dtype=np.float64), (R,)
+        )
+        init = np.broadcast_to(t0[:, None], (R, E)).copy()
+        if guesses is not None:
+            init = np.where(np.isfinite(guesses), guesses, init)
+        device = directions.device
+        for s in range(0, R, max(1, self.chunk // E)):
+            sl = slice(s, min(R, s + max(1, self.chunk // E)))
+            b = self._by_position(
+                rows[sl],
+                lambda pos, idx, sl=sl: directions[sl][idx] @ self.tangents[pos],
+            )  # (n, V) the raw logits' change per unit t
+            n = b.shape[0]
+            pos = rows[sl]
+            level = torch.as_tensor(np.array(levels[sl]), dtype=torch.float64, device=device)
+            t = torch.as_tensor(init[sl], dtype=torch.float64, device=device)
+            cap = torch.as_tensor(t_max[sl], dtype=torch.float64, device=device)[:, None]
+            out[sl] = self._newton(b, pos, level, t, cap.expand(n, E), rtol).cpu().numpy()
+        return out
+
+    def _kl_slope(self, b: Tensor, pos: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """KL and dKL/dt (n, E) at ``t`` (n, E) along ``b`` (n, V) from positions ``pos``."""
+        u = self.u0[pos][:, None, :] + t[:, :, None] * b[:, None, :]  # (n, E, V)
+        logq = torch.log_softmax(u, -1)
+        p, logp = self.p0[pos][:, None, :], self.logp0[pos][:, None, :]
+        kl = (p * (logp - logq)).sum(-1)
+        mean_p = (p * b[:, None, :]).sum(-1)
+        slope = (logq.exp() * b[:, None, :]).sum(-1) - mean_p
+        return kl, slope
+
+    def _newton(
+        self, b: Tensor, pos: Tensor, level: Tensor, t: Tensor, cap: Tensor, rtol: float
+    ) -> Tensor:
+        """The crossing of ``level`` from above: grow ``t`` until KL >= level (Newton from
+        below overshoots a convex function's root, doubling covers a flat start), then Newton
+        steps down; each returned ``t`` has KL >= level (inf where none below ``cap``)."""
+        kl, slope = self._kl_slope(b, pos, t)
+        for _ in range(200):
+            low = kl < level
+            if not bool((low & (t < cap)).any()):
+                break
+            step = torch.where(slope > 0, (level - kl) / slope.clamp_min(1e-300), t)
+            t = torch.where(
+                low, torch.minimum(t + torch.maximum(step, 1e-3 * t), 2 * t + 0 * step), t
+            )
+            t = torch.where(low, torch.minimum(t, cap * 1.0000001), t)
+            kl, slope = self._kl_slope(b, pos, t)
+        result = torch.where(kl >= level, t, torch.full_like(t, math.inf))
+        for _ in range(100):
+            active = torch.isfinite(result)
+            step = torch.where(active, (kl - level) / slope.clamp_min(1e-300), torch.zeros_like(t))
+            trial = (result - step).clamp_min(0.0)
+            if not bool((active & (step > rtol * trial)).any()):
+                break
+            new_kl, new_slope = self._kl_slope(b, pos, torch.where(active, trial, t))
+            ok = active & (new_kl >= level) & (step > rtol * trial)
+            result = torch.where(ok, trial, result)
+            kl = torch.where(ok, new_kl, kl)
+            slope = torch.where(ok, new_slope, slope)
+            if not bool(ok.any()):
+                break
+        return torch.where(result <= cap, result, torch.full_like(result, math.inf))
 
 
 def ascend(
@@ -149,10 +299,13 @@ def worst_case_search(
     rounds: int = 2,
     steps: int = 6,
     rtol: float = 1e-6,
+    guesses: np.ndarray | None = None,
 ) -> AttackResult:
     """The smallest exits found from ``starts`` (P, S, d) at each of P positions and eps.
 
-    Each start is tried with both signs. Rounds of ``ascend`` at the current radius, each
+    Each start is tried with both signs; ``guesses`` (P, S, E), predicted exits along the
+    starts (e.g. quadratic radii), start their scans at half the smallest (a scan walks down
+    while it starts above eps, so this only saves steps) and speed up the refinement. Rounds of ``ascend`` at the current radius, each
     followed by the measured crossing along the ascended direction, shrink every row's
     radius; a row keeps its old radius where the crossing is not below it."""
     if norm not in ("l2", "linf"):
@@ -163,11 +316,18 @@ def worst_case_search(
     dirs = torch.cat([starts, -starts], dim=1).to(torch.float64)  # (P, 2S, d)
     dirs = unit(dirs.reshape(-1, d), norm)
     ray_rows = torch.arange(P, device=device).repeat_interleave(2 * S)
-    scale = target.x0.norm(dim=-1)[ray_rows].clamp_min(1e-6).cpu().numpy()
+    scale = target.scale[ray_rows].clamp_min(1e-6).cpu().numpy()
     if norm == "linf":
         scale = scale / np.sqrt(d)  # the L-inf size of a vector with that L2 norm
     levels = np.broadcast_to(np.asarray(eps_list, dtype=np.float64), (len(dirs), E))
-    first = target.crossings(dirs, ray_rows, levels, 1e6 * scale, rtol, start=1e-3 * scale)
+    t_start, ray_guess = 1e-3 * scale, None
+    if guesses is not None:
+        ray_guess = np.concatenate([guesses, guesses], axis=1).reshape(-1, E)
+        smallest = np.where(np.isfinite(ray_guess), ray_guess, np.inf).min(1)
+        t_start = np.where(np.isfinite(smallest), 0.5 * smallest, t_start)
+    first = target.crossings(
+        dirs, ray_rows, levels, 1e6 * scale, rtol, start=t_start, guesses=ray_guess
+    )
     # one row per (ray, eps)
     radius = first.reshape(-1).copy()  # (2PS * E,)
     direction = dirs.repeat_interleave(E, dim=0)
@@ -181,6 +341,7 @@ def worst_case_search(
         r = torch.as_tensor(radius[live], dtype=torch.float64, device=device)
         delta = ascend(target, r[:, None] * direction[idx], rows[idx], r, norm, steps)
         new_dir = unit(delta, norm)
+        # the ascent left the KL at the old radius above eps: the new crossing lies below it
         found = target.crossings(
             new_dir,
             rows[idx],
@@ -188,6 +349,7 @@ def worst_case_search(
             radius[live] * (1 + 1e-3),
             rtol,
             start=0.25 * radius[live],
+            guesses=radius[live, None],
         )[:, 0]
         better = found < radius[live]
         radius[live[better]] = found[better]
