@@ -27,6 +27,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--norm", default="l2")
+    ap.add_argument(
+        "--layer",
+        default="final",
+        help="final, or a block index (the last block: through the final norm)",
+    )
+    ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -35,12 +41,14 @@ def main() -> None:
     step = max(1, len(corpus) // args.prompts)
     frames = []
     for i in range(1, len(corpus), step)[: args.prompts]:
-        frame = certify(adapter, corpus[i].text, norm=args.norm).to_frame()
+        layer = int(args.layer) if args.layer.isdigit() else args.layer
+        frame = certify(adapter, corpus[i].text, layer=layer, norm=args.norm).to_frame()
         frame["prompt"] = i
         frames.append(frame)
         print(f"prompt {i}: {len(frame)} rows", flush=True)
     table = pd.concat(frames, ignore_index=True)
-    table.to_parquet(args.out / f"tightness-{args.norm}.parquet")
+    tag = args.norm if args.layer == "final" else f"{args.norm}-{args.layer}"
+    table.to_parquet(args.out / f"tightness-{tag}.parquet")
     summary = {
         str(e): {
             "n": int(len(g)),
@@ -50,12 +58,20 @@ def main() -> None:
         }
         for e, g in table.groupby("eps")
     }
+    result = {"model": args.model, "norm": args.norm, "layer": args.layer, "tightness": summary}
+    if not args.no_timing:
+        result["seconds"] = timing_of(adapter, corpus, args.norm)
+    (args.out / f"summary-{tag}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def timing_of(adapter, corpus, norm: str) -> dict:
     ids = adapter.tokenize(corpus[0].text + " " + corpus[2].text + " " + corpus[4].text)
     prompt = adapter.tokenizer.decode(ids[0, :64])
     timing = {}
     for name, fn in [
         ("analyze_no_exact", lambda: sr.analyze(adapter, prompt, exact=False)),
-        ("certify", lambda: certify(adapter, prompt, norm=args.norm)),
+        ("certify", lambda: certify(adapter, prompt, norm=norm)),
     ]:
         best = float("inf")
         for _ in range(2):
@@ -65,9 +81,7 @@ def main() -> None:
         timing[name] = best
     timing["ratio"] = timing["certify"] / timing["analyze_no_exact"]
     timing["positions"] = int(adapter.tokenize(prompt).shape[1])
-    result = {"model": args.model, "norm": args.norm, "tightness": summary, "seconds": timing}
-    (args.out / f"summary-{args.norm}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    return timing
 
 
 if __name__ == "__main__":

@@ -260,6 +260,12 @@ def test_inner_layer_has_no_certificate_but_a_search(tokenizer):
     assert frame["radius_certified"].isna().all()
     assert frame["certified_by"].str.startswith("none:").all()
     assert np.isfinite(frame["radius_attack"]).all()
+    # OPT projects the final norm's output before the head: no Lipschitz chain is claimed
+    opt = wrap(tiny_model("opt"), tokenizer)
+    last = certify(opt, "the cat sat", [0.1], layer=opt.n_layers - 1, positions=[2], steps=2)
+    row = last.rows[0]
+    assert math.isnan(row["radius_certified"])
+    assert "does not read the final norm" in row["certified_by"]
 
 
 def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):

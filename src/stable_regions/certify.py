@@ -25,19 +25,21 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .budget import rows_within
 from .engine import Stage, positions_per_recorded_block
 from .errors import StableRegionsError
-from .geometry import PullbackOperator
+from .geometry import LogitHead, PullbackOperator
 from .geometry.certificate import prelogit_certificate, radius_through_norm
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
-from .models.norms import describe_norm
+from .models.norms import NormSpec, describe_norm
 from .models.suffix import SuffixBatch
 from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
 from .substitutions import COLUMNS as SUBSTITUTION_COLUMNS
 from .substitutions import token_substitutions
 
 NORMS = ("l2", "linf")
+SUBSPACE = 8  # the certificate's subspace: 6 Ritz vectors and 2 next-token directions
 
 COLUMNS = [
     "position",
@@ -251,7 +253,10 @@ def _prelogit(
     if head.weight.dtype not in (torch.float32, torch.float64):
         head = head.to(torch.float32)  # a 16-bit head: the sums on a float32 copy of the head
     h_all = adapter.prelogits(ids, dtype=None)[pos].to(torch.float64)
-    block = 32
+    # a block's (positions x subspace x V) float64 logit tangents within 4 array budgets: one
+    # block reads W once per Lanczos product for all its positions (SmolLM2: 64, Gemma-3: 16)
+    block = rows_within(SUBSPACE * head.vocab_size, 8, cap=64) * 4
+    block = min(64, block)
     for start in range(0, len(pos), block):
         h = h_all[start : start + block]
         stage("certificate")
@@ -285,6 +290,18 @@ def _prelogit(
             quadratic=_quadratic(cert.ritz, cert.vectors[:, 0], eps_list, norm),
             exact=exact,
         )
+
+
+def _gained_head(head: LogitHead, spec: NormSpec) -> LogitHead:
+    """``z = scale (W (g * y_hat + beta) + b)`` as a head on ``y_hat``: ``W diag(g)`` (a copy
+    of the head in its dtype) and bias ``b + W beta``."""
+    weight = head.weight * spec.gain.to(head.weight.dtype)[None, :]
+    bias = None if head.bias is None else head.bias.to(torch.float64)
+    if spec.bias is not None:
+        folded = head.raw_float64(spec.bias[None], bias=False)[0] / head.scale
+        bias = folded if bias is None else bias + folded
+    bias = None if bias is None else bias.to(head.weight.dtype)
+    return LogitHead(weight, bias, head.scale, head.softcap)
 
 
 def _inner(
@@ -322,15 +339,23 @@ def _inner(
         if through_norm:
             stage("certificate")
             spec, reason = describe_norm(adapter.final_norm, suffix.x0)
+            h = adapter.prelogits(ids, dtype=None)[chunk].to(torch.float64)
+            direct = spec is not None and spec(suffix.x0).shape == h.shape
+            if spec is not None and not (direct and torch.allclose(spec(suffix.x0), h, 1e-4, 1e-5)):
+                spec, reason = None, "the head does not read the final norm's output directly"
             if spec is None:
                 why_not = f"none: {reason}"
             else:
-                h = adapter.prelogits(ids, dtype=None)[chunk].to(torch.float64)
-                cert = prelogit_certificate(head, h, eps_list, "l2")
+                # the gain belongs to the head: the certificate is taken for the norm's output
+                # before its gain (a copy of W with the gain folded in), and the map to it,
+                # y / sqrt(|y|^2/d + eps), has Lipschitz constant 1/n on the ball
+                cert = prelogit_certificate(
+                    _gained_head(head, spec), spec.unit_output(suffix.x0), eps_list, "l2"
+                )
                 lam_upper = cert.upper
                 d = suffix.x0.shape[-1]
                 radius = radius_through_norm(
-                    cert.radius, spec.centred_norm(suffix.x0), spec.max_gain, spec.eps, d
+                    cert.radius, spec.centred_norm(suffix.x0), 1.0, spec.eps, d
                 )
                 if norm == "linf":  # |delta|_2 <= sqrt(d) |delta|_inf
                     radius = radius / math.sqrt(d)

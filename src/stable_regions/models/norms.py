@@ -27,6 +27,12 @@ class NormSpec:
         out = self.gain * y / torch.sqrt((y * y).mean(-1, keepdim=True) + self.eps)
         return out if self.bias is None else out + self.bias
 
+    def unit_output(self, x: Tensor) -> Tensor:
+        """``y / sqrt(|y|^2 / d + eps)`` (..., d): the output before the gain and bias."""
+        x = x.to(torch.float64)
+        y = x - x.mean(-1, keepdim=True) if self.kind == "layer" else x
+        return y / torch.sqrt((y * y).mean(-1, keepdim=True) + self.eps)
+
     def centred_norm(self, x: Tensor) -> Tensor:
         """``|y(x)|`` (..., ): the norm of what the formula divides."""
         x = x.to(torch.float64)
