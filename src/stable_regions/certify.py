@@ -156,23 +156,11 @@ def certify(
     tokens = adapter.token_strings(ids[0])
     stage = stage or (lambda _: None)
     last_block = adapter.hook_for_layer(adapter.n_layers - 1)
+    search = Search(norm, restarts, rounds, steps, rtol)
     if hook == PRELOGIT:
-        blocks = _prelogit(adapter, ids, pos, eps_list, norm, restarts, rounds, steps, rtol, stage)
+        blocks = _prelogit(adapter, ids, pos, eps_list, search, stage)
     else:
-        blocks = _inner(
-            adapter,
-            ids,
-            hook,
-            pos,
-            eps_list,
-            norm,
-            restarts,
-            rounds,
-            steps,
-            rtol,
-            stage,
-            through_norm=hook == last_block,
-        )
+        blocks = _inner(adapter, ids, hook, pos, eps_list, search, stage, hook == last_block)
     rows: list[dict] = []
     done = 0
     for b in blocks:
@@ -223,17 +211,34 @@ def _quadratic(lam: Tensor, top: Tensor, eps_list: list[float], norm: str) -> np
     return torch.sqrt(2.0 * e[None, :] / curvature.clamp_min(1e-300)[:, None].cpu()).numpy()
 
 
-def _search(
-    target: KLTarget, starts: Tensor, eps_list, norm, rounds, steps, rtol, guesses=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(radius_attack, radius_exact)`` (P, E): the search from ``starts`` (P, S, d), and the
-    exits along the top start's two signs alone (in the norm's units)."""
-    found = worst_case_search(
-        target, starts, eps_list, norm, rounds=rounds, steps=steps, rtol=rtol, guesses=guesses
-    )
-    S = starts.shape[1]
-    exact = np.minimum(found.start_radii[:, 0], found.start_radii[:, S])
-    return found.radius, exact
+@dataclass(frozen=True)
+class Search:
+    """How the worst case is searched for: the norm, start directions, rounds, steps."""
+
+    norm: str
+    restarts: int
+    rounds: int
+    steps: int
+    rtol: float
+
+    def run(
+        self, target: KLTarget, starts: Tensor, eps_list, guesses=None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(radius_attack, radius_exact)`` (P, E): the search from ``starts`` (P, S, d), and
+        the exits along the top start's two signs alone (in the norm's units)."""
+        found = worst_case_search(
+            target,
+            starts,
+            eps_list,
+            self.norm,
+            rounds=self.rounds,
+            steps=self.steps,
+            rtol=self.rtol,
+            guesses=guesses,
+        )
+        S = starts.shape[1]
+        exact = np.minimum(found.start_radii[:, 0], found.start_radii[:, S])
+        return found.radius, exact
 
 
 def _quadratic_guesses(target: SubspaceKL, starts: Tensor, eps_list) -> np.ndarray:
@@ -247,8 +252,14 @@ def _quadratic_guesses(target: SubspaceKL, starts: Tensor, eps_list) -> np.ndarr
 
 
 def _prelogit(
-    adapter: ModelAdapter, ids, pos, eps_list, norm, restarts, rounds, steps, rtol, stage
+    adapter: ModelAdapter,
+    ids: Tensor,
+    pos: list[int],
+    eps_list: list[float],
+    search: Search,
+    stage: Stage,
 ):
+    norm, restarts = search.norm, search.restarts
     head = adapter.stored_head
     if head.weight.dtype not in (torch.float32, torch.float64):
         head = head.to(torch.float32)  # a 16-bit head: the sums on a float32 copy of the head
@@ -274,7 +285,7 @@ def _prelogit(
             target = KLTarget(lambda x, _rows: head.logits(x), h, head.logits_float64(h))
             starts = cert.vectors[:, :restarts]
             guesses = None
-        attack, exact = _search(target, starts, eps_list, norm, rounds, steps, rtol, guesses)
+        attack, exact = search.run(target, starts, eps_list, guesses)
         top_p, top_i = cert.p.max(-1)
         yield dict(
             positions=pos[start : start + len(h)],
@@ -306,16 +317,12 @@ def _gained_head(head: LogitHead, spec: NormSpec) -> LogitHead:
 
 def _inner(
     adapter: ModelAdapter,
-    ids,
-    hook,
-    pos,
-    eps_list,
-    norm,
-    restarts,
-    rounds,
-    steps,
-    rtol,
-    stage,
+    ids: Tensor,
+    hook: str,
+    pos: list[int],
+    eps_list: list[float],
+    search: Search,
+    stage: Stage,
     through_norm: bool,
 ):
     head = adapter.stored_head
@@ -330,7 +337,7 @@ def _inner(
         suffix = SuffixBatch(adapter, ids, hook, chunk)
         stage("curvature")
         op = PullbackOperator.from_suffix(suffix)
-        lam, vecs = op.top_eigenpairs(k=max(1, restarts), tol=1e-4)
+        lam, vecs = op.top_eigenpairs(k=search.restarts, tol=1e-4)
         p = op.p
         del op
         certified = np.full((P, E), np.nan)
@@ -357,14 +364,14 @@ def _inner(
                 radius = radius_through_norm(
                     cert.radius, spec.centred_norm(suffix.x0), 1.0, spec.eps, d
                 )
-                if norm == "linf":  # |delta|_2 <= sqrt(d) |delta|_inf
+                if search.norm == "linf":  # |delta|_2 <= sqrt(d) |delta|_inf
                     radius = radius / math.sqrt(d)
                 certified = radius.cpu().numpy()
         stage("search")
         target = KLTarget(
             lambda x, r, s=suffix: s.logits(x - s.x0[r], r), suffix.x0, suffix.logits0
         )
-        attack, exact = _search(target, unit(vecs, "l2"), eps_list, norm, rounds, steps, rtol)
+        attack, exact = search.run(target, unit(vecs, "l2"), eps_list)
         top_p, top_i = p.max(-1)
         yield dict(
             positions=chunk,
@@ -377,7 +384,7 @@ def _inner(
             by=[BY_NORM] * P,
             why_not=why_not,
             attack=attack,
-            quadratic=_quadratic(lam[:, 0], vecs[:, 0], eps_list, norm),
+            quadratic=_quadratic(lam[:, 0], vecs[:, 0], eps_list, search.norm),
             exact=exact,
         )
         del target, suffix  # the cache goes now, not when the next block replaces it

@@ -9,6 +9,7 @@ import sys
 from .console import (
     add_eps,
     add_model,
+    add_positions,
     cell,
     console,
     fmt,
@@ -30,11 +31,7 @@ def add_parser(sub) -> None:
     a.add_argument("prompt", help="the text to analyze")
     add_model(a)
     add_eps(a, [0.01, 0.1, 1.0])
-    a.add_argument(
-        "--positions",
-        default="all",
-        help="'all' (default), 'last', or comma-separated token indices",
-    )
+    add_positions(a)
     a.add_argument(
         "--layer",
         default="final",

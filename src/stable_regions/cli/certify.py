@@ -9,6 +9,7 @@ import sys
 from .console import (
     add_eps,
     add_model,
+    add_positions,
     cell,
     console,
     fmt,
@@ -46,11 +47,7 @@ def add_parser(sub) -> None:
         default="l2",
         help="l2 (a ball, default) or linf (a box; radii in L-inf units)",
     )
-    a.add_argument(
-        "--positions",
-        default="all",
-        help="'all' (default), 'last', or comma-separated token indices",
-    )
+    add_positions(a)
     a.add_argument(
         "--substitutions",
         default=None,

@@ -58,6 +58,16 @@ def add_run_directory(parser: argparse.ArgumentParser, kind: str) -> None:
     )
 
 
+def add_positions(parser: argparse.ArgumentParser, default: str = "all") -> None:
+    """``--positions``: 'all', 'last' or comma-separated token indices."""
+    other = "last" if default == "all" else "all"
+    parser.add_argument(
+        "--positions",
+        default=default,
+        help=f"'{default}' (default), '{other}', or comma-separated token indices",
+    )
+
+
 def parse_positions(text: str):
     if text in ("all", "last"):
         return text

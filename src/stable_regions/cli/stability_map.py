@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .console import add_model, load_with_status, parse_positions, progress
+from .console import add_model, add_positions, load_with_status, parse_positions, progress
 
 
 def add_parser(sub) -> None:
@@ -25,9 +25,7 @@ def add_parser(sub) -> None:
         metavar="L",
         help="'embed', 'final', block indices, or 'all' (default: embed, 8 evenly spaced blocks, final)",
     )
-    mp.add_argument(
-        "--positions", default="all", help="'all' (default), 'last' or comma-separated indices"
-    )
+    add_positions(mp)
     mp.add_argument(
         "--relative",
         action="store_true",

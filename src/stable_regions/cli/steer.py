@@ -9,6 +9,7 @@ from ..errors import StableRegionsError
 from .console import (
     add_eps,
     add_model,
+    add_positions,
     console,
     fmt,
     load_with_status,
@@ -50,11 +51,7 @@ def add_parser(sub) -> None:
     )
     add_model(st)
     add_eps(st, [0.1])
-    st.add_argument(
-        "--positions",
-        default="last",
-        help="'last' (default), 'all', or comma-separated token indices",
-    )
+    add_positions(st, default="last")
     st.add_argument("--no-exact", action="store_true", help="closed form only, no measurement")
     st.add_argument(
         "--calibration",
