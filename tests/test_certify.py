@@ -149,15 +149,18 @@ def test_certificate_is_never_violated_and_a_weakened_one_is(norm, softcap, seed
 
 
 @pytest.mark.real_model
-def test_certificate_on_smollm2_holds_and_is_near_the_top_exit():
+@pytest.mark.parametrize(
+    "name, positions", [("smollm2-135m", [3, 8, 12]), ("gemma3-270m", [4, 12])]
+)
+def test_certificate_on_the_bundled_models_holds_and_is_near_the_top_exit(name, positions):
     from stable_regions import load
 
-    adapter = load("smollm2-135m")
+    adapter = load(name)
     ids = adapter.tokenize("The capital of France is Paris, and the capital of Italy is")
-    h = adapter.prelogits(ids)[[3, 8, 12]]
+    h = adapter.prelogits(ids)[positions]
     head = adapter.stored_head
     cert = prelogit_certificate(head, h, EPS)
-    for j in range(3):
+    for j in range(len(positions)):
         starts = cert.vectors[j, :3]
 
         def kl(delta, j=j):
