@@ -28,8 +28,7 @@ from torch import Tensor
 from .budget import rows_within
 from .engine import Stage, positions_per_recorded_block
 from .errors import StableRegionsError
-from .geometry import LogitHead, PullbackOperator
-from .geometry.certificate import prelogit_certificate, radius_through_norm
+from .geometry import LogitHead, PullbackOperator, prelogit_certificate, radius_through_norm
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .models.norms import NormSpec, describe_norm

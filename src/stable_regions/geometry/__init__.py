@@ -1,5 +1,6 @@
 """Pure tensor math of stable regions. Nothing here imports the model layer."""
 
+from .certificate import BallBound, PrelogitCertificate, prelogit_certificate, radius_through_norm
 from .curvature import CurvatureOperator, effective_rank
 from .curve import (
     RayCurve,
@@ -29,6 +30,10 @@ from .topcurv import (
 )
 
 __all__ = [
+    "BallBound",
+    "PrelogitCertificate",
+    "prelogit_certificate",
+    "radius_through_norm",
     "CurvatureOperator",
     "FisherOperator",
     "JacobianGram",

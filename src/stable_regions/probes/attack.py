@@ -33,8 +33,9 @@ LogitsFn = Callable[[Tensor, Tensor], Tensor]  # (x (R, d), rows (R,)) -> logits
 class AttackResult:
     """``radius`` (P, E): the smallest measured exit found per position and eps (inf where
     no start crossed); ``direction`` (P, E, d): the direction of that exit (unit in the
-    norm); ``start_radii`` (P, 2S, E): the exits along the start directions alone (rows
-    ``i`` and ``S + i``: start ``i`` and its negative)."""
+    norm, in the target's coordinates: a subspace's coefficients for ``SubspaceKL``);
+    ``start_radii`` (P, 2S, E): the exits along the start directions alone (rows ``i`` and
+    ``S + i``: start ``i`` and its negative)."""
 
     radius: np.ndarray
     direction: Tensor
@@ -305,20 +306,20 @@ def worst_case_search(
     eps_list: Sequence[float],
     norm: str,
     *,
-    rounds: int = 2,
-    steps: int = 6,
+    rounds: int = 1,
+    steps: int = 4,
     rtol: float = 1e-6,
     guesses: np.ndarray | None = None,
     keep: int = 2,
 ) -> AttackResult:
     """The smallest exits found from ``starts`` (P, S, d) at each of P positions and eps.
 
-    Each start is tried with both signs; each round's ascent continues from the ``keep``
-    nearest exits of each position and eps (the others rarely win); ``guesses`` (P, S, E), predicted exits along the
+    Each start is tried with both signs. ``guesses`` (P, S, E), predicted exits along the
     starts (e.g. quadratic radii), start their scans at half the smallest (a scan walks down
-    while it starts above eps, so this only saves steps) and speed up the refinement. Rounds of ``ascend`` at the current radius, each
-    followed by the measured crossing along the ascended direction, shrink every row's
-    radius; a row keeps its old radius where the crossing is not below it."""
+    where it starts above eps, so this only saves steps) and speed up the refinement. Each of
+    ``rounds`` runs ``ascend`` at the current radius from the ``keep`` nearest exits of every
+    position and eps (the others rarely win), then measures the crossing along the ascended
+    direction; a row keeps its old radius where that crossing is not below it."""
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     P, S, d = starts.shape
