@@ -235,7 +235,7 @@ class Search:
             rtol=self.rtol,
             guesses=guesses,
         )
-        S = starts.shape[1]
+        S = found.start_radii.shape[1] // 2  # the search's starts (a box adds corners)
         exact = np.minimum(found.start_radii[:, 0], found.start_radii[:, S])
         return found.radius, exact
 

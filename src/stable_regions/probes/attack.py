@@ -35,7 +35,8 @@ class AttackResult:
     no start crossed); ``direction`` (P, E, d): the direction of that exit (unit in the
     norm, in the target's coordinates: a subspace's coefficients for ``SubspaceKL``);
     ``start_radii`` (P, 2S, E): the exits along the start directions alone (rows ``i`` and
-    ``S + i``: start ``i`` and its negative)."""
+    ``S + i``: start ``i`` and its negative; for a box the corners ``sign(start)`` follow the
+    given starts, so S counts both)."""
 
     radius: np.ndarray
     direction: Tensor
@@ -314,7 +315,7 @@ def worst_case_search(
 ) -> AttackResult:
     """The smallest exits found from ``starts`` (P, S, d) at each of P positions and eps.
 
-    Each start is tried with both signs. ``guesses`` (P, S, E), predicted exits along the
+    Each start is tried with both signs (and, for a box, its corner ``sign(start)``). ``guesses`` (P, S, E), predicted exits along the
     starts (e.g. quadratic radii), start their scans at half the smallest (a scan walks down
     where it starts above eps, so this only saves steps) and speed up the refinement. Each of
     ``rounds`` runs ``ascend`` at the current radius from the ``keep`` nearest exits of every
@@ -322,6 +323,12 @@ def worst_case_search(
     direction; a row keeps its old radius where that crossing is not below it."""
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if norm == "linf":
+        # a box's worst case lies at a corner (for a convex KL): the corners sign(v) of the
+        # starts join them (the quadratic model reaches eps first at sign(v_top))
+        starts = torch.cat([starts, torch.sign(starts)], dim=1)
+        if guesses is not None:
+            guesses = np.concatenate([guesses, np.full_like(guesses, np.nan)], axis=1)
     P, S, d = starts.shape
     E = len(eps_list)
     device = target.x0.device
