@@ -7,6 +7,7 @@ import math
 import sys
 
 from .console import (
+    RIGHT,
     add_eps,
     add_model,
     add_positions,
@@ -17,6 +18,7 @@ from .console import (
     parse_layer,
     parse_positions,
     progress,
+    titled_table,
 )
 
 
@@ -103,30 +105,23 @@ def run(args) -> int:
 
 
 def print_table(result) -> None:
-    from rich import box
-    from rich.table import Table
-
     out = console()
     unit = "L2" if result.norm == "l2" else "L-inf"
-    table = Table(
-        title=f"{result.model}, layer '{result.layer}': {unit} radius before KL reaches eps",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    right = RIGHT
+    table = titled_table(
+        f"{result.model}, layer '{result.layer}': {unit} radius before KL reaches eps",
+        [
+            ("pos", right),
+            ("token", cell(14)),
+            ("next (p)", cell(20)),
+            ("eps", right),
+            ("certified", right),
+            ("attack", right),
+            ("tightness", right),
+            ("quadratic", right),
+            ("top dir. exit", right),
+        ],
     )
-    right = dict(justify="right", no_wrap=True)
-    for col, kw in [
-        ("pos", right),
-        ("token", cell(14)),
-        ("next (p)", cell(20)),
-        ("eps", right),
-        ("certified", right),
-        ("attack", right),
-        ("tightness", right),
-        ("quadratic", right),
-        ("top dir. exit", right),
-    ]:
-        table.add_column(col, **kw)
     last = None
     reasons = set()
     for r in result.rows:
@@ -160,28 +155,21 @@ def print_table(result) -> None:
 
 
 def print_substitutions(result) -> None:
-    from rich import box
-    from rich.table import Table
-
     out = console()
-    table = Table(
-        title="token substitutions at the embedding (K nearest tokens in the input embedding)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    right = RIGHT
+    table = titled_table(
+        "token substitutions at the embedding (K nearest tokens in the input embedding)",
+        [
+            ("pos", right),
+            ("token -> substitute", cell(28)),
+            ("distance", right),
+            ("eps", right),
+            ("predicted", right),
+            ("measured", right),
+            ("KL swapped", right),
+            ("flips (pred / meas)", right),
+        ],
     )
-    right = dict(justify="right", no_wrap=True)
-    for col, kw in [
-        ("pos", right),
-        ("token -> substitute", cell(28)),
-        ("distance", right),
-        ("eps", right),
-        ("predicted", right),
-        ("measured", right),
-        ("KL swapped", right),
-        ("flips (pred / meas)", right),
-    ]:
-        table.add_column(col, **kw)
     for r in result.substitutions:
         table.add_row(
             str(r["position"]),

@@ -163,3 +163,18 @@ def progress(err, label: str):
                 err.print(f"{label}: {name} ({time.monotonic() - started:.0f} s)")
 
         yield tick, stage
+
+
+RIGHT = dict(justify="right", no_wrap=True)
+
+
+def titled_table(title: str, columns: list[tuple[str, dict]]):
+    """A rich table in the commands' style: title on the left, a simple head, and
+    ``columns`` as (header, keyword arguments of ``add_column``)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, kw in columns:
+        table.add_column(header, **kw)
+    return table
