@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .budget import rows_within
-from .engine import Stage, positions_per_recorded_block
+from .engine import Stage, entropy, positions_per_recorded_block, summing_head
 from .errors import StableRegionsError
 from .geometry import LogitHead, PullbackOperator, prelogit_certificate, radius_through_norm
 from .inputs import as_adapter, check_eps, check_positions, json_value
@@ -198,10 +198,6 @@ def certify(
     return CertifyResult(adapter.name, prompt, str(layer), norm, eps_list, rows, swaps)
 
 
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1) + 0.0
-
-
 def _quadratic(lam: Tensor, top: Tensor, eps_list: list[float], norm: str) -> np.ndarray:
     """(P, E) ``sqrt(2 eps / v^T G v)`` along the top eigenvector ``top`` (P, d) scaled to unit
     norm: ``lambda_max`` for L2, ``lambda_max / |v|_inf^2`` for L-inf."""
@@ -243,7 +239,7 @@ class Search:
 def _quadratic_guesses(target: SubspaceKL, starts: Tensor, eps_list) -> np.ndarray:
     """(P, S, E) ``sqrt(2 eps / Var_p(tangent))`` along each start of the subspace search."""
     b = torch.einsum("psm,pmv->psv", starts, target.tangents)
-    p = target.logp0.exp()[:, None, :]
+    p = target.p0[:, None, :]
     centred = b - (p * b).sum(-1, keepdim=True)
     curvature = (p * centred * centred).sum(-1).clamp_min(1e-300)  # (P, S)
     e = torch.tensor(eps_list, dtype=torch.float64, device=b.device)
@@ -259,9 +255,7 @@ def _prelogit(
     stage: Stage,
 ):
     norm, restarts = search.norm, search.restarts
-    head = adapter.stored_head
-    if head.weight.dtype not in (torch.float32, torch.float64):
-        head = head.to(torch.float32)  # a 16-bit head: the sums on a float32 copy of the head
+    head = summing_head(adapter)
     h_all = adapter.prelogits(ids, dtype=None)[pos].to(torch.float64)
     # a block's (positions x subspace x V) float64 logit tangents within 4 array budgets: one
     # block reads W once per Lanczos product for all its positions (SmolLM2: 64, Gemma-3: 16)
@@ -290,7 +284,7 @@ def _prelogit(
             positions=pos[start : start + len(h)],
             top=top_i,
             top_p=top_p,
-            entropy=_entropy(cert.p),
+            entropy=entropy(cert.p),
             lam=cert.ritz,
             lam_upper=cert.upper,
             certified=cert.radius.cpu().numpy(),
@@ -324,9 +318,7 @@ def _inner(
     stage: Stage,
     through_norm: bool,
 ):
-    head = adapter.stored_head
-    if head.weight.dtype not in (torch.float32, torch.float64):
-        head = head.to(torch.float32)
+    head = summing_head(adapter)
     block = positions_per_recorded_block(adapter, hook, len(pos))
     E = len(eps_list)
     for start in range(0, len(pos), block):
@@ -346,8 +338,10 @@ def _inner(
             stage("certificate")
             spec, reason = describe_norm(adapter.final_norm, suffix.x0)
             h = adapter.prelogits(ids, dtype=None)[chunk].to(torch.float64)
-            direct = spec is not None and spec(suffix.x0).shape == h.shape
-            if spec is not None and not (direct and torch.allclose(spec(suffix.x0), h, 1e-4, 1e-5)):
+            out = None if spec is None else spec(suffix.x0)
+            if out is not None and not (
+                out.shape == h.shape and torch.allclose(out, h, 1e-4, 1e-5)
+            ):
                 spec, reason = None, "the head does not read the final norm's output directly"
             if spec is None:
                 why_not = f"none: {reason}"
@@ -376,7 +370,7 @@ def _inner(
             positions=chunk,
             top=top_i,
             top_p=top_p,
-            entropy=_entropy(p),
+            entropy=entropy(p),
             lam=lam[:, 0],
             lam_upper=lam_upper,
             certified=certified,

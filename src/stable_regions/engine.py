@@ -164,6 +164,15 @@ def top_vectors_linear(
     return found.vector
 
 
+def summing_head(adapter: ModelAdapter) -> LogitHead:
+    """The model's own head for products and sums: as stored for float32 / float64, a
+    float32 copy of the head alone for a 16-bit one (its products would lose the sums)."""
+    head = adapter.stored_head
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        head = head.to(torch.float32)
+    return head
+
+
 def prelogit_blocks(
     adapter: ModelAdapter,
     ids: Tensor,
@@ -182,10 +191,7 @@ def prelogit_blocks(
     chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
     softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
     stage = stage or _quiet
-    head = adapter.stored_head
-    if head.weight.dtype not in (torch.float32, torch.float64):
-        # a 16-bit head: the search and the sums on a float32 copy of the head alone
-        head = head.to(torch.float32)
+    head = summing_head(adapter)
     weight = head.weight
     tol = eig_tolerance(eig_tol, weight.dtype)
     f64 = torch.float64

@@ -245,18 +245,21 @@ class ExactHeadPass:
     W upcast a vocabulary chunk at a time, never as a whole copy).
 
     ``mu`` (P, d) = ``scale W^T p``; ``gy`` (P, k, d) = ``H y`` for the rows of ``y``;
-    ``trace`` (P,) = ``tr H`` (rounded up); ``dual`` (P, V) = ``scale |w_i - mu|`` in the
-    dual norm (L2, or L1 with ``l1=True``), rounded up; ``diagonal`` (P, d) = ``diag H``
-    (with ``l1=True``, else None); ``row_dual`` (V,) = ``scale |w_i|`` in the same norm;
-    ``tangents`` (P, k, V) = ``scale W y`` (the raw logits' change along each row of ``y``)."""
+    ``trace`` (P,) = ``tr H`` (rounded up); ``dual`` (P, V) = ``scale |w_i - mu|_2``, rounded
+    up, and ``row_dual`` (V,) = ``scale |w_i|_2``; with ``l1=True`` also ``dual_l1`` and
+    ``row_dual_l1``, the same in the L1 norm, and ``diagonal`` (P, d) = ``diag H`` (else
+    None); ``tangents`` (P, k, V) = ``scale W y`` (the raw logits' change along each row of
+    ``y``)."""
 
     mu: Tensor
     gy: Tensor
     trace: Tensor
     dual: Tensor
-    diagonal: Tensor | None
     row_dual: Tensor
     tangents: Tensor
+    dual_l1: Tensor | None = None
+    row_dual_l1: Tensor | None = None
+    diagonal: Tensor | None = None
 
 
 def exact_head_pass(
@@ -277,6 +280,8 @@ def exact_head_pass(
     gy = torch.zeros_like(y)
     dual = torch.empty(P, V, dtype=f64, device=p.device)
     row_dual = torch.empty(V, dtype=f64, device=p.device)
+    dual_l1 = torch.empty(P, V, dtype=f64, device=p.device) if l1 else None
+    row_dual_l1 = torch.empty(V, dtype=f64, device=p.device) if l1 else None
     diagonal = torch.zeros(P, d, dtype=f64, device=p.device) if l1 else None
     tangents = torch.empty(P, y.shape[1], V, dtype=f64, device=p.device)
     for s in range(0, V, step):
@@ -286,23 +291,32 @@ def exact_head_pass(
         b = tangents[:, :, s : s + step] - mu_y[:, :, None]  # centred logit tangents
         g = pc[:, None, :] * b
         gy += torch.einsum("pkn,nd->pkd", g, w) - g.sum(-1)[:, :, None] * mu[:, None, :]
+        w2 = (w * w).sum(-1)
+        row_dual[s : s + step] = w2.sqrt()
         if l1:
             diff = w[None, :, :] - mu[:, None, :]  # (P, n, d)
-            dual[:, s : s + step] = diff.abs().sum(-1)
-            diagonal += torch.einsum("pn,pnd->pd", pc, diff * diff)
-            row_dual[s : s + step] = w.abs().sum(-1)
+            squares = diff * diff
+            dual[:, s : s + step] = squares.sum(-1).sqrt()
+            dual_l1[:, s : s + step] = diff.abs().sum(-1)
+            diagonal += torch.einsum("pn,pnd->pd", pc, squares)
+            row_dual_l1[s : s + step] = w.abs().sum(-1)
         else:
-            w2 = (w * w).sum(-1)
             r2 = w2[None, :] - 2.0 * (mu @ w.T) + mu2[:, None]
             # |w|^2 - 2 w.mu + |mu|^2 loses ~1e-16 (|w|^2 + |mu|^2) absolutely: rounded up
             r2 = r2.clamp_min(0.0) + 1e-14 * (w2[None, :] + mu2[:, None])
             dual[:, s : s + step] = r2.sqrt()
-            row_dual[s : s + step] = w2.sqrt()
-    if l1:
-        trace = diagonal.sum(-1)
-    else:
-        trace = (p * dual * dual).sum(-1)
-    return ExactHeadPass(mu, gy, trace * (1 + ROUNDOFF_MARGIN), dual, diagonal, row_dual, tangents)
+    trace = diagonal.sum(-1) if l1 else (p * dual * dual).sum(-1)
+    return ExactHeadPass(
+        mu,
+        gy,
+        trace * (1 + ROUNDOFF_MARGIN),
+        dual,
+        row_dual,
+        tangents,
+        dual_l1,
+        row_dual_l1,
+        diagonal,
+    )
 
 
 @dataclass
@@ -362,16 +376,17 @@ def prelogit_certificate(
     toward = rows[:, 1:] - rows[:, :1]
     span = torch.cat([run.vectors.to(f64), toward], dim=1)[:, : head.d_model]
     y = torch.linalg.qr(span.transpose(1, 2))[0].transpose(1, 2)
-    exact = exact_head_pass(head.weight, head.scale, p, y, l1=norm == "linf")
-    l2 = exact if norm == "l2" else exact_head_pass(head.weight, head.scale, p, y[:, :0])
-    complement = head_tail_complement(head.weight, head.scale, p, exact.mu, l2.dual)
+    box = norm == "linf"
+    exact = exact_head_pass(head.weight, head.scale, p, y, l1=box)
+    complement = head_tail_complement(head.weight, head.scale, p, exact.mu, exact.dual)
     upper, ritz_value = ritz_upper_bound(exact.gy, y, exact.trace, complement)
-    dual = exact.dual
+    dual = exact.dual_l1 if box else exact.dual  # the dual norm of the ball's
     lam = upper
     if not head.is_linear:
         mu2 = (exact.mu * exact.mu).sum(-1)
         lam = upper + mu2
-        dual = 2.0 * exact.row_dual.max().expand_as(dual)
+        rows = exact.row_dual_l1 if box else exact.row_dual
+        dual = 2.0 * rows.max().expand_as(dual)
     if norm == "linf":
         diagonal = exact.diagonal
         if not head.is_linear:

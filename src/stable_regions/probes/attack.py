@@ -142,13 +142,12 @@ class SubspaceKL(KLTarget):
         self.linear = linear
         self.u0 = logits.to(torch.float64)
         self.tangents = tangents.to(torch.float64)
-        self.x0 = torch.zeros(tangents.shape[:2], dtype=torch.float64, device=tangents.device)
-        self.scale = scale.to(torch.float64)
-        self.logp0 = torch.log_softmax(squash(self.u0), -1)
+        # the search runs in coefficients y: its origin is y = 0
+        origin = torch.zeros(tangents.shape[:2], dtype=torch.float64, device=tangents.device)
+        super().__init__(self._logits, origin, squash(self.u0))
+        self.scale = scale.to(torch.float64)  # the activations' norms, not the origin's
         self.p0 = self.logp0.exp()
         self.lse0 = torch.logsumexp(self.u0, -1)  # K's origin (a linear head only)
-        self.chunk = rows_within(self.logp0.shape[-1], 8 * 3)
-        self.logits_fn = self._logits
 
     def _by_position(self, rows: Tensor, fn) -> Tensor:
         """``fn(position, index)`` for each position's rows, reassembled in ``rows``' order."""
