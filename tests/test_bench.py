@@ -125,3 +125,19 @@ def test_scale_rows_on_a_small_shape(monkeypatch):
         assert not r["baseline"].startswith("failed"), r["baseline"]
         assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["peak_rss_mb"] > 0
         assert "small" in r["baseline"] and "weights" in r["baseline"]
+
+
+def test_monitor_rows_on_a_tiny_model():
+    """Both modes at batch 1 and 8, the same tokens with and without the monitor."""
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
+    settings = BenchSettings(quick=True, repeats=1, monitor_tokens=4)
+    doc = run_bench(adapter, settings=settings, rows=["monitor_generate"])
+    rows = doc["rows"]
+    assert [r["name"] for r in rows] == ["monitor_generate_fast"] * 2 + [
+        "monitor_generate_exact"
+    ] * 2
+    assert ["batch 1" in r["baseline"] for r in rows] == [True, False, True, False]
+    for r in rows:
+        assert not r["baseline"].startswith("failed"), r["baseline"]
+        assert r["ratio"] == pytest.approx(r["baseline_s"] / r["ours_s"])
+        assert r["max_rel_err"] == 0.0  # the monitor never changes the tokens

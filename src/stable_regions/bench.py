@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bench_monitor import rows_monitor
 from .bench_scale import rows_scale
 from .engine import eig_tolerance
 from .errors import StableRegionsError
@@ -49,6 +50,7 @@ class BenchSettings:
     hvp_tokens: int = 256
     map_positions: int = 64
     map_layers: str = "all"  # or "sample": embed, the middle block, final
+    monitor_tokens: int = 128  # new tokens per generate call of the monitor rows
 
     @classmethod
     def make(cls, quick: bool) -> BenchSettings:
@@ -61,6 +63,7 @@ class BenchSettings:
                 hvp_tokens=64,
                 map_positions=16,
                 map_layers="sample",
+                monitor_tokens=32,
             )
         return cls(quick=False)
 
@@ -408,6 +411,7 @@ ROWS = {
     "map_prompt": row_map_prompt,
     "pullback_hvp_mid": row_pullback_hvp_mid,
     "scale_llama3_1b": rows_scale,
+    "monitor_generate": rows_monitor,
 }
 
 

@@ -38,6 +38,7 @@ from .plotting import pyplot, save
 from .prompts import Prompt, as_prompts, corpus_digest
 
 DEFAULT_WINDOW = 1024  # tokens per forward pass of a corpus scan
+ALTERNATIVES = 5  # likeliest next tokens kept per position (the viewer's tooltip)
 
 
 def position_block(vocab_size: int) -> int:
@@ -114,17 +115,21 @@ class Scanner:
     @torch.no_grad()
     def scan_prelogits(self, h: Tensor, eps: list[float]) -> dict[str, Tensor]:
         """``scan_logits`` from pre-logit vectors h (n, d), the logits made a block at a time
-        (never all n x V at once), with the next token's id and probability and the entropy
-        (nats) of each position's distribution."""
+        (never all n x V at once), with the next token's id and probability, the
+        ``ALTERNATIVES`` likeliest tokens (``top_ids``, ``top_probs``) and the entropy (nats)
+        of each position's distribution."""
         out: dict[str, list[Tensor]] = {}
         block = position_block(self.weight.shape[0])
         for s in range(0, len(h), block):
             logits = self.logits(h[s : s + block])
             logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
             top_logp, top = logp.max(-1)
+            alt_logp, alt = logp.topk(ALTERNATIVES, dim=-1)
             found = {
                 "next_token": top,
                 "next_prob": top_logp.exp(),
+                "top_ids": alt,
+                "top_probs": alt_logp.exp(),
                 "entropy": -(logp.exp() * logp).sum(-1) + 0.0,  # + 0.0: no -0.0
                 **self.scan_logits(logits, eps),
             }
@@ -282,6 +287,8 @@ def _positions_frame(
         "token": tokens,
         "next_token": next_tokens,
         "next_prob": found["next_prob"].cpu().numpy(),
+        "top_tokens": [adapter.token_strings(row) for row in found["top_ids"]],
+        "top_probs": found["top_probs"].cpu().numpy().tolist(),
         "entropy": found["entropy"].cpu().numpy(),
         "lambda_max": found["lambda_max"].cpu().numpy(),
         "residual": found["residual"].cpu().numpy(),

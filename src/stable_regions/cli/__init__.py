@@ -13,12 +13,24 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import StableRegionsError, one_line
-from . import analyze, bench, certify, jacobian, models, scan, stability_map, steer, validate
+from . import (
+    analyze,
+    bench,
+    certify,
+    generate,
+    jacobian,
+    models,
+    scan,
+    stability_map,
+    steer,
+    validate,
+)
 
 COMMANDS = {
     "analyze": analyze,
     "steer": steer,
     "certify": certify,
+    "generate": generate,
     "jacobian": jacobian,
     "map": stability_map,
     "validate": validate,

@@ -62,6 +62,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="print one JSON document {model, rows} instead of a table",
     )
+    a.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write a self-contained HTML page: the prompt coloured by radius, every "
+        "position's numbers on hover",
+    )
 
 
 def run(args) -> int:
@@ -70,6 +76,10 @@ def run(args) -> int:
 
     eps = check_eps(args.eps)  # fail fast, before loading a model
     positions = parse_positions(args.positions)
+    if args.html:
+        from ..viewer import check_html_path
+
+        check_html_path(args.html)
     err, adapter = load_with_status(args)
     with progress(err, "analyzing positions") as (tick, stage):
         result = analyze(
@@ -84,11 +94,68 @@ def run(args) -> int:
             progress=tick,
             stage=stage,
         )
+    if args.html:
+        write_page(args.html, result, adapter)
+        err.print(f"wrote {args.html}")
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     else:
         print_table(result, exact=not args.no_exact)
     return 0
+
+
+RADII = [
+    "radius_corrected",
+    "radius_exact",
+    "radius_curve",
+    "radius_calibrated",
+    "radius_quadratic",
+    "radius_linf_lower",
+    "radius_linf_upper",
+]
+
+
+def write_page(path: str, result, adapter) -> None:
+    """The viewer page of an analysis: each position's token coloured by the radius of the
+    distribution it predicts, its alternatives from one more forward pass."""
+    from ..viewer import ViewerSpec, write_viewer
+
+    frame = result.to_frame().assign(text=0)
+    names, probs = adapter.next_token_alternatives(adapter.tokenize(result.prompt))
+    frame["top_tokens"] = [names[i] for i in frame.position]
+    frame["top_probs"] = [probs[i].tolist() for i in frame.position]
+    spec = ViewerSpec(
+        group="text",
+        order="position",
+        radius_columns=[c for c in RADII if frame[c].notna().any()],
+        fields=[
+            (c, c)
+            for c in (
+                "position",
+                "next_token",
+                "next_prob",
+                "entropy",
+                "lambda_max",
+                "effective_rank",
+                "norm",
+                "reliable",
+            )
+        ],
+        alternatives=("top_tokens", "top_probs"),
+        alternatives_label="predicted next tokens",
+        group_names={0: f"layer '{result.layer}'"},
+    )
+    write_viewer(
+        path,
+        frame,
+        spec,
+        title=f"stable-regions analyze: {result.model}",
+        subtitle="each token coloured by the radius of the next-token distribution predicted "
+        "at it (analysed positions only)",
+        note="radius_corrected: the best closed form along the top curvature direction; "
+        "radius_exact: the boundary measured on the model; radius_quadratic = "
+        "sqrt(2 eps / lambda_max). Hover a token for its numbers; click to pin.",
+    )
 
 
 def print_table(result, exact: bool) -> None:

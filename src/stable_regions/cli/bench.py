@@ -23,21 +23,34 @@ def add_parser(sub) -> None:
     bn.add_argument(
         "--quick", action="store_true", help="smaller sizes (under two minutes on 2 cores)"
     )
+    bn.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="run only these rows (default all): top_eig_final, scan_document_final, "
+        "predict_vs_measure, map_prompt, pullback_hvp_mid, scale_llama3_1b, monitor_generate",
+    )
     bn.add_argument("--out", default="bench.json", metavar="FILE", help="default ./bench.json")
 
 
 def run(args) -> int:
     from rich.table import Table
 
-    from ..bench import run_bench, write_bench
+    from ..bench import ROWS, run_bench, write_bench
 
+    unknown = sorted(set(args.rows or []) - set(ROWS))
+    if unknown:
+        raise StableRegionsError(
+            f"unknown bench row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}"
+        )
     if os.path.isdir(args.out):
         raise StableRegionsError(
             f"--out {args.out} is a directory: give a file name, e.g. bench.json"
         )
     err, adapter = load_with_status(args)
     with progress(err, "benchmark rows") as (tick, _):
-        doc = run_bench(adapter, quick=args.quick, progress=tick)
+        doc = run_bench(adapter, quick=args.quick, rows=args.rows, progress=tick)
     path = write_bench(doc, args.out)
     out = console(stderr=True)
     table = Table(title=f"{doc['model']}{' (quick)' if doc['quick'] else ''}", title_justify="left")

@@ -13,6 +13,8 @@ from .console import (
     progress,
 )
 
+PAGE_TOKENS = 20_000  # positions in a --html page: beyond this a page gets slow to open
+
 
 def add_parser(sub) -> None:
     sc = sub.add_parser(
@@ -54,6 +56,12 @@ def add_parser(sub) -> None:
     )
     add_run_directory(sc, "scan")
     sc.add_argument(
+        "--html",
+        metavar="FILE",
+        help=f"also write a self-contained HTML page of the documents (the first {PAGE_TOKENS} "
+        "positions)",
+    )
+    sc.add_argument(
         "--top", type=int, default=10, metavar="K", help="fragile positions to print (default 10)"
     )
 
@@ -73,6 +81,10 @@ def run(args) -> int:
         document_windows(1, args.window, overlap)
     if args.top < 0:
         raise StableRegionsError("--top must be 0 or more")
+    if args.html:
+        from ..viewer import check_html_path
+
+        check_html_path(args.html)
     documents = read_documents(args.documents)
     err, adapter = load_with_status(args)
     out = args.out or default_out("scan", adapter)
@@ -118,6 +130,54 @@ def run(args) -> int:
             "[dim]radius: the corrected closed form along the top curvature direction (nearest "
             "exit over both signs), in the units of the pre-logit vector[/dim]"
         )
+    if args.html:
+        write_page(args.html, run.frame, adapter.name, err)
     for name in ("results.parquet", "summary.json", "radius.png"):
         print(run.out / name)
     return 0
+
+
+def write_page(path: str, frame, model: str, err) -> None:
+    """The viewer page of a scan: one text per document, in the scan's order, up to
+    ``PAGE_TOKENS`` positions."""
+    from ..viewer import ViewerSpec, write_viewer
+
+    order = list(dict.fromkeys(frame["doc_id"]))
+    first = frame[frame["eps"] == frame["eps"].iloc[0]]
+    kept, total = [], 0
+    for doc in order:
+        n = int((first["doc_id"] == doc).sum())
+        if kept and total + n > PAGE_TOKENS:
+            break
+        kept.append(doc)
+        total += n
+    shown = frame[frame["doc_id"].isin(kept)].assign(
+        text=lambda f: f["doc_id"].map({d: i for i, d in enumerate(kept)})
+    )
+    spec = ViewerSpec(
+        group="text",
+        order="position",
+        radius_columns=["radius_corrected", "radius_quadratic"],
+        fields=[(c, c) for c in ("position", "next_token", "next_prob", "entropy", "lambda_max")],
+        alternatives=("top_tokens", "top_probs") if "top_tokens" in frame else None,
+        alternatives_label="predicted next tokens",
+        group_names={i: str(d) for i, d in enumerate(kept)},
+    )
+    note = (
+        ""
+        if len(kept) == len(order)
+        else (
+            f"The page shows the first {len(kept)} of {len(order)} documents ({total} positions); "
+            "results.parquet has them all. "
+        )
+    )
+    write_viewer(
+        path,
+        shown,
+        spec,
+        title=f"stable-regions scan: {model}",
+        subtitle="each token coloured by the radius of the next-token distribution predicted at it",
+        note=note + "radius_corrected: the corrected closed form along the top curvature "
+        "direction, nearest exit over both signs. Hover a token for its numbers; click to pin.",
+    )
+    err.print(f"wrote {path}" + (f" ({len(kept)} of {len(order)} documents)" if note else ""))

@@ -1,5 +1,6 @@
 """Pure tensor math of stable regions. Nothing here imports the model layer."""
 
+from .bracket import CurvatureBracket, HeadSpread, curvature_bracket, flip_radius
 from .certificate import BallBound, PrelogitCertificate, prelogit_certificate, radius_through_norm
 from .curvature import CurvatureOperator, effective_rank
 from .curve import (
@@ -17,7 +18,13 @@ from .head import LogitHead
 from .lanczos import LanczosRun, lanczos, lanczos_topk
 from .linf import linf_radius_bounds
 from .pullback import PullbackOperator
-from .roots import first_crossings
+from .roots import (
+    cgf_crossings,
+    cgf_kl,
+    first_crossings,
+    nearest_cgf_crossings,
+    newton_from_above,
+)
 from .topcurv import (
     TopCurvature,
     cumulants_along,
@@ -30,6 +37,10 @@ from .topcurv import (
 )
 
 __all__ = [
+    "CurvatureBracket",
+    "HeadSpread",
+    "curvature_bracket",
+    "flip_radius",
     "BallBound",
     "PrelogitCertificate",
     "prelogit_certificate",
@@ -50,6 +61,10 @@ __all__ = [
     "direction_cumulants",
     "effective_rank",
     "first_crossings",
+    "cgf_crossings",
+    "cgf_kl",
+    "nearest_cgf_crossings",
+    "newton_from_above",
     "lanczos",
     "lanczos_topk",
     "linf_radius_bounds",

@@ -148,9 +148,11 @@ class BallBound:
         lam: (P,) an upper bound on ``max delta^T H delta`` over the unit ball of the norm.
         p: (P, V) the next-token probabilities (float64).
         dual: (P, V) ``R_i``, an upper bound on ``max c_i`` over the unit ball.
+        order: (V,) token indices that sort every row of ``dual`` in descending order, where
+            one order serves all positions (the rows differ by a constant): saves a sort.
     """
 
-    def __init__(self, lam: Tensor, p: Tensor, dual: Tensor) -> None:
+    def __init__(self, lam: Tensor, p: Tensor, dual: Tensor, order: Tensor | None = None) -> None:
         f64 = torch.float64
         self.lam = lam.to(f64) * (1 + ROUNDOFF_MARGIN)
         dual = dual.to(f64) * (1 + ROUNDOFF_MARGIN)
@@ -158,7 +160,10 @@ class BallBound:
         self.diameter = 2.0 * dual.max(-1).values
         # the threshold rho: the tokens of largest R_i whose p_i R_i^2 add up to lam (the
         # split that minimises the bound for every s); at most TAIL of them are kept apart
-        order = dual.argsort(dim=-1, descending=True)
+        if order is None:
+            order = dual.argsort(dim=-1, descending=True)
+        else:  # one order shared by every position (V,): the caller knows it sorts dual
+            order = order.expand_as(dual)
         r_sorted = dual.gather(-1, order)
         mass = p.gather(-1, order) * r_sorted**2
         count = (mass.cumsum(-1) < self.lam[:, None]).sum(-1).clamp(max=self.TAIL)
@@ -181,18 +186,40 @@ class BallBound:
         hoeffding = self.diameter[:, None] ** 2 / 8.0
         return r * r * torch.minimum(tilted, hoeffding) * (1 + ROUNDOFF_MARGIN)
 
-    def radius(self, eps_list: Sequence[float]) -> Tensor:
-        """(P, E): the largest ``r`` (to bisection accuracy, from below) with bound <= eps."""
+    def radius(
+        self, eps_list: Sequence[float], rtol: float = 2.0**-BISECTION_STEPS, steps: int = 100
+    ) -> Tensor:
+        """(P, E): the largest ``r`` with bound <= eps, from below, to ``rtol`` of its bracket.
+
+        The bound rises smoothly with r: regula falsi with the Illinois modification keeps a
+        bracket ``[lo, hi]`` (bound(lo) <= eps < bound(hi)) and shrinks it superlinearly;
+        ``lo`` is returned, so the answer is always certified."""
         eps = torch.tensor(list(eps_list), dtype=torch.float64, device=self.lam.device)
         P, E = self.lam.shape[0], eps.shape[0]
         lo = torch.zeros(P, E, dtype=torch.float64, device=eps.device)
         # bound(r) >= r^2 lam / 2 (phi >= 1/2, and D^2/4 >= lam): the radius lies below this
         hi = torch.sqrt(2.0 * eps[None, :] / self.lam.clamp_min(1e-300)[:, None])
-        for _ in range(BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            ok = self(mid) <= eps[None, :]
-            lo = torch.where(ok, mid, lo)
-            hi = torch.where(ok, hi, mid)
+        f_lo = -eps[None, :].expand(P, E).clone()
+        # an overflowing bound (inf, or NaN from inf - inf) counts as above eps
+        f_hi = (self(hi) - eps[None, :]).nan_to_num(nan=math.inf)
+        done = f_hi <= 0  # (only if roundoff) the upper end itself is certified
+        lo = torch.where(done, hi, lo)
+        last = torch.zeros(P, E, dtype=torch.int8, device=eps.device)  # side kept last time
+        for _ in range(steps):
+            live = ~done & (hi - lo > rtol * hi)
+            if not bool(live.any()):
+                break
+            r = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)  # inf f_hi: r -> lo, then bisection
+            r = torch.where((r > lo) & (r < hi), r, 0.5 * (lo + hi))
+            fr = (self(r) - eps[None, :]).nan_to_num(nan=math.inf)
+            ok = (fr <= 0) & live
+            bad = ~(fr <= 0) & live
+            # Illinois: a side kept twice in a row has its far end's value halved
+            f_hi = torch.where(ok & (last == 1), 0.5 * f_hi, f_hi)
+            f_lo = torch.where(bad & (last == -1), 0.5 * f_lo, f_lo)
+            lo, f_lo = torch.where(ok, r, lo), torch.where(ok, fr, f_lo)
+            hi, f_hi = torch.where(bad, r, hi), torch.where(bad, fr, f_hi)
+            last = torch.where(ok, 1, torch.where(bad, -1, last)).to(torch.int8)
         return lo
 
 

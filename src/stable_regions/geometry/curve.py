@@ -34,13 +34,21 @@ def _centered(p: Tensor, a: Tensor) -> Tensor:
     return a - (p * a).sum(-1, keepdim=True)
 
 
-def cumulants(p: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean and 2nd-4th cumulants of ``a`` under ``p`` along the last axis."""
+def cumulants(p: Tensor, a: Tensor, lumped: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean and 2nd-4th cumulants of ``a`` under ``p`` along the last axis.
+
+    ``lumped``: ``p`` covers only some tokens (the likeliest), the rest of the mass sits at
+    their mean (so it adds nothing to the central moments); the 2nd cumulant is then a lower
+    bound on the whole distribution's variance."""
     mean = (p * a).sum(-1)
+    if lumped:
+        mean = mean / p.sum(-1).clamp_min(1e-300)
     c = a - mean[..., None]
-    m2 = (p * c**2).sum(-1)
-    m3 = (p * c**3).sum(-1)
-    m4 = (p * c**4).sum(-1)
+    weighted = p * c * c  # products, not powers: a third of the passes over (..., V)
+    m2 = weighted.sum(-1)
+    weighted *= c
+    m3 = weighted.sum(-1)
+    m4 = (weighted * c).sum(-1)
     return mean, m2, m3, m4 - 3.0 * m2**2
 
 

@@ -17,9 +17,12 @@ so a crossing before the guess is still found first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
+import torch
+from torch import Tensor
 
 RowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -163,3 +166,124 @@ def first_crossings(
     interp = lo + (levels - flo) / span * (hi - lo)
     out[done] = np.clip(interp, lo, hi)[done]
     return out
+
+
+KLSlope = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def newton_from_above(
+    kl_slope: KLSlope, level: Tensor, t: Tensor, cap: Tensor, rtol: float = 1e-6
+) -> Tensor:
+    """First crossings of ``level`` by convex, increasing KL curves, by Newton's method from
+    above the root: every returned ``t`` has KL >= level, so each is an honest exit.
+
+    ``kl_slope(problems, t)`` gives KL and dKL/dt (m,) of problems ``problems`` (m,) at ``t``;
+    ``level``, ``t`` (the start) and ``cap`` (n,) are per problem. First ``t`` grows until KL
+    >= level (Newton from below overshoots a convex function's root; doubling covers a flat
+    start), then Newton steps down; only unfinished problems are evaluated. ``inf`` where no
+    crossing lies below ``cap``."""
+    problems = torch.arange(t.shape[0], device=t.device)
+    t = t.clone()
+    kl, slope = kl_slope(problems, t)
+    for _ in range(200):
+        low = torch.nonzero((kl < level) & (t < cap)).flatten()
+        if low.numel() == 0:
+            break
+        tl = t[low]
+        step = torch.where(
+            slope[low] > 0, (level[low] - kl[low]) / slope[low].clamp_min(1e-300), tl
+        )
+        tl = torch.minimum(tl + torch.maximum(step, 1e-3 * tl), 2 * tl)
+        t[low] = torch.minimum(tl, cap[low] * 1.0000001)
+        kl[low], slope[low] = kl_slope(low, t[low])
+    result = torch.where(kl >= level, t, torch.full_like(t, math.inf))
+    for _ in range(100):
+        step = (kl - level) / slope.clamp_min(1e-300)
+        trial = (result - step).clamp_min(0.0)
+        live = torch.nonzero(torch.isfinite(result) & (step > rtol * trial)).flatten()
+        if live.numel() == 0:
+            break
+        new_kl, new_slope = kl_slope(live, trial[live])
+        ok = new_kl >= level[live]
+        if not bool(ok.any()):
+            break
+        take = live[ok]
+        result[take], kl[take], slope[take] = trial[take], new_kl[ok], new_slope[ok]
+    return torch.where(result <= cap, result, torch.full_like(result, math.inf))
+
+
+def cgf_crossings(
+    logp: Tensor, b: Tensor, levels: Tensor, start: Tensor | None = None, rtol: float = 1e-6
+) -> Tensor:
+    """Exact radii along linear rays: the first ``t`` with ``K(t) - t K'(0) >= level``, ``K``
+    the cumulant generating function of ``b`` (R, V) under ``p = exp(logp)`` (R, V); the KL
+    from ``p`` to ``softmax(logp + t b)``. ``levels`` (R, E); ``start`` (R, E) guesses (the
+    quadratic radius by default). (R, E) float64; ``inf`` where ``b`` is constant under p
+    (the KL never moves)."""
+    f64 = torch.float64
+    logp, b = logp.to(f64), b.to(f64)
+    R, E = levels.shape
+    p = logp.exp()
+    mean = (p * b).sum(-1)
+    var = (p * (b - mean[:, None]) ** 2).sum(-1)
+    lse0 = torch.logsumexp(logp, -1)
+    row = torch.arange(R, device=b.device).repeat_interleave(E)
+    if start is None:
+        start = torch.sqrt(2.0 * levels / var.clamp_min(1e-300)[:, None])
+
+    def kl_slope(problems: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        r = row[problems]
+        u = torch.addcmul(logp[r], t[:, None], b[r])
+        lse = torch.logsumexp(u, -1)
+        weights = torch.exp(u.sub_(lse[:, None]))
+        return lse - lse0[r] - t * mean[r], (weights * b[r]).sum(-1) - mean[r]
+
+    # K(t) >= log p_j + t b_j for every token j with p_j > 0, so wherever b varies under p
+    # the KL grows without bound and the search's doubling ends: no cap is needed
+    cap = torch.full_like(levels, math.inf)
+    flat = var <= 0
+    out = newton_from_above(
+        kl_slope,
+        levels.reshape(-1).to(f64),
+        start.to(f64).reshape(-1).clamp_min(1e-300),
+        cap.reshape(-1),
+        rtol,
+    ).reshape(R, E)
+    return torch.where(flat[:, None], torch.full_like(out, math.inf), out)
+
+
+def cgf_kl(logp: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """The KL from ``p = exp(logp)`` to ``softmax(logp + t b)`` per row (R,), at ``t`` (R,)."""
+    f64 = torch.float64
+    logp, b = logp.to(f64), b.to(f64)
+    mean = (logp.exp() * b).sum(-1)
+    shifted = torch.logsumexp(torch.addcmul(logp, t[:, None].to(f64), b), -1)
+    return shifted - torch.logsumexp(logp, -1) - t * mean
+
+
+def nearest_cgf_crossings(
+    logp: Tensor, b: Tensor, levels: Tensor, guesses: tuple[Tensor, Tensor], rtol: float = 1e-6
+) -> Tensor:
+    """``min`` of ``cgf_crossings`` along ``+b`` and ``-b`` (R, E), for about the price of one
+    sign: Newton runs along the sign whose guess (``guesses``: (R, E) each, for +b and -b) is
+    nearer; the other sign's KL at that root decides whether it crosses first (the KL along
+    a ray is convex and increasing from 0, so if it is still below the level there, its own
+    root lies beyond), and only then is its root found too."""
+    R, E = levels.shape
+    plus, minus = guesses
+    sign = torch.where(plus <= minus, 1.0, -1.0).reshape(-1).to(b.dtype)
+    rows = torch.arange(R, device=b.device).repeat_interleave(E)
+    lp, bb = logp[rows], b[rows] * sign[:, None]
+    level = levels.reshape(-1, 1)
+    near = torch.where(sign > 0, plus.reshape(-1), minus.reshape(-1))[:, None]
+    far = torch.where(sign > 0, minus.reshape(-1), plus.reshape(-1))[:, None]
+    root = cgf_crossings(lp, bb, level, near, rtol)[:, 0]
+    check = torch.isfinite(root)
+    other = torch.zeros_like(root)
+    if bool(check.any()):
+        other[check] = cgf_kl(lp[check], -bb[check], root[check])
+    redo = torch.nonzero(~check | (other >= level[:, 0])).flatten()
+    if redo.numel():
+        found = cgf_crossings(lp[redo], -bb[redo], level[redo], far[redo], rtol)[:, 0]
+        root[redo] = torch.minimum(root[redo], found)
+    return root.reshape(R, E)

@@ -252,6 +252,14 @@ class ModelAdapter:
             self.forward(ids, use_cache=False)
         return captured[0][0] if dtype is None else captured[0][0].to(dtype)
 
+    @torch.no_grad()
+    def next_token_alternatives(self, ids: Tensor, k: int = 5) -> tuple[list[list[str]], Tensor]:
+        """The ``k`` likeliest next tokens (strings) and their probabilities (n, k) at every
+        position of ``ids`` (1, n): one forward pass, the softmax in float64."""
+        logits = self.forward(ids, use_cache=False).logits[0]
+        probs, top = torch.softmax(logits.to(torch.float64), -1).topk(min(k, logits.shape[-1]))
+        return [self.token_strings(row) for row in top], probs.cpu()
+
     @contextmanager
     def perturbation(
         self, hook: str, position: int, deltas: Tensor, seq_len: int | None = None

@@ -15,7 +15,6 @@ of the network through ``SuffixBatch`` inside it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..budget import rows_within
-from ..geometry import first_crossings
+from ..geometry import first_crossings, newton_from_above
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]  # (x (R, d), rows (R,)) -> logits (R, V)
 
@@ -232,40 +231,17 @@ class SubspaceKL(KLTarget):
     def _newton(
         self, b: Tensor, pos: Tensor, level: Tensor, t: Tensor, cap: Tensor, rtol: float
     ) -> Tensor:
-        """The crossing of ``level`` from above: grow ``t`` until KL >= level (Newton from
-        below overshoots a convex function's root, doubling covers a flat start), then Newton
-        steps down; each returned ``t`` has KL >= level (inf where none below ``cap``).
-        ``b`` (n, V); ``level``, ``t``, ``cap`` (n, E): each (row, level) is one problem, and
-        only the unfinished ones are evaluated."""
+        """``geometry.newton_from_above`` along ``b`` (n, V) from positions ``pos`` (n,);
+        ``level``, ``t``, ``cap`` (n, E): each (row, level) is one problem."""
         n, E = t.shape
         row = torch.arange(n, device=t.device).repeat_interleave(E)
-        t, level, cap = t.reshape(-1).clone(), level.reshape(-1), cap.reshape(-1)
-        kl, slope = self._kl_slope(b[row], pos[row], t)
-        for _ in range(200):
-            low = torch.nonzero((kl < level) & (t < cap)).flatten()
-            if low.numel() == 0:
-                break
-            tl = t[low]
-            step = torch.where(
-                slope[low] > 0, (level[low] - kl[low]) / slope[low].clamp_min(1e-300), tl
-            )
-            tl = torch.minimum(tl + torch.maximum(step, 1e-3 * tl), 2 * tl)
-            t[low] = torch.minimum(tl, cap[low] * 1.0000001)
-            kl[low], slope[low] = self._kl_slope(b[row[low]], pos[row[low]], t[low])
-        result = torch.where(kl >= level, t, torch.full_like(t, math.inf))
-        for _ in range(100):
-            step = (kl - level) / slope.clamp_min(1e-300)
-            trial = (result - step).clamp_min(0.0)
-            live = torch.nonzero(torch.isfinite(result) & (step > rtol * trial)).flatten()
-            if live.numel() == 0:
-                break
-            new_kl, new_slope = self._kl_slope(b[row[live]], pos[row[live]], trial[live])
-            ok = new_kl >= level[live]
-            if not bool(ok.any()):
-                break
-            take = live[ok]
-            result[take], kl[take], slope[take] = trial[take], new_kl[ok], new_slope[ok]
-        result = torch.where(result <= cap, result, torch.full_like(result, math.inf))
+        result = newton_from_above(
+            lambda problems, tp: self._kl_slope(b[row[problems]], pos[row[problems]], tp),
+            level.reshape(-1),
+            t.reshape(-1),
+            cap.reshape(-1),
+            rtol,
+        )
         return result.reshape(n, E)
 
 

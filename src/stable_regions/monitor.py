@@ -1,0 +1,445 @@
+"""Watch stability while the model generates: a ``transformers`` logits processor.
+
+``StabilityMonitor`` is handed the scores of every sequence at every step and returns them
+untouched; from them and the unembedding W it records, per generated token:
+
+- the token and its probability, the entropy, the top alternatives;
+- ``lambda_max`` of the pre-logit curvature ``H = W^T (diag p - p p^T) W`` and the radius
+  along its top direction at each eps: ``radius_quadratic = sqrt(2 eps / lambda_max)`` and
+  ``radius_corrected``, the best closed form the mode affords (below);
+- ``radius_flip``: the exact least L2 move of the pre-logit vector that lets another token
+  overtake the top one (``geometry.flip_radius``);
+- ``radius_certified`` (optional): a ball on which the KL provably stays below eps, from the
+  bracket's upper end (``geometry.BallBound``);
+- ``fragile``: ``radius_corrected < threshold`` where the user gives a threshold, else
+  ``radius_flip < radius_corrected`` (the greedy token changes before the KL reaches eps);
+- for each user direction ``u`` at the pre-logit vector, the radius along ``+-u``
+  (``W u`` computed once).
+
+Two modes (docs/monitor.md has the math and the measurements):
+
+- ``fast`` reads ``support`` rows of W (512), never the whole of it: the bracket
+  ``lambda_lower <= lambda_max <= lambda_upper`` of ``geometry.curvature_bracket`` (a 32 x 32
+  Gram matrix of the likeliest tokens and O(V) sums: no eigen-solve), its top direction
+  ``v``, and ``lambda_max`` as the variance of ``w . v`` over the ``support`` likeliest
+  tokens (the rest of the mass lumped at their mean: a lower bound); ``radius_corrected`` is
+  the exact KL root along ``+-v`` for that restricted distribution.
+- ``exact``: the Lanczos search of ``geometry.top_curvature`` to a Ritz residual of ``tol``,
+  one product ``W v`` in the head's dtype; ``radius_corrected`` is then the exact KL root
+  along ``+-v`` (``geometry.nearest_cgf_crossings``: with a linear head the KL along a ray
+  is the CGF of ``W v``, so this is the true radius of that direction, not a series).
+
+Both run on a background thread by default, overlapped with the model's next forward pass.
+
+The scores a processor sees are the model's logits after the processors ``generate`` builds
+from the generation config (repetition penalty, bad words: -inf entries are tokens that
+cannot be chosen) and before the sampling warpers (temperature, top-k, top-p); under beam
+search they are log-probabilities (the same ``p``). The token chosen at a step is known only
+at the next call (or at ``finish``): a record is completed then, so the callback and the
+stream run one token behind the model.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor
+
+from .engine import summing_head
+from .errors import StableRegionsError
+from .geometry import (
+    BallBound,
+    HeadSpread,
+    cumulants,
+    curvature_bracket,
+    flip_radius,
+    nearest_cgf_crossings,
+    radius_pade,
+    search_dtype,
+    top_curvature,
+)
+from .inputs import as_adapter, check_eps, json_value
+
+MODES = ("fast", "exact")
+ALTERNATIVES = 5  # top tokens kept per step for the viewer's tooltip
+CERTIFY_RTOL = 1e-6  # the certified radius to this fraction of its bracket, from below
+_END = object()  # the stream's end marker
+MAX_PENDING = 16  # steps the background worker may fall behind before generate waits
+
+
+@dataclass
+class _Step:
+    """One call: per row (B,) arrays, per (row, eps) (B, E) arrays; tokens filled later."""
+
+    generation: int
+    step: int
+    values: dict[str, np.ndarray]
+    radii: dict[str, np.ndarray]
+    top_ids: np.ndarray  # (B, ALTERNATIVES)
+    top_probs: np.ndarray
+    token_id: np.ndarray  # (B,) -1 until known
+    prob: np.ndarray
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise StableRegionsError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def check_directions(directions, d: int) -> dict[str, Tensor]:
+    """Named unit directions (d,) from a tensor (k, d) or (d,), or a mapping name -> vector."""
+    if directions is None:
+        return {}
+    if isinstance(directions, Mapping):
+        items = list(directions.items())
+    else:
+        block = torch.as_tensor(directions)
+        block = block[None] if block.ndim == 1 else block
+        items = [(f"direction_{i}", v) for i, v in enumerate(block)]
+    out = {}
+    for name, v in items:
+        v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+        if v.shape != (d,):
+            raise StableRegionsError(
+                f"direction {name!r} has shape {tuple(v.shape)}, expected ({d},): one value "
+                "per dimension of the pre-logit vector"
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise StableRegionsError(f"direction {name!r} contains NaN or inf: give finite values")
+        if float(v.norm()) == 0.0:
+            raise StableRegionsError(f"direction {name!r} is zero: give a nonzero vector")
+        out[str(name)] = v / v.norm()
+    return out
+
+
+class StabilityMonitor(LogitsProcessor):
+    """A logits processor that records stability per generated token (module doc).
+
+    Args:
+        model: a bundled name, path, ``ModelAdapter`` or ``transformers`` causal LM.
+        eps: KL thresholds (nats).
+        mode: ``"fast"`` (a bracket on ``lambda_max``, one product with W per step) or
+            ``"exact"`` (Lanczos, and the exact root along the top direction).
+        threshold: flag tokens whose ``radius_corrected`` (at each eps) is below it.
+        directions: user directions at the pre-logit vector, (k, d) or ``{name: (d,)}``.
+        callback: called with one dict per token once its choice is known.
+        certified: add ``radius_certified`` (default: in exact mode only).
+        tokens: likeliest tokens in the bracket's Gram matrix.
+        support: fast mode: the likeliest tokens the direction's cumulants are taken over.
+        tol: the Lanczos tolerance of exact mode.
+        background: compute on a worker thread, overlapped with the model's next forward
+            pass (the scores are copied; records, the callback and the stream then come from
+            that thread, in order). ``finish``, ``to_frame`` and ``wait`` wait for it.
+
+    ``model.generate(..., logits_processor=[monitor])``, then ``monitor.finish(output)`` to
+    complete the last step and ``monitor.to_frame()``; or ``stable_regions.generate``.
+    """
+
+    def __init__(
+        self,
+        model,
+        eps: float | Sequence[float] = (0.1,),
+        *,
+        mode: str = "fast",
+        threshold: float | None = None,
+        directions=None,
+        callback: Callable[[dict], None] | None = None,
+        certified: bool | None = None,
+        tokens: int = 32,
+        support: int = 512,
+        tol: float = 1e-3,
+        background: bool = True,
+    ) -> None:
+        self.adapter = as_adapter(model)
+        if self.adapter.logit_softcap is not None:
+            raise StableRegionsError(
+                "the monitor needs a linear head (this model softcaps its logits): use "
+                "`analyze` or `certify` on the generated text instead"
+            )
+        self.eps = check_eps(eps)
+        self.mode = check_mode(mode)
+        if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+            raise StableRegionsError(f"threshold must be a finite radius > 0, got {threshold}")
+        self.threshold = threshold
+        self.callback = callback
+        self.certified = (mode == "exact") if certified is None else bool(certified)
+        self.tokens, self.support, self.tol = tokens, support, tol
+        self.weight = summing_head(self.adapter).weight  # float32 (or float64) products
+        self.search = self.weight  # exact mode's Lanczos: bfloat16 where it is native
+        dtype = search_dtype(self.weight.device)
+        if mode == "exact" and dtype != self.weight.dtype:
+            self.search = self.weight.to(dtype)
+        self.spread = HeadSpread.of(self.weight)
+        self.directions = check_directions(directions, self.weight.shape[1])
+        self._pending: list[Future] = []
+        self._worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="stable-regions-monitor")
+            if background
+            else None
+        )
+        self._direction_logits = None  # (k, V) = U W^T, once
+        if self.directions:
+            U = torch.stack(list(self.directions.values())).to(self.weight)
+            self._direction_logits = (U.to(self.weight.device) @ self.weight.T).to(torch.float64)
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget every record (the next call starts generation 0)."""
+        self.wait()
+        self._steps: list[_Step] = []
+        self._generation = -1
+        self._prompt_len = 0
+        self._prev_ids: Tensor | None = None
+        self._prev_logp: Tensor | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._streaming = False
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._worker is None:
+            self._observe(input_ids, scores)
+            return scores  # never changed
+        # copies: generate may change its tensors in place once we return
+        ids, copied = input_ids.detach().clone(), scores.detach().clone()
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()  # a failure surfaces here, at the next token
+        if len(self._pending) >= MAX_PENDING:  # the model outruns the monitor: wait a step
+            self._pending.pop(0).result()
+        self._pending.append(self._worker.submit(self._observe, ids, copied))
+        return scores
+
+    def wait(self) -> None:
+        """Until every step handed to the background worker is recorded (re-raises its
+        error, if any)."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    @torch.no_grad()
+    def _observe(self, input_ids: Tensor, scores: Tensor) -> None:
+        L = input_ids.shape[1]
+        prev = self._prev_ids
+        if prev is not None and L == prev.shape[1] + 1:
+            self._resolve(input_ids)
+        else:  # a new call to generate
+            self._generation += 1
+            self._prompt_len = L
+        values, radii, top_ids, top_probs, logp = self._geometry(scores)
+        B = scores.shape[0]
+        self._steps.append(
+            _Step(
+                self._generation,
+                L - self._prompt_len,
+                values,
+                radii,
+                top_ids,
+                top_probs,
+                np.full(B, -1, dtype=np.int64),
+                np.full(B, np.nan),
+            )
+        )
+        self._prev_ids = input_ids.detach().clone()
+        self._prev_logp = logp
+
+    def _resolve(self, ids: Tensor) -> None:
+        """Fill the previous step's tokens from their children's last column."""
+        prev, step = self._prev_ids, self._steps[-1]
+        ids = ids.to(prev.device)
+        if ids.shape[0] == prev.shape[0] and torch.equal(ids[:, :-1], prev):
+            parents = torch.arange(ids.shape[0])
+        else:  # beams reordered: the row whose prefix each child extends (-1: none)
+            match = (ids[:, None, :-1] == prev[None]).all(-1)
+            parents = torch.where(match.any(-1), match.int().argmax(-1), -1).cpu()
+        chosen = ids[:, -1].cpu()
+        for child, parent in enumerate(parents.tolist()):
+            if parent < 0 or step.token_id[parent] >= 0:
+                continue
+            token = int(chosen[child])
+            step.token_id[parent] = token
+            step.prob[parent] = float(self._prev_logp[parent, token].exp())
+            self._emit(step, parent)
+
+    def finish(self, sequences: Tensor | None = None) -> None:
+        """Complete the last step from ``generate``'s output (its last column), and end the
+        stream. Safe to call twice."""
+        self.wait()
+        if sequences is not None and self._prev_ids is not None:
+            seqs = getattr(sequences, "sequences", sequences)
+            if seqs.shape[1] == self._prev_ids.shape[1] + 1:
+                self._resolve(seqs)
+        self._queue.put(_END)
+
+    # ------------------------------------------------------------- live use
+    def _emit(self, step: _Step, row: int) -> None:
+        if self.callback is None and not self._streaming:
+            return
+        record = self._record(step, row)
+        if self.callback is not None:
+            self.callback(record)
+        if self._streaming:
+            self._queue.put(record)
+
+    def stream(self, timeout: float | None = None) -> Iterator[dict]:
+        """Token records as they complete, for ``generate`` running in another thread; ends
+        at ``finish``. Call before generating."""
+        self._streaming = True
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _END:
+                return
+            yield item
+
+    def _record(self, step: _Step, row: int) -> dict:
+        token = int(step.token_id[row])
+        out = {
+            "generation": step.generation,
+            "sequence": row,
+            "step": step.step,
+            "token_id": token,
+            "token": self.adapter.token_strings([token])[0] if token >= 0 else "",
+            "prob": float(step.prob[row]),
+            **{k: json_value(v[row]) for k, v in step.values.items()},
+        }
+        for name, r in step.radii.items():
+            out[name] = {e: json_value(r[row, j]) for j, e in enumerate(self.eps)}
+        return out
+
+    # ------------------------------------------------------------- geometry
+    def _geometry(self, scores: Tensor):
+        f64 = torch.float64
+        z = scores.detach().to(self.weight.device, torch.float32)
+        # a row of NaN (eager attention over left padding, in some versions) or with every
+        # token masked has no distribution: computed as uniform, reported as NaN
+        broken = (torch.isnan(z).any(-1) | ~(z > -torch.inf).any(-1)).cpu().numpy()
+        if broken.any():
+            z = torch.where(torch.as_tensor(broken, device=z.device)[:, None], 0.0, z)
+        # exact mode: float64 from the softmax on; fast mode: float32 for the O(V) work, the
+        # bracket's margins widened to cover it (geometry.curvature_bracket)
+        work = f64 if self.mode == "exact" else torch.float32
+        logp = torch.log_softmax(z.to(work), dim=-1)
+        p = logp.exp()
+        ent = -(p * logp).nansum(-1)  # 0 log 0 = 0: masked tokens add nothing
+        wide = self.support if self.mode == "fast" else max(self.tokens, ALTERNATIVES)
+        pk, idx = p.topk(min(wide, p.shape[-1]), dim=-1)
+        top = idx[:, 0]
+        k = min(max(self.tokens, ALTERNATIVES), p.shape[-1])
+        # the rows of W the bracket, the flip radius and (fast) the direction's products read
+        rows = torch.stack([self.weight.index_select(0, i) for i in idx])  # (B, wide, d)
+        bracket = curvature_bracket(
+            self.weight, p, self.spread, likeliest=(pk[:, :k], idx[:, :k]), rows=rows[:, :k]
+        )
+        B = z.shape[0]
+        if self.mode == "exact":
+            found = top_curvature(
+                self.weight, z, tol=self.tol, search_weight=self.search, refine=False
+            )
+            # the exact roots want W v as exact as the head's own products
+            along = (found.vector.to(self.weight.dtype) @ self.weight.T).to(f64)
+            _, c2, c3, c4 = cumulants(p, along)
+            lower, ray_logp = bracket.lower, logp
+        else:  # no pass over W: the direction's products with the likeliest tokens' rows
+            vector = bracket.vector.to(self.weight.dtype)
+            along = torch.bmm(rows, vector[:, :, None])[..., 0].to(work)
+            mean, c2, c3, c4 = (c.to(f64) for c in cumulants(pk, along, lumped=True))
+            lower = torch.maximum(bracket.lower, c2 * (1 - 1e-5))  # a restricted variance too
+            # the ray's distribution: the likeliest tokens, and the rest lumped at their mean
+            rest = (1.0 - pk.to(f64).sum(-1, keepdim=True)).clamp_min(0.0)
+            ray_logp = torch.cat([pk.to(f64), rest], -1).log()
+            along = torch.cat([along.to(f64), mean[:, None]], -1)
+        values = {
+            "top_token_id": top.cpu().numpy(),
+            "top_prob": pk[:, 0].cpu().numpy(),
+            "entropy": ent.cpu().numpy(),
+            "lambda_max": c2.cpu().numpy(),
+            "lambda_lower": lower.cpu().numpy(),
+            "lambda_upper": bracket.upper.cpu().numpy(),
+            "radius_flip": flip_radius(z, idx, self.weight, self.spread, rows[:, :k]).cpu().numpy(),
+        }
+        radii = {
+            "radius_quadratic": torch.stack(
+                [torch.sqrt(2.0 * e / c2.clamp_min(1e-300)) for e in self.eps], -1
+            ),
+            "radius_corrected": self._radius_along(ray_logp, along, c2, c3, c4),
+        }
+        if self.certified:  # |w_i - mu| <= |w_i - m0| + sum_j p_j |w_j - m0|
+            n = self.spread.radii
+            dual = n[None, :] + (p @ n)[:, None]
+            bound = BallBound(bracket.upper, p, dual, order=self.spread.order)
+            radii["radius_certified"] = bound.radius(self.eps, rtol=CERTIFY_RTOL)
+        if self._direction_logits is not None:
+            k = self._direction_logits.shape[0]
+            rep = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731  (row-major: b, k)
+            b = self._direction_logits.repeat(B, 1)
+            _, d2, d3, d4 = cumulants(rep(p), b)
+            per = self._radius_along(rep(logp), b, d2, d3, d4).reshape(B, k, -1)
+            for j, name in enumerate(self.directions):
+                radii[f"radius_{name}"] = per[:, j]
+        radii = {name: r.cpu().numpy() for name, r in radii.items()}
+        if broken.any():  # new arrays: some share memory with the returned top tokens
+            for arrays in (values, radii):
+                for name, array in arrays.items():
+                    mask = broken.reshape((-1,) + (1,) * (array.ndim - 1))
+                    arrays[name] = np.where(mask, np.nan if array.dtype.kind == "f" else -1, array)
+        k = min(ALTERNATIVES, pk.shape[-1])
+        return values, radii, idx[:, :k].cpu().numpy(), pk[:, :k].cpu().numpy(), logp
+
+    def _radius_along(self, logp: Tensor, b: Tensor, c2, c3, c4) -> Tensor:
+        """(R, E): the exact KL root along the nearer of ``+-b`` (R, V) under ``exp(logp)``
+        (R, V), Newton started at each sign's Pade radius (usually within a few percent)."""
+        R = b.shape[0]
+        # both signs in one call: -b flips the odd cumulant
+        both = [torch.cat([c2, c2]), torch.cat([c3, -c3]), torch.cat([c4, c4])]
+        pade = torch.stack([radius_pade(both[0], both[1], e, both[2]) for e in self.eps], -1)
+        levels = torch.tensor(self.eps, dtype=torch.float64, device=b.device).expand(R, -1)
+        return nearest_cgf_crossings(logp, b, levels, (pade[:R], pade[R:]))
+
+    # ---------------------------------------------------------------- output
+    def to_frame(self) -> pd.DataFrame:
+        """One row per recorded token and eps (columns in the module doc). A step whose
+        token is not yet known (before ``finish``) has ``token_id`` -1."""
+        self.wait()
+        rows = []
+        for step in self._steps:
+            B = len(step.token_id)
+            strings = self.adapter.token_strings([max(int(t), 0) for t in step.token_id])
+            alternatives = [self.adapter.token_strings(step.top_ids[r].tolist()) for r in range(B)]
+            for r in range(B):
+                base = {
+                    "generation": step.generation,
+                    "sequence": r,
+                    "step": step.step,
+                    "token_id": int(step.token_id[r]),
+                    "token": strings[r] if step.token_id[r] >= 0 else "",
+                    "prob": float(step.prob[r]),
+                    **{k: v[r].item() for k, v in step.values.items()},
+                    "top_tokens": alternatives[r],
+                    "top_probs": step.top_probs[r].tolist(),
+                }
+                for j, e in enumerate(self.eps):
+                    row = dict(base, eps=e)
+                    for name, r_all in step.radii.items():
+                        row[name] = float(r_all[r, j])
+                    rows.append(row)
+        frame = pd.DataFrame(rows, columns=self.columns() if not rows else None)
+        if rows:
+            if self.threshold is not None:
+                frame["fragile"] = frame["radius_corrected"] < self.threshold
+            else:
+                frame["fragile"] = frame["radius_flip"] < frame["radius_corrected"]
+        return frame
+
+    def columns(self) -> list[str]:
+        names = ["generation", "sequence", "step", "token_id", "token", "prob", "top_token_id"]
+        names += ["top_prob", "entropy", "lambda_max", "lambda_lower", "lambda_upper"]
+        names += ["radius_flip", "top_tokens", "top_probs", "eps", "radius_quadratic"]
+        names += ["radius_corrected"] + (["radius_certified"] if self.certified else [])
+        names += [f"radius_{n}" for n in self.directions] + ["fragile"]
+        return names
