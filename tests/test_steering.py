@@ -227,3 +227,125 @@ def test_cli_steer_bad_input(model_dir, tmp_path, extra, message):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def write_repeng_gguf(path, directions: dict[int, np.ndarray], model_type="llama"):
+    """A control vector file as repeng 0.4's ``ControlVector.export_gguf`` writes it (the
+    same gguf calls; repeng itself cannot be imported beside numpy 2)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model_type)
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, vector in directions.items():
+        writer.add_tensor(f"direction.{layer}", vector.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_control_vectors_and_layered_files_give_the_raw_vectors_budget(adapter, tmp_path):
+    """repeng's file and object, and a safetensors file of {layer: vector}: each picks the
+    vector of the layer asked for, and the budget (in repeng's coefficient) equals the one of
+    that raw vector."""
+    from dataclasses import dataclass
+
+    from safetensors.numpy import save_file
+
+    d = adapter.hook_dim("blocks.1.hook_resid_post")
+    gen = np.random.default_rng(0)
+    directions = {0: gen.normal(size=d), 1: gen.normal(size=d)}
+    directions = {k: v.astype(np.float32) for k, v in directions.items()}
+
+    @dataclass
+    class ControlVector:  # repeng's dataclass: model_type, directions {layer: array}
+        model_type: str
+        directions: dict
+
+    write_repeng_gguf(tmp_path / "cv.gguf", directions)
+    save_file({"layer.0": directions[0], "1": directions[1]}, str(tmp_path / "layers.safetensors"))
+    reference = steering_budget(adapter, ["The cat sat"], directions[1], 1, eps=[0.1, 1.0])
+    for source in [
+        load_vector(tmp_path / "cv.gguf", d, 1),
+        load_vector(tmp_path / "layers.safetensors", d, 1),
+        ControlVector("llama", directions),
+        {1: directions[1], 0: directions[0]},
+    ]:
+        got = steering_budget(adapter, ["The cat sat"], source, 1, eps=[0.1, 1.0])
+        for col in ("coef_quadratic", "coef_curve", "coef_exact"):
+            np.testing.assert_allclose(got.to_frame()[col], reference.to_frame()[col], rtol=1e-9)
+    assert not torch.allclose(
+        load_vector(tmp_path / "cv.gguf", d, 0), load_vector(tmp_path / "cv.gguf", d, 1)
+    )
+    for source in (tmp_path / "cv.gguf", tmp_path / "layers.safetensors"):
+        with pytest.raises(StableRegionsError, match="no vector at layer 2 .*layers 0, 1"):
+            load_vector(source, d, 2)
+    with pytest.raises(StableRegionsError, match="no vector at layer 2"):
+        steering_budget(adapter, ["x"], ControlVector("llama", directions), 2)
+    # a GGUF model file is not a control vector
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((4, d), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(StableRegionsError, match="not a control vector"):
+        load_vector(tmp_path / "model.gguf", d, 1)
+
+
+def test_cli_steer_with_a_control_vector_file(model_dir, tmp_path, capsys):
+    d = 32
+    directions = {1: np.linspace(-1, 1, d), 2: np.ones(d)}
+    write_repeng_gguf(tmp_path / "cv.gguf", directions)
+    code = main(
+        [
+            "steer",
+            "The cat sat",
+            "--model",
+            str(model_dir),
+            "--layer",
+            "1",
+            "--vector",
+            str(tmp_path / "cv.gguf"),
+            "--no-exact",
+            "--json",
+        ]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rows"][0]["vector_norm"] == pytest.approx(
+        float(np.linalg.norm(directions[1])), rel=1e-6
+    )
+    code = main(
+        [
+            "steer",
+            "The cat sat",
+            "--model",
+            str(model_dir),
+            "--layer",
+            "0",
+            "--vector",
+            str(tmp_path / "cv.gguf"),
+            "--no-exact",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no vector at layer 0" in err and "\n" not in err
+
+
+def test_added_steers_every_position(adapter):
+    """``added`` (the libraries' way of steering) shifts the activation at every position,
+    and the next layer sees the shifted stream."""
+    ids = adapter.tokenize("The cat sat")
+    hook = adapter.hook_for_layer(1)
+    delta = torch.linspace(-1, 1, adapter.hook_dim(hook), dtype=torch.float64)
+    plain, steered = [], []
+    with adapter.capture(hook, plain), torch.no_grad():
+        base = adapter.forward(ids, use_cache=False).logits
+    with adapter.added(hook, delta), adapter.capture(hook, steered), torch.no_grad():
+        moved = adapter.forward(ids, use_cache=False).logits
+    assert torch.allclose(steered[0], plain[0] + delta, atol=1e-12)
+    assert not torch.allclose(moved, base)

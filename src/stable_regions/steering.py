@@ -25,13 +25,14 @@ from torch import Tensor
 
 from .calibration import resolve_calibration
 from .engine import entropy, logit_derivatives, reliability, taylor_radii
-from .errors import StableRegionsError, one_line
+from .errors import StableRegionsError
 from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .inputs import as_adapter, check_eps, check_positions
 from .models import PRELOGIT, ModelAdapter
 from .models.suffix import PositionSuffix
 from .probes import measure_from_suffix
 from .prompts import read_prompt_file
+from .vectors import as_vector, read_vector_file
 
 STEER_COLUMNS = [
     "prompt_id",
@@ -78,33 +79,10 @@ def _fifth_percentile(x: pd.Series) -> float:
     return x.quantile(0.05, interpolation="lower") if np.isnan(q) and x.notna().any() else q
 
 
-def load_vector(path: str | Path, dim: int) -> Tensor:
-    """A steering vector (dim,) from ``.npy`` (no pickles) or ``.safetensors`` (one tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StableRegionsError(f"steering vector file {path} not found")
-    try:
-        if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        elif path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            tensors = load_file(str(path))
-            if len(tensors) != 1:
-                raise StableRegionsError(
-                    f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}): save exactly one"
-                )
-            array = next(iter(tensors.values()))
-        else:
-            raise StableRegionsError(
-                f"{path}: a steering vector must be a .npy or .safetensors file"
-            )
-    except StableRegionsError:
-        raise
-    except Exception as exc:
-        raise StableRegionsError(
-            f"could not read steering vector {path}: {one_line(exc)}"
-        ) from None
+def load_vector(path: str | Path, dim: int, layer=None) -> Tensor:
+    """A steering vector (dim,) from a file (``vectors.read_vector_file``: ``.npy``,
+    ``.safetensors`` with one tensor or one per layer, repeng's ``.gguf``)."""
+    array = read_vector_file(path, layer)
     return check_vector(torch.as_tensor(np.asarray(array, dtype=np.float64)), dim, str(path))
 
 
@@ -155,7 +133,7 @@ def mean_difference(
 def steering_budget(
     model,
     prompts: str | Sequence[str],
-    vector: Tensor | np.ndarray,
+    vector,
     layer: str | int,
     eps: float | Sequence[float] = 0.1,
     positions: str | int | Sequence[int] = "last",
@@ -167,7 +145,11 @@ def steering_budget(
 ) -> SteeringResult:
     """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt and position.
 
-    ``coef_*`` are coefficients ``c`` of ``c * vector`` (so they scale with 1 / ||vector||):
+    ``vector``: an array or tensor, a ``{layer: vector}`` mapping or a repeng
+    ``ControlVector`` (its ``directions[layer]``); see ``vectors``.
+
+    ``coef_*`` are coefficients ``c`` of ``c * vector`` (so they scale with 1 / ||vector||;
+    repeng's ``coeff``):
     ``coef_quadratic`` from ``sqrt(2 eps / u^T G u)``, ``coef_corrected`` from the Pade [2/2]
     form of the KL series along ``u``, ``coef_curve`` the KL root along the logits' Taylor path
     (exact at ``final``), ``coef_calibrated`` the ``calibration`` of this layer (``"bundled"``,
@@ -181,7 +163,7 @@ def steering_budget(
     if cal is not None:
         for e in eps_list:
             cal.band_for(e)  # an eps outside the calibrated bands fails before any work
-    vector = check_vector(torch.as_tensor(vector), adapter.hook_dim(hook))
+    vector = check_vector(as_vector(vector, layer), adapter.hook_dim(hook))
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:

@@ -38,7 +38,10 @@ def add_parser(sub) -> None:
         help="block index i (blocks.{i}.hook_resid_post), 'embed' or 'final'",
     )
     st.add_argument(
-        "--vector", metavar="FILE", help="steering vector, .npy or .safetensors (one tensor)"
+        "--vector",
+        metavar="FILE",
+        help="steering vector: .npy, .safetensors (one tensor, or one per layer: {layer: vector}) "
+        "or a repeng control vector .gguf (the vector of --layer is used)",
     )
     st.add_argument(
         "--positive", metavar="FILE", help="prompt file; with --negative: vector = mean difference"
@@ -91,7 +94,7 @@ def run(args) -> int:
     layer = parse_layer(args.layer)
     hook = adapter.hook_for_layer(layer)
     if args.vector:
-        vector = load_vector(args.vector, adapter.hook_dim(hook))
+        vector = load_vector(args.vector, adapter.hook_dim(hook), layer)
     else:
         vector = mean_difference(adapter, positive, negative, layer)
     if args.save_vector:

@@ -281,6 +281,13 @@ class ModelAdapter:
             yield
 
     @contextmanager
+    def added(self, hook: str, delta: Tensor) -> Iterator[None]:
+        """Add ``delta`` (d,) to the activation at ``hook`` at every position (how repeng and
+        steering-vectors steer)."""
+        with self._on_activation(hook, lambda x: x + delta.to(dtype=x.dtype, device=x.device)):
+            yield
+
+    @contextmanager
     def capture(self, hook: str, store: list[Tensor]) -> Iterator[None]:
         """Append the activation (batch, seq, d) seen at ``hook`` to ``store`` on each forward."""
         with self._on_activation(hook, lambda x: store.append(x.detach())):
