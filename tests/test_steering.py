@@ -300,40 +300,18 @@ def test_cli_steer_with_a_control_vector_file(model_dir, tmp_path, capsys):
     d = 32
     directions = {1: np.linspace(-1, 1, d), 2: np.ones(d)}
     write_repeng_gguf(tmp_path / "cv.gguf", directions)
-    code = main(
-        [
-            "steer",
-            "The cat sat",
-            "--model",
-            str(model_dir),
-            "--layer",
-            "1",
-            "--vector",
-            str(tmp_path / "cv.gguf"),
-            "--no-exact",
-            "--json",
-        ]
-    )
-    assert code == 0
+
+    def steer(layer: str) -> int:
+        argv = ["steer", "The cat sat", "--model", str(model_dir), "--no-exact", "--json"]
+        return main([*argv, "--layer", layer, "--vector", str(tmp_path / "cv.gguf")])
+
+    assert steer("1") == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["rows"][0]["vector_norm"] == pytest.approx(
-        float(np.linalg.norm(directions[1])), rel=1e-6
-    )
-    code = main(
-        [
-            "steer",
-            "The cat sat",
-            "--model",
-            str(model_dir),
-            "--layer",
-            "0",
-            "--vector",
-            str(tmp_path / "cv.gguf"),
-            "--no-exact",
-        ]
-    )
+    norm = float(np.linalg.norm(directions[1]))
+    assert doc["rows"][0]["vector_norm"] == pytest.approx(norm, rel=1e-6)
+    assert steer("0") == 2
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "no vector at layer 0" in err and "\n" not in err
+    assert "no vector at layer 0" in err and "\n" not in err
 
 
 def test_added_steers_every_position(adapter):
