@@ -206,68 +206,117 @@ def scan_corpus(
     (``radius_quadratic`` the published one, ``radius_corrected`` the 4th-order Pade form,
     nearest exit over both signs) at each eps. Documents are written as they finish
     (``out/parts``), so ``resume=True`` continues an interrupted scan; ``overwrite=True``
-    replaces a scan already in ``out``.
+    replaces a scan already in ``out``. ``distributed.scan_corpus_ray`` does the same on a
+    Ray cluster.
 
     ``progress(done, total)`` counts tokens.
     """
-    eps = check_eps(eps)
-    documents = as_prompts(documents, "document")
-    if not documents:
-        raise StableRegionsError("no documents given")
-    ids = [d.id for d in documents]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise StableRegionsError(f"document id {dup!r} appears twice: ids must be unique")
     adapter = as_adapter(model)
-    limit = adapter.context_length
-    if window is None:
-        window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
-    elif limit is not None and window > limit:
-        raise StableRegionsError(
-            f"window {window} is longer than the model's context of {limit} tokens: "
-            f"use a window of at most {limit}"
-        )
-    overlap = int(window) // 8 if overlap is None else overlap
-    settings = ScanSettings(eps, int(window), int(overlap))
-    document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
+    plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
-    record = {
-        "tool": "stable-regions scan",
-        "model": adapter.name,
-        "fingerprint": model_fingerprint(adapter),
-        "settings": asdict(settings),
-        "documents": corpus_digest(documents),
-        "n_documents": len(documents),
-    }
-    token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]
-    run = RunDirectory(out, record, "scan", resume=resume, overwrite=overwrite)
-    total = sum(len(t) for t in token_ids)
-    done = sum(len(t) for i, t in enumerate(token_ids) if run.done(i))
+    run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
+    done = plan.tokens_done(run)
     if progress is not None:
-        progress(done, total)
-    for i, (doc, ids) in enumerate(zip(documents, token_ids, strict=True)):
+        progress(done, plan.total)
+    for i, doc in enumerate(plan.documents):
         if run.done(i):
             continue
-        frames = []
-        for start, stop, first in document_windows(len(ids), settings.window, settings.overlap):
-            h = adapter.prelogits(ids[None, start:stop], dtype=None)[first - start :]
-            found = scanner.scan_prelogits(h, settings.eps)
-            frames.append(_positions_frame(adapter, doc.id, ids, first, found, settings.eps))
-            done += stop - first
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
             if progress is not None:
-                progress(done, total)
-        run.write_part(i, pd.concat(frames, ignore_index=True))
+                progress(done, plan.total)
+
+        run.write_part(
+            i, scan_document(adapter, scanner, doc.id, plan.token_ids[i], plan.settings, tick)
+        )
         return_freed_memory()
-    frame = run.frame(len(documents))
+    return finish_scan(adapter, run, plan)
+
+
+@dataclass
+class ScanPlan:
+    """A corpus scan's checked inputs: its documents and their tokens, its settings, and the
+    run record a resumed scan must match (the same for a local and a Ray scan)."""
+
+    documents: list[Prompt]
+    token_ids: list[Tensor]
+    settings: ScanSettings
+    record: dict
+
+    @property
+    def total(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    def tokens_done(self, run: RunDirectory) -> int:
+        return sum(len(t) for i, t in enumerate(self.token_ids) if run.done(i))
+
+    @classmethod
+    def make(cls, adapter: ModelAdapter, documents, eps, window, overlap) -> ScanPlan:
+        eps = check_eps(eps)
+        documents = as_prompts(documents, "document")
+        if not documents:
+            raise StableRegionsError("no documents given")
+        ids = [d.id for d in documents]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise StableRegionsError(f"document id {dup!r} appears twice: ids must be unique")
+        limit = adapter.context_length
+        if window is None:
+            window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
+        elif limit is not None and window > limit:
+            raise StableRegionsError(
+                f"window {window} is longer than the model's context of {limit} tokens: "
+                f"use a window of at most {limit}"
+            )
+        overlap = int(window) // 8 if overlap is None else overlap
+        settings = ScanSettings(eps, int(window), int(overlap))
+        document_windows(1, settings.window, settings.overlap)  # bad sizes fail before any work
+        record = {
+            "tool": "stable-regions scan",
+            "model": adapter.name,
+            "fingerprint": model_fingerprint(adapter),
+            "settings": asdict(settings),
+            "documents": corpus_digest(documents),
+            "n_documents": len(documents),
+        }
+        token_ids = [adapter.tokenize(d.text, any_length=True)[0] for d in documents]
+        return cls(documents, token_ids, settings, record)
+
+
+def scan_document(
+    adapter: ModelAdapter,
+    scanner: Scanner,
+    doc_id: str,
+    ids: Tensor,
+    settings: ScanSettings,
+    tick: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """One document's rows (position x eps), window by window; ``tick(n)`` after each window
+    with the positions it reported."""
+    frames = []
+    for start, stop, first in document_windows(len(ids), settings.window, settings.overlap):
+        h = adapter.prelogits(ids[None, start:stop], dtype=None)[first - start :]
+        found = scanner.scan_prelogits(h, settings.eps)
+        frames.append(_positions_frame(adapter, doc_id, ids, first, found, settings.eps))
+        if tick is not None:
+            tick(stop - first)
+    return pd.concat(frames, ignore_index=True)
+
+
+def finish_scan(adapter: ModelAdapter, run: RunDirectory, plan: ScanPlan) -> CorpusScan:
+    """Every part written: the results, the summary, the plot, and the run marked complete."""
+    frame = run.frame(len(plan.documents))
     summary = [
         _document_summary(doc.id, f)
-        for doc, (_, f) in zip(documents, frame.groupby("doc_id", sort=False), strict=True)
+        for doc, (_, f) in zip(plan.documents, frame.groupby("doc_id", sort=False), strict=True)
     ]
     out = run.out
     write_parquet(frame, out / "results.parquet")
     write_json(
         out / "summary.json",
-        {"model": adapter.name, "settings": asdict(settings), "documents": summary},
+        {"model": adapter.name, "settings": asdict(plan.settings), "documents": summary},
     )
     plot_radius_along_documents(frame, out / "radius.png")
     run.finish()

@@ -56,6 +56,29 @@ def add_parser(sub) -> None:
     )
     add_run_directory(sc, "scan")
     sc.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="scan on a Ray cluster (pip install -e '.[ray]'): a running cluster's head "
+        "address host:port, or no address to start a local one",
+    )
+    sc.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Ray workers (default 2), one model each",
+    )
+    sc.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per Ray worker (default 0)",
+    )
+    sc.add_argument(
         "--html",
         metavar="FILE",
         help=f"also write a self-contained HTML page of the documents (the first {PAGE_TOKENS} "
@@ -86,20 +109,21 @@ def run(args) -> int:
 
         check_html_path(args.html)
     documents = read_documents(args.documents)
-    err, adapter = load_with_status(args)
-    out = args.out or default_out("scan", adapter)
-    with progress(err, "scanning tokens") as (tick, _):
-        run = scan_corpus(
-            adapter,
-            documents,
-            out=out,
-            eps=eps,
-            window=args.window,
-            overlap=args.overlap,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=tick,
-        )
+    settings = dict(
+        eps=eps,
+        window=args.window,
+        overlap=args.overlap,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    if args.ray is not None:
+        run, model_name = _scan_on_ray(args, documents, settings)
+    else:
+        err, adapter = load_with_status(args)
+        model_name = adapter.name
+        out = args.out or default_out("scan", adapter)
+        with progress(err, "scanning tokens") as (tick, _):
+            run = scan_corpus(adapter, documents, out=out, progress=tick, **settings)
     stdout = console()
     if args.top:
         e = run.frame.eps.iloc[0]
@@ -131,10 +155,38 @@ def run(args) -> int:
             "exit over both signs), in the units of the pre-logit vector[/dim]"
         )
     if args.html:
-        write_page(args.html, run.frame, adapter.name, err)
+        write_page(args.html, run.frame, model_name, console(stderr=True))
     for name in ("results.parquet", "summary.json", "radius.png"):
         print(run.out / name)
     return 0
+
+
+def _scan_on_ray(args, documents, settings: dict):
+    """``distributed.scan_corpus_ray`` with the command's options; the cluster is checked
+    before anything is loaded or written."""
+    import os
+
+    from .. import models
+    from ..distributed import check_cluster, scan_corpus_ray
+
+    err = console(stderr=True)
+    check_cluster(None if args.ray == "local" else args.ray, args.workers, args.gpus_per_worker)
+    spec = args.model or models.DEFAULT_MODEL
+    out = args.out or f"scan-{os.path.basename(spec.rstrip('/'))}"
+    with progress(err, f"scanning tokens on Ray ({args.workers} workers)") as (tick, _):
+        run = scan_corpus_ray(
+            spec,
+            documents,
+            out=out,
+            **settings,
+            address=None if args.ray == "local" else args.ray,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            device=args.device,
+            dtype=args.dtype,
+            progress=tick,
+        )
+    return run, spec
 
 
 def write_page(path: str, frame, model: str, err) -> None:

@@ -1,0 +1,169 @@
+"""Corpus scans on a Ray cluster (``pip install -e ".[ray]"``): the same results and output
+layout as ``scan.scan_corpus``, the documents spread over worker actors.
+
+- Each worker is a Ray actor that loads the model once (from a bundled name or a path every
+  node can read: models on shared storage) and scans the documents it is given with
+  ``scan.scan_document``, the local scan's own code.
+- Documents are sharded deterministically: the i-th unfinished document goes to worker
+  ``i mod workers``. Each worker returns one document's rows (per-token scalars, never
+  activations) to the driver, which writes it as that document's part of the run directory
+  as soon as it arrives. ``resume`` therefore skips every finished document, of a local
+  run as well (the run records are the same).
+- A worker that dies is restarted (the model loaded again) and its unfinished calls are
+  retried (``max_restarts``, ``max_task_retries``); the driver writes each part once, when
+  its call completes, so nothing is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from .errors import StableRegionsError, one_line
+from .files import RunDirectory
+from .models import load
+from .prompts import Prompt
+from .scan import CorpusScan, Scanner, ScanPlan, ScanSettings, finish_scan, scan_document
+
+RESTARTS = 3  # times a worker that died is started again (and its calls retried)
+
+
+def check_cluster(address: str | None, workers: int, gpus_per_worker: float) -> None:
+    """Connect to (or start) the cluster and check it can hold the workers; one-line errors."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise StableRegionsError(f"--workers must be a whole number >= 1, got {workers!r}")
+    if gpus_per_worker < 0:
+        raise StableRegionsError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    try:
+        import ray
+    except ImportError:
+        raise StableRegionsError(
+            'Ray is not installed: pip install -e ".[ray]" (or pip install "ray>=2.60")'
+        ) from None
+    if address not in (None, "", "local", "auto") and not _reachable(address):
+        # ray.init retries an unreachable address for many minutes: refuse it at once
+        raise StableRegionsError(
+            f"cannot reach a Ray cluster at {address!r}: nothing answers there (start one with "
+            "`ray start --head`, or give no address for a local one)"
+        )
+    if not ray.is_initialized():
+        try:
+            if address in (None, "", "local"):
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            else:
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                )
+        except Exception as exc:
+            raise StableRegionsError(
+                f"cannot reach a Ray cluster at {address!r}: {one_line(exc)} (start one with "
+                "`ray start --head`, or give no address for a local one)"
+            ) from None
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus_per_worker > gpus:
+        raise StableRegionsError(
+            f"--gpus-per-worker {gpus_per_worker:g} but the cluster has {gpus:g} GPUs: "
+            "ask for at most that many"
+        )
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether something accepts a TCP connection at ``[ray://]host:port``."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StableRegionsError(
+            f"--ray address {address!r} is not host:port (e.g. 10.0.0.5:6379): give the "
+            "head node's address, or none for a local cluster"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def scan_corpus_ray(
+    model: str,
+    documents: Sequence[Prompt | str],
+    *,
+    out,
+    eps: Sequence[float] = (0.1,),
+    window: int | None = None,
+    overlap: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> CorpusScan:
+    """``scan.scan_corpus`` on a Ray cluster (module doc). ``model``: a bundled name or a
+    model path every node can read; ``address``: a running cluster's (None or ``"local"``:
+    start one here). The driver loads the model too (for the tokenizer and the run record)."""
+    if not isinstance(model, str):
+        raise StableRegionsError(
+            "a Ray scan needs the model as a bundled name or a path the workers can load, "
+            f"not a {type(model).__name__}"
+        )
+    check_cluster(address, workers, gpus_per_worker)
+    import ray
+
+    adapter = load(model, device="cpu", log=log)
+    plan = ScanPlan.make(adapter, documents, eps, window, overlap)
+    Scanner(adapter)  # a model the fast scan cannot take fails here, before any file
+    run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
+    pending = [i for i in range(len(plan.documents)) if not run.done(i)]
+    done = plan.tokens_done(run)
+    if progress is not None:
+        progress(done, plan.total)
+    if pending:
+        worker_class = ray.remote(
+            num_cpus=1, num_gpus=gpus_per_worker, max_restarts=RESTARTS, max_task_retries=RESTARTS
+        )(_ScanWorker)
+        options = dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype)
+        pool = [
+            worker_class.remote(model, plan.settings, options)
+            for _ in range(min(workers, len(pending)))
+        ]
+        calls = {}
+        for k, i in enumerate(pending):  # deterministic shards: the k-th pending to k mod n
+            doc = plan.documents[i]
+            calls[pool[k % len(pool)].scan.remote(doc.id, doc.text)] = i
+        try:
+            waiting = list(calls)
+            while waiting:
+                finished, waiting = ray.wait(waiting, num_returns=1)
+                i = calls[finished[0]]
+                run.write_part(i, ray.get(finished[0]))
+                done += len(plan.token_ids[i])
+                if progress is not None:
+                    progress(done, plan.total)
+        finally:
+            for worker in pool:
+                ray.kill(worker)
+    return finish_scan(adapter, run, plan)
+
+
+class _ScanWorker:
+    """A Ray actor: the model loaded once, then one document per call."""
+
+    def __init__(self, model: str, settings: ScanSettings, options: dict) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.adapter = load(model, log=lambda _: None, **options)
+        self.scanner = Scanner(self.adapter)
+        self.settings = settings
+
+    def scan(self, doc_id: str, text: str):
+        ids = self.adapter.tokenize(text, any_length=True)[0]
+        return scan_document(self.adapter, self.scanner, doc_id, ids, self.settings)
+
+    def pid(self) -> int:
+        return os.getpid()

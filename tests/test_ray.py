@@ -1,0 +1,160 @@
+"""Corpus scans on Ray: one local cluster (2 CPUs) for every test here; a tiny model saved to
+disk, which the workers load by path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from conftest import char_tokenizer, tiny_model
+
+import stable_regions as sr
+from stable_regions.distributed import scan_corpus_ray
+from stable_regions.prompts import Prompt
+from stable_regions.scan import scan_corpus
+
+NUMERIC = [
+    "position",
+    "next_prob",
+    "entropy",
+    "lambda_max",
+    "eps",
+    "radius_quadratic",
+    "radius_corrected",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ray") / "tiny-llama"
+    tiny_model("llama", seed=5, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def documents(n: int, length: int) -> list[Prompt]:
+    words = "the cat sat on a mat while every dog ran far away from home".split()
+    gen = np.random.default_rng(n)
+    return [Prompt(f"doc{i}", " ".join(gen.choice(words, length))) for i in range(n)]
+
+
+def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert len(a) == len(b)
+    assert a.doc_id.tolist() == b.doc_id.tolist() and a.token.tolist() == b.token.tolist()
+    assert not a.duplicated(["doc_id", "position", "eps"]).any()
+    for col in NUMERIC:
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-9, err_msg=col)
+
+
+def test_ray_scan_equals_the_local_scan(cluster, model_dir, tmp_path):
+    docs = documents(6, 30)
+    local = scan_corpus(sr.load(model_dir), docs, out=tmp_path / "local", eps=[0.1, 1.0], window=48)
+    far = scan_corpus_ray(
+        model_dir, docs, out=tmp_path / "ray", eps=[0.1, 1.0], window=48, workers=2
+    )
+    same_rows(far.frame, local.frame)
+    for name in ("results.parquet", "summary.json", "radius.png", "manifest.json"):
+        assert (tmp_path / "ray" / name).exists()
+    # the run records agree: a local scan resumes a Ray scan's directory and the reverse
+    again = scan_corpus(
+        sr.load(model_dir), docs, out=tmp_path / "ray", eps=[0.1, 1.0], window=48, resume=True
+    )
+    same_rows(again.frame, local.frame)
+
+
+def test_resume_skips_finished_documents(cluster, model_dir, tmp_path):
+    docs = documents(5, 20)
+    first = scan_corpus_ray(model_dir, docs, out=tmp_path / "r", window=32, workers=2)
+    parts = sorted((tmp_path / "r" / "parts").glob("*.parquet"))
+    kept = {p: p.stat().st_mtime_ns for p in parts[:3]}
+    for p in parts[3:]:
+        p.unlink()
+    manifest = tmp_path / "r" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    time.sleep(0.01)
+    again = scan_corpus_ray(model_dir, docs, out=tmp_path / "r", window=32, workers=2, resume=True)
+    same_rows(again.frame, first.frame)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # not redone
+
+
+def test_a_worker_killed_mid_run_loses_nothing(cluster, model_dir, tmp_path):
+    docs = documents(24, 1500)
+    local = scan_corpus(sr.load(model_dir), docs, out=tmp_path / "local", window=64)
+    result, failure = {}, []
+
+    def run() -> None:
+        try:
+            result["scan"] = scan_corpus_ray(
+                model_dir, docs, out=tmp_path / "ray", window=64, workers=2
+            )
+        except Exception as exc:  # surfaced below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    parts = tmp_path / "ray" / "parts"
+    deadline = time.monotonic() + 300
+    while not (parts.exists() and any(parts.glob("*.parquet"))):
+        assert time.monotonic() < deadline and thread.is_alive(), failure
+        time.sleep(0.05)
+    pids = subprocess.run(
+        ["pgrep", "-f", "_ScanWorker"], capture_output=True, text=True
+    ).stdout.split()
+    assert pids and thread.is_alive()  # killed mid-run
+    os.kill(int(pids[0]), signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not failure, failure
+    assert len(list(parts.glob("*.parquet"))) == len(docs)
+    same_rows(result["scan"].frame, local.frame)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray", "--workers", "0"], "--workers"),
+        (["--ray", "127.0.0.1:9"], "cannot reach a Ray cluster"),
+        (["--ray", "--gpus-per-worker", "1"], "GPUs"),
+    ],
+)
+def test_cli_ray_bad_input(model_dir, tmp_path, extra, message):
+    doc = tmp_path / "d.txt"
+    doc.write_text("hello there\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stable_regions",
+            "scan",
+            str(doc),
+            "--model",
+            model_dir,
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and message in lines[0]
+    assert not out.exists()
