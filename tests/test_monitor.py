@@ -388,3 +388,26 @@ def test_bracket_and_flip_radius_against_dense_truth():
             assert float(flips[i]) == pytest.approx(truth, rel=1e-5)
             far_wins += int(ratio.argmin()) not in likeliest[i].tolist()
         assert far_wins > 0  # the screen beyond the likeliest tokens was needed
+
+
+def test_each_call_to_generate_is_its_own_generation(tiny):
+    """A second prompt exactly one token longer than the first run's last input is still a
+    new generation (its rows extend none of the last step's)."""
+    monitor = sr.StabilityMonitor(tiny, [0.1], background=False)
+    first = tiny.tokenize("ab")
+    second = tiny.tokenize("xyzwvuts")[:, : first.shape[1] + 3]
+    assert second.shape[1] == first.shape[1] + 3
+    for ids in (first, second):
+        out = tiny.model.generate(
+            ids,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=[monitor],
+        )
+        monitor.finish(out)
+    frame = monitor.to_frame()
+    assert frame.generation.tolist() == [0, 0, 0, 1, 1, 1]
+    assert frame.step.tolist() == [0, 1, 2, 0, 1, 2]
+    assert (frame.token_id >= 0).all()

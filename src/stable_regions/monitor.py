@@ -227,9 +227,8 @@ class StabilityMonitor(LogitsProcessor):
     def _observe(self, input_ids: Tensor, scores: Tensor) -> None:
         L = input_ids.shape[1]
         prev = self._prev_ids
-        if prev is not None and L == prev.shape[1] + 1:
-            self._resolve(input_ids)
-        else:  # a new call to generate
+        if prev is None or L != prev.shape[1] + 1 or not self._resolve(input_ids):
+            # a new call to generate: no row extends one of the last step's
             self._generation += 1
             self._prompt_len = L
         values, radii, top_ids, top_probs, logp = self._geometry(scores)
@@ -249,8 +248,9 @@ class StabilityMonitor(LogitsProcessor):
         self._prev_ids = input_ids.detach().clone()
         self._prev_logp = logp
 
-    def _resolve(self, ids: Tensor) -> None:
-        """Fill the previous step's tokens from their children's last column."""
+    def _resolve(self, ids: Tensor) -> bool:
+        """Fill the previous step's tokens from their children's last column; False where no
+        row of ``ids`` extends a row of the previous step."""
         prev, step = self._prev_ids, self._steps[-1]
         ids = ids.to(prev.device)
         if ids.shape[0] == prev.shape[0] and torch.equal(ids[:, :-1], prev):
@@ -258,6 +258,8 @@ class StabilityMonitor(LogitsProcessor):
         else:  # beams reordered: the row whose prefix each child extends (-1: none)
             match = (ids[:, None, :-1] == prev[None]).all(-1)
             parents = torch.where(match.any(-1), match.int().argmax(-1), -1).cpu()
+            if not bool((parents >= 0).any()):
+                return False
         chosen = ids[:, -1].cpu()
         for child, parent in enumerate(parents.tolist()):
             if parent < 0 or step.token_id[parent] >= 0:
@@ -266,6 +268,7 @@ class StabilityMonitor(LogitsProcessor):
             step.token_id[parent] = token
             step.prob[parent] = float(self._prev_logp[parent, token].exp())
             self._emit(step, parent)
+        return True
 
     def finish(self, sequences: Tensor | None = None) -> None:
         """Complete the last step from ``generate``'s output (its last column), and end the
