@@ -40,7 +40,7 @@ from .head import LogitHead
 # Float64 roundoff in the sums behind lam, R_i and the bound (relative ~1e-13 for vocabulary
 # sums of 2^18 terms) is covered by this relative margin, applied to every bound.
 ROUNDOFF_MARGIN = 1e-9
-BISECTION_STEPS = 50  # 2^-50 of the bracket: below the roundoff margin
+BISECTION_STEPS = 50  # the radius to 2^-50 of its bracket: below the roundoff margin
 
 
 def phi(x: Tensor) -> Tensor:
