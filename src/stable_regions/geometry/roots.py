@@ -213,43 +213,55 @@ def newton_from_above(
 
 
 def cgf_crossings(
-    logp: Tensor, b: Tensor, levels: Tensor, start: Tensor | None = None, rtol: float = 1e-6
+    logp: Tensor,
+    b: Tensor,
+    levels: Tensor,
+    start: Tensor | None = None,
+    rtol: float = 1e-6,
+    *,
+    origin: Tensor | None = None,
+    cap: Tensor | None = None,
 ) -> Tensor:
     """Exact radii along linear rays: the first ``t`` with ``K(t) - t K'(0) >= level``, ``K``
-    the cumulant generating function of ``b`` (R, V) under ``p = exp(logp)`` (R, V); the KL
-    from ``p`` to ``softmax(logp + t b)``. ``levels`` (R, E); ``start`` (R, E) guesses (the
-    quadratic radius by default). (R, E) float64; ``inf`` where ``b`` is constant under p
-    (the KL never moves)."""
+    the cumulant generating function of ray ``r``'s ``b[r]`` (R, V) under
+    ``p = exp(logp[origin[r]])``; the KL from ``p`` to ``softmax(logp + t b)``.
+
+    ``logp`` (P, V) the origins' log-probabilities and ``origin`` (R,) each ray's (default:
+    ray r at origin r, P = R); ``levels`` (R, E); ``start`` (R, E) guesses (the quadratic
+    radius by default); ``cap`` (R, E) where to give up (default never: wherever ``b``
+    varies under p the KL grows without bound). (R, E) float64; ``inf`` where ``b`` is
+    constant under p (the KL never moves) or no crossing lies below ``cap``."""
     f64 = torch.float64
     logp, b = logp.to(f64), b.to(f64)
     R, E = levels.shape
-    p = logp.exp()
+    origin = torch.arange(R, device=b.device) if origin is None else origin
+    p = logp.exp()[origin]  # (R, V)
     mean = (p * b).sum(-1)
     var = (p * (b - mean[:, None]) ** 2).sum(-1)
+    del p
     lse0 = torch.logsumexp(logp, -1)
     row = torch.arange(R, device=b.device).repeat_interleave(E)
     if start is None:
         start = torch.sqrt(2.0 * levels / var.clamp_min(1e-300)[:, None])
+    if cap is None:
+        cap = torch.full_like(levels, math.inf, dtype=f64)
 
     def kl_slope(problems: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         r = row[problems]
-        u = torch.addcmul(logp[r], t[:, None], b[r])
+        o = origin[r]
+        u = torch.addcmul(logp[o], t[:, None], b[r])
         lse = torch.logsumexp(u, -1)
         weights = torch.exp(u.sub_(lse[:, None]))
-        return lse - lse0[r] - t * mean[r], (weights * b[r]).sum(-1) - mean[r]
+        return lse - lse0[o] - t * mean[r], (weights * b[r]).sum(-1) - mean[r]
 
-    # K(t) >= log p_j + t b_j for every token j with p_j > 0, so wherever b varies under p
-    # the KL grows without bound and the search's doubling ends: no cap is needed
-    cap = torch.full_like(levels, math.inf)
-    flat = var <= 0
     out = newton_from_above(
         kl_slope,
         levels.reshape(-1).to(f64),
         start.to(f64).reshape(-1).clamp_min(1e-300),
-        cap.reshape(-1),
+        cap.to(f64).reshape(-1),
         rtol,
     ).reshape(R, E)
-    return torch.where(flat[:, None], torch.full_like(out, math.inf), out)
+    return torch.where((var <= 0)[:, None], torch.full_like(out, math.inf), out)
 
 
 def cgf_kl(logp: Tensor, b: Tensor, t: Tensor) -> Tensor:
@@ -273,17 +285,17 @@ def nearest_cgf_crossings(
     plus, minus = guesses
     sign = torch.where(plus <= minus, 1.0, -1.0).reshape(-1).to(b.dtype)
     rows = torch.arange(R, device=b.device).repeat_interleave(E)
-    lp, bb = logp[rows], b[rows] * sign[:, None]
+    bb = b[rows] * sign[:, None]
     level = levels.reshape(-1, 1)
     near = torch.where(sign > 0, plus.reshape(-1), minus.reshape(-1))[:, None]
     far = torch.where(sign > 0, minus.reshape(-1), plus.reshape(-1))[:, None]
-    root = cgf_crossings(lp, bb, level, near, rtol)[:, 0]
+    root = cgf_crossings(logp, bb, level, near, rtol, origin=rows)[:, 0]
     check = torch.isfinite(root)
     other = torch.zeros_like(root)
     if bool(check.any()):
-        other[check] = cgf_kl(lp[check], -bb[check], root[check])
+        other[check] = cgf_kl(logp[rows[check]], -bb[check], root[check])
     redo = torch.nonzero(~check | (other >= level[:, 0])).flatten()
     if redo.numel():
-        found = cgf_crossings(lp[redo], -bb[redo], level[redo], far[redo], rtol)[:, 0]
-        root[redo] = torch.minimum(root[redo], found)
+        found = cgf_crossings(logp, -bb[redo], level[redo], far[redo], rtol, origin=rows[redo])
+        root[redo] = torch.minimum(root[redo], found[:, 0])
     return root.reshape(R, E)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..budget import rows_within
-from ..geometry import first_crossings, newton_from_above
+from ..geometry import cgf_crossings, first_crossings
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]  # (x (R, d), rows (R,)) -> logits (R, V)
 
@@ -126,8 +126,9 @@ class SubspaceKL(KLTarget):
     With a linear head (``linear=True``) the gradient is closed-form, ``tangents (q - p)``,
     and the KL along a ray, ``K(t) - t K'(0)`` with K the cumulant generating function of
     ``b = y . tangents`` under p, is convex and increasing: ``crossings`` then runs Newton's
-    method from above the root (every iterate reaches eps, so each is an honest exit, and
-    they decrease to the root), a few evaluations instead of a scan and a bracket."""
+    method from above the root (``geometry.cgf_crossings``: every iterate reaches eps, so each
+    is an honest exit, and they decrease to the root), a few evaluations instead of a scan
+    and a bracket."""
 
     def __init__(
         self,
@@ -146,7 +147,6 @@ class SubspaceKL(KLTarget):
         super().__init__(self._logits, origin, squash(self.u0))
         self.scale = scale.to(torch.float64)  # the activations' norms, not the origin's
         self.p0 = self.logp0.exp()
-        self.lse0 = torch.logsumexp(self.u0, -1)  # K's origin (a linear head only)
 
     def _by_position(self, rows: Tensor, fn) -> Tensor:
         """``fn(position, index)`` for each position's rows, reassembled in ``rows``' order."""
@@ -213,36 +213,9 @@ class SubspaceKL(KLTarget):
             level = torch.as_tensor(np.array(levels[sl]), dtype=torch.float64, device=device)
             t = torch.as_tensor(init[sl], dtype=torch.float64, device=device)
             cap = torch.as_tensor(t_max[sl], dtype=torch.float64, device=device)[:, None]
-            out[sl] = self._newton(b, pos, level, t, cap.expand(n, E), rtol).cpu().numpy()
+            found = cgf_crossings(self.logp0, b, level, t, rtol, origin=pos, cap=cap.expand(n, E))
+            out[sl] = found.cpu().numpy()
         return out
-
-    def _kl_slope(self, b: Tensor, pos: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """KL and dKL/dt (m,) at ``t`` (m,) along ``b`` (m, V) from positions ``pos`` (m,):
-        ``K(t) - t K'(0)`` and ``K'(t) - K'(0)`` with K the CGF of ``b`` under p (one
-        logsumexp and one weighted sum per row; |lse| ~ 10 leaves ~1e-15 of roundoff)."""
-        u = torch.addcmul(self.u0[pos], t[:, None], b)
-        lse = torch.logsumexp(u, -1)
-        weights = torch.exp(u.sub_(lse[:, None]))
-        mean_p = (self.p0[pos] * b).sum(-1)
-        kl = lse - self.lse0[pos] - t * mean_p
-        slope = (weights * b).sum(-1) - mean_p
-        return kl, slope
-
-    def _newton(
-        self, b: Tensor, pos: Tensor, level: Tensor, t: Tensor, cap: Tensor, rtol: float
-    ) -> Tensor:
-        """``geometry.newton_from_above`` along ``b`` (n, V) from positions ``pos`` (n,);
-        ``level``, ``t``, ``cap`` (n, E): each (row, level) is one problem."""
-        n, E = t.shape
-        row = torch.arange(n, device=t.device).repeat_interleave(E)
-        result = newton_from_above(
-            lambda problems, tp: self._kl_slope(b[row[problems]], pos[row[problems]], tp),
-            level.reshape(-1),
-            t.reshape(-1),
-            cap.reshape(-1),
-            rtol,
-        )
-        return result.reshape(n, E)
 
 
 def ascend(
