@@ -164,6 +164,3 @@ class _ScanWorker:
     def scan(self, doc_id: str, text: str):
         ids = self.adapter.tokenize(text, any_length=True)[0]
         return scan_document(self.adapter, self.scanner, doc_id, ids, self.settings)
-
-    def pid(self) -> int:
-        return os.getpid()

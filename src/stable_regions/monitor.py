@@ -300,17 +300,21 @@ class StabilityMonitor(LogitsProcessor):
                 return
             yield item
 
-    def _record(self, step: _Step, row: int) -> dict:
+    def _fields(self, step: _Step, row: int) -> dict:
+        """One row's token and per-token values (before eps): a record's and a frame row's."""
         token = int(step.token_id[row])
-        out = {
+        return {
             "generation": step.generation,
             "sequence": row,
             "step": step.step,
             "token_id": token,
             "token": self.adapter.token_strings([token])[0] if token >= 0 else "",
             "prob": float(step.prob[row]),
-            **{k: json_value(v[row]) for k, v in step.values.items()},
+            **{k: v[row].item() for k, v in step.values.items()},
         }
+
+    def _record(self, step: _Step, row: int) -> dict:
+        out = {k: json_value(v) for k, v in self._fields(step, row).items()}
         for name, r in step.radii.items():
             out[name] = {e: json_value(r[row, j]) for j, e in enumerate(self.eps)}
         return out
@@ -411,19 +415,10 @@ class StabilityMonitor(LogitsProcessor):
         self.wait()
         rows = []
         for step in self._steps:
-            B = len(step.token_id)
-            strings = self.adapter.token_strings([max(int(t), 0) for t in step.token_id])
-            alternatives = [self.adapter.token_strings(step.top_ids[r].tolist()) for r in range(B)]
-            for r in range(B):
+            for r in range(len(step.token_id)):
                 base = {
-                    "generation": step.generation,
-                    "sequence": r,
-                    "step": step.step,
-                    "token_id": int(step.token_id[r]),
-                    "token": strings[r] if step.token_id[r] >= 0 else "",
-                    "prob": float(step.prob[r]),
-                    **{k: v[r].item() for k, v in step.values.items()},
-                    "top_tokens": alternatives[r],
+                    **self._fields(step, r),
+                    "top_tokens": self.adapter.token_strings(step.top_ids[r].tolist()),
                     "top_probs": step.top_probs[r].tolist(),
                 }
                 for j, e in enumerate(self.eps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import nullcontext
 
 from .console import RIGHT, add_eps, add_model, cell, console, fmt, load_with_status, titled_table
 
@@ -82,7 +83,7 @@ def run(args) -> int:
         check_html_path(args.html)
     directions = load_directions(args.direction)
     err, adapter = load_with_status(args)
-    with err.status("generating", spinner="dots") if err.is_terminal else _null():
+    with err.status("generating", spinner="dots") if err.is_terminal else nullcontext():
         text, frame = generate(
             adapter,
             args.prompt,
@@ -112,12 +113,6 @@ def run(args) -> int:
         print_text(args.prompt, frame, eps[0])
         print_fragile(frame, eps[0])
     return 0
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def load_directions(paths: list[str]) -> dict:

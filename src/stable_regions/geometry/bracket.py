@@ -50,9 +50,14 @@ class HeadSpread:
     order: Tensor
 
     @cached_property
+    def powers(self) -> Tensor:
+        """``radii`` and their squares (2, V), float64, for the sums over p."""
+        return torch.stack([self.radii, self.radii * self.radii])
+
+    @cached_property
     def radii32(self) -> Tensor:
-        """``radii`` and their squares in float32 (2, V), for float32 sums over p."""
-        return torch.stack([self.radii, self.radii * self.radii]).to(torch.float32)
+        """``powers`` in float32, for float32 sums over p."""
+        return self.powers.to(torch.float32)
 
     @classmethod
     def of(cls, weight: Tensor, chunk_bytes: int = 1 << 24) -> HeadSpread:
@@ -117,7 +122,7 @@ def curvature_bracket(
     if p.dtype == torch.float32:
         sums = (p @ spread.radii32.T).to(f64)  # (P, 2): sum p n, sum p n^2
     else:
-        sums = p @ torch.stack([spread.radii, spread.radii * spread.radii]).T
+        sums = p @ spread.powers.T
     whole = sums[:, 1] + 2.0 * e * sums[:, 0] + e * e * p.sum(-1).to(f64)
     likely = (pk * (spread.radii[idx] + e[:, None]) ** 2).sum(-1)
     tail = (whole - likely).clamp_min(0.0) + margin * whole

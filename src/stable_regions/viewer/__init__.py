@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import StableRegionsError
+from ..inputs import json_value
 
 
 def check_html_path(path: str | os.PathLike) -> Path:
@@ -61,19 +61,6 @@ class ViewerSpec:
     prefixes: dict = field(default_factory=dict)
 
 
-def _value(x):
-    if isinstance(x, bool):
-        return x
-    if hasattr(x, "item"):
-        x = x.item()
-    if isinstance(x, float):
-        if math.isnan(x):
-            return None
-        if math.isinf(x):
-            return "inf" if x > 0 else None
-    return x
-
-
 def page_data(frame: pd.DataFrame, spec: ViewerSpec) -> dict:
     """The JSON document the page reads (also what tests compare the page against)."""
     missing = [
@@ -93,15 +80,15 @@ def page_data(frame: pd.DataFrame, spec: ViewerSpec) -> dict:
             entry = {
                 "text": str(first[spec.text]),
                 "radius": {
-                    c: [_value(by_eps[c].get(e, float("nan"))) for e in eps]
+                    c: [json_value(by_eps[c].get(e, float("nan"))) for e in eps]
                     for c in spec.radius_columns
                 },
-                "values": {label: _value(first[col]) for col, label in spec.fields},
+                "values": {label: json_value(first[col]) for col, label in spec.fields},
             }
             if spec.alternatives is not None:
                 names, probs = (first[c] for c in spec.alternatives)
                 entry["alternatives"] = [
-                    [str(a), _value(b)] for a, b in zip(names, probs, strict=True)
+                    [str(a), json_value(b)] for a, b in zip(names, probs, strict=True)
                 ]
             tokens.append(entry)
         key = name.item() if hasattr(name, "item") else name

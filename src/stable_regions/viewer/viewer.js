@@ -11,6 +11,7 @@
   function num(x) {
     if (x === null || x === undefined) return "–";
     if (x === "inf") return "∞";
+    if (x === "-inf") return "−∞";
     if (typeof x === "string") return JSON.stringify(x);
     if (typeof x !== "number") return String(x);
     if (Number.isInteger(x) && Math.abs(x) < 1e6) return String(x);
