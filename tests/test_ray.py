@@ -1,5 +1,5 @@
-"""Corpus scans on Ray: one local cluster (2 CPUs) for every test here; a tiny model saved to
-disk, which the workers load by path."""
+"""Corpus scans and validation studies on Ray: one local cluster (2 CPUs) for every test here;
+a tiny model saved to disk, which the workers load by path."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from conftest import char_tokenizer, tiny_model
 
 import stable_regions as sr
-from stable_regions.distributed import scan_corpus_ray
+from stable_regions.distributed import scan_corpus_ray, validate_ray
 from stable_regions.prompts import Prompt
 from stable_regions.scan import scan_corpus
 
@@ -124,6 +124,62 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster, model_dir, tmp_path):
     same_rows(result["scan"].frame, local.frame)
 
 
+VALIDATION = dict(
+    eps=[0.1, 1.0],
+    layers=["embed", 1, "final"],
+    families=["top", "random", "token", "interpolation"],
+    positions_per_prompt=2,
+    calibration=None,
+)
+
+
+def same_validation(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    keys = ["prompt_id", "layer", "position", "family", "direction_index", "sign", "eps"]
+    assert len(a) == len(b) and not a.duplicated(keys).any()
+    assert a[keys].astype(str).values.tolist() == b[keys].astype(str).values.tolist()
+    numeric = ["entropy", "norm", "curvature", "empirical", "quadratic", "corrected", "taylor"]
+    for col in numeric + ["calibrated"]:
+        np.testing.assert_allclose(
+            a[col], b[col], rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=col
+        )
+    assert a["empirical"].notna().mean() > 0.5  # the measured boundary was found
+
+
+def test_ray_validation_equals_the_local_one_and_resumes_it(cluster, model_dir, tmp_path):
+    """The same rows as ``validate`` (every layer, both signs, seeded random directions), and
+    a Ray run picks up a local run's directory: only the missing prompts are measured."""
+    prompts = [p.text for p in documents(5, 8)]
+    local = sr.validate(sr.load(model_dir), prompts, out=tmp_path / "local", **VALIDATION)
+    far = validate_ray(model_dir, prompts, out=tmp_path / "ray", workers=2, **VALIDATION)
+    same_validation(far.frame, local.frame)
+    for name in ("results.parquet", "summary.json", "report.html", "manifest.json"):
+        assert (tmp_path / "ray" / name).exists()
+    parts = sorted((tmp_path / "local" / "parts").glob("*.parquet"))
+    kept = {p: p.stat().st_mtime_ns for p in parts[:2]}
+    for p in parts[2:]:
+        p.unlink()
+    manifest = tmp_path / "local" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    time.sleep(0.01)
+    again = validate_ray(
+        model_dir, prompts, out=tmp_path / "local", workers=2, resume=True, **VALIDATION
+    )
+    same_validation(again.frame, local.frame)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # not redone
+
+
+def test_ray_validation_fits_the_same_calibration(cluster, model_dir, tmp_path):
+    prompts = [p.text for p in documents(8, 8)]
+    settings = {**VALIDATION, "layers": ["final"], "calibration": "fit"}
+    local = sr.validate(sr.load(model_dir), prompts, out=tmp_path / "local", **settings)
+    far = validate_ray(model_dir, prompts, out=tmp_path / "ray", workers=2, **settings)
+    same_validation(far.frame, local.frame)
+    a = (tmp_path / "local" / "calibration-final.json").read_text()
+    b = (tmp_path / "ray" / "calibration-final.json").read_text()
+    assert a == b
+
+
+@pytest.mark.parametrize("command", ["scan", "validate"])
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -132,17 +188,18 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster, model_dir, tmp_path):
         (["--ray", "--gpus-per-worker", "1"], "GPUs"),
     ],
 )
-def test_cli_ray_bad_input(model_dir, tmp_path, extra, message):
+def test_cli_ray_bad_input(model_dir, tmp_path, command, extra, message):
     doc = tmp_path / "d.txt"
     doc.write_text("hello there\n")
     out = tmp_path / "out"
+    given = [str(doc)] if command == "scan" else ["--prompts", str(doc)]
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "stable_regions",
-            "scan",
-            str(doc),
+            command,
+            *given,
             "--model",
             model_dir,
             "--out",

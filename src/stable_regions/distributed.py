@@ -1,14 +1,16 @@
-"""Corpus scans on a Ray cluster (``pip install -e ".[ray]"``): the same results and output
-layout as ``scan.scan_corpus``, the documents spread over worker actors.
+"""Corpus scans and validation studies on a Ray cluster (``pip install -e ".[ray]"``): the
+same results and output layout as ``scan.scan_corpus`` and ``validation.validate``, the
+documents (prompts) spread over worker actors.
 
 - Each worker is a Ray actor that loads the model once (from a bundled name or a path every
-  node can read: models on shared storage) and scans the documents it is given with
-  ``scan.scan_document``, the local scan's own code.
+  node can read: models on shared storage) and measures the documents it is given with the
+  local run's own code (``scan.scan_document``, ``validation.measure_prompt``).
 - Documents are sharded deterministically: the i-th unfinished document goes to worker
   ``i mod workers``. Each worker returns one document's rows (per-token scalars, never
   activations) to the driver, which writes it as that document's part of the run directory
   as soon as it arrives. ``resume`` therefore skips every finished document, of a local
-  run as well (the run records are the same).
+  run as well (the run records are the same). Nothing in a validation row depends on which
+  worker measured it: random directions are seeded by the prompt and position.
 - A worker that dies is restarted (the model loaded again) and its unfinished calls are
   retried (``max_restarts``, ``max_task_retries``); the driver writes each part once, when
   its call completes, so nothing is lost or written twice.
@@ -24,6 +26,13 @@ from .files import RunDirectory
 from .models import load
 from .prompts import Prompt
 from .scan import CorpusScan, Scanner, ScanPlan, ScanSettings, finish_scan, scan_document
+from .validation import (
+    ValidationPlan,
+    ValidationRun,
+    finish_validation,
+    measure_prompt,
+    study_settings,
+)
 
 RESTARTS = 3  # times a worker that died is started again (and its calls retried)
 
@@ -114,53 +123,155 @@ def scan_corpus_ray(
             f"not a {type(model).__name__}"
         )
     check_cluster(address, workers, gpus_per_worker)
-    import ray
 
     adapter = load(model, device="cpu", log=log)
     plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     Scanner(adapter)  # a model the fast scan cannot take fails here, before any file
     run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
-    pending = [i for i in range(len(plan.documents)) if not run.done(i)]
     done = plan.tokens_done(run)
     if progress is not None:
         progress(done, plan.total)
-    if pending:
-        worker_class = ray.remote(
-            num_cpus=1, num_gpus=gpus_per_worker, max_restarts=RESTARTS, max_task_retries=RESTARTS
-        )(_ScanWorker)
-        options = dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype)
-        pool = [
-            worker_class.remote(model, plan.settings, options)
-            for _ in range(min(workers, len(pending)))
-        ]
-        calls = {}
-        for k, i in enumerate(pending):  # deterministic shards: the k-th pending to k mod n
-            doc = plan.documents[i]
-            calls[pool[k % len(pool)].scan.remote(doc.id, doc.text)] = i
-        try:
-            waiting = list(calls)
-            while waiting:
-                finished, waiting = ray.wait(waiting, num_returns=1)
-                i = calls[finished[0]]
-                run.write_part(i, ray.get(finished[0]))
-                done += len(plan.token_ids[i])
-                if progress is not None:
-                    progress(done, plan.total)
-        finally:
-            for worker in pool:
-                ray.kill(worker)
+
+    def finished(i: int) -> None:
+        nonlocal done
+        done += len(plan.token_ids[i])
+        if progress is not None:
+            progress(done, plan.total)
+
+    calls = {i: (plan.documents[i].id, plan.documents[i].text) for i in range(len(plan.documents))}
+    _run_shards(
+        _ScanWorker,
+        (model, plan.settings),
+        calls,
+        run,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        options=dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype),
+        finished=finished,
+    )
     return finish_scan(adapter, run, plan)
+
+
+def validate_ray(
+    model: str,
+    prompts: Sequence[Prompt | str] | None = None,
+    *,
+    out,
+    eps: Sequence[float] = (0.01, 0.1, 1.0),
+    layers: Sequence[str | int] | None = None,
+    families: Sequence[str] | None = None,
+    calibration="fit",
+    resume: bool = False,
+    overwrite: bool = False,
+    positions_per_prompt: int = 3,
+    seed: int = 0,
+    address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> ValidationRun:
+    """``validation.validate`` on a Ray cluster (module doc): each worker measures whole
+    prompts, every layer; the driver writes their parts and fits the calibrations at the end,
+    on the same rows a local run would have (the model is loaded there too, on the CPU)."""
+    if not isinstance(model, str):
+        raise StableRegionsError(
+            "a Ray validation needs the model as a bundled name or a path the workers can "
+            f"load, not a {type(model).__name__}"
+        )
+    settings = study_settings(eps, layers, families, positions_per_prompt, seed)
+    check_cluster(address, workers, gpus_per_worker)
+    adapter = load(model, device="cpu", log=log)
+    plan = ValidationPlan.make(adapter, settings, prompts, calibration)
+    plan.studies(adapter)  # an undefined steering family fails here, before any file
+    run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
+    total = len(plan.prompts)
+    done = sum(run.done(i) for i in range(total))
+    if progress is not None:
+        progress(done, total)
+
+    def finished(_i: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    calls = {i: (prompt, plan.partner(i)) for i, prompt in enumerate(plan.prompts)}
+    _run_shards(
+        _ValidateWorker,
+        (model, plan),
+        calls,
+        run,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        options=dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype),
+        finished=finished,
+    )
+    return finish_validation(adapter, run, plan)
+
+
+def _run_shards(
+    worker: type,
+    setup: tuple,
+    calls: dict[int, tuple],
+    run: RunDirectory,
+    *,
+    workers: int,
+    gpus_per_worker: float,
+    options: dict,
+    finished: Callable[[int], None],
+) -> None:
+    """Part ``i`` of ``run`` = ``worker(*setup, options).measure(*calls[i])`` for every part
+    not yet done, on a pool of actors: the k-th pending part to actor ``k mod n``, each part
+    written as soon as it returns, the actors killed at the end."""
+    import ray
+
+    pending = [i for i in sorted(calls) if not run.done(i)]
+    if not pending:
+        return
+    actor = ray.remote(
+        num_cpus=1, num_gpus=gpus_per_worker, max_restarts=RESTARTS, max_task_retries=RESTARTS
+    )(worker)
+    pool = [actor.remote(*setup, options) for _ in range(min(workers, len(pending)))]
+    refs = {pool[k % len(pool)].measure.remote(*calls[i]): i for k, i in enumerate(pending)}
+    try:
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            i = refs[done[0]]
+            run.write_part(i, ray.get(done[0]))
+            finished(i)
+    finally:
+        for member in pool:
+            ray.kill(member)
+
+
+def _load_quietly(model: str, options: dict):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load(model, log=lambda _: None, **options)
 
 
 class _ScanWorker:
     """A Ray actor: the model loaded once, then one document per call."""
 
     def __init__(self, model: str, settings: ScanSettings, options: dict) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.adapter = load(model, log=lambda _: None, **options)
+        self.adapter = _load_quietly(model, options)
         self.scanner = Scanner(self.adapter)
         self.settings = settings
 
-    def scan(self, doc_id: str, text: str):
+    def measure(self, doc_id: str, text: str):
         ids = self.adapter.tokenize(text, any_length=True)[0]
         return scan_document(self.adapter, self.scanner, doc_id, ids, self.settings)
+
+
+class _ValidateWorker:
+    """A Ray actor: the model and the studies of every layer built once, then one prompt per
+    call."""
+
+    def __init__(self, model: str, plan: ValidationPlan, options: dict) -> None:
+        self.studies = plan.studies(_load_quietly(model, options))
+
+    def measure(self, prompt: Prompt, partner: Prompt | None):
+        return measure_prompt(self.studies, prompt, partner)

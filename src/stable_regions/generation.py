@@ -54,7 +54,7 @@ def generate(
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     pad = adapter.tokenizer.pad_token_id if adapter.tokenizer is not None else None
     pad = pad if pad is not None else next(iter(eos_ids), 0)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), adapter.running():
         if seed is not None:
             torch.manual_seed(seed)
         out = adapter.model.generate(

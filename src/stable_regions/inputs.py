@@ -6,23 +6,18 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from torch import nn
 
 from .errors import StableRegionsError
 from .models import ModelAdapter, load, wrap
 
 
 def as_adapter(model) -> ModelAdapter:
-    """A ``ModelAdapter`` from a bundled name / path, an adapter, or a transformers model."""
+    """A ``ModelAdapter`` from a bundled name / path, an adapter, or a model ``wrap`` takes."""
     if isinstance(model, ModelAdapter):
         return model
     if isinstance(model, str):
         return load(model)
-    if isinstance(model, nn.Module):
-        return wrap(model)
-    raise StableRegionsError(
-        f"expected a model name, path, ModelAdapter or transformers model, got {type(model).__name__}"
-    )
+    return wrap(model)  # says what it accepts when it is none of them
 
 
 # Below this eps the measured boundary is no longer exact: the KL of two float64 softmaxes

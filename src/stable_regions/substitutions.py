@@ -74,7 +74,7 @@ def token_substitutions(
 ) -> list[dict]:
     """One row per (position, substitute, eps); see ``COLUMNS`` and the module doc."""
     hook = adapter.hook_for_layer("embed")
-    embedding = adapter.model.get_input_embeddings().weight.detach()
+    embedding = adapter.input_embedding
     tokens = ids[0, positions]
     subs = nearest_tokens(embedding, tokens, k)  # (P, k)
     seen: list[Tensor] = []

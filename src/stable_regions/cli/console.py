@@ -58,6 +58,38 @@ def add_run_directory(parser: argparse.ArgumentParser, kind: str) -> None:
     )
 
 
+def add_ray(parser: argparse.ArgumentParser, doing: str) -> None:
+    """``--ray [ADDRESS]``, ``--workers N``, ``--gpus-per-worker G`` (``distributed``)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{doing} on a Ray cluster (pip install -e '.[ray]'): a running cluster's head "
+        "address host:port, or no address to start a local one",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Ray workers (default 2), one model each",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per Ray worker (default 0)",
+    )
+
+
+def ray_address(args) -> str | None:
+    """The cluster ``--ray`` names: None for a local one."""
+    return None if args.ray == "local" else args.ray
+
+
 def add_positions(parser: argparse.ArgumentParser, default: str = "all") -> None:
     """``--positions``: 'all', 'last' or comma-separated token indices."""
     other = "last" if default == "all" else "all"
@@ -110,9 +142,11 @@ def cell(max_width: int) -> dict:
     return dict(no_wrap=True)
 
 
-def default_out(kind: str, adapter) -> str:
-    """``KIND-MODEL`` in the working directory: one run directory per model."""
-    return f"{kind}-{os.path.basename(adapter.name.rstrip('/'))}"
+def default_out(kind: str, model) -> str:
+    """``KIND-MODEL`` in the working directory: one run directory per model (a loaded
+    adapter, or the name or path a Ray run gives its workers)."""
+    name = model if isinstance(model, str) else model.name
+    return f"{kind}-{os.path.basename(name.rstrip('/'))}"
 
 
 def load_with_status(args):

@@ -6,11 +6,13 @@ from ..errors import StableRegionsError
 from .console import (
     add_eps,
     add_model,
+    add_ray,
     add_run_directory,
     console,
     default_out,
     load_with_status,
     progress,
+    ray_address,
 )
 
 PAGE_TOKENS = 20_000  # positions in a --html page: beyond this a page gets slow to open
@@ -55,29 +57,7 @@ def add_parser(sub) -> None:
         help="tokens of context a window repeats from the one before (default window/8)",
     )
     add_run_directory(sc, "scan")
-    sc.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="scan on a Ray cluster (pip install -e '.[ray]'): a running cluster's head "
-        "address host:port, or no address to start a local one",
-    )
-    sc.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        metavar="N",
-        help="Ray workers (default 2), one model each",
-    )
-    sc.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=0.0,
-        metavar="G",
-        help="GPUs per Ray worker (default 0)",
-    )
+    add_ray(sc, "scan")
     sc.add_argument(
         "--html",
         metavar="FILE",
@@ -164,22 +144,20 @@ def run(args) -> int:
 def _scan_on_ray(args, documents, settings: dict):
     """``distributed.scan_corpus_ray`` with the command's options; the cluster is checked
     before anything is loaded or written."""
-    import os
-
     from .. import models
     from ..distributed import check_cluster, scan_corpus_ray
 
     err = console(stderr=True)
-    check_cluster(None if args.ray == "local" else args.ray, args.workers, args.gpus_per_worker)
+    check_cluster(ray_address(args), args.workers, args.gpus_per_worker)
     spec = args.model or models.DEFAULT_MODEL
-    out = args.out or f"scan-{os.path.basename(spec.rstrip('/'))}"
+    out = args.out or default_out("scan", spec)
     with progress(err, f"scanning tokens on Ray ({args.workers} workers)") as (tick, _):
         run = scan_corpus_ray(
             spec,
             documents,
             out=out,
             **settings,
-            address=None if args.ray == "local" else args.ray,
+            address=ray_address(args),
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
             device=args.device,

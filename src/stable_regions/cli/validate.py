@@ -8,11 +8,13 @@ from ..errors import StableRegionsError
 from .console import (
     add_eps,
     add_model,
+    add_ray,
     add_run_directory,
     console,
     default_out,
     load_with_status,
     progress,
+    ray_address,
 )
 
 
@@ -68,6 +70,7 @@ def add_parser(sub) -> None:
         help="positions measured per prompt, evenly spread, the last included (default 3)",
     )
     add_run_directory(va, "validation")
+    add_ray(va, "measure the prompts")
 
 
 def run(args) -> int:
@@ -87,22 +90,40 @@ def run(args) -> int:
         )
     if args.positions_per_prompt < 1:
         raise StableRegionsError("--positions-per-prompt must be at least 1")
-    err, adapter = load_with_status(args)
-    out = args.out or default_out("validation", adapter)
-    with progress(err, "validating prompts") as (tick, _):
-        run = validate(
-            adapter,
-            prompts,
-            out=out,
-            eps=args.eps,
-            layers=args.layers,
-            families=args.families,
-            calibration=args.calibration,  # validate() reads "none", "fit", "bundled", paths
-            resume=args.resume,
-            overwrite=args.overwrite,
-            positions_per_prompt=args.positions_per_prompt,
-            progress=tick,
-        )
+    options = dict(
+        eps=args.eps,
+        layers=args.layers,
+        families=args.families,
+        calibration=args.calibration,  # validate() reads "none", "fit", "bundled", paths
+        resume=args.resume,
+        overwrite=args.overwrite,
+        positions_per_prompt=args.positions_per_prompt,
+    )
+    if args.ray is not None:
+        from .. import models
+        from ..distributed import check_cluster, validate_ray
+
+        err = console(stderr=True)
+        check_cluster(ray_address(args), args.workers, args.gpus_per_worker)
+        spec = args.model or models.DEFAULT_MODEL
+        with progress(err, f"validating prompts on Ray ({args.workers} workers)") as (tick, _):
+            run = validate_ray(
+                spec,
+                prompts,
+                out=args.out or default_out("validation", spec),
+                address=ray_address(args),
+                workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker,
+                device=args.device,
+                dtype=args.dtype,
+                progress=tick,
+                **options,
+            )
+    else:
+        err, adapter = load_with_status(args)
+        out = args.out or default_out("validation", adapter)
+        with progress(err, "validating prompts") as (tick, _):
+            run = validate(adapter, prompts, out=out, progress=tick, **options)
     print_summary(run)
     from ..validation import calibration_file
 

@@ -21,6 +21,7 @@ from ..errors import StableRegionsError, UnsupportedModelError
 from ..geometry import LogitHead
 from .architectures import ArchSpec, arch_for, get_path
 from .precision import exact_numerics
+from .wrappers import cache_handoff, component, old_name_cache_readers
 
 PRELOGIT = "ln_final.hook_normalized"
 
@@ -56,7 +57,12 @@ class ModelAdapter:
                 f"{type(model).__name__} is an encoder-decoder model; stable-regions needs a causal decoder LM"
             )
         self.arch: ArchSpec = arch_for(getattr(config, "model_type", None))
-        unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # A TransformerLens bridge replaces the head by a bridge module: hooks go on the module
+        # the model calls, the weights are read from the Linear inside it.
+        head_module = (
+            model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        )
+        unembed = component(head_module)
         if not isinstance(unembed, nn.Linear):
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no language-model head; load it as a *ForCausalLM model"
@@ -72,12 +78,14 @@ class ModelAdapter:
         self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
         self.layers: nn.ModuleList = layers
         self.unembed: nn.Linear = unembed
+        self._head_module: nn.Module = head_module
         # None for OPT variants that normalise before each block only (do_layer_norm_before=False)
-        self.final_norm: nn.Module | None = get_path(model, self.arch.final_norm)
+        self.final_norm: nn.Module | None = component(get_path(model, self.arch.final_norm))
         softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_softcap: float | None = float(softcap) if softcap else None
         self._head: LogitHead | None = None
         self._cache_name: str | None = None
+        self._cache_readers = old_name_cache_readers(model)  # TransformerLens bridges
 
     # ------------------------------------------------------------------ head
     @property
@@ -132,6 +140,11 @@ class ModelAdapter:
         """Width of the activation at a hook point."""
         self._resolve(hook)
         return self.d_model if hook == PRELOGIT else self.d_resid
+
+    @property
+    def input_embedding(self) -> Tensor:
+        """The token embedding matrix (V_in, d) as the model stores it (no copy)."""
+        return component(self.model.get_input_embeddings()).weight.detach()
 
     @property
     def vocab_size(self) -> int:
@@ -225,8 +238,20 @@ class ModelAdapter:
 
     def forward(self, ids: Tensor, **kwargs):
         """The model's forward pass; a float64 model runs in float64 throughout (``exact_numerics``)."""
-        with exact_numerics(self.is_float64):
+        with self.running():
             return self.model(input_ids=ids, **kwargs)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """What every call into the model (forward, ``generate``) runs inside: float64 kept
+        float64 (``exact_numerics``), and a key/value cache handed to TransformerLens bridge
+        attention under the name it reads (``wrappers.cache_handoff``)."""
+        with exact_numerics(self.is_float64):
+            if not self._cache_readers:
+                yield
+                return
+            with cache_handoff(self._cache_readers):
+                yield
 
     def frozen(self):
         """A context with the weights' ``requires_grad`` off (restored after): for derivatives
@@ -336,7 +361,7 @@ class ModelAdapter:
 
     def _resolve(self, hook: str) -> tuple[nn.Module, str]:
         if hook == PRELOGIT:
-            return self.unembed, "pre"
+            return self._head_module, "pre"
         m = _BLOCK_HOOK.match(hook)
         if m is None:
             raise StableRegionsError(

@@ -21,6 +21,7 @@ from .store import (
     install_command,
     model_dir,
 )
+from .wrappers import unwrap
 
 
 def _stderr(msg: str) -> None:
@@ -28,9 +29,14 @@ def _stderr(msg: str) -> None:
 
 
 def wrap(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
-    """Use an already loaded ``transformers`` causal LM with stable-regions. The model stays
-    where it is, on its own device and in its own dtype: nothing is copied or converted."""
-    return ModelAdapter(model, tokenizer, name=name)
+    """Use an already loaded model with stable-regions: a ``transformers`` causal LM, a
+    TransformerLens ``TransformerBridge`` or an nnsight ``LanguageModel`` (the tokenizer
+    defaults to the wrapper's). The model stays where it is, on its own device and in its own
+    dtype: nothing is copied or converted."""
+    if isinstance(model, ModelAdapter):
+        return model
+    inner, tokenizer, _kind = unwrap(model, tokenizer)
+    return ModelAdapter(inner, tokenizer, name=name)
 
 
 def load(

@@ -9,7 +9,16 @@ from ..metrics import relative_error
 from .final import FinalLayerStudy
 from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
 from .inner import InnerLayerStudy
-from .run import ValidationRun, calibration_file, resolve_calibrations, validate
+from .run import (
+    ValidationPlan,
+    ValidationRun,
+    calibration_file,
+    finish_validation,
+    measure_prompt,
+    resolve_calibrations,
+    study_settings,
+    validate,
+)
 from .study import (
     FAMILIES,
     PREDICTORS,
@@ -29,16 +38,20 @@ __all__ = [
     "InnerLayerStudy",
     "PositionRays",
     "StudySettings",
+    "ValidationPlan",
     "ValidationRun",
     "apply_calibration",
     "calibration_file",
     "check_families",
     "check_layers",
+    "finish_validation",
     "fit_calibration",
+    "measure_prompt",
     "relative_error",
     "resolve_calibrations",
     "split_prompts",
     "study_positions",
+    "study_settings",
     "summarize",
     "validate",
 ]

@@ -86,6 +86,114 @@ class ValidationRun:
         return pd.DataFrame(self.summary)
 
 
+def study_settings(
+    eps: Sequence[float],
+    layers: Sequence[str | int] | None,
+    families: Sequence[str] | None,
+    positions_per_prompt: int,
+    seed: int,
+) -> StudySettings:
+    """The study's settings, checked (one-line errors) before any model is loaded."""
+    settings = StudySettings(
+        eps=check_eps(eps),
+        layers=check_layers(layers),
+        families=check_families(families),
+        positions_per_prompt=int(positions_per_prompt),
+        seed=int(seed),
+    )
+    if settings.positions_per_prompt < 1:
+        raise StableRegionsError("positions_per_prompt must be at least 1")
+    return settings
+
+
+@dataclass
+class ValidationPlan:
+    """What a run measures and how it is calibrated, and its run record: the same for a
+    local run and a Ray run (``distributed.validate_ray``), so either resumes the other."""
+
+    settings: StudySettings
+    prompts: list[Prompt]
+    fitting: bool
+    fixed: dict[str, Calibration]
+    record: dict
+
+    @classmethod
+    def make(cls, adapter, settings: StudySettings, prompts, calibration) -> ValidationPlan:
+        prompts = corpus() if prompts is None else as_prompts(prompts)
+        if not prompts:
+            raise StableRegionsError("no prompts given")
+        check_layers(settings.layers, adapter.n_layers)
+        fitting = isinstance(calibration, str) and calibration == "fit"
+        fixed: dict[str, Calibration] = {}
+        if not fitting and calibration is not None and str(calibration) != "none":
+            fixed = resolve_calibrations(calibration, adapter, settings.layers, settings.eps)
+        record = {
+            "tool": "stable-regions validate",
+            "model": adapter.name,
+            "fingerprint": model_fingerprint(adapter),
+            "settings": asdict(settings),
+            "prompts": corpus_digest(prompts),
+            "n_prompts": len(prompts),
+            "calibration": "fit"
+            if fitting
+            else {k: str(c.path or "given") for k, c in fixed.items()} or None,
+        }
+        return cls(settings, prompts, fitting, fixed, record)
+
+    def studies(self, adapter) -> list:
+        """One study per layer; refuses a steering family that is undefined at a layer."""
+        studies = [
+            FinalLayerStudy(adapter, self.settings)
+            if layer == "final"
+            else InnerLayerStudy(adapter, self.settings, layer)
+            for layer in self.settings.layers
+        ]
+        for study in studies:
+            if (
+                "steering" in self.settings.families
+                and not float(study.steering_vector().norm()) > 0
+            ):
+                raise StableRegionsError(
+                    f"the steering family is undefined at layer {study.layer}: the shipped "
+                    "sentiment prompts' last-token activations there are identical (their mean "
+                    "difference is zero); leave it out with --families"
+                )
+        return studies
+
+    def partner(self, i: int) -> Prompt | None:
+        """The prompt whose activation the interpolation family moves toward: the next one."""
+        total = len(self.prompts)
+        return self.prompts[(i + 1) % total] if total > 1 else None
+
+
+def measure_prompt(studies: list, prompt: Prompt, partner: Prompt | None) -> pd.DataFrame:
+    """Every layer's rows of one prompt: the unit a run writes (a part) and a Ray worker
+    returns."""
+    return pd.concat([study.measure(prompt, partner) for study in studies], ignore_index=True)
+
+
+def finish_validation(adapter, run: RunDirectory, plan: ValidationPlan) -> ValidationRun:
+    """Join the parts, fit (or apply) the calibrations, write the finished files, mark the
+    run complete."""
+    settings, out = plan.settings, run.out
+    frame = run.frame(len(plan.prompts))
+    used = plan.fixed
+    if plan.fitting:
+        train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
+        used = {layer: fit_calibration(frame, adapter, layer, train) for layer in settings.layers}
+        for layer, cal in used.items():
+            cal.save(out / calibration_file(layer))
+    frame["split"] = "test"
+    for cal in used.values():
+        frame = apply_calibration(frame, cal)
+    summary = summarize(frame, adapter.name)
+    write_parquet(frame, out / "results.parquet")
+    write_json(out / "summary.json", summary)
+    write_report(out / "report.html", frame, summary, plan.record, used)
+    run.finish()
+    return ValidationRun(out, frame, summary, used)
+
+
 def validate(
     model,
     prompts: Sequence[Prompt] | None = None,
@@ -104,7 +212,7 @@ def validate(
     """Run the validation study and write ``out/{results.parquet, summary.json, report.html}``.
 
     Args:
-        model: a bundled name / path / ``ModelAdapter`` / transformers model.
+        model: a bundled name / path / ``ModelAdapter`` / a model ``wrap`` takes.
         prompts: the corpus (default: the shipped one, ``prompts.corpus()``): strings or
             ``Prompt`` objects.
         eps: KL thresholds (nats).
@@ -118,80 +226,22 @@ def validate(
         overwrite: replace the validation run already in ``out``.
         progress: ``progress(done, total)`` after each prompt.
     """
-    settings = StudySettings(
-        eps=check_eps(eps),
-        layers=check_layers(layers),
-        families=check_families(families),
-        positions_per_prompt=int(positions_per_prompt),
-        seed=int(seed),
-    )
-    if settings.positions_per_prompt < 1:
-        raise StableRegionsError("positions_per_prompt must be at least 1")
-    prompts = corpus() if prompts is None else as_prompts(prompts)
-    if not prompts:
+    settings = study_settings(eps, layers, families, positions_per_prompt, seed)
+    if prompts is not None and not as_prompts(prompts):
         raise StableRegionsError("no prompts given")
     adapter = as_adapter(model)
-    check_layers(settings.layers, adapter.n_layers)
-    fitting = isinstance(calibration, str) and calibration == "fit"
-    fixed: dict[str, Calibration] = {}
-    if not fitting and calibration is not None and str(calibration) != "none":
-        fixed = resolve_calibrations(calibration, adapter, settings.layers, settings.eps)
-    studies = [
-        FinalLayerStudy(adapter, settings)
-        if layer == "final"
-        else InnerLayerStudy(adapter, settings, layer)
-        for layer in settings.layers
-    ]
-
-    for study in studies:
-        if "steering" in settings.families and not float(study.steering_vector().norm()) > 0:
-            raise StableRegionsError(
-                f"the steering family is undefined at layer {study.layer}: the shipped "
-                "sentiment prompts' last-token activations there are identical (their mean "
-                "difference is zero); leave it out with --families"
-            )
-
-    record = {
-        "tool": "stable-regions validate",
-        "model": adapter.name,
-        "fingerprint": model_fingerprint(adapter),
-        "settings": asdict(settings),
-        "prompts": corpus_digest(prompts),
-        "n_prompts": len(prompts),
-        "calibration": "fit"
-        if fitting
-        else {k: str(c.path or "given") for k, c in fixed.items()} or None,
-    }
-    run = RunDirectory(out, record, "validation run", resume=resume, overwrite=overwrite)
-    out = run.out
-    total = len(prompts)
+    plan = ValidationPlan.make(adapter, settings, prompts, calibration)
+    studies = plan.studies(adapter)
+    run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
+    total = len(plan.prompts)
     done = sum(run.done(i) for i in range(total))
     if progress is not None:
         progress(done, total)
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(plan.prompts):
         if run.done(i):
             continue
-        partner = prompts[(i + 1) % total] if total > 1 else None
-        run.write_part(
-            i, pd.concat([study.measure(prompt, partner) for study in studies], ignore_index=True)
-        )
+        run.write_part(i, measure_prompt(studies, prompt, plan.partner(i)))
         done += 1
         if progress is not None:
             progress(done, total)
-
-    frame = run.frame(total)
-    used = fixed
-    if fitting:
-        train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
-        used = {layer: fit_calibration(frame, adapter, layer, train) for layer in settings.layers}
-        for layer, cal in used.items():
-            cal.save(out / calibration_file(layer))
-    frame["split"] = "test"
-    for cal in used.values():
-        frame = apply_calibration(frame, cal)
-    summary = summarize(frame, adapter.name)
-    write_parquet(frame, out / "results.parquet")
-    write_json(out / "summary.json", summary)
-    write_report(out / "report.html", frame, summary, record, used)
-    run.finish()
-    return ValidationRun(out, frame, summary, used)
+    return finish_validation(adapter, run, plan)
