@@ -78,16 +78,23 @@ def test_ray_scan_equals_the_local_scan(cluster, model_dir, tmp_path):
     same_rows(again.frame, local.frame)
 
 
+def unfinish(run_dir, keep: int) -> dict:
+    """Delete every part after the first ``keep`` and mark the run incomplete, as an
+    interrupted run leaves it; the kept parts' modification times."""
+    parts = sorted((run_dir / "parts").glob("*.parquet"))
+    kept = {p: p.stat().st_mtime_ns for p in parts[:keep]}
+    for p in parts[keep:]:
+        p.unlink()
+    manifest = run_dir / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    time.sleep(0.01)
+    return kept
+
+
 def test_resume_skips_finished_documents(cluster, model_dir, tmp_path):
     docs = documents(5, 20)
     first = scan_corpus_ray(model_dir, docs, out=tmp_path / "r", window=32, workers=2)
-    parts = sorted((tmp_path / "r" / "parts").glob("*.parquet"))
-    kept = {p: p.stat().st_mtime_ns for p in parts[:3]}
-    for p in parts[3:]:
-        p.unlink()
-    manifest = tmp_path / "r" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
-    time.sleep(0.01)
+    kept = unfinish(tmp_path / "r", 3)
     again = scan_corpus_ray(model_dir, docs, out=tmp_path / "r", window=32, workers=2, resume=True)
     same_rows(again.frame, first.frame)
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # not redone
@@ -154,13 +161,7 @@ def test_ray_validation_equals_the_local_one_and_resumes_it(cluster, model_dir, 
     same_validation(far.frame, local.frame)
     for name in ("results.parquet", "summary.json", "report.html", "manifest.json"):
         assert (tmp_path / "ray" / name).exists()
-    parts = sorted((tmp_path / "local" / "parts").glob("*.parquet"))
-    kept = {p: p.stat().st_mtime_ns for p in parts[:2]}
-    for p in parts[2:]:
-        p.unlink()
-    manifest = tmp_path / "local" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
-    time.sleep(0.01)
+    kept = unfinish(tmp_path / "local", 2)
     again = validate_ray(
         model_dir, prompts, out=tmp_path / "local", workers=2, resume=True, **VALIDATION
     )

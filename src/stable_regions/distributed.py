@@ -117,37 +117,22 @@ def scan_corpus_ray(
     """``scan.scan_corpus`` on a Ray cluster (module doc). ``model``: a bundled name or a
     model path every node can read; ``address``: a running cluster's (None or ``"local"``:
     start one here). The driver loads the model too (for the tokenizer and the run record)."""
-    if not isinstance(model, str):
-        raise StableRegionsError(
-            "a Ray scan needs the model as a bundled name or a path the workers can load, "
-            f"not a {type(model).__name__}"
-        )
+    _check_spec(model, "scan")
     check_cluster(address, workers, gpus_per_worker)
-
     adapter = load(model, device="cpu", log=log)
     plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     Scanner(adapter)  # a model the fast scan cannot take fails here, before any file
     run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
-    done = plan.tokens_done(run)
-    if progress is not None:
-        progress(done, plan.total)
-
-    def finished(i: int) -> None:
-        nonlocal done
-        done += len(plan.token_ids[i])
-        if progress is not None:
-            progress(done, plan.total)
-
-    calls = {i: (plan.documents[i].id, plan.documents[i].text) for i in range(len(plan.documents))}
     _run_shards(
         _ScanWorker,
         (model, plan.settings),
-        calls,
+        {i: (doc.id, doc.text) for i, doc in enumerate(plan.documents)},
         run,
+        units=[len(ids) for ids in plan.token_ids],  # progress in tokens
+        progress=progress,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
-        options=dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype),
-        finished=finished,
+        options=_worker_options(device, dtype, gpus_per_worker),
     )
     return finish_scan(adapter, run, plan)
 
@@ -176,40 +161,38 @@ def validate_ray(
     """``validation.validate`` on a Ray cluster (module doc): each worker measures whole
     prompts, every layer; the driver writes their parts and fits the calibrations at the end,
     on the same rows a local run would have (the model is loaded there too, on the CPU)."""
-    if not isinstance(model, str):
-        raise StableRegionsError(
-            "a Ray validation needs the model as a bundled name or a path the workers can "
-            f"load, not a {type(model).__name__}"
-        )
+    _check_spec(model, "validation")
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
     check_cluster(address, workers, gpus_per_worker)
     adapter = load(model, device="cpu", log=log)
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)
     plan.studies(adapter)  # an undefined steering family fails here, before any file
     run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
-    total = len(plan.prompts)
-    done = sum(run.done(i) for i in range(total))
-    if progress is not None:
-        progress(done, total)
-
-    def finished(_i: int) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
-    calls = {i: (prompt, plan.partner(i)) for i, prompt in enumerate(plan.prompts)}
     _run_shards(
         _ValidateWorker,
         (model, plan),
-        calls,
+        {i: (prompt, plan.partner(i)) for i, prompt in enumerate(plan.prompts)},
         run,
+        units=[1] * len(plan.prompts),  # progress in prompts
+        progress=progress,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
-        options=dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype),
-        finished=finished,
+        options=_worker_options(device, dtype, gpus_per_worker),
     )
     return finish_validation(adapter, run, plan)
+
+
+def _check_spec(model, what: str) -> None:
+    if not isinstance(model, str):
+        raise StableRegionsError(
+            f"a Ray {what} needs the model as a bundled name or a path the workers can load, "
+            f"not a {type(model).__name__}"
+        )
+
+
+def _worker_options(device: str, dtype: str, gpus_per_worker: float) -> dict:
+    """How each worker loads the model: on ``cuda`` when it holds a GPU."""
+    return dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype)
 
 
 def _run_shards(
@@ -218,17 +201,23 @@ def _run_shards(
     calls: dict[int, tuple],
     run: RunDirectory,
     *,
+    units: list[int],
+    progress: Callable[[int, int], None] | None,
     workers: int,
     gpus_per_worker: float,
     options: dict,
-    finished: Callable[[int], None],
 ) -> None:
     """Part ``i`` of ``run`` = ``worker(*setup, options).measure(*calls[i])`` for every part
     not yet done, on a pool of actors: the k-th pending part to actor ``k mod n``, each part
-    written as soon as it returns, the actors killed at the end."""
+    written as soon as it returns, the actors killed at the end. ``progress(done, total)``
+    counts ``units[i]`` per part."""
     import ray
 
     pending = [i for i in sorted(calls) if not run.done(i)]
+    total = sum(units)
+    done = total - sum(units[i] for i in pending)
+    if progress is not None:
+        progress(done, total)
     if not pending:
         return
     actor = ray.remote(
@@ -239,10 +228,12 @@ def _run_shards(
     try:
         waiting = list(refs)
         while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            i = refs[done[0]]
-            run.write_part(i, ray.get(done[0]))
-            finished(i)
+            finished, waiting = ray.wait(waiting, num_returns=1)
+            i = refs[finished[0]]
+            run.write_part(i, ray.get(finished[0]))
+            done += units[i]
+            if progress is not None:
+                progress(done, total)
     finally:
         for member in pool:
             ray.kill(member)

@@ -85,9 +85,21 @@ def add_ray(parser: argparse.ArgumentParser, doing: str) -> None:
     )
 
 
-def ray_address(args) -> str | None:
-    """The cluster ``--ray`` names: None for a local one."""
-    return None if args.ray == "local" else args.ray
+def ray_options(args) -> dict:
+    """The cluster and worker keywords of ``distributed.*_ray`` from ``--ray``, ``--workers``,
+    ``--gpus-per-worker``, ``--device`` and ``--dtype``; the cluster is checked here, before
+    any model is loaded or file written."""
+    from ..distributed import check_cluster
+
+    address = None if args.ray == "local" else args.ray
+    check_cluster(address, args.workers, args.gpus_per_worker)
+    return dict(
+        address=address,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def add_positions(parser: argparse.ArgumentParser, default: str = "all") -> None:

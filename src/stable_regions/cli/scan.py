@@ -12,7 +12,7 @@ from .console import (
     default_out,
     load_with_status,
     progress,
-    ray_address,
+    ray_options,
 )
 
 PAGE_TOKENS = 20_000  # positions in a --html page: beyond this a page gets slow to open
@@ -145,25 +145,14 @@ def _scan_on_ray(args, documents, settings: dict):
     """``distributed.scan_corpus_ray`` with the command's options; the cluster is checked
     before anything is loaded or written."""
     from .. import models
-    from ..distributed import check_cluster, scan_corpus_ray
+    from ..distributed import scan_corpus_ray
 
     err = console(stderr=True)
-    check_cluster(ray_address(args), args.workers, args.gpus_per_worker)
+    cluster = ray_options(args)
     spec = args.model or models.DEFAULT_MODEL
     out = args.out or default_out("scan", spec)
     with progress(err, f"scanning tokens on Ray ({args.workers} workers)") as (tick, _):
-        run = scan_corpus_ray(
-            spec,
-            documents,
-            out=out,
-            **settings,
-            address=ray_address(args),
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            device=args.device,
-            dtype=args.dtype,
-            progress=tick,
-        )
+        run = scan_corpus_ray(spec, documents, out=out, progress=tick, **settings, **cluster)
     return run, spec
 
 

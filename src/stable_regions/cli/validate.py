@@ -14,7 +14,7 @@ from .console import (
     default_out,
     load_with_status,
     progress,
-    ray_address,
+    ray_options,
 )
 
 
@@ -101,22 +101,18 @@ def run(args) -> int:
     )
     if args.ray is not None:
         from .. import models
-        from ..distributed import check_cluster, validate_ray
+        from ..distributed import validate_ray
 
         err = console(stderr=True)
-        check_cluster(ray_address(args), args.workers, args.gpus_per_worker)
+        cluster = ray_options(args)
         spec = args.model or models.DEFAULT_MODEL
         with progress(err, f"validating prompts on Ray ({args.workers} workers)") as (tick, _):
             run = validate_ray(
                 spec,
                 prompts,
                 out=args.out or default_out("validation", spec),
-                address=ray_address(args),
-                workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker,
-                device=args.device,
-                dtype=args.dtype,
                 progress=tick,
+                **cluster,
                 **options,
             )
     else:
