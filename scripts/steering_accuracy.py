@@ -1,0 +1,84 @@
+"""Steering coefficients predicted in closed form against the ones measured on the model.
+
+The vector is the mean difference of the shipped sentiment sets at the layer (the `steering`
+family of the validation study); the prompts are the held-out half of the shipped corpus
+(the validation study's seeded split), the last position of each. Per eps, the median and
+p90 of ``|predicted / measured - 1|`` for each closed form, over all rows and over the rows
+``steer`` marks ``reliable``.
+
+    python scripts/steering_accuracy.py --model smollm2-135m --layer 15 --prompts 40 \
+        --eps 0.1 0.5 --out docs/steering/accuracy-smollm2-135m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import stable_regions as sr
+from stable_regions.prompts import corpus, sentiment_prompts
+from stable_regions.validation import split_prompts
+
+FORMS = ["coef_quadratic", "coef_corrected", "coef_curve", "coef_calibrated"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--prompts", type=int, default=40, help="held-out prompts used")
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.5])
+    ap.add_argument("--calibration", default=None, help="e.g. bundled")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    adapter = sr.load(args.model)
+    prompts = corpus()
+    train = split_prompts([p.digest for p in prompts], 0.5, 0)
+    held_out = [p.text for p in prompts if p.digest not in train][: args.prompts]
+    positive, negative = sentiment_prompts()
+    vector = sr.mean_difference(adapter, positive, negative, args.layer)
+    start = time.perf_counter()
+    result = sr.steering_budget(
+        adapter,
+        held_out,
+        vector,
+        args.layer,
+        eps=args.eps,
+        positions="last",
+        calibration=args.calibration,
+    )
+    seconds = time.perf_counter() - start
+    frame = result.to_frame()
+    summary = []
+    for eps, rows in frame.groupby("eps"):
+        for subset, part in (("all", rows), ("reliable", rows[rows["reliable"]])):
+            entry = {"eps": float(eps), "rows": subset, "n": int(len(part))}
+            for form in FORMS:
+                err = (part[form] / part["coef_exact"] - 1).abs().dropna()
+                if len(err):
+                    entry[form] = {
+                        "median": float(np.median(err)),
+                        "p90": float(np.quantile(err, 0.9)),
+                    }
+            summary.append(entry)
+    out = {
+        "model": args.model,
+        "layer": args.layer,
+        "vector_norm": float(vector.norm()),
+        "prompts": len(held_out),
+        "positions": "last",
+        "seconds": seconds,
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
