@@ -234,6 +234,56 @@ def test_split_is_by_prompt():
     assert split_prompts(digests, 0.5, seed=0) == train
 
 
+def _synthetic_rows(relation, n_prompts: int = 40, per: int = 30, seed: int = 0):
+    """Rows of a validation frame at one layer and eps whose measured radius is
+    ``relation(taylor)`` times noise; the other closed forms are worse guesses."""
+    gen = np.random.default_rng(seed)
+    n = n_prompts * per
+    taylor = np.exp(gen.normal(0.0, 1.0, n))
+    empirical = relation(taylor) * np.exp(gen.normal(0.0, 0.02, n))
+    return pd.DataFrame(
+        dict(
+            prompt_digest=np.repeat([f"p{i}" for i in range(n_prompts)], per),
+            layer="3",
+            eps=0.1,
+            family="top",
+            entropy=gen.uniform(0, 5, n),
+            quadratic=taylor * 1.3,
+            corrected=taylor * np.exp(gen.normal(0.0, 0.3, n)),
+            taylor=taylor,
+            empirical=empirical,
+        )
+    )
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_a_band_keeps_the_closed_form_as_is_where_no_map_beats_it(adapter, biased, tmp_path):
+    """Where the Taylor radius already is the measured one, the band uses it as it is (an
+    isotonic map fitted on half the training prompts only adds noise); where it is off by a
+    factor, a fitted map wins. Either way the held-out error is at most the raw form's."""
+    from stable_regions.validation import fit_calibration
+
+    relation = (lambda t: 0.5 * t) if biased else (lambda t: t)
+    frame = _synthetic_rows(relation)
+    train = split_prompts(frame["prompt_digest"], 0.5, seed=0)
+    cal = fit_calibration(frame, adapter, "3", train)
+    (band,) = cal.bands
+    assert band.heldout["as_is"] is (not biased)
+    assert band.maps[0].is_identity is (not biased)
+    test = frame[~frame["prompt_digest"].isin(train)]
+    predicted = cal.predict(0.1, test.quadratic, test.corrected, test.entropy, test.taylor)
+    if not biased:
+        np.testing.assert_array_equal(predicted, test.taylor)
+    err = np.median(relative_error(predicted, test.empirical.to_numpy()))
+    raw = np.median(relative_error(test.taylor.to_numpy(), test.empirical.to_numpy()))
+    assert err <= raw + 1e-12 if not biased else err < 0.05 < raw
+    cal.save(tmp_path / "c.json")  # the identity map survives a round trip through JSON
+    again = load_calibration(tmp_path / "c.json")
+    np.testing.assert_array_equal(
+        again.predict(0.1, test.quadratic, test.corrected, test.entropy, test.taylor), predicted
+    )
+
+
 # ----------------------------------------------------------------------------- the run
 
 

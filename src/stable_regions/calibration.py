@@ -89,12 +89,26 @@ class IsotonicRadius:
         self.x, self.y = simplify(np.asarray(iso.X_thresholds_), np.asarray(iso.y_thresholds_))
         return self
 
+    @classmethod
+    def identity(cls) -> IsotonicRadius:
+        """The map that leaves a radius as it is (over exp(-700)..exp(700), every finite
+        float64 radius): what a band uses where no fitted map beat the raw closed form."""
+        ends = np.array([-700.0, 700.0])
+        return cls(ends, ends.copy())
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.x) == 2 and bool(np.array_equal(self.x, self.y))
+
     def predict(self, predicted: np.ndarray) -> np.ndarray:
         """Calibrated radii; ``inf`` stays ``inf`` (the KL never reaches eps), NaN stays NaN."""
         predicted = np.asarray(predicted, dtype=float)
         out = np.full(predicted.shape, np.nan)
         finite = np.isfinite(predicted) & (predicted > 0)
-        out[finite] = np.exp(np.interp(np.log(predicted[finite]), self.x, self.y))
+        if self.is_identity:  # exactly as is, not exp(log(x)) with its last-bit roundoff
+            out[finite] = predicted[finite]
+        else:
+            out[finite] = np.exp(np.interp(np.log(predicted[finite]), self.x, self.y))
         out[np.isposinf(predicted)] = np.inf
         return out
 
