@@ -547,7 +547,11 @@ def test_bundled_inner_calibration_of_the_nearest_block():
     assert err.notna().all()
     assert (err[frame["eps"] == 0.01] < 0.08).mean() >= 0.8
     with pytest.raises(StableRegionsError, match="no bundled calibration fits"):
-        sr.analyze(model, "Hi", layer=5, calibration="bundled")
+        sr.analyze(model, "Hi", layer=28, calibration="bundled")  # 4 blocks from 24
+    # block 24's bands keep the Taylor-path radius as it is: the calibrated radius is the curve
+    at24 = sr.analyze(model, "Hi there", eps=[0.01, 1.0], layer=24, calibration="bundled")
+    frame = at24.to_frame()
+    np.testing.assert_allclose(frame["radius_calibrated"], frame["radius_curve"], rtol=1e-12)
 
 
 @pytest.mark.real_model
