@@ -221,7 +221,9 @@ def test_nnsight_final_layer_matches_its_traced_activations():
 
 
 def test_wrap_refuses_what_it_cannot_run(saved_tokenizer):
-    with pytest.raises(UnsupportedModelError, match="TransformerBridge.*nnsight LanguageModel"):
+    with pytest.raises(
+        UnsupportedModelError, match="TransformerBridge.*nnsight TransformersModel or LanguageModel"
+    ):
         sr.wrap(object())
     with pytest.raises(UnsupportedModelError, match="TransformerBridge"):
         sr.analyze(torch.nn.Linear(3, 3), PROMPT)

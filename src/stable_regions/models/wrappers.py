@@ -26,7 +26,7 @@ from ..errors import UnsupportedModelError
 
 SUPPORTED = (
     "a transformers causal LM (*ForCausalLM), a TransformerLens TransformerBridge "
-    "(TransformerBridge.boot_transformers), an nnsight LanguageModel"
+    "(TransformerBridge.boot_transformers), an nnsight TransformersModel or LanguageModel"
 )
 
 
