@@ -31,6 +31,7 @@ from .validation import (
     ValidationRun,
     finish_validation,
     measure_prompt,
+    study_prompts,
     study_settings,
 )
 
@@ -163,6 +164,7 @@ def validate_ray(
     on the same rows a local run would have (the model is loaded there too, on the CPU)."""
     _check_spec(model, "validation")
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
+    prompts = study_prompts(prompts)
     check_cluster(address, workers, gpus_per_worker)
     adapter = load(model, device="cpu", log=log)
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)

@@ -16,6 +16,7 @@ from .run import (
     finish_validation,
     measure_prompt,
     resolve_calibrations,
+    study_prompts,
     study_settings,
     validate,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "resolve_calibrations",
     "split_prompts",
     "study_positions",
+    "study_prompts",
     "study_settings",
     "summarize",
     "validate",

@@ -106,6 +106,15 @@ def study_settings(
     return settings
 
 
+def study_prompts(prompts) -> list[Prompt]:
+    """The prompts a run measures (the shipped corpus for None), checked before any model is
+    loaded."""
+    prompts = corpus() if prompts is None else as_prompts(prompts)
+    if not prompts:
+        raise StableRegionsError("no prompts given")
+    return prompts
+
+
 @dataclass
 class ValidationPlan:
     """What a run measures and how it is calibrated, and its run record: the same for a
@@ -118,10 +127,10 @@ class ValidationPlan:
     record: dict
 
     @classmethod
-    def make(cls, adapter, settings: StudySettings, prompts, calibration) -> ValidationPlan:
-        prompts = corpus() if prompts is None else as_prompts(prompts)
-        if not prompts:
-            raise StableRegionsError("no prompts given")
+    def make(
+        cls, adapter, settings: StudySettings, prompts: list[Prompt], calibration
+    ) -> ValidationPlan:
+        """``prompts`` from ``study_prompts``."""
         check_layers(settings.layers, adapter.n_layers)
         fitting = isinstance(calibration, str) and calibration == "fit"
         fixed: dict[str, Calibration] = {}
@@ -227,8 +236,7 @@ def validate(
         progress: ``progress(done, total)`` after each prompt.
     """
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
-    if prompts is not None and not as_prompts(prompts):
-        raise StableRegionsError("no prompts given")
+    prompts = study_prompts(prompts)
     adapter = as_adapter(model)
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)
     studies = plan.studies(adapter)
