@@ -340,3 +340,56 @@ def test_cli_substitutions_bad_count(capsys):
         assert main(["certify", "x", "--substitutions", bad]) == 2
         err = capsys.readouterr().err
         assert "--substitutions must be" in err and err.count("\n") == 1
+
+
+def test_ball_radius_is_certified_and_as_large_as_bisection_finds():
+    """The certified radius has bound <= eps and lies within 1e-9 of the largest such
+    radius found by 200 bisection steps on the same bound (a start of zero, no regula falsi,
+    no logarithms)."""
+    from stable_regions.geometry import BallBound
+
+    g = torch.Generator().manual_seed(5)
+    P, V = 7, 5000
+    p = torch.softmax(5.0 * torch.randn(P, V, generator=g, dtype=torch.float64), -1)
+    dual = torch.rand(P, V, generator=g, dtype=torch.float64) * 6.0
+    lam = (p * dual * dual).sum(-1) * torch.linspace(0.05, 1.0, P, dtype=torch.float64)
+    bound = BallBound(lam, p, dual)
+    got = bound.radius(EPS)
+    for e, eps in enumerate(EPS):
+        lo = torch.zeros(P, dtype=torch.float64)
+        hi = torch.full((P,), 1.0, dtype=torch.float64)
+        while bool((bound(hi[:, None])[:, 0] <= eps).any()):
+            hi = torch.where(bound(hi[:, None])[:, 0] <= eps, 2 * hi, hi)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            ok = bound(mid[:, None])[:, 0] <= eps
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+        assert bool((bound(got[:, e : e + 1])[:, 0] <= eps).all())
+        assert torch.allclose(got[:, e], lo, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_screened_start_exits_give_the_full_search(seed):
+    """Measuring the other starts' rays only up to the first start's exits (convex rays)
+    leaves the search's answer as measuring every ray fully: the same nearest exits, so the
+    same ascents and the same radius."""
+    from stable_regions.probes.attack import SubspaceKL, worst_case_search
+
+    g = torch.Generator().manual_seed(seed)
+    P, m, V = 5, 6, 700
+    logits = 3.0 * torch.randn(P, V, generator=g, dtype=torch.float64)
+    tangents = torch.randn(P, m, V, generator=g, dtype=torch.float64)
+    tangents = tangents * torch.linspace(2.0, 0.5, m, dtype=torch.float64)[None, :, None]
+    starts = torch.linalg.qr(torch.randn(P, m, 3, generator=g, dtype=torch.float64))[0]
+    starts = starts.transpose(1, 2)  # (P, 3, m) orthonormal starts
+    runs = []
+    for screened in (True, False):
+        target = SubspaceKL(lambda u: u, logits, tangents, torch.ones(P, dtype=torch.float64))
+        target.convex_rays = screened
+        runs.append(worst_case_search(target, starts, EPS, "l2"))
+    screened, full = runs
+    assert np.allclose(screened.radius, full.radius, rtol=1e-5, atol=0)
+    top = [0, 3]  # the first start and its negative: measured in full either way
+    assert np.allclose(screened.start_radii[:, top], full.start_radii[:, top], rtol=1e-9)
+    others = np.isfinite(screened.start_radii)
+    assert np.allclose(screened.start_radii[others], full.start_radii[others], rtol=1e-5)

@@ -322,3 +322,61 @@ def test_every_closed_form_radius_rises_with_eps():
         rhs = e * (1 + beta[on] * t[on] + gamma[on] * t[on] ** 2)
         assert torch.allclose(lhs, rhs, rtol=1e-9)
         assert (t[on] <= t_end[on] * (1 + 1e-9)).all()
+
+
+def test_lanczos_per_position_stop_matches_dense_eigh():
+    """``lanczos(independent=True)`` (each position stops when converged, the products see
+    only the rest) gives the dense top eigenpairs, as the lockstep run does, on a float32
+    strided basis too (the product then reshapes, not broadcasts, its rows)."""
+    g = torch.Generator().manual_seed(7)
+    P, V, d = 5, 300, 12
+    W = torch.randn(V, d, generator=g)
+    logits = 3.0 * torch.randn(P, V, generator=g) * torch.linspace(0.2, 2.0, P)[:, None]
+    p = torch.softmax(logits, -1)
+    op = FisherOperator(W, p)
+    ref = torch.linalg.eigvalsh(op.dense()).flip(-1)[:, :3]
+    for independent in (False, True):
+        run = op.lanczos(3, tol=1e-10, independent=independent)
+        assert torch.allclose(run.values, ref, rtol=1e-8, atol=0)
+    single = FisherOperator(W.float(), p.float())
+    run = single.lanczos(3, tol=1e-4, independent=True)
+    assert torch.allclose(run.values, ref, rtol=1e-4, atol=0)
+    kept = op.subset(torch.tensor([True, False, True, False, True]))
+    assert torch.allclose(torch.linalg.eigvalsh(kept.dense()).flip(-1)[:, :3], ref[::2])
+
+
+def _kl_along(logp: torch.Tensor, b: torch.Tensor, t: float) -> float:
+    """KL(p || softmax(logp + t b)) for one ray, written out in float64."""
+    logq = torch.log_softmax(logp + t * b, -1)
+    return float((logp.exp() * (logp - logq)).sum())
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 1])
+def test_cgf_crossings_are_exits_and_match_bisection(cache_bytes, monkeypatch):
+    """Newton from above (its last step taken on convexity) against 200 bisection steps of
+    the KL written out here: every root reaches the level, and lies within 1e-6 of the
+    bisection's; the same a row at a time (the cache-sized blocks), and with rays that use
+    a few of many origins."""
+    from stable_regions import budget
+    from stable_regions.geometry import cgf_crossings
+
+    if cache_bytes is not None:
+        monkeypatch.setattr(budget, "CACHE_BYTES", cache_bytes)
+    g = torch.Generator().manual_seed(11)
+    P, R, V = 6, 9, 400
+    logp = torch.log_softmax(4.0 * torch.randn(P, V, generator=g), -1)
+    b = torch.randn(R, V, generator=g) * torch.linspace(0.3, 3.0, R)[:, None]
+    origin = torch.tensor([4, 1, 4, 5, 1, 4, 1, 5, 4])
+    levels = torch.tensor([0.001, 0.01, 0.1, 1.0]).expand(R, -1)
+    got = cgf_crossings(logp, b, levels.clone(), origin=origin)
+    for r in range(R):
+        for e, level in enumerate(levels[0].tolist()):
+            lo, hi = 0.0, 1.0
+            while _kl_along(logp[origin[r]], b[r], hi) < level:
+                hi *= 2
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if _kl_along(logp[origin[r]], b[r], mid) < level else (lo, mid)
+            root = float(got[r, e])
+            assert _kl_along(logp[origin[r]], b[r], root) >= level * (1 - 1e-12)
+            assert abs(root / hi - 1) < 1e-6

@@ -1,7 +1,13 @@
 """Pure tensor math of stable regions. Nothing here imports the model layer."""
 
 from .bracket import CurvatureBracket, HeadSpread, curvature_bracket, flip_radius
-from .certificate import BallBound, PrelogitCertificate, prelogit_certificate, radius_through_norm
+from .certificate import (
+    BallBound,
+    PrelogitCertificate,
+    prelogit_certificate,
+    radius_through_norm,
+    ritz_subspace,
+)
 from .curvature import CurvatureOperator, effective_rank
 from .curve import (
     RayCurve,
@@ -44,6 +50,7 @@ __all__ = [
     "BallBound",
     "PrelogitCertificate",
     "prelogit_certificate",
+    "ritz_subspace",
     "radius_through_norm",
     "CurvatureOperator",
     "FisherOperator",

@@ -34,13 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..budget import rows_within
 from .fisher import FisherOperator
 from .head import LogitHead
 
 # Float64 roundoff in the sums behind lam, R_i and the bound (relative ~1e-13 for vocabulary
 # sums of 2^18 terms) is covered by this relative margin, applied to every bound.
 ROUNDOFF_MARGIN = 1e-9
-BISECTION_STEPS = 50  # the radius to 2^-50 of its bracket: below the roundoff margin
+BISECTION_STEPS = 50  # a bisection to 2^-50 of its bracket: below the roundoff margin
 
 
 def phi(x: Tensor) -> Tensor:
@@ -160,10 +161,10 @@ class BallBound:
         self.diameter = 2.0 * dual.max(-1).values
         # the threshold rho: the tokens of largest R_i whose p_i R_i^2 add up to lam (the
         # split that minimises the bound for every s); at most TAIL of them are kept apart
-        if order is None:
-            order = dual.argsort(dim=-1, descending=True)
+        if order is None:  # the TAIL + 1 largest are all the split reads: no full sort
+            order = dual.topk(min(self.TAIL + 1, dual.shape[-1]), dim=-1).indices
         else:  # one order shared by every position (V,): the caller knows it sorts dual
-            order = order.expand_as(dual)
+            order = order[: self.TAIL + 1].expand(dual.shape[0], -1)
         r_sorted = dual.gather(-1, order)
         mass = p.gather(-1, order) * r_sorted**2
         count = (mass.cumsum(-1) < self.lam[:, None]).sum(-1).clamp(max=self.TAIL)
@@ -186,39 +187,63 @@ class BallBound:
         hoeffding = self.diameter[:, None] ** 2 / 8.0
         return r * r * torch.minimum(tilted, hoeffding) * (1 + ROUNDOFF_MARGIN)
 
-    def radius(
-        self, eps_list: Sequence[float], rtol: float = 2.0**-BISECTION_STEPS, steps: int = 100
-    ) -> Tensor:
+    def radius(self, eps_list: Sequence[float], rtol: float = 1e-12, steps: int = 100) -> Tensor:
         """(P, E): the largest ``r`` with bound <= eps, from below, to ``rtol`` of its bracket.
 
-        The bound rises smoothly with r: regula falsi with the Illinois modification keeps a
-        bracket ``[lo, hi]`` (bound(lo) <= eps < bound(hi)) and shrinks it superlinearly;
-        ``lo`` is returned, so the answer is always certified."""
-        eps = torch.tensor(list(eps_list), dtype=torch.float64, device=self.lam.device)
+        ``bound(r) / r^2`` never decreases (``phi`` is increasing and convex, so every term of
+        the tilted bound grows with r; Hoeffding's is constant): from the quadratic radius
+        ``hi`` (where bound >= r^2 lam / 2 reaches eps or more), ``lo = hi sqrt(eps /
+        bound(hi))`` has ``bound(lo) <= lo^2 bound(hi) / hi^2 = eps``, a certified start a few
+        percent below the answer. Regula falsi (Illinois) on ``log bound`` against ``log r``,
+        nearly linear, closes the bracket in a few steps; it stops where the bracket is within
+        ``rtol`` or ``bound(lo)`` is within ``2 rtol`` of eps in log (then the answer lies
+        within ``rtol`` of ``lo``). SmolLM2, 60 positions x 3 eps: 12 evaluations, 0.08 s
+        (48 and 0.39 s in linear scale from ``lo = 0`` to 2^-50, the same radii to 2e-7).
+        ``lo`` is returned, and every ``lo`` is checked, so the answer is always certified."""
+        f64 = torch.float64
+        eps = torch.tensor(list(eps_list), dtype=f64, device=self.lam.device)
         P, E = self.lam.shape[0], eps.shape[0]
-        lo = torch.zeros(P, E, dtype=torch.float64, device=eps.device)
+        log_eps = eps.log()[None, :].expand(P, E)
+
+        def excess(r: Tensor) -> tuple[Tensor, Tensor]:
+            """``log bound - log eps`` (an overflow counts as above) and whether ``bound <=
+            eps``, decided on the bound itself (its log may round onto log eps)."""
+            value = self(r)
+            below = value <= eps[None, :]
+            return (value.log() - log_eps).nan_to_num(nan=math.inf), below
+
         # bound(r) >= r^2 lam / 2 (phi >= 1/2, and D^2/4 >= lam): the radius lies below this
         hi = torch.sqrt(2.0 * eps[None, :] / self.lam.clamp_min(1e-300)[:, None])
-        f_lo = -eps[None, :].expand(P, E).clone()
-        # an overflowing bound (inf, or NaN from inf - inf) counts as above eps
-        f_hi = (self(hi) - eps[None, :]).nan_to_num(nan=math.inf)
-        done = f_hi <= 0  # (only if roundoff) the upper end itself is certified
+        f_hi, hi_below = excess(hi)
+        lo = hi * torch.exp(-0.5 * f_hi.clamp_min(0.0)).nan_to_num(nan=0.0)
+        f_lo, lo_below = excess(lo)
+        unsure = ~lo_below  # roundoff (or an infinite bound): start from 0 instead
+        lo = torch.where(unsure, torch.zeros_like(lo), lo)
+        f_lo = torch.where(unsure, torch.full_like(f_lo, -math.inf), f_lo.clamp_max(0.0))
+        done = hi_below  # (only if roundoff) the upper end itself is certified
         lo = torch.where(done, hi, lo)
+        x_lo, x_hi = lo.log(), hi.log()
         last = torch.zeros(P, E, dtype=torch.int8, device=eps.device)  # side kept last time
         for _ in range(steps):
-            live = ~done & (hi - lo > rtol * hi)
+            # log bound rises at least twice as fast as log r (bound / r^2 never decreases):
+            # the answer lies within -f_lo / 2 of lo in log r
+            live = ~done & (hi - lo > rtol * hi) & (f_lo < -2.0 * rtol)
             if not bool(live.any()):
                 break
-            r = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)  # inf f_hi: r -> lo, then bisection
-            r = torch.where((r > lo) & (r < hi), r, 0.5 * (lo + hi))
-            fr = (self(r) - eps[None, :]).nan_to_num(nan=math.inf)
-            ok = (fr <= 0) & live
-            bad = ~(fr <= 0) & live
+            finite = torch.isfinite(f_lo) & torch.isfinite(f_hi) & (f_hi > f_lo)
+            x = (x_lo * f_hi - x_hi * f_lo) / torch.where(finite, f_hi - f_lo, 1.0)
+            mid = torch.where(lo > 0, 0.5 * (x_lo + x_hi), x_hi - math.log(2.0))
+            x = torch.where(finite & (x > x_lo) & (x < x_hi), x, mid)
+            r = x.exp()
+            fr, below = excess(r)
+            ok = below & live
+            bad = ~below & live
+            fr = torch.where(below, fr.clamp_max(0.0), fr.clamp_min(0.0))  # signs as decided
             # Illinois: a side kept twice in a row has its far end's value halved
             f_hi = torch.where(ok & (last == 1), 0.5 * f_hi, f_hi)
             f_lo = torch.where(bad & (last == -1), 0.5 * f_lo, f_lo)
-            lo, f_lo = torch.where(ok, r, lo), torch.where(ok, fr, f_lo)
-            hi, f_hi = torch.where(bad, r, hi), torch.where(bad, fr, f_hi)
+            lo, x_lo, f_lo = (torch.where(ok, a, b) for a, b in ((r, lo), (x, x_lo), (fr, f_lo)))
+            hi, x_hi, f_hi = (torch.where(bad, a, b) for a, b in ((r, hi), (x, x_hi), (fr, f_hi)))
             last = torch.where(ok, 1, torch.where(bad, -1, last)).to(torch.int8)
         return lo
 
@@ -315,8 +340,8 @@ def exact_head_pass(
         w = weight[s : s + step].to(f64) * scale  # (n, d)
         pc = p[:, s : s + step]
         tangents[:, :, s : s + step] = torch.einsum("pkd,nd->pkn", y, w)
-        b = tangents[:, :, s : s + step] - mu_y[:, :, None]  # centred logit tangents
-        g = pc[:, None, :] * b
+        g = tangents[:, :, s : s + step] - mu_y[:, :, None]  # centred logit tangents,
+        g.mul_(pc[:, None, :])  # weighted by p: one array, not two
         gy += torch.einsum("pkn,nd->pkd", g, w) - g.sum(-1)[:, :, None] * mu[:, None, :]
         w2 = (w * w).sum(-1)
         row_dual[s : s + step] = w2.sqrt()
@@ -369,6 +394,31 @@ class PrelogitCertificate:
         return torch.einsum("pkj,pkd->pjd", self.coefficients, self.basis)
 
 
+def ritz_subspace(head: LogitHead, h: Tensor, ritz: int = 6) -> Tensor:
+    """The top ``ritz`` Ritz vectors (P, k, d) of ``H`` at pre-logit vectors ``h`` (P, d): the
+    subspace ``prelogit_certificate`` bounds ``H`` in.
+
+    The Lanczos run only chooses the subspace (the certificate's exact pass bounds what it
+    misses), so it runs in the weight's precision, probabilities included (float32 unless
+    the weight is float64), and each position stops when its own Ritz pairs have converged
+    (SmolLM2, 60 positions: 0.66 s against 1.09 s in float64 lockstep, the same certified
+    radii to 2e-7). Every product reads W once for all P positions: callers give as many as
+    their float32 probabilities allow (a pass over Gemma-3's 262k x 640 head costs about
+    what 32 positions' arithmetic does)."""
+    f64 = torch.float64
+    search_dtype = f64 if head.weight.dtype == f64 else torch.float32
+    P, V = h.shape[0], head.vocab_size
+    p = torch.empty(P, V, dtype=search_dtype, device=h.device)
+    step = rows_within(V, 8)  # the float64 logits a few rows at a time
+    for s in range(0, P, step):
+        u0 = head.raw_float64(h[s : s + step].to(f64))
+        p[s : s + step] = torch.softmax(head.squash(u0), dim=-1)
+    op = FisherOperator(head.weight, p, scale=head.scale)  # raw-logit curvature under p
+    k = max(1, min(ritz, head.d_model))
+    run = op.lanczos(k, tol=1e-4, max_iter=min(head.d_model, 3 * k + 8), independent=True)
+    return run.vectors
+
+
 def prelogit_certificate(
     head: LogitHead,
     h: Tensor,
@@ -376,11 +426,12 @@ def prelogit_certificate(
     norm: str = "l2",
     ritz: int = 6,
     tokens: int = 2,
+    subspace: Tensor | None = None,
 ) -> PrelogitCertificate:
     """Certified radii of the L2 ball or L-inf box about pre-logit vectors ``h`` (P, d).
 
-    ``ritz`` Lanczos vectors of ``H`` (products in the weight's dtype: they only choose the
-    subspace) and the directions ``w_j - w_top`` toward the ``tokens`` next likeliest tokens
+    ``ritz`` Lanczos vectors of ``H`` (``ritz_subspace``, or ``subspace`` (P, k, d) when the
+    caller ran it for more positions at once) and the directions ``w_j - w_top`` toward the ``tokens`` next likeliest tokens
     (where a large move goes), orthonormalized, then one exact float64 pass
     (``exact_head_pass``) for ``H Y``, ``tr H``, the ``R_i`` and the logit tangents;
     ``ritz_upper_bound`` turns them into a rigorous ``lambda_max`` bound.
@@ -395,13 +446,12 @@ def prelogit_certificate(
     h = h.to(f64)
     u0 = head.raw_float64(h)
     p = torch.softmax(head.squash(u0), dim=-1)
-    op = FisherOperator(head.weight, p, scale=head.scale)  # raw-logit curvature under p
-    k = max(1, min(ritz, head.d_model))
-    run = op.lanczos(k, tol=1e-4, max_iter=min(head.d_model, 3 * k + 8))
+    if subspace is None:
+        subspace = ritz_subspace(head, h, ritz)
     top = p.topk(min(tokens + 1, p.shape[-1]), dim=-1).indices
     rows = head.weight[top].to(f64)  # (P, tokens + 1, d)
     toward = rows[:, 1:] - rows[:, :1]
-    span = torch.cat([run.vectors.to(f64), toward], dim=1)[:, : head.d_model]
+    span = torch.cat([subspace.to(f64), toward], dim=1)[:, : head.d_model]
     y = torch.linalg.qr(span.transpose(1, 2))[0].transpose(1, 2)
     box = norm == "linf"
     exact = exact_head_pass(head.weight, head.scale, p, y, l1=box)

@@ -123,11 +123,25 @@ class CurvatureOperator:
         e.scatter_(1, self.p.argmax(-1, keepdim=True), 1.0)
         return self.vjp(e - self.p)
 
+    def subset(self, keep: Tensor) -> CurvatureOperator:
+        """The operators of the positions where ``keep`` (P,) is True, in order. Subclasses
+        whose products cost per position give one; it lets each position's Lanczos stop as
+        soon as it has converged (``lanczos(independent=True)``)."""
+        raise NotImplementedError
+
     def lanczos(
-        self, k: int = 1, *, tol: float | None = None, max_iter: int | None = None, seed: int = 0
+        self,
+        k: int = 1,
+        *,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        seed: int = 0,
+        independent: bool = False,
     ) -> LanczosRun:
-        """Lockstep Lanczos on the P operators from ``start_vector`` (slightly perturbed, so
-        that a start orthogonal to the top eigenvector still finds it)."""
+        """Lanczos on the P operators from ``start_vector`` (slightly perturbed, so that a
+        start orthogonal to the top eigenvector still finds it). In lockstep (every position
+        runs until all have converged) unless ``independent``: then each stops as soon as it
+        has, and the products see only the positions still running (``subset``)."""
         g = torch.Generator(device=self.p.device).manual_seed(seed)
         v0 = self.start_vector().to(self.p.dtype)
         noise = torch.randn(v0.shape, dtype=v0.dtype, device=v0.device, generator=g)
@@ -135,7 +149,25 @@ class CurvatureOperator:
         tol = self.default_tol if tol is None else tol
         # a convergence check (a small tridiagonal eigh) after every product: the products
         # cost far more, and each one saved inside the network is a pass through it
-        return lanczos(self.matvec, v0, k, tol=tol, max_iter=max_iter, check_every=1, generator=g)
+        if not independent:
+            return lanczos(
+                self.matvec, v0, k, tol=tol, max_iter=max_iter, check_every=1, generator=g
+            )
+        running = [self]
+
+        def retire(keep: Tensor) -> None:
+            running[0] = running[0].subset(keep)
+
+        return lanczos(
+            lambda v: running[0].matvec(v),
+            v0,
+            k,
+            tol=tol,
+            max_iter=max_iter,
+            check_every=1,
+            generator=g,
+            retire=retire,
+        )
 
     def top_eigenpairs(
         self, k: int = 1, *, tol: float | None = None, max_iter: int | None = None, seed: int = 0

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..budget import rows_in_cache
+
 RowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -171,6 +173,9 @@ def first_crossings(
 KLSlope = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+FINAL_STEP = 3e-4  # a Newton step below this fraction of t is the last (error ~ its square)
+
+
 def newton_from_above(
     kl_slope: KLSlope, level: Tensor, t: Tensor, cap: Tensor, rtol: float = 1e-6
 ) -> Tensor:
@@ -180,8 +185,9 @@ def newton_from_above(
     ``kl_slope(problems, t)`` gives KL and dKL/dt (m,) of problems ``problems`` (m,) at ``t``;
     ``level``, ``t`` (the start) and ``cap`` (n,) are per problem. First ``t`` grows until KL
     >= level (Newton from below overshoots a convex function's root; doubling covers a flat
-    start), then Newton steps down; only unfinished problems are evaluated. ``inf`` where no
-    crossing lies below ``cap``."""
+    start), then Newton steps down; only unfinished problems are evaluated, and the last step
+    (below ``FINAL_STEP`` of t) is taken on convexity alone (its KL is at least the tangent
+    line's, ``level``). ``inf`` where no crossing lies below ``cap``."""
     problems = torch.arange(t.shape[0], device=t.device)
     t = t.clone()
     kl, slope = kl_slope(problems, t)
@@ -197,14 +203,23 @@ def newton_from_above(
         t[low] = torch.minimum(tl, cap[low] * 1.0000001)
         kl[low], slope[low] = kl_slope(low, t[low])
     result = torch.where(kl >= level, t, torch.full_like(t, math.inf))
+    running = torch.isfinite(result)
     for _ in range(100):
         step = (kl - level) / slope.clamp_min(1e-300)
         trial = (result - step).clamp_min(0.0)
-        live = torch.nonzero(torch.isfinite(result) & (step > rtol * trial)).flatten()
+        running &= step > rtol * trial
+        # A step this small lands within ~rtol of the root (Newton's error is quadratic in
+        # it), and by convexity its KL is at least KL(t) + KL'(t) (trial - t) = level: it is
+        # taken without the evaluation that would only confirm it
+        last = running & (step <= FINAL_STEP * trial)
+        result = torch.where(last, trial, result)
+        running &= ~last
+        live = torch.nonzero(running).flatten()
         if live.numel() == 0:
             break
         new_kl, new_slope = kl_slope(live, trial[live])
         ok = new_kl >= level[live]
+        running[live[~ok]] = False  # roundoff at the root: keep the last point above it
         if not bool(ok.any()):
             break
         take = live[ok]
@@ -234,11 +249,19 @@ def cgf_crossings(
     f64 = torch.float64
     logp, b = logp.to(f64), b.to(f64)
     R, E = levels.shape
-    origin = torch.arange(R, device=b.device) if origin is None else origin
-    p = logp.exp()[origin]  # (R, V)
-    mean = (p * b).sum(-1)
-    var = (p * (b - mean[:, None]) ** 2).sum(-1)
-    del p
+    if origin is None:
+        origin = torch.arange(R, device=b.device)
+    else:  # only the origins the rays use (a chunk of rays of a long prompt uses a few)
+        used, origin = torch.unique(origin, return_inverse=True)
+        logp = logp[used]
+    step = rows_in_cache(b.shape[-1], 8, b.device)
+    mean = torch.empty(R, dtype=f64, device=b.device)
+    var = torch.empty(R, dtype=f64, device=b.device)
+    for s in range(0, R, step):
+        p = logp[origin[s : s + step]].exp()
+        mean[s : s + step] = torch.linalg.vecdot(p, b[s : s + step])
+        centred = b[s : s + step] - mean[s : s + step, None]
+        var[s : s + step] = torch.linalg.vecdot(p, centred.mul_(centred))
     lse0 = torch.logsumexp(logp, -1)
     row = torch.arange(R, device=b.device).repeat_interleave(E)
     if start is None:
@@ -247,6 +270,15 @@ def cgf_crossings(
         cap = torch.full_like(levels, math.inf, dtype=f64)
 
     def kl_slope(problems: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if len(problems) <= step:
+            return kl_slope_block(problems, t)
+        parts = [
+            kl_slope_block(problems[s : s + step], t[s : s + step])
+            for s in range(0, len(problems), step)
+        ]
+        return torch.cat([kl for kl, _ in parts]), torch.cat([sl for _, sl in parts])
+
+    def kl_slope_block(problems: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # one gather of the rays' b and one exp over (problems x V), which the two passes
         # share: half the time of logsumexp, then exp again, then a gathered product
         r = row[problems]

@@ -58,6 +58,10 @@ class KLTarget:
     differentiably; ``x0`` (P, d) are the unperturbed activations, ``logits0`` (P, V) their
     logits (float64)."""
 
+    # Whether the KL along every ray from the origin is convex and increasing (then a ray whose
+    # KL is below eps at t crosses beyond t: ``crossings`` capped at t answers "not nearer")
+    convex_rays = False
+
     def __init__(self, logits_fn: LogitsFn, x0: Tensor, logits0: Tensor) -> None:
         self.logits_fn = logits_fn
         self.x0 = x0.to(torch.float64)
@@ -147,6 +151,8 @@ class SubspaceKL(KLTarget):
         super().__init__(self._logits, origin, squash(self.u0))
         self.scale = scale.to(torch.float64)  # the activations' norms, not the origin's
         self.p0 = self.logp0.exp()
+        self.convex_rays = linear
+        self._single: tuple[Tensor, ...] | None = None  # float32 copies for the ascent
 
     def _by_position(self, rows: Tensor, fn) -> Tensor:
         """``fn(position, index)`` for each position's rows, reassembled in ``rows``' order."""
@@ -167,11 +173,19 @@ class SubspaceKL(KLTarget):
         if not self.linear:
             return super().value_and_grad(delta, rows)
 
+        # In float32: the ascent only chooses directions (their exits are measured in float64
+        # after it), and its KL values, ~1e-6 off, only compare its own steps. Half the time.
+        if self._single is None:  # one copy for every step (a copy per step cost ~30%)
+            f32 = torch.float32
+            self._single = tuple(x.to(f32) for x in (self.tangents, self.u0, self.p0, self.logp0))
+        tangents_32, u0_32, p0_32, logp0_32 = self._single
+
         def one(pos: int, idx: Tensor) -> Tensor:
-            logq = torch.log_softmax(self.u0[pos] + delta[idx] @ self.tangents[pos], -1)
-            kl = (self.p0[pos] * (self.logp0[pos] - logq)).sum(-1)
-            grad = (logq.exp() - self.p0[pos]) @ self.tangents[pos].T
-            return torch.cat([kl[:, None], grad], dim=1)
+            tangents = tangents_32[pos]
+            logq = torch.log_softmax(torch.addmm(u0_32[pos], delta[idx].float(), tangents), -1)
+            kl = torch.linalg.vecdot(logp0_32[pos] - logq, p0_32[pos])
+            grad = (logq.exp_() - p0_32[pos]) @ tangents.T
+            return torch.cat([kl[:, None], grad], dim=1).to(torch.float64)
 
         out = torch.cat(
             [
@@ -289,11 +303,13 @@ def worst_case_search(
     levels = np.broadcast_to(np.asarray(eps_list, dtype=np.float64), (len(dirs), E))
     t_start, ray_guess = 1e-3 * scale, None
     if guesses is not None:
-        ray_guess = np.concatenate([guesses, guesses], axis=1).reshape(-1, E)
+        if guesses.shape[1] == S:  # one guess for both signs of a start
+            guesses = np.concatenate([guesses, guesses], axis=1)
+        ray_guess = guesses.reshape(-1, E)
         smallest = np.where(np.isfinite(ray_guess), ray_guess, np.inf).min(1)
         t_start = np.where(np.isfinite(smallest), 0.5 * smallest, t_start)
-    first = target.crossings(
-        dirs, ray_rows, levels, 1e6 * scale, rtol, start=t_start, guesses=ray_guess
+    first = _start_exits(
+        target, dirs, ray_rows, levels, 1e6 * scale, rtol, t_start, ray_guess, P, S, keep
     )
     # one row per (ray, eps)
     radius = first.reshape(-1).copy()  # (2PS * E,)
@@ -334,3 +350,52 @@ def worst_case_search(
     pick = torch.as_tensor(best, device=device)
     best_dir = dir_per[torch.arange(P, device=device)[:, None], pick, torch.arange(E)[None, :]]
     return AttackResult(best_radius, best_dir, first.reshape(P, 2 * S, E))
+
+
+def _start_exits(
+    target: KLTarget,
+    dirs: Tensor,
+    ray_rows: Tensor,
+    levels: np.ndarray,
+    t_max: np.ndarray,
+    rtol: float,
+    t_start: np.ndarray,
+    guesses: np.ndarray | None,
+    P: int,
+    S: int,
+    keep: int,
+) -> np.ndarray:
+    """The exits (2PS, E) along the start rays (position-major, ``S`` starts then their
+    negatives). Where rays are convex (``target.convex_rays``) the first start's two rays
+    are measured first; another ray can only matter if it exits before the ``keep``-th
+    nearest of those, so it is measured with its search capped there (one evaluation where
+    its KL is still below eps: then it stays ``inf``, "not nearer"). The nearest exits, and
+    so the ascent's starts, are the same as measuring every ray (SmolLM2, 60 positions, 2
+    starts: 40% fewer evaluations of the first exits)."""
+    if not target.convex_rays or S < 2:
+        return target.crossings(dirs, ray_rows, levels, t_max, rtol, start=t_start, guesses=guesses)
+    E = levels.shape[1]
+    ray = np.arange(2 * P * S).reshape(P, 2 * S)
+    top = ray[:, [0, S]].reshape(-1)
+    other = np.delete(ray, [0, S], axis=1).reshape(-1)
+    out = np.full((2 * P * S, E), np.inf)
+    sub = None if guesses is None else guesses[top]
+    top_t = torch.as_tensor(top, device=dirs.device)
+    out[top] = target.crossings(
+        dirs[top_t], ray_rows[top_t], levels[top], t_max[top], rtol, t_start[top], sub
+    )
+    kth = min(keep, 2) - 1
+    threshold = np.sort(out[top].reshape(P, 2, E), axis=1)[:, kth]  # (P, E)
+    per_ray = np.repeat(threshold, 2 * S - 2, axis=0)  # (rays of `other`, E)
+    other_t = torch.as_tensor(other, device=dirs.device)
+    for e in range(E):
+        capped = np.isfinite(per_ray[:, e])
+        cap = np.where(capped, per_ray[:, e], t_max[other])
+        start = np.where(capped, per_ray[:, e], t_start[other])
+        guess = per_ray[:, e : e + 1].copy()
+        if guesses is not None:
+            guess = np.where(capped[:, None], guess, guesses[other, e : e + 1])
+        out[other, e] = target.crossings(
+            dirs[other_t], ray_rows[other_t], levels[other, e : e + 1], cap, rtol, start, guess
+        )[:, 0]
+    return out
