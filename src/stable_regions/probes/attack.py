@@ -35,7 +35,9 @@ class AttackResult:
     norm, in the target's coordinates: a subspace's coefficients for ``SubspaceKL``);
     ``start_radii`` (P, 2S, E): the exits along the start directions alone (rows ``i`` and
     ``S + i``: start ``i`` and its negative; for a box the corners ``sign(start)`` follow the
-    given starts, so S counts both)."""
+    given starts, so S counts both). Along convex rays (``KLTarget.convex_rays``) the rays
+    of starts after the first are measured only up to the first start's exits: ``inf`` there
+    means "not nearer than those"."""
 
     radius: np.ndarray
     direction: Tensor
@@ -372,7 +374,7 @@ def _start_exits(
     its KL is still below eps: then it stays ``inf``, "not nearer"). The nearest exits, and
     so the ascent's starts, are the same as measuring every ray (SmolLM2, 60 positions, 2
     starts: 40% fewer evaluations of the first exits)."""
-    if not target.convex_rays or S < 2:
+    if not target.convex_rays or S < 2 or keep > 2:  # (a third nearest may be any ray)
         return target.crossings(dirs, ray_rows, levels, t_max, rtol, start=t_start, guesses=guesses)
     E = levels.shape[1]
     ray = np.arange(2 * P * S).reshape(P, 2 * S)
@@ -384,8 +386,7 @@ def _start_exits(
     out[top] = target.crossings(
         dirs[top_t], ray_rows[top_t], levels[top], t_max[top], rtol, t_start[top], sub
     )
-    kth = min(keep, 2) - 1
-    threshold = np.sort(out[top].reshape(P, 2, E), axis=1)[:, kth]  # (P, E)
+    threshold = np.sort(out[top].reshape(P, 2, E), axis=1)[:, keep - 1]  # (P, E)
     per_ray = np.repeat(threshold, 2 * S - 2, axis=0)  # (rays of `other`, E)
     other_t = torch.as_tensor(other, device=dirs.device)
     for e in range(E):
