@@ -179,12 +179,17 @@ class BallBound:
 
     def __call__(self, r: Tensor) -> Tensor:
         """The bound on KL at radii ``r`` (P, n) -> (P, n)."""
+        P, n = r.shape
+        rows = torch.arange(P, device=r.device).repeat_interleave(n)
+        return self.at(rows, r.reshape(-1)).reshape(P, n)
+
+    def at(self, rows: Tensor, r: Tensor) -> Tensor:
+        """The bound at radius ``r[j]`` about position ``rows[j]`` ((n,) each) -> (n,)."""
         r = r.to(torch.float64)
-        base = phi(r * self.rho[:, None])
-        tilted = self.lam[:, None] * base
-        extra = phi(r[:, :, None] * self.tail_r[:, None, :]) - base[:, :, None]
-        tilted = tilted + (self.tail_mass[:, None, :] * extra).sum(-1)
-        hoeffding = self.diameter[:, None] ** 2 / 8.0
+        base = phi(r * self.rho[rows])
+        extra = phi(r[:, None] * self.tail_r[rows]) - base[:, None]
+        tilted = self.lam[rows] * base + (self.tail_mass[rows] * extra).sum(-1)
+        hoeffding = self.diameter[rows] ** 2 / 8.0
         return r * r * torch.minimum(tilted, hoeffding) * (1 + ROUNDOFF_MARGIN)
 
     def radius(self, eps_list: Sequence[float], rtol: float = 1e-12, steps: int = 100) -> Tensor:
@@ -205,10 +210,15 @@ class BallBound:
         P, E = self.lam.shape[0], eps.shape[0]
         log_eps = eps.log()[None, :].expand(P, E)
 
-        def excess(r: Tensor) -> tuple[Tensor, Tensor]:
+        def excess(r: Tensor, where: Tensor | None = None) -> tuple[Tensor, Tensor]:
             """``log bound - log eps`` (an overflow counts as above) and whether ``bound <=
-            eps``, decided on the bound itself (its log may round onto log eps)."""
-            value = self(r)
+            eps``, decided on the bound itself (its log may round onto log eps); only
+            ``where`` (P, E) is evaluated (the rest reads as above eps)."""
+            if where is None:
+                value = self(r)
+            else:
+                value = torch.full_like(r, math.inf)
+                value[where] = self.at(torch.nonzero(where)[:, 0], r[where])
             below = value <= eps[None, :]
             return (value.log() - log_eps).nan_to_num(nan=math.inf), below
 
@@ -235,7 +245,7 @@ class BallBound:
             mid = torch.where(lo > 0, 0.5 * (x_lo + x_hi), x_hi - math.log(2.0))
             x = torch.where(finite & (x > x_lo) & (x < x_hi), x, mid)
             r = x.exp()
-            fr, below = excess(r)
+            fr, below = excess(r, live)  # the finished ones are not evaluated again
             ok = below & live
             bad = ~below & live
             fr = torch.where(below, fr.clamp_max(0.0), fr.clamp_min(0.0))  # signs as decided
