@@ -393,3 +393,44 @@ def test_screened_start_exits_give_the_full_search(seed):
     assert np.allclose(screened.start_radii[:, top], full.start_radii[:, top], rtol=1e-9)
     others = np.isfinite(screened.start_radii)
     assert np.allclose(screened.start_radii[others], full.start_radii[others], rtol=1e-5)
+
+
+def test_cli_certify_plot_draws_the_rows_and_refuses_bad_paths(capsys, tmp_path, monkeypatch):
+    """``--plot``: one panel per eps whose lines are the table's certified, attack, exit
+    and quadratic radii; a path in a missing folder or without .png is refused before any
+    work (one line, exit 2, nothing written)."""
+    import importlib
+
+    certify_module = importlib.import_module("stable_regions.certify")  # not the function
+    for path, needle in [
+        (tmp_path / "missing" / "c.png", "does not exist"),
+        (tmp_path / "c.jpg", "ending in .png"),
+        (tmp_path, "ending in .png"),
+    ]:
+        assert main(["certify", "x", "--plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "c.jpg").exists()
+    assert main(["jacobian", "x", "--plot", str(tmp_path / "missing" / "j.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    figures = []
+    original = certify_module.save
+
+    def keep(fig, path):
+        figures.append([[line.get_ydata() for line in ax.get_lines()] for ax in fig.axes])
+        return original(fig, path)
+
+    monkeypatch.setattr(certify_module, "save", keep)
+    out = tmp_path / "c.png"
+    argv = ["certify", "The cat sat", "--eps", "0.01", "0.5", "--plot", str(out), "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (panels,) = figures
+    assert len(panels) == 2
+    columns = ["radius_attack", "radius_certified", "radius_exact", "radius_quadratic"]
+    for eps, lines in zip([0.01, 0.5], panels, strict=True):
+        rows = [r for r in doc["rows"] if r["eps"] == eps]
+        for column, drawn in zip(columns, lines, strict=True):
+            assert np.allclose(drawn, [r[column] for r in rows], rtol=1e-12)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .models.norms import NormSpec, describe_norm
 from .models.suffix import SuffixBatch
+from .plotting import pyplot, save
 from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
 from .substitutions import COLUMNS as SUBSTITUTION_COLUMNS
 from .substitutions import token_substitutions
@@ -94,6 +96,59 @@ class CertifyResult:
         """One row per (position, substitute, eps) with ``substitutions=K``; see
         ``stable_regions.substitutions``."""
         return pd.DataFrame(self.substitutions, columns=SUBSTITUTION_COLUMNS)
+
+    def plot(self, path: str | Path) -> Path:
+        """One panel per eps along the prompt (log radius): the certified radius below, the
+        worst case found above, the band between them where the true radius lies, and the
+        top direction's exit and quadratic radius for comparison. Returns the path."""
+        plt = pyplot()
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        frame = self.to_frame()
+        positions = sorted(frame.position.unique())
+        tokens = frame.drop_duplicates("position").set_index("position").token
+        labels = [f"{p}:{repr(tokens[p])[1:-1][:12]}" for p in positions]
+        x = np.arange(len(positions))
+        width = min(40.0, max(7.0, 0.35 * len(positions) + 3.0))
+        fig, axes = plt.subplots(
+            len(self.eps), 1, figsize=(width, 2.6 * len(self.eps) + 1.0), sharex=True
+        )
+        axes = np.atleast_1d(axes)
+        unit = "L2" if self.norm == "l2" else "L-inf"
+        for ax, eps in zip(axes, self.eps, strict=True):
+            rows = frame[frame.eps == eps].set_index("position").reindex(positions)
+
+            def series(column: str, rows=rows) -> np.ndarray:
+                values = rows[column].to_numpy(dtype=float)
+                return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+            certified, attack = series("radius_certified"), series("radius_attack")
+            ax.fill_between(
+                x,
+                certified,
+                attack,
+                color="tab:green",
+                alpha=0.15,
+                label="the true radius lies here",
+            )
+            ax.plot(x, attack, "v-", color="tab:red", ms=3, lw=1, label="worst case found")
+            ax.plot(x, certified, "^-", color="tab:green", ms=3, lw=1, label="certified")
+            ax.plot(
+                x, series("radius_exact"), ":", color="0.35", lw=1, label="top direction's exit"
+            )
+            ax.plot(x, series("radius_quadratic"), "--", color="0.6", lw=1, label="quadratic")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.set_ylabel(f"{unit} radius")
+            ax.set_title(f"eps = {eps:g} nats", fontsize=9, loc="left")
+        axes[0].legend(fontsize=7, ncols=5, loc="lower left", bbox_to_anchor=(0.0, 1.12))
+        axes[-1].set_xticks(x, labels, rotation=90, fontsize=7)
+        fig.suptitle(
+            f"{self.model}, layer '{self.layer}': how far before KL reaches eps", fontsize=10
+        )
+        return save(fig, path)
 
     def to_json(self) -> dict:
         """``{"model", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities as strings),

@@ -26,6 +26,30 @@ def replacing(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def check_output_file(path: str | os.PathLike, suffix: str | None = None, flag: str = "") -> Path:
+    """The path of a file a command will write, refused before any work where its directory
+    does not exist, where it is a directory, or (with ``suffix``, e.g. ``".png"``) where its
+    name does not end in ``suffix``; ``flag`` names the option in the message."""
+    out = Path(path)
+    what = f"{flag} writes" if flag else "this writes"
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise StableRegionsError(
+            f"{what} a {suffix[1:].upper()} file: give a file name ending in {suffix}, "
+            f"got {str(path)!r}"
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise StableRegionsError(
+            f"cannot write {str(out)!r}: the directory {str(parent)!r} does not exist; "
+            "create it first or choose another path"
+        )
+    if out.is_dir():
+        raise StableRegionsError(
+            f"{str(out)!r} is a directory: give a file name ending in {suffix or 'a suffix'}"
+        )
+    return out
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically."""
     with replacing(path) as tmp:

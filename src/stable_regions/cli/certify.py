@@ -58,6 +58,12 @@ def add_parser(sub) -> None:
         "the predicted and the measured effect on the next-token distribution",
     )
     a.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the radii along the prompt into this PNG: certified below, the worst "
+        "case found above, one panel per eps",
+    )
+    a.add_argument(
         "--json",
         action="store_true",
         help="print one JSON document {model, layer, norm, eps, rows} instead of a table",
@@ -79,6 +85,10 @@ def run(args) -> int:
                 f"--substitutions must be a number of nearest tokens K >= 1, got {text!r}"
             )
         substitutions = int(text)
+    if args.plot:
+        from ..files import check_output_file
+
+        check_output_file(args.plot, ".png", "--plot")
     positions = parse_positions(args.positions)
     layer = parse_layer(args.layer)
     err, adapter = load_with_status(args)
@@ -95,6 +105,8 @@ def run(args) -> int:
             progress=tick,
             stage=stage,
         )
+    if args.plot:
+        err.print(f"wrote {result.plot(args.plot)}")
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     else:

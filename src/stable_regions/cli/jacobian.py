@@ -6,7 +6,6 @@ import json
 import math
 import sys
 
-from ..errors import StableRegionsError
 from .console import add_model, console, fmt, load_with_status, progress
 
 
@@ -35,10 +34,10 @@ def run(args) -> int:
 
     from ..jacobian import jacobian_profile
 
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise StableRegionsError(
-            f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}"
-        )
+    if args.plot:
+        from ..files import check_output_file
+
+        check_output_file(args.plot, ".png", "--plot")
     err, adapter = load_with_status(args)
     with progress(err, "Jacobian spectra") as (tick, _):
         profile = jacobian_profile(

@@ -23,21 +23,16 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import StableRegionsError
+from ..files import check_output_file
 from ..inputs import json_value
 
 
 def check_html_path(path: str | os.PathLike) -> Path:
     """The output path, refused (before any work) where its directory does not exist."""
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise StableRegionsError(
-            f"cannot write {str(out)!r}: the directory {str(parent)!r} does not exist; "
-            "create it first or choose another path"
-        )
     if out.is_dir():
         raise StableRegionsError(f"{str(out)!r} is a directory: give a file name ending in .html")
-    return out
+    return check_output_file(out)
 
 
 @dataclass
