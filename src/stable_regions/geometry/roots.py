@@ -173,9 +173,6 @@ def first_crossings(
 KLSlope = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-FINAL_STEP = 3e-4  # a Newton step below this fraction of t is the last (error ~ its square)
-
-
 def newton_from_above(
     kl_slope: KLSlope, level: Tensor, t: Tensor, cap: Tensor, rtol: float = 1e-6
 ) -> Tensor:
@@ -186,9 +183,11 @@ def newton_from_above(
     ``level``, ``t`` (the start) and ``cap`` (n,) are per problem. First ``t`` grows until KL
     >= level (Newton from below overshoots a convex function's root; doubling covers a flat
     start), then Newton steps down; only unfinished problems are evaluated, and the last step
-    (below ``FINAL_STEP`` of t) is taken on convexity alone (its KL is at least the tangent
-    line's, ``level``). ``inf`` where no crossing lies below ``cap``."""
+    (below ``0.3 sqrt(rtol)`` of t: Newton's error after it is ~ its square) is taken on
+    convexity alone (its KL is at least the tangent line's, ``level``). ``inf`` where no
+    crossing lies below ``cap``."""
     problems = torch.arange(t.shape[0], device=t.device)
+    final_step = 0.3 * math.sqrt(rtol)
     t = t.clone()
     kl, slope = kl_slope(problems, t)
     for _ in range(200):
@@ -211,7 +210,7 @@ def newton_from_above(
         # A step this small lands within ~rtol of the root (Newton's error is quadratic in
         # it), and by convexity its KL is at least KL(t) + KL'(t) (trial - t) = level: it is
         # taken without the evaluation that would only confirm it
-        last = running & (step <= FINAL_STEP * trial)
+        last = running & (step <= final_step * trial)
         result = torch.where(last, trial, result)
         running &= ~last
         live = torch.nonzero(running).flatten()
