@@ -35,10 +35,13 @@ def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> s
     return {unique[i] for i in rng.permutation(len(unique))[:n_train]}
 
 
-def _score(predicted: np.ndarray, empirical: np.ndarray) -> float:
-    """Median |log(predicted / empirical)| over finite pairs: the feature-selection criterion."""
+def _score(predicted: np.ndarray, empirical: np.ndarray, quantile: float = 0.5) -> float:
+    """A quantile (the median by default) of |log(predicted / empirical)| over finite pairs:
+    the feature-selection criterion."""
     ok = np.isfinite(predicted) & np.isfinite(empirical) & (predicted > 0) & (empirical > 0)
-    return float(np.median(np.abs(np.log(predicted[ok] / empirical[ok])))) if ok.any() else np.inf
+    if not ok.any():
+        return np.inf
+    return float(np.quantile(np.abs(np.log(predicted[ok] / empirical[ok])), quantile))
 
 
 def _calibration_columns(rows: pd.DataFrame) -> tuple[np.ndarray, ...]:
@@ -52,9 +55,15 @@ def _predict(band: Band, rows: pd.DataFrame) -> np.ndarray:
 
 
 def fit_calibration(
-    frame: pd.DataFrame, adapter: ModelAdapter, layer: str, train: set[str]
+    frame: pd.DataFrame,
+    adapter: ModelAdapter,
+    layer: str,
+    train: set[str],
+    selection_quantile: float = 0.5,
 ) -> Calibration:
-    """One isotonic map per eps, on the training prompts; the feature that wins on the others."""
+    """One isotonic map per eps, on the training prompts; the feature that wins on the others
+    (by the ``selection_quantile`` of ``|log error|``: the median; a tail quantile was tried
+    and lost at eps 0.1 and 1, docs/validation.md)."""
     rows = frame[frame["layer"] == layer]
     eps_values = sorted(rows["eps"].unique())
     is_train = rows["prompt_digest"].isin(train)
@@ -72,12 +81,16 @@ def fit_calibration(
                 scores[feature] = 0.0 if feature == "corrected" else np.inf
                 continue
             band = Band.fit(e, lo, hi, feature, *_calibration_columns(a))
-            scores[feature] = _score(_predict(band, b), b["empirical"].to_numpy())
+            scores[feature] = _score(
+                _predict(band, b), b["empirical"].to_numpy(), selection_quantile
+            )
         # A closed form as it is competes too: a map fitted on half the training prompts can
         # be worse on the other half than no map (inside the network at eps 1 it was)
         raw = {f"{f} (as is)": f for f in RAW_FEATURES if f in rows and not b.empty}
         for name, column in raw.items():
-            scores[name] = _score(b[column].to_numpy(), b["empirical"].to_numpy())
+            scores[name] = _score(
+                b[column].to_numpy(), b["empirical"].to_numpy(), selection_quantile
+            )
         choice = min(scores, key=lambda f: scores[f])
         fit_rows, test_rows = rows[at & is_train], rows[at & ~is_train]
         if choice in raw:
