@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     )
     add_model(bn)
     bn.add_argument(
-        "--quick", action="store_true", help="smaller sizes (under two minutes on 2 cores)"
+        "--quick", action="store_true", help="smaller sizes (about two minutes on 2 cores)"
     )
     bn.add_argument(
         "--rows",
