@@ -45,7 +45,8 @@ def check_output_file(path: str | os.PathLike, suffix: str | None = None, flag: 
         )
     if out.is_dir():
         raise StableRegionsError(
-            f"{str(out)!r} is a directory: give a file name ending in {suffix or 'a suffix'}"
+            f"{str(out)!r} is a directory: give a file name"
+            + (f" ending in {suffix}" if suffix else "")
         )
     return out
 
