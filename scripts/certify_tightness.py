@@ -5,7 +5,9 @@
 Every position of the corpus prompts 1, 1 + step, ... (the odd lines: the validation study's
 held-out half starts there): median and p10 of radius_certified / radius_attack per eps,
 and, on one 64-token prompt, the time of ``certify`` against ``analyze --no-exact`` (same
-process, each run twice, the faster kept).
+process, warmed up, then alternated three times, best of three). ``--timing-file FILE``
+also records that timing under the model's name in FILE (docs/certify/timing.json), keeping
+the other models' entries.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
         help="final, or a block index (the last block: through the final norm)",
     )
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-file", type=Path, help="a JSON file of timings by model to update")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +64,11 @@ def main() -> None:
     result = {"model": args.model, "norm": args.norm, "layer": args.layer, "tightness": summary}
     if not args.no_timing:
         result["seconds"] = timing_of(adapter, corpus, args.norm)
+        if args.timing_file is not None:
+            path = args.timing_file
+            timings = json.loads(path.read_text()) if path.exists() else {}
+            timings[args.model] = result["seconds"]
+            path.write_text(json.dumps(timings, indent=2) + "\n")
     (args.out / f"summary-{tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
