@@ -395,6 +395,37 @@ def test_screened_start_exits_give_the_full_search(seed):
     assert np.allclose(screened.start_radii[others], full.start_radii[others], rtol=1e-5)
 
 
+def test_crossings_take_a_cap_per_ray_and_level():
+    """``t_max`` and ``start`` (R, E): each (ray, level) starts and gives up at its own, the
+    same on the generic scan (``KLTarget``) and on the CGF's Newton path (``SubspaceKL``):
+    the uncapped crossing wherever that lies below the cap, ``inf`` elsewhere."""
+    from stable_regions.probes.attack import KLTarget, SubspaceKL
+
+    g = torch.Generator().manual_seed(3)
+    P, m, V = 3, 4, 300
+    logits = 2.0 * torch.randn(P, V, generator=g, dtype=torch.float64)
+    tangents = torch.randn(P, m, V, generator=g, dtype=torch.float64)
+    subspace = SubspaceKL(lambda u: u, logits, tangents, torch.ones(P, dtype=torch.float64))
+    generic = KLTarget(
+        lambda y, rows: logits[rows] + torch.einsum("rm,rmv->rv", y, tangents[rows]),
+        torch.zeros(P, m, dtype=torch.float64),
+        logits,
+    )
+    rows = torch.arange(P).repeat_interleave(2)
+    dirs = torch.randn(2 * P, m, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    levels = np.tile(np.asarray(EPS, dtype=np.float64), (2 * P, 1))
+    free = subspace.crossings(dirs, rows, levels, np.full(2 * P, 1e6), 1e-9)
+    assert np.isfinite(free).all()
+    cap = free * np.where(np.arange(free.size).reshape(free.shape) % 2 == 0, 1.1, 0.9)
+    for target in (subspace, generic):
+        # (the scan doubles from its start: from cap / 4 a point lands on the cap)
+        got = target.crossings(dirs, rows, levels, cap, 1e-9, start=0.25 * cap)
+        below = cap > free
+        assert np.allclose(got[below], free[below], rtol=1e-6)
+        assert np.isinf(got[~below]).all()
+
+
 def test_cli_certify_plot_draws_the_rows_and_refuses_bad_paths(capsys, tmp_path, monkeypatch):
     """``--plot``: one panel per eps whose lines are the table's certified, attack, exit
     and quadratic radii; a path in a missing folder or without .png is refused before any

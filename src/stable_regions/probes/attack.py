@@ -108,10 +108,15 @@ class KLTarget:
         guesses: np.ndarray | None = None,
     ) -> np.ndarray:
         """First crossing (R, E) of ``levels`` (R, E) along ``directions`` (R, d) at ``rows``
-        (``guesses`` (R, E) only speed up the refinement); ``t_max`` per ray (R,) or per ray
-        and level (R, E): where each search gives up."""
+        (``guesses`` (R, E) only speed up the refinement); ``t_max`` and ``start`` per ray
+        (R,) or per ray and level (R, E): where each search gives up and where it starts."""
         t_max = np.asarray(t_max, dtype=np.float64)
-        if t_max.ndim == 2:  # the scan takes one limit per ray: a call per level
+        start = None if start is None else np.asarray(start, dtype=np.float64)
+        if t_max.ndim == 2 or (start is not None and start.ndim == 2):
+            # the scan takes one limit and start per ray: a call per level
+            t_max = np.broadcast_to(t_max.reshape(len(t_max), -1), levels.shape)
+            if start is not None:
+                start = np.broadcast_to(start.reshape(len(start), -1), levels.shape)
             return np.concatenate(
                 [
                     self.crossings(
@@ -120,7 +125,7 @@ class KLTarget:
                         levels[:, e : e + 1],
                         t_max[:, e],
                         rtol,
-                        start,
+                        None if start is None else start[:, e],
                         None if guesses is None else guesses[:, e : e + 1],
                     )
                     for e in range(levels.shape[1])
@@ -229,10 +234,9 @@ class SubspaceKL(KLTarget):
             return super().crossings(directions, rows, levels, t_max, rtol, start, guesses)
         R, E = levels.shape
         out = np.full((R, E), np.inf)
-        t0 = np.broadcast_to(
-            np.asarray(start if start is not None else 1e-3 * t_max, dtype=np.float64), (R,)
-        )
-        init = np.broadcast_to(t0[:, None], (R, E)).copy()
+        t_max = np.asarray(t_max, dtype=np.float64)
+        t0 = 1e-3 * t_max if start is None else np.asarray(start, dtype=np.float64)
+        init = np.broadcast_to(t0.reshape(R, -1) if t0.ndim else t0, (R, E)).copy()
         if guesses is not None:
             init = np.where(np.isfinite(guesses), guesses, init)
         device = directions.device
@@ -408,14 +412,15 @@ def _start_exits(
     threshold = np.sort(out[top].reshape(P, 2, E), axis=1)[:, keep - 1]  # (P, E)
     per_ray = np.repeat(threshold, 2 * S - 2, axis=0)  # (rays of `other`, E)
     capped = np.isfinite(per_ray)
-    # one call for every level (each with its own cap, where the search starts): the rays'
-    # logit changes are formed once (three calls, one per eps, cost ~0.12 s more on SmolLM2)
+    # one call for every level (each with its own cap and start): the rays' logit changes
+    # are formed once (three calls, one per eps, cost ~0.12 s more on SmolLM2)
     cap = np.where(capped, per_ray, t_max[other, None])
+    start = np.where(capped, per_ray, t_start[other, None])
     guess = per_ray.copy()
     if guesses is not None:
         guess = np.where(capped, guess, guesses[other])
     other_t = torch.as_tensor(other, device=dirs.device)
     out[other] = target.crossings(
-        dirs[other_t], ray_rows[other_t], levels[other], cap, rtol, t_start[other], guess
+        dirs[other_t], ray_rows[other_t], levels[other], cap, rtol, start, guess
     )
     return out
