@@ -555,6 +555,23 @@ def test_bundled_inner_calibration_of_the_nearest_block():
 
 
 @pytest.mark.real_model
+def test_bundled_gemma_inner_calibrators():
+    """Gemma-3 (18 blocks) ships calibrators at blocks 4, 7, 11 and 14: block 8 takes block
+    7's (within 18 // 8 = 2 blocks) and its small-eps radii stay near the measured boundary;
+    block 17, three blocks past 14, has none."""
+    model = sr.load("gemma3-270m")
+    res = sr.analyze(
+        model, "Yesterday the orchestra played", eps=[0.01], layer=8, calibration="bundled"
+    )
+    frame = res.to_frame()
+    err = (frame["radius_calibrated"] / frame["radius_exact"] - 1).abs()
+    assert err.notna().all()
+    assert (err < 0.08).mean() >= 0.8
+    with pytest.raises(StableRegionsError, match="no bundled calibration fits"):
+        sr.analyze(model, "Hi", layer=17, calibration="bundled")
+
+
+@pytest.mark.real_model
 def test_study_boundaries_on_the_real_model():
     """SmolLM2, one corpus prompt: the study's measured radii of one ray per family, checked by
     running the whole float64 model with the perturbation hooked in at the pre-logit vector."""
