@@ -109,6 +109,10 @@ def main() -> None:
     w64 = w.double()  # the check's own float64 head (not the library's)
     bias = None if head.bias is None else head.bias.detach().double()
     softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def squash(z: torch.Tensor) -> torch.Tensor:  # the model's final logit softcap, if any
+        return softcap * torch.tanh(z / softcap) if softcap else z
+
     corpus = load_corpus()
     step = max(1, len(corpus) // args.prompts)
     per_eps: dict[float, list[float]] = {}
@@ -120,14 +124,12 @@ def main() -> None:
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True)
         h = out.hidden_states[-1][0].double()  # (T, d): after the final norm
-        reference = head(out.hidden_states[-1])[0].double()
-        if softcap:
-            reference = softcap * torch.tanh(reference / softcap)
+        reference = squash(head(out.hidden_states[-1])[0].double())
         logits_model = out.logits[0].double()
         if not torch.allclose(reference, logits_model, rtol=1e-4, atol=1e-3):
             raise SystemExit("the last hidden state is not the head's input for this model")
         raw = h @ w64.T if bias is None else h @ w64.T + bias
-        logp = torch.log_softmax(softcap * torch.tanh(raw / softcap) if softcap else raw, -1)
+        logp = torch.log_softmax(squash(raw), -1)
         dirs = directions(w, h, logp.exp(), args.norm, args.random, args.top)
         for t in range(h.shape[0]):
             rows = result[(result.position == t) & result.radius_certified.map(math.isfinite)]
@@ -135,9 +137,7 @@ def main() -> None:
             for s in range(0, dirs.shape[1], 64):
                 b = dirs[t, s : s + 64] @ w64.T  # the raw logits' change per unit radius
                 for j, r in enumerate(rows.radius_certified):
-                    z = raw[t] + args.inflate * r * b
-                    z = softcap * torch.tanh(z / softcap) if softcap else z
-                    logq = torch.log_softmax(z, -1)
+                    logq = torch.log_softmax(squash(raw[t] + args.inflate * r * b), -1)
                     kl[j, s : s + 64] = (logp[t].exp() * (logp[t] - logq)).sum(-1)
             for j, e in enumerate(rows.eps):
                 per_eps.setdefault(e, []).append(float(kl[j].max()) / e)
