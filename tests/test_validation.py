@@ -15,6 +15,7 @@ from conftest import STUDY_PROMPTS, char_tokenizer, float64_reference, tiny_mode
 import stable_regions as sr
 from stable_regions.calibration import (
     IsotonicRadius,
+    bundled_calibration,
     load_calibration,
     model_fingerprint,
 )
@@ -22,7 +23,7 @@ from stable_regions.cli import main
 from stable_regions.errors import StableRegionsError
 from stable_regions.geometry import FisherOperator
 from stable_regions.models import PRELOGIT
-from stable_regions.prompts import corpus, read_prompt_file
+from stable_regions.prompts import corpus, package_path, read_prompt_file
 from stable_regions.validation import (
     FAMILIES,
     RESULT_COLUMNS,
@@ -554,11 +555,30 @@ def test_bundled_inner_calibration_of_the_nearest_block():
     np.testing.assert_allclose(frame["radius_calibrated"], frame["radius_curve"], rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "model_name, layer, n_layers, expected",
+    [
+        ("smollm2-135m", "21", 30, "24"),  # 18 and 24 both 3 blocks away: the deeper
+        ("smollm2-135m", "9", 30, "12"),  # 6 and 12
+        ("smollm2-135m", "16", 30, "15"),  # 15 is nearer than 18
+        ("gemma3-270m", "9", 18, "11"),  # 7 and 11
+        ("gemma3-270m", "0", 18, "embed"),  # embed counts as block -1
+    ],
+)
+def test_bundled_calibration_takes_the_nearest_then_the_deeper_block(
+    model_name, layer, n_layers, expected
+):
+    cal = bundled_calibration(model_name, layer, n_layers=n_layers)
+    shipped = load_calibration(package_path("calibrators") / f"{model_name}-{expected}.json")
+    assert cal.layer == layer
+    assert cal.to_json()["bands"] == shipped.to_json()["bands"]
+
+
 @pytest.mark.real_model
 def test_bundled_gemma_inner_calibrators():
-    """Gemma-3 (18 blocks) ships calibrators at blocks 4, 7, 11 and 14: block 8 takes block
-    7's (within 18 // 8 = 2 blocks) and its small-eps radii stay near the measured boundary;
-    block 17, three blocks past 14, has none."""
+    """Gemma-3 (18 blocks) ships calibrators at `embed` and blocks 4, 7, 11 and 14: block 8
+    takes block 7's (within 18 // 8 = 2 blocks) and its small-eps radii stay near the measured
+    boundary; block 1 takes `embed`'s (block -1); block 17, three blocks past 14, has none."""
     model = sr.load("gemma3-270m")
     res = sr.analyze(
         model, "Yesterday the orchestra played", eps=[0.01], layer=8, calibration="bundled"
@@ -569,6 +589,11 @@ def test_bundled_gemma_inner_calibrators():
     assert (err < 0.08).mean() >= 0.8
     with pytest.raises(StableRegionsError, match="no bundled calibration fits"):
         sr.analyze(model, "Hi", layer=17, calibration="bundled")
+    at1 = bundled_calibration("gemma3-270m", "1", n_layers=18)
+    embed = load_calibration(package_path("calibrators") / "gemma3-270m-embed.json")
+    assert at1.layer == "1"
+    assert at1.to_json()["bands"] == embed.to_json()["bands"]
+    assert embed.layer == "embed"
 
 
 @pytest.mark.real_model

@@ -372,7 +372,8 @@ def bundled_calibration(model_name: str, layer: str = "final", n_layers: int | N
     """The calibration shipped for a bundled model (fitted on the shipped corpus) at ``layer``,
     or, given the model's ``n_layers``, at the shipped block nearest to it: within
     ``max(1, n_layers // 8)`` blocks (``final`` only for ``final``, ``embed`` counts as block
-    -1). Returns it with ``layer`` set to the one asked for when a neighbour stands in."""
+    -1), the deeper of two equally near. Returns it with ``layer`` set to the one asked for
+    when a neighbour stands in."""
     from .prompts import package_path
 
     base = package_path("calibrators")
@@ -380,14 +381,14 @@ def bundled_calibration(model_name: str, layer: str = "final", n_layers: int | N
     path = base / f"{model_name}-{layer}.json"
     if not path.is_file() and n_layers is not None and layer != "final":
         target = _layer_index(layer, n_layers)
-        near = [
-            (abs(_layer_index(name[len(model_name) + 1 : -5], n_layers) - target), name)
-            for name in shipped
-            if not name.endswith("-final.json")
-        ]
-        near = [(d, name) for d, name in near if d <= max(1, n_layers // 8)]
+        near = []
+        for name in shipped:
+            if not name.endswith("-final.json"):
+                index = _layer_index(name[len(model_name) + 1 : -5], n_layers)
+                if abs(index - target) <= max(1, n_layers // 8):
+                    near.append((abs(index - target), -index, name))
         if near:
-            cal = load_calibration(base / min(near)[1])
+            cal = load_calibration(base / min(near)[2])
             cal.layer = str(layer)
             return cal
     if not path.is_file():
