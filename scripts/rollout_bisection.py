@@ -84,7 +84,11 @@ def main() -> None:
         ids = adapter.tokenize(text)
         _, hi, generations = bisect_rollouts(adapter, ids, hook, vector, args.tokens, args.steps)
         rows.append(
-            {"coefficient": hi, "generations": generations, "seconds": time.perf_counter() - t0}
+            {
+                "coefficient": hi if hi != float("inf") else None,  # never changed: JSON null
+                "generations": generations,
+                "seconds": time.perf_counter() - t0,
+            }
         )
     seconds = time.perf_counter() - start
     out = {
