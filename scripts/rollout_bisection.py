@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import stable_regions as sr
-from stable_regions.prompts import corpus, sentiment_prompts
-from stable_regions.validation import split_prompts
+from stable_regions.prompts import sentiment_prompts
+from stable_regions.validation import held_out_corpus
 
 
 def continuation(adapter, ids: torch.Tensor, tokens: int) -> list[int]:
@@ -71,9 +71,7 @@ def main() -> None:
     args = ap.parse_args()
 
     adapter = sr.load(args.model)
-    prompts = corpus()
-    train = split_prompts([p.digest for p in prompts], 0.5, 0)
-    held_out = [p.text for p in prompts if p.digest not in train][: args.prompts]
+    held_out = held_out_corpus(args.prompts)
     positive, negative = sentiment_prompts()
     vector = sr.mean_difference(adapter, positive, negative, args.layer).to(torch.float32)
     hook = adapter.hook_for_layer(args.layer)

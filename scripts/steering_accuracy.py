@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import stable_regions as sr
-from stable_regions.prompts import corpus, sentiment_prompts
-from stable_regions.validation import split_prompts
+from stable_regions.prompts import sentiment_prompts
+from stable_regions.validation import held_out_corpus
 
 FORMS = ["coef_quadratic", "coef_corrected", "coef_curve", "coef_calibrated"]
 
@@ -39,9 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     adapter = sr.load(args.model)
-    prompts = corpus()
-    train = split_prompts([p.digest for p in prompts], 0.5, 0)
-    held_out = [p.text for p in prompts if p.digest not in train][: args.prompts]
+    held_out = held_out_corpus(args.prompts)
     positive, negative = sentiment_prompts()
     vector = sr.mean_difference(adapter, positive, negative, args.layer)
 

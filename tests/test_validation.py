@@ -555,6 +555,22 @@ def test_bundled_inner_calibration_of_the_nearest_block():
     np.testing.assert_allclose(frame["radius_calibrated"], frame["radius_curve"], rtol=1e-12)
 
 
+def test_held_out_corpus_is_the_other_half_of_the_split():
+    """held_out_corpus: the shipped corpus minus the split's training prompts, in order."""
+    from stable_regions.validation import held_out_corpus, split_prompts
+
+    prompts = corpus()
+    train = split_prompts([p.digest for p in prompts], 0.5, 0)
+    held = held_out_corpus()
+    assert len(held) == len(prompts) - len(train) == len(prompts) // 2
+    texts_in_train = {p.text for p in prompts if p.digest in train}
+    assert not texts_in_train & set(held)
+    order = [p.text for p in prompts]
+    assert [order.index(t) for t in held] == sorted(order.index(t) for t in held)
+    assert held_out_corpus(5) == held[:5]
+    assert held_out_corpus(seed=1) != held
+
+
 @pytest.mark.parametrize(
     "model_name, layer, n_layers, expected",
     [

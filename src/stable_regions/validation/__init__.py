@@ -7,7 +7,13 @@ holds what every layer shares (settings, families, rows).
 
 from ..metrics import relative_error
 from .final import FinalLayerStudy
-from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
+from .fitting import (
+    apply_calibration,
+    fit_calibration,
+    held_out_corpus,
+    split_prompts,
+    summarize,
+)
 from .inner import InnerLayerStudy
 from .run import (
     ValidationPlan,
@@ -50,6 +56,7 @@ __all__ = [
     "measure_prompt",
     "relative_error",
     "resolve_calibrations",
+    "held_out_corpus",
     "split_prompts",
     "study_positions",
     "study_prompts",

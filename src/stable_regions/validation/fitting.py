@@ -35,6 +35,16 @@ def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> s
     return {unique[i] for i in rng.permutation(len(unique))[:n_train]}
 
 
+def held_out_corpus(count: int | None = None, train_fraction: float = 0.5, seed: int = 0):
+    """The texts of the shipped corpus that a ``validate`` run with these settings (the
+    defaults: half, seed 0) holds out, in corpus order; the first ``count`` of them."""
+    from ..prompts import corpus
+
+    prompts = corpus()
+    train = split_prompts([p.digest for p in prompts], train_fraction, seed)
+    return [p.text for p in prompts if p.digest not in train][:count]
+
+
 def _score(predicted: np.ndarray, empirical: np.ndarray, quantile: float = 0.5) -> float:
     """A quantile (the median by default) of |log(predicted / empirical)| over finite pairs:
     the feature-selection criterion."""
