@@ -35,7 +35,9 @@ def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> s
     return {unique[i] for i in rng.permutation(len(unique))[:n_train]}
 
 
-def held_out_corpus(count: int | None = None, train_fraction: float = 0.5, seed: int = 0):
+def held_out_corpus(
+    count: int | None = None, train_fraction: float = 0.5, seed: int = 0
+) -> list[str]:
     """The texts of the shipped corpus that a ``validate`` run with these settings (the
     defaults: half, seed 0) holds out, in corpus order; the first ``count`` of them."""
     from ..prompts import corpus
