@@ -39,7 +39,7 @@ def bisect_rollouts(
     adapter, ids: torch.Tensor, hook: str, vector: torch.Tensor, tokens: int, steps: int
 ) -> tuple[float, float, int]:
     """``(lo, hi, generations)``: the greedy continuation is unchanged at ``lo * vector`` and
-    changed at ``hi * vector`` (``hi`` doubles from 1 until it changes, at most to ~2e3)."""
+    changed at ``hi * vector`` (``hi`` doubles from 1 until it changes; past 1024, ``inf``)."""
     plain = continuation(adapter, ids, tokens)
     generations = 1
 
