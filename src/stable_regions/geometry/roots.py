@@ -7,12 +7,16 @@ with arrays of (ray index, t) pairs so that one call is one batched model/head e
 1. walk down from ``t_start`` (halving) while the first point is already above the smallest level;
 2. one geometric scan per ray (factor ``growth``), shared by all its levels, until the largest
    level is passed or ``t_max`` is reached (then the crossing is ``inf``);
-3. each level's first grid bracket is refined by Illinois regula falsi (with bisection when it
-   stalls), all (ray, level) problems in lockstep, until ``hi - lo <= rtol * lo``.
+3. each level's first grid bracket is refined, all (ray, level) problems in lockstep, until
+   ``hi - lo <= rtol * lo``: a bracket with a guess inside it is evaluated at a pair of points
+   close around the guess (one call either straddles the crossing or gives a Newton step);
+   one without takes Illinois regula falsi steps (bisection where they stall) until it is
+   within 3%, when its secant becomes the guess.
 
-``guesses`` (predicted roots) add two points at ``guess * (1 +- 1e-3)`` to the first
-refinement step, which usually shrinks the bracket to 2e-3 at once; the scan is unchanged,
-so a crossing before the guess is still found first.
+``guesses`` (predicted roots) are the first guesses, with the pair at ``guess * (1 +- 1e-3)``;
+the scan is unchanged, so a crossing before the guess is still found first. Where a call
+costs mostly a fixed price (a pass through a network), ``rows_per_call`` fills the calls of
+the last few problems with evenly spaced points.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def first_crossings(
     guesses: np.ndarray | None = None,
     scan_chunk: int = 6,
     max_iter: int = 200,
+    rows_per_call: int = 0,
 ) -> np.ndarray:
     """Smallest ``t`` with ``f(r, t) >= levels[r, e]`` for every ray ``r`` and level ``e``.
 
@@ -48,6 +53,9 @@ def first_crossings(
         levels: (R, E) positive finite thresholds.
         t_start, t_max: per ray (or scalars): where the scan starts and where it gives up.
         guesses: optional (R, E) predicted roots, used only to speed up the refinement.
+        rows_per_call: where an evaluation costs mostly a fixed price per call (a pass through
+            a network), the refinement fills each call up to this many points: when few
+            brackets are left, each gets several, evenly spaced inside it.
 
     Returns:
         (R, E) roots to relative accuracy ``rtol``; ``inf`` where the level is not reached
@@ -107,38 +115,48 @@ def first_crossings(
             lo[r, e], hi[r, e], flo[r, e], fhi[r, e] = tr[j - 1], tr[j], fr[j - 1], fr[j]
             todo[r, e] = True
 
-    def evaluate(rr: np.ndarray, ee: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """Evaluate problems (rr, ee) at ``points``, shrink their brackets; the values."""
-        vals = f(rr, points)
-        below = vals < levels[rr, ee]
-        lo[rr[below], ee[below]], flo[rr[below], ee[below]] = points[below], vals[below]
-        hi[rr[~below], ee[~below]], fhi[rr[~below], ee[~below]] = points[~below], vals[~below]
+    def evaluate(rr: np.ndarray, ee: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """Evaluate problem ``(rr[i], ee[i])`` at the points ``grid[i]`` (n, k: increasing,
+        nan for none), all in one call, and shrink each bracket to the first crossing its
+        points show; the values (n, k), nan where no point was."""
+        finite = np.isfinite(grid)
+        n, k = grid.shape
+        vals = np.full((n, k), np.nan)
+        row = np.broadcast_to(np.arange(n)[:, None], (n, k))
+        vals[finite] = f(rr[row[finite]], grid[finite])
+        above = finite & (vals >= levels[rr, ee][:, None])
+        col = np.arange(k)[None, :]
+        first = np.where(above.any(1), above.argmax(1), k)  # the first point at or above
+        under = finite & ~above & (col < first[:, None])
+        last = np.where(under, col, -1).max(1)  # the last point below before it
+        h = first < k
+        r, e, c = rr[h], ee[h], first[h]
+        hi[r, e], fhi[r, e] = grid[h, c], vals[h, c]
+        u = last >= 0
+        r, e, c = rr[u], ee[u], last[u]
+        lo[r, e], flo[r, e] = grid[u, c], vals[u, c]
         return vals
 
-    # 3a. guesses: two points close around the predicted root (one call), where they fall inside
-    # the bracket. Where both land on one side (the guess is off by more than 1e-3), the secant
-    # through them is the next guess, up to three rounds: a guess 2% off is then bracketed to
-    # 2e-3 in two rounds, where regula falsi from the scan's factor-2 bracket took ten steps.
+    # 3. refinement, all problems in lockstep. A problem with a guess inside its bracket is
+    # evaluated at a pair ``g (1 +- delta)``. Where the pair straddles the crossing, the bracket
+    # is 2 delta wide; where it lands on one side, the secant through the pair (a Newton step)
+    # is the next guess. Either way the next guess's error is of order the square of that
+    # width or step, and delta follows it. The predictions are the first guesses (delta 1e-3).
+    # A bracket without a guess takes its secant as one once it is within 3% (the secant's
+    # error is then of order its width squared); wider ones take Illinois regula falsi steps,
+    # and bisection where three steps did not halve them. Regula falsi alone moves one end at
+    # a time and took many calls to close even a narrow bracket. When few problems are left,
+    # ``rows_per_call`` adds evenly spaced points inside the wide brackets.
+    def pair_width(error: np.ndarray) -> np.ndarray:
+        """delta for a guess whose relative error is about ``error``: 4 error^2, down to
+        rtol / 4, where a straddling pair closes the bracket, and up to 1e-3."""
+        wide = np.clip(4 * error**2, rtol / 4, 1e-3)
+        return np.where(4 * error**2 < rtol, rtol / 4, wide)
+
+    g = np.full((R, E), np.nan)
+    delta = np.full((R, E), 1e-3)
     if guesses is not None:
         g = np.where(todo, np.asarray(guesses, dtype=np.float64), np.nan)
-        for _ in range(3):
-            a, b = g * (1 - 1e-3), g * (1 + 1e-3)
-            inside = todo & np.isfinite(g) & (a > lo) & (b < hi)
-            if not inside.any():
-                break
-            rr, ee = np.nonzero(inside)
-            pa, pb = a[rr, ee], b[rr, ee]
-            vals = evaluate(
-                np.concatenate([rr, rr]), np.concatenate([ee, ee]), np.concatenate([pa, pb])
-            )
-            fa, fb = vals[: len(rr)] - levels[rr, ee], vals[len(rr) :] - levels[rr, ee]
-            same_side = (fa < 0) == (fb < 0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                x = pb - fb * (pb - pa) / (fb - fa)
-            g = np.full_like(g, np.nan)
-            g[rr, ee] = np.where(same_side & np.isfinite(x) & (x > 0), x, np.nan)
-
-    # 3b. Illinois regula falsi in lockstep, bisection where the bracket does not halve
     side = np.zeros((R, E), dtype=np.int8)  # which end was kept last time (+1 hi, -1 lo)
     width_before = hi - lo
     for it in range(max_iter):
@@ -147,20 +165,44 @@ def first_crossings(
             break
         rr, ee = np.nonzero(todo)
         L, H = lo[rr, ee], hi[rr, ee]
+        span = H - L
         gl = flo[rr, ee] - levels[rr, ee]
         gh = fhi[rr, ee] - levels[rr, ee]
+        stalled = np.zeros(len(rr), dtype=bool)
+        if it % 3 == 2:  # every third step, bisect where the last three did not halve the bracket
+            stalled = span > 0.5 * width_before[rr, ee]
+            width_before[rr, ee] = span
+        guess, d = g[rr, ee], delta[rr, ee]
+        guess = np.where((guess > L) & (guess < H), guess, np.nan)
+        closing = np.isnan(guess) & (span <= 0.03 * L)
+        guess = np.where(closing, H - gh * span / (gh - gl), guess)
+        d = np.where(closing, pair_width(span / L), d)
+        guess = np.where(stalled, np.nan, guess)
+        paired = np.isfinite(guess)
         # Illinois: halve the weight of the end that stayed twice in a row
         gl = np.where(side[rr, ee] == -1, gl / 2, gl)
         gh = np.where(side[rr, ee] == 1, gh / 2, gh)
-        x = H - gh * (H - L) / (gh - gl)
-        if it % 3 == 2:  # every third step, bisect where the last three did not halve the bracket
-            stalled = (H - L) > 0.5 * width_before[rr, ee]
-            x = np.where(stalled, 0.5 * (L + H), x)
-            width_before[rr, ee] = H - L
-        span = H - L
-        x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
-        below = evaluate(rr, ee, x) < levels[rr, ee]
-        side[rr, ee] = np.where(below, 1, -1)  # kept hi when we moved lo, and vice versa
+        x = np.where(stalled, 0.5 * (L + H), H - gh * span / (gh - gl))
+        points = np.stack([np.where(paired, guess * (1 - d), x), guess * (1 + d)], 1)
+        spaced = max(0, rows_per_call // len(rr) - 1)
+        if spaced:
+            even = L[:, None] + span[:, None] * np.arange(1, spaced + 1) / (spaced + 1)
+            even[paired] = np.nan
+            points = np.sort(np.concatenate([points, even], 1), 1)  # nan sorts last
+        inner = (L + 1e-3 * span)[:, None], (H - 1e-3 * span)[:, None]
+        points = np.clip(points, *inner)
+        vals = evaluate(rr, ee, points)
+        # the next guesses: the secant through each pair
+        fa, fb = vals[:, 0] - levels[rr, ee], vals[:, 1] - levels[rr, ee]
+        pa, pb = points[:, 0], points[:, 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = pb - fb * (pb - pa) / (fb - fa)
+            error = np.where((fa < 0) == (fb < 0), np.abs(step / guess - 1), d)
+        ok = paired & np.isfinite(step) & (step > 0)
+        g[rr, ee] = np.where(ok, step, np.nan)
+        delta[rr, ee] = np.where(ok, pair_width(error), 1e-3)
+        moved_lo = lo[rr, ee] >= x
+        side[rr, ee] = np.where(paired | (spaced > 0), 0, np.where(moved_lo, 1, -1))
 
     done = np.isinf(out) & (hi > 0)
     # final linear interpolation inside the tiny bracket

@@ -2,8 +2,9 @@
 
 The smallest ``t > 0`` with ``KL(p || p_t) >= eps``, where ``p_t`` is what the model outputs
 with ``t v`` added at the hook point: geometric bracketing from a small ``t``, then
-regula falsi / bisection to a relative tolerance (default 1e-6; 1e-4 is required), all rays
-and thresholds in lockstep so each step is one batched evaluation. KL in float64 from
+regula falsi / bisection, closed by pairs of points around the secant or the prediction
+(``geometry.first_crossings``), to a relative tolerance (default 1e-6; 1e-4 is required), all
+rays and thresholds in lockstep so each step is one batched evaluation. KL in float64 from
 log-softmax differences. The nearest exit along a line is the minimum over ``+v, -v``.
 """
 
@@ -25,7 +26,8 @@ class RayKL:
     ``logits_fn`` is the model's own path from the hook point to the logits (for the
     pre-logit vector: the unembedding, bias and softcap), applied in float64. With ``rows``
     (one index per ray) it is called as ``logits_fn(x, rows_of_these_rays)``: rays at
-    different positions of a ``SuffixBatch``.
+    different positions of a ``SuffixBatch``. ``logits0`` (R, V): the logits at the origins,
+    where the caller has them.
     """
 
     def __init__(
@@ -34,12 +36,18 @@ class RayKL:
         h: Tensor,
         v: Tensor,
         rows: Tensor | None = None,
+        logits0: Tensor | None = None,
     ) -> None:
         self.logits_fn = logits_fn
         self.h = h.to(torch.float64)
         self.v = v.to(torch.float64)
         self.row_of_ray = rows
-        self.logp = torch.log_softmax(self._logits(self.h, slice(None)), -1)
+        if logits0 is None:  # one evaluation at the origins
+            logits0 = self._logits(self.h, slice(None))
+        self.logp = torch.log_softmax(logits0.to(torch.float64), -1)
+        self.p = self.logp.exp()
+        # sum p log p, with 0 log 0 = 0 (a token masked at the origin)
+        self.p_log_p = torch.special.xlogy(self.p, self.p).sum(-1)
         self.calls = 0
         self.rows = 0
 
@@ -55,9 +63,18 @@ class RayKL:
         out = []
         for s in range(0, len(rays_t), chunk):
             r, t = rays_t[s : s + chunk], ts_t[s : s + chunk]
-            logq = torch.log_softmax(self._logits(self.h[r] + t[:, None] * self.v[r], r), -1)
-            logp = self.logp[r]
-            out.append((logp.exp() * (logp - logq)).sum(-1))
+            z = self._logits(self.h[r] + t[:, None] * self.v[r], r).to(torch.float64)
+            p = self.p[r]
+            # KL = sum p log p - p . z + logsumexp z (as sum p = 1): no (rows, V) log q. The
+            # terms are O(|z|), so the KL keeps ~1e-13 absolute in float64.
+            kl = self.p_log_p[r] - torch.einsum("rv,rv->r", p, z) + torch.logsumexp(z, -1)
+            bad = torch.isnan(kl)  # 0 * inf: a logit of -inf where p is 0
+            if bool(bad.any()):
+                logq = torch.log_softmax(z[bad], -1)
+                kl[bad] = torch.special.xlogy(p[bad], p[bad]).sum(-1) - (
+                    torch.where(p[bad] > 0, p[bad] * logq, 0.0).sum(-1)
+                )
+            out.append(kl)
         self.calls += 1
         self.rows += len(rays_t)
         return torch.cat(out).cpu().numpy() if out else np.zeros(0)
@@ -71,10 +88,24 @@ def measure_boundaries(
     t_max: np.ndarray,
     rtol: float = 1e-6,
     guesses: np.ndarray | None = None,
+    rows_per_call: int = 0,
 ) -> np.ndarray:
     """First crossing (R, E) of each ``eps`` along each ray of ``kl`` (see ``first_crossings``)."""
     levels = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(t_start), len(eps)))
-    return first_crossings(kl, levels, t_start=t_start, t_max=t_max, rtol=rtol, guesses=guesses)
+    return first_crossings(
+        kl,
+        levels,
+        t_start=t_start,
+        t_max=t_max,
+        rtol=rtol,
+        guesses=guesses,
+        rows_per_call=rows_per_call,
+    )
+
+
+# A pass through the suffix costs about as much as 40 of its rows (SmolLM2, block 15 of 30),
+# so a call of few rows is filled up to this many points.
+SUFFIX_ROWS_PER_CALL = 64
 
 
 def measure_from_suffix(
@@ -104,9 +135,21 @@ def measure_from_suffix(
         rows = torch.zeros(k, dtype=torch.long)
     x0 = batch.x0[rows]
     scale = x0.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
-    kl = RayKL(lambda x, r: batch.logits(x - batch.x0[r], r), x0, directions, rows=rows)
+    kl = RayKL(
+        lambda x, r: batch.logits(x - batch.x0[r], r),
+        x0,
+        directions,
+        rows=rows,
+        logits0=batch.logits0[rows],  # the origins' pass, made with x0
+    )
     t_start = 1e-3 * scale if start is None else np.maximum(1e-3 * scale, start)
     with torch.no_grad():
         return measure_boundaries(
-            kl, eps, guesses=guesses, t_start=t_start, t_max=1e6 * scale, rtol=rtol
+            kl,
+            eps,
+            guesses=guesses,
+            t_start=t_start,
+            t_max=1e6 * scale,
+            rtol=rtol,
+            rows_per_call=SUFFIX_ROWS_PER_CALL,
         )
