@@ -175,14 +175,18 @@ def first_crossings(
         guess, d = g[rr, ee], delta[rr, ee]
         guess = np.where((guess > L) & (guess < H), guess, np.nan)
         closing = np.isnan(guess) & (span <= 0.03 * L)
-        guess = np.where(closing, H - gh * span / (gh - gl), guess)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            guess = np.where(closing, H - gh * span / (gh - gl), guess)
         d = np.where(closing, pair_width(span / L), d)
         guess = np.where(stalled, np.nan, guess)
         paired = np.isfinite(guess)
         # Illinois: halve the weight of the end that stayed twice in a row
         gl = np.where(side[rr, ee] == -1, gl / 2, gl)
         gh = np.where(side[rr, ee] == 1, gh / 2, gh)
-        x = np.where(stalled, 0.5 * (L + H), H - gh * span / (gh - gl))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = H - gh * span / (gh - gl)
+        x = np.where(stalled | ~np.isfinite(x), 0.5 * (L + H), x)
+        x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
         points = np.stack([np.where(paired, guess * (1 - d), x), guess * (1 + d)], 1)
         spaced = max(0, rows_per_call // len(rr) - 1)
         if spaced:

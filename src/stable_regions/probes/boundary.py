@@ -4,8 +4,9 @@ The smallest ``t > 0`` with ``KL(p || p_t) >= eps``, where ``p_t`` is what the m
 with ``t v`` added at the hook point: geometric bracketing from a small ``t``, then
 regula falsi / bisection, closed by pairs of points around the secant or the prediction
 (``geometry.first_crossings``), to a relative tolerance (default 1e-6; 1e-4 is required), all
-rays and thresholds in lockstep so each step is one batched evaluation. KL in float64 from
-log-softmax differences. The nearest exit along a line is the minimum over ``+v, -v``.
+rays and thresholds in lockstep so each step is one batched evaluation. KL in float64, as
+``sum p log p - p . z + logsumexp z``. The nearest exit along a line is the minimum over
+``+v, -v``.
 """
 
 from __future__ import annotations
