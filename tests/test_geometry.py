@@ -270,6 +270,18 @@ def test_first_crossings_many_levels_and_misleading_guesses():
     assert math.isclose(got[0, 0], 0.2, rel_tol=1e-6)
 
 
+def _first_crossing_on_a_grid(fn, level: float) -> float:
+    """The first grid point of 1e6 in (0, 10] at or above ``level``, then bisection between it
+    and the point before to 1e-15: the reference, independent of ``first_crossings``."""
+    t = np.linspace(1e-5, 10.0, 1_000_000)
+    j = int(np.argmax(fn(t) >= level))
+    lo, hi = t[j - 1], t[j]
+    while hi - lo > 1e-15 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fn(mid) < level else (lo, mid)
+    return hi
+
+
 def _counted(fns):
     calls: list[int] = []
     rows = _rows(fns)
@@ -296,7 +308,12 @@ def test_first_crossings_close_narrow_brackets_in_few_calls(rtol, rows_per_call,
         lambda t: t**2 * (1 + 0.3 * np.sin(5 * t)),
     ]
     levels = np.array([[0.01, 1.0, 4.0]] * len(fns))
-    truth = first_crossings(_rows(fns), levels, t_start=1e-3, t_max=1e3, rtol=1e-13)
+    truth = np.array(
+        [
+            [_first_crossing_on_a_grid(fn, level) for level in row]
+            for fn, row in zip(fns, levels, strict=True)
+        ]
+    )
     f, calls = _counted(fns)
     got = first_crossings(
         f,
