@@ -87,9 +87,14 @@ def test_pullback_matches_dense_autograd(arch, tokenizer):
     assert rel(op.dense()[1], G_ref) < 1e-6
     v = torch.randn(3, d, dtype=torch.float64)
     assert rel(op.matvec(v)[1], v[1] @ G_ref) < 1e-6
-    q = op.quadratic_form(v[None].expand(3, -1, -1))[1]
-    assert rel(q, torch.einsum("kd,de,ke->k", v, G_ref, v)) < 1e-6
-    assert math.isclose(float(op.trace()[1]), float(torch.trace(G_ref)), rel_tol=1e-6)
+    # many directions per position: forward mode at few positions, else one replay of the
+    # recorded pass for all of them (vmap); both against the dense truth
+    for min_positions in (PullbackOperator.replay_min_positions, 0):
+        op.replay_min_positions = min_positions
+        q = op.quadratic_form(v[None].expand(3, -1, -1))[1]
+        assert rel(q, torch.einsum("kd,de,ke->k", v, G_ref, v)) < 1e-6, min_positions
+        trace = float(op.trace()[1])
+        assert math.isclose(trace, float(torch.trace(G_ref)), rel_tol=1e-6), min_positions
     evals, evecs = op.top_eigenpairs(k=2)
     ref_vals, ref_vecs = torch.linalg.eigh(G_ref)
     assert rel(evals[1], ref_vals.flip(0)[:2]) < 1e-6
@@ -360,6 +365,9 @@ def test_linearized_products_match_forward_and_reverse_mode(tokenizer):
         v = torch.randn(len(positions), suffix.dim, dtype=torch.float64, generator=g)
         forward = suffix.jvp(v[:, None], target)[:, 0]
         assert rel(jvp_one(v), forward) < 1e-12, target
+        # k directions per position in one replay (vmap over the recorded pass)
+        many = torch.randn(len(positions), 4, suffix.dim, dtype=torch.float64, generator=g)
+        assert rel(jvp_one(many), suffix.jvp(many, target)) < 1e-12, target
         u = torch.randn_like(forward)
         for i, pos in enumerate(positions):
             seen = []

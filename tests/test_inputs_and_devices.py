@@ -130,9 +130,10 @@ def test_a_recorded_pass_of_a_16_bit_model_keeps_no_wide_weight_copies(tokenizer
         live = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
     wide = [t for t in live if t.dtype == torch.float32 and tuple(t.shape) in shapes]
     assert not wide, [tuple(t.shape) for t in wide]
-    v = torch.randn(2, suffix.dim, dtype=torch.float64)
-    forward = suffix.jvp(v[:, None])[:, 0]
-    assert float((jvp_one(v) - forward).norm() / forward.norm()) < 1e-5
+    v = torch.randn(2, 3, suffix.dim, dtype=torch.float64)
+    forward = suffix.jvp(v)
+    assert float((jvp_one(v[:, 0]) - forward[:, 0]).norm() / forward[:, 0].norm()) < 1e-5
+    assert float((jvp_one(v) - forward).norm() / forward.norm()) < 1e-5  # vmapped replay
 
 
 def test_wrap_refuses_a_model_on_the_meta_device(tokenizer):

@@ -27,15 +27,17 @@ class PullbackOperator(CurvatureOperator):
     """``G`` at P positions.
 
     ``jvp``: directions (P, k, d) -> logit tangents (P, k, V); ``vjp``: (P, V) -> (P, d);
-    ``p``: (P, V) next-token probabilities at the origin. ``jvp_single`` (optional): one
-    direction per position, (P, d) -> (P, V), replaying a recorded pass (see
-    ``SuffixBatch.linearization``): cheaper per direction than ``jvp`` except for many
-    directions at few positions, where ``jvp`` batches them into one pass.
+    ``p``: (P, V) next-token probabilities at the origin. ``jvp_replayed`` (optional):
+    directions (P, d) -> (P, V) or (P, k, d) -> (P, k, V) by replaying a recorded pass (see
+    ``SuffixBatch.linearization``): cheaper than ``jvp``, which recomputes the pass, except
+    for many directions at few positions.
     """
 
-    # Below this many positions a pass of one direction per position is mostly fixed cost:
-    # many directions then go together through ``jvp`` (SmolLM2, block 15: one position, 64
-    # directions: 0.24 s batched against 64 x 0.022 s replayed).
+    # Below this many positions many directions go through ``jvp`` (forward mode, the
+    # directions as rows of one pass): replaying them costs per direction what the
+    # prompt's cached keys cost, not what the rows cost (SmolLM2, one position, 64
+    # directions: 0.42 s forward mode against 0.50 s replayed from the embedding, 0.30 s
+    # against 0.27 s from block 15).
     replay_min_positions = 16
 
     def __init__(
@@ -44,11 +46,11 @@ class PullbackOperator(CurvatureOperator):
         vjp: Callable[[Tensor], Tensor],
         p: Tensor,
         d: int,
-        jvp_single: Callable[[Tensor], Tensor] | None = None,
+        jvp_replayed: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self._jvp = jvp
         self._vjp = vjp
-        self._jvp_single = jvp_single
+        self._jvp_replayed = jvp_replayed
         self.p = p
         self.d = d
 
@@ -56,15 +58,15 @@ class PullbackOperator(CurvatureOperator):
     def from_suffix(cls, suffix) -> PullbackOperator:
         """From anything with ``jvp``, ``linearization()``, ``logits0`` (P, V) and ``dim``
         (``models.suffix.SuffixBatch``)."""
-        jvp_single, vjp = suffix.linearization()
+        jvp_replayed, vjp = suffix.linearization()
         p = torch.softmax(suffix.logits0, -1)
-        return cls(suffix.jvp, vjp, p, suffix.dim, jvp_single)
+        return cls(suffix.jvp, vjp, p, suffix.dim, jvp_replayed)
 
     def jvp(self, v: Tensor) -> Tensor:
         P, k, _ = v.shape
-        if self._jvp_single is None or (k > 2 and P < self.replay_min_positions):
+        if self._jvp_replayed is None or (k > 2 and P < self.replay_min_positions):
             return self._jvp(v)
-        return torch.stack([self._jvp_single(v[:, j]) for j in range(k)], dim=1)
+        return self._jvp_replayed(v)
 
     def vjp(self, u: Tensor) -> Tensor:
         return self._vjp(u)

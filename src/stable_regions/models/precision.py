@@ -89,6 +89,15 @@ class _ConstantLinear(torch.autograd.Function):
     def backward(ctx, grad):
         return _ConstantLinear.apply(grad, _Weights(ctx.weight.t(), None, ctx.dtype)), None
 
+    @staticmethod
+    def vmap(info, in_dims, x, weights: _Weights):
+        # The product acts on the last dimension: any batch dimension in front goes through
+        # (``torch.func.vmap`` over a replayed pass, ``SuffixBatch.linearization``).
+        dim = in_dims[0]
+        if dim is None:
+            return _ConstantLinear.apply(x, weights), None
+        return _ConstantLinear.apply(x.movedim(dim, 0), weights), 0
+
 
 def _widest(*tensors) -> torch.dtype | None:
     """The widest floating dtype among the tensor arguments (None if there is none)."""

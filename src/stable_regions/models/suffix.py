@@ -28,7 +28,7 @@ from contextlib import ExitStack
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.func import jvp, vjp
+from torch.func import jvp, vjp, vmap
 
 from ..budget import rows_within
 from .adapter import ModelAdapter
@@ -266,7 +266,8 @@ class SuffixBatch:
 
     def linearization(self, target: str | None = None):
         """``(v -> J v, u -> J^T u)`` for one direction per position ((B, d) -> (B, V) or
-        (B, d_target), and back), both replaying one recorded pass.
+        (B, d_target), and back), both replaying one recorded pass; ``J v`` also takes k
+        directions per position ((B, k, d) -> (B, k, V)) in one replay.
 
         ``J v`` is the reverse-mode derivative of the linear map ``u -> J^T u`` (the
         "double-vjp" trick): a pass through the recorded backward instead of a forward-mode
@@ -281,13 +282,30 @@ class SuffixBatch:
             _, forward = vjp(lambda u: back(u)[0], torch.zeros_like(y))
         if target is None and self._logits0 is None:  # the same pass: no second one for p
             self._logits0 = y.to(torch.float64)
-        return self._widened(forward), self._widened(back)
+        return self._widened(forward, batched=True), self._widened(back)
 
-    def _widened(self, fn):
-        """A torch.func linear map as ``(B, n) -> (B, m)`` in float64, inputs in our dtype."""
+    def _widened(self, fn, batched: bool = False):
+        """A torch.func linear map as ``(B, n) -> (B, m)`` in float64, inputs in our dtype.
+
+        ``batched``: also ``(B, k, n) -> (B, k, m)``, k inputs per row in one replay
+        (``torch.func.vmap`` over the recorded pass): the pass's fixed cost is paid once for
+        all k, and its matrix products see k times the rows (SmolLM2, 16 directions: 1.85 s
+        one at a time against 0.80 s together at 22 positions from the embedding, 1.68 s
+        against 1.0 s at 64 positions from block 15). The caller bounds k x B x m."""
+        single = lambda x: fn(x)[0]  # noqa: E731
 
         def apply(x: Tensor) -> Tensor:
-            return fn(x.to(self.dtype))[0].detach().to(torch.float64)
+            x = x.to(self.dtype)
+            if x.ndim == 2:
+                return single(x).detach().to(torch.float64)
+            if not batched:
+                raise ValueError("one direction per row only")
+            out = (
+                vmap(single, in_dims=1, out_dims=1)(x)
+                if x.shape[1] > 1
+                else single(x[:, 0])[:, None]
+            )
+            return out.detach().to(torch.float64)
 
         return apply
 
