@@ -11,6 +11,7 @@ from conftest import tiny_model
 
 import stable_regions as sr
 from stable_regions.geometry import PullbackOperator, series_coefficients
+from stable_regions.models import PRELOGIT
 from stable_regions.models.precision import exact_numerics
 from stable_regions.models.suffix import PositionSuffix, SuffixBatch
 
@@ -66,6 +67,46 @@ def test_suffix_batch_rows_equal_full_forward(arch, tokenizer):
     for r, row in enumerate(rows.tolist()):
         full = adapter.perturbed_logits(ids, hook, positions[row], deltas[r : r + 1])[0]
         assert torch.allclose(got[r], full, rtol=0, atol=1e-11), (arch, r)
+
+
+@pytest.mark.parametrize("hook", [*HOOKS, PRELOGIT])
+def test_blocks_before_the_hook_run_once_per_position(arch, tokenizer, hook):
+    """Many rows at few positions: the blocks before the hook see one row per position, the
+    blocks after it every row (``models.widening``; GPT-2 reshapes its output by the input's
+    shape and runs every row everywhere), and each row still equals the whole prefix run
+    with its own perturbation, keys of the cache and masks of every layer kind included."""
+    adapter = sr.wrap(tiny_model(arch), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    positions = [0, 6, ids.shape[1] - 1]
+    batch = SuffixBatch(adapter, ids, hook, positions)
+    rows = torch.tensor([2, 0, 2, 1, 2, 0, 2])
+    deltas = 0.7 * torch.randn(len(rows), adapter.hook_dim(hook), dtype=torch.float64)
+    seen = {}
+
+    def count(index):
+        def hook_fn(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[index] = x.shape[1]
+
+        return hook_fn
+
+    handles = [
+        block.register_forward_pre_hook(count(i), with_kwargs=True)
+        for i, block in enumerate(adapter.layers)
+    ]
+    try:
+        with torch.no_grad():
+            got = batch.logits(deltas, rows)
+    finally:
+        for handle in handles:
+            handle.remove()
+    after = {id(b) for b in adapter.blocks_after(hook)}
+    for i, block in enumerate(adapter.layers):
+        widened = id(block) in after or arch == "gpt2"
+        assert seen[i] == (len(rows) if widened else 3), (arch, hook, i, seen)
+    for r, row in enumerate(rows.tolist()):
+        full = adapter.perturbed_logits(ids, hook, positions[row], deltas[r : r + 1])[0]
+        assert torch.allclose(got[r], full, rtol=0, atol=1e-11), (arch, hook, r)
 
 
 def test_pullback_matches_dense_autograd(arch, tokenizer):

@@ -359,6 +359,20 @@ class ModelAdapter:
             out = self.forward(prefix, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].to(torch.float64)
 
+    def hook_site(self, hook: str) -> tuple[nn.Module, str]:
+        """The module a hook point is on and how: ``pre`` (its input) or ``post`` (its output)."""
+        return self._resolve(hook)
+
+    def blocks_after(self, hook: str) -> list[nn.Module]:
+        """The blocks that run after the activation at ``hook`` (a ``resid_pre`` hook's own
+        block included; none after the pre-logit vector)."""
+        if hook == PRELOGIT:
+            return []
+        self._resolve(hook)
+        m = _BLOCK_HOOK.match(hook)
+        start = int(m.group(1)) + (m.group(2) == "post")
+        return list(self.layers)[start:]
+
     def _resolve(self, hook: str) -> tuple[nn.Module, str]:
         if hook == PRELOGIT:
             return self._head_module, "pre"

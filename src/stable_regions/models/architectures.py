@@ -15,6 +15,9 @@ class ArchSpec:
     layers: str
     final_norm: str | None
     embed: str
+    # The blocks before a hook may run once per position and be widened to the rows at the
+    # hook (``widening``): not for GPT-2, whose model reshapes its output by the input's shape.
+    widenable: bool = True
 
 
 _LLAMA_LIKE = dict(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens")
@@ -28,7 +31,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("Gemma-2", **_LLAMA_LIKE),
     "gemma3_text": ArchSpec("Gemma-3", **_LLAMA_LIKE),
     "gpt2": ArchSpec(
-        "GPT-2", layers="transformer.h", final_norm="transformer.ln_f", embed="transformer.wte"
+        "GPT-2",
+        layers="transformer.h",
+        final_norm="transformer.ln_f",
+        embed="transformer.wte",
+        widenable=False,
     ),
     "gpt_neox": ArchSpec(
         "GPT-NeoX",

@@ -32,6 +32,7 @@ from torch.func import jvp, vjp, vmap
 
 from ..budget import rows_within
 from .adapter import ModelAdapter
+from .widening import NotWidenable, widened_at
 
 
 def rows_per_pass(vocab_size: int) -> int:
@@ -111,6 +112,8 @@ class SuffixBatch:
                 )
             self.cache_data = [(layer.keys, layer.values) for layer in cache.layers]
         self._cache_masks = self._cache_allowed()
+        # until a block after the hook takes an argument we cannot widen
+        self._widenable = adapter.arch.widenable
         self._x0: Tensor | None = None  # made on first use (a map's layers never need x0)
         self._logits0: Tensor | None = None
 
@@ -176,12 +179,37 @@ class SuffixBatch:
         return per_kind.get("sliding_attention", per_kind["full_attention"])
 
     def _run(self, rows: Tensor):
+        """The forward pass of ``rows``; where several rows share a position and one hook
+        perturbs them all, the blocks before the hook run once per position (``widening``)."""
+        if self.hook is not None and self._widenable:
+            distinct, inverse = torch.unique(rows, return_inverse=True)
+            if len(distinct) < len(rows):
+                mask, wide_mask = self._attention_mask(distinct), self._attention_mask(rows)
+                pairs = (
+                    [(mask[k], wide_mask[k]) for k in mask]
+                    if isinstance(mask, dict)
+                    else [(mask, wide_mask)]
+                )
+                site, kind = self.adapter.hook_site(self.hook)
+                widening = widened_at(
+                    site,
+                    kind,
+                    self.adapter.blocks_after(self.hook),
+                    inverse,
+                    {id(narrow): wide for narrow, wide in pairs},
+                    self._pos[rows][None],
+                )
+                try:
+                    with widening:
+                        return self._forward(distinct, mask)
+                except NotWidenable:  # a block argument we cannot widen: every row, every block
+                    self._widenable = False
+        return self._forward(rows, self._attention_mask(rows))
+
+    def _forward(self, rows: Tensor, mask):
         # The rows form one sequence (batch 1): they share the cache without copying it per
         # row, and the mask keeps them apart.
-        kwargs: dict = dict(
-            position_ids=self._pos[rows][None],
-            attention_mask=self._attention_mask(rows),
-        )
+        kwargs: dict = dict(position_ids=self._pos[rows][None], attention_mask=mask)
         if self.cache_data is not None:
             cache = self._cache_cls(ddp_cache_data=self.cache_data)
             kwargs.update(use_cache=True, **self.adapter.cache_kwarg(cache))
