@@ -109,6 +109,45 @@ def test_blocks_before_the_hook_run_once_per_position(arch, tokenizer, hook):
         assert torch.allclose(got[r], full, rtol=0, atol=1e-11), (arch, hook, r)
 
 
+def test_a_block_argument_that_cannot_be_widened_runs_every_row_everywhere(tokenizer, monkeypatch):
+    """A tensor a block receives that the widening does not know (here: every one) sends the
+    pass back to all rows through all blocks, with the same answers; later passes of the
+    batch go that way directly."""
+    from stable_regions.models import widening
+
+    adapter = sr.wrap(tiny_model("llama"), tokenizer)
+    ids = adapter.tokenize(PROMPT)
+    hook = "blocks.1.hook_resid_post"
+    rows = torch.tensor([1, 0, 1, 1])
+    deltas = 0.7 * torch.randn(len(rows), adapter.hook_dim(hook), dtype=torch.float64)
+    with torch.no_grad():
+        expected = SuffixBatch(adapter, ids, hook, [3, 9]).logits(deltas, rows)
+    calls = []
+
+    def refuse(self, value, name):
+        calls.append(name)
+        raise widening.NotWidenable(name)
+
+    monkeypatch.setattr(widening._Widener, "value", refuse)
+    batch = SuffixBatch(adapter, ids, hook, [3, 9])
+    seen = []
+    handle = adapter.layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).shape[1]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            got = [batch.logits(deltas, rows) for _ in range(2)]
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the first pass tried, the second did not
+    assert seen == [2, 4, 4]  # the widened try (2 positions), then every row twice
+    for g in got:
+        assert torch.allclose(g, expected, rtol=0, atol=1e-11)
+
+
 def test_pullback_matches_dense_autograd(arch, tokenizer):
     adapter = sr.wrap(tiny_model(arch), tokenizer)
     ids = adapter.tokenize(PROMPT)
