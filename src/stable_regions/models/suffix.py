@@ -207,6 +207,7 @@ class SuffixBatch:
         return self._forward(rows, self._attention_mask(rows))
 
     def _forward(self, rows: Tensor, mask):
+        """The model's forward pass of ``rows`` (one row per entry) under ``mask``."""
         # The rows form one sequence (batch 1): they share the cache without copying it per
         # row, and the mask keeps them apart.
         kwargs: dict = dict(position_ids=self._pos[rows][None], attention_mask=mask)
@@ -310,9 +311,9 @@ class SuffixBatch:
             _, forward = vjp(lambda u: back(u)[0], torch.zeros_like(y))
         if target is None and self._logits0 is None:  # the same pass: no second one for p
             self._logits0 = y.to(torch.float64)
-        return self._widened(forward, batched=True), self._widened(back)
+        return self._float64_map(forward, batched=True), self._float64_map(back)
 
-    def _widened(self, fn, batched: bool = False):
+    def _float64_map(self, fn, batched: bool = False):
         """A torch.func linear map as ``(B, n) -> (B, m)`` in float64, inputs in our dtype.
 
         ``batched``: also ``(B, k, n) -> (B, k, m)``, k inputs per row in one replay

@@ -12,8 +12,8 @@ the hook hold U new keys and those after it R, each layer with the mask of its o
 
 Anything else a block receives that is a tensor is not something we know how to widen:
 ``NotWidenable`` is raised, and the caller runs all R rows through the whole network
-instead (what it did before). SmolLM2 at block 15 of 30: the blocks before the hook are about
-half of a boundary pass.
+instead (what it did before). SmolLM2, one pass of 64 rows at one position: 0.130 s -> 0.091 s
+at block 15 of 30, 0.125 s -> 0.071 s at block 24 (measured; the head's share stays).
 """
 
 from __future__ import annotations
@@ -88,21 +88,18 @@ def widened_at(
     the perturbations, registered before this context, see R rows."""
     widen = _Widener(inverse, masks, position_ids)
 
-    def widen_block_input(_module, args, kwargs):
-        key = _hidden_key(args, kwargs)
-        if key is None:
-            rest, kwargs = widen.arguments(args[1:], kwargs)
-            return (widen.rows(args[0]), *rest), kwargs
-        rest, others = widen.arguments(args, {k: v for k, v in kwargs.items() if k != key})
-        return rest, {**others, key: widen.rows(kwargs[key])}
+    def block_arguments(widen_hidden: bool):
+        def hook(_module, args, kwargs):
+            key = _hidden_key(args, kwargs)
+            if key is None:
+                hidden, (rest, kwargs) = args[0], widen.arguments(args[1:], kwargs)
+            else:
+                hidden = kwargs[key]
+                rest, kwargs = widen.arguments(args, {k: v for k, v in kwargs.items() if k != key})
+            hidden = widen.rows(hidden) if widen_hidden else hidden
+            return ((hidden, *rest), kwargs) if key is None else (rest, {**kwargs, key: hidden})
 
-    def widen_arguments(_module, args, kwargs):
-        key = _hidden_key(args, kwargs)
-        if key is None:
-            rest, kwargs = widen.arguments(args[1:], kwargs)
-            return (args[0], *rest), kwargs
-        rest, others = widen.arguments(args, {k: v for k, v in kwargs.items() if k != key})
-        return rest, {**others, key: kwargs[key]}
+        return hook
 
     def widen_output(_module, _args, output):
         if isinstance(output, tuple):
@@ -112,14 +109,15 @@ def widened_at(
     with ExitStack() as stack:
         if kind == "pre":
             handle = site.register_forward_pre_hook(
-                widen_block_input, with_kwargs=True, prepend=True
+                block_arguments(widen_hidden=True), with_kwargs=True, prepend=True
             )
         else:
             handle = site.register_forward_hook(widen_output, prepend=True)
         stack.callback(handle.remove)
+        others = block_arguments(widen_hidden=False)
         for block in blocks_after:
             if block is site:
                 continue
-            h = block.register_forward_pre_hook(widen_arguments, with_kwargs=True, prepend=True)
+            h = block.register_forward_pre_hook(others, with_kwargs=True, prepend=True)
             stack.callback(h.remove)
         yield
