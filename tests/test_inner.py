@@ -77,9 +77,9 @@ def test_blocks_before_the_hook_run_once_per_position(arch, tokenizer, hook):
     with its own perturbation, keys of the cache and masks of every layer kind included."""
     adapter = sr.wrap(tiny_model(arch), tokenizer)
     ids = adapter.tokenize(PROMPT)
-    positions = [0, 6, ids.shape[1] - 1]
+    positions = [0, 6, ids.shape[1] - 1, 6]  # a position may be listed more than once
     batch = SuffixBatch(adapter, ids, hook, positions)
-    rows = torch.tensor([2, 0, 2, 1, 2, 0, 2])
+    rows = torch.tensor([2, 0, 2, 1, 2, 0, 3, 2])
     deltas = 0.7 * torch.randn(len(rows), adapter.hook_dim(hook), dtype=torch.float64)
     seen = {}
 

@@ -182,8 +182,10 @@ class SuffixBatch:
         """The forward pass of ``rows``; where several rows share a position and one hook
         perturbs them all, the blocks before the hook run once per position (``widening``)."""
         if self.hook is not None and self._widenable:
-            distinct, inverse = torch.unique(rows, return_inverse=True)
-            if len(distinct) < len(rows):
+            positions, inverse = torch.unique(self._pos[rows], return_inverse=True)
+            if len(positions) < len(rows):
+                # a row at each position (any: before the hook they are all the same)
+                distinct = rows.new_empty(len(positions)).scatter_(0, inverse, rows)
                 mask, wide_mask = self._attention_mask(distinct), self._attention_mask(rows)
                 pairs = (
                     [(mask[k], wide_mask[k]) for k in mask]
