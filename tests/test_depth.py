@@ -194,10 +194,31 @@ def test_analyze_embed_linf_radii(tokenizer):
     assert 0 < fin["radius_linf_lower"] <= fin["radius_linf_upper"]
 
 
-def test_stability_map_agrees_with_analyze(tokenizer, tmp_path):
+@pytest.mark.parametrize("graph_bytes", [None, 1])
+def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, graph_bytes):
+    """``graph_bytes=1``: a recorded block holds one position, and the map's series comes
+    from one three-level nest over all of them (``engine.inner._map_chunks``)."""
+    import stable_regions.engine.inner as engine
+
+    nests = []
+    if graph_bytes is not None:
+        monkeypatch.setattr("stable_regions.budget.GRAPH_BYTES", graph_bytes)
+        closed_forms = engine.closed_forms_along
+
+        def spy(*args, **kwargs):
+            nests.append((kwargs.get("three_levels", False), args[2].shape[0]))
+            return closed_forms(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "closed_forms_along", spy)
     adapter = sr.wrap(tiny_model("gemma3", seed=5), tokenizer)
     layers = ["embed", 1, "final"]
-    m = sr.stability_map(adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17])
+    # blocks of one position stop their Lanczos each at its own tolerance (in lockstep the
+    # block runs until all have converged): a tighter one keeps the directions comparable
+    tol = {} if graph_bytes is None else {"eig_tol": 1e-9}
+    m = sr.stability_map(adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17], **tol)
+    if graph_bytes is not None:  # one nest of all 3 positions per inner layer
+        assert nests == [(True, 3), (True, 3)]
+        monkeypatch.undo()
     assert m.radius.shape == (3, 3)
     for i, layer in enumerate(layers):
         ref = sr.analyze(adapter, PROMPT, eps=0.1, positions=[0, 5, 17], layer=layer, exact=False)

@@ -1,47 +1,29 @@
-"""The per-block engine every study calls: the geometry of a block of positions at one layer.
-
-``prelogit_blocks`` (the pre-logit vector: the head's curvature from ``p`` and ``W``, the exact
-CGF curve, the boundary measured through the head) and ``inner_blocks`` (a hook inside the
-network: the pullback curvature through the suffix of the model, the Pade form from nested
-forward-mode derivatives, the boundary measured through the suffix) yield ``Block``s: one row
-per position, radii per eps as the nearest exit over ``+v`` and ``-v``. ``analyze``, maps,
-steering and the bench read these; nothing here knows about tables or files.
-
-Inside the network everything runs in the model's own precision (no float64 copy of the
-model): the forward and tangent passes in the weights' dtype, the probabilities, KL values,
-cumulants, Lanczos tridiagonal and vocabulary sums in float64.
-"""
+"""What both engines share: the ``Block`` they yield, block sizes, tolerances, and the
+closed forms along given directions (the KL series and the Taylor-path roots from the
+logits' derivatives, the ``reliable`` flag)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .budget import rows_recordable, rows_within
-from .geometry import (
-    FisherOperator,
+from ..budget import rows_recordable, rows_within
+from ..geometry import (
     LogitHead,
-    PullbackOperator,
-    RayCurve,
     TaylorPathKL,
-    cumulants_along,
-    curvature_diagonal,
-    curvature_trace,
-    effective_rank,
     linf_radius_bounds,
     radius_pade,
     series_coefficients,
     top_curvature,
     top_eigenpair_float64,
 )
-from .heap import return_freed_memory
-from .models import PRELOGIT, ModelAdapter
-from .models.suffix import SuffixBatch
-from .probes import RayKL, measure_boundaries, measure_from_suffix
+from ..models import PRELOGIT, ModelAdapter
+from ..models.suffix import SuffixBatch
+from ..probes import measure_boundaries
 
 # Inside the network the Taylor-path radius is trusted where it stays within RELIABLE_RELATIVE
 # of the activation's norm and the Pade form of the same series agrees with it to
@@ -56,7 +38,8 @@ RELIABLE_AGREEMENT = 0.02
 Stage = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
+    """A stage callback that does nothing."""
     return None
 
 
@@ -173,105 +156,6 @@ def summing_head(adapter: ModelAdapter) -> LogitHead:
     return head
 
 
-def prelogit_blocks(
-    adapter: ModelAdapter,
-    ids: Tensor,
-    pos: list[int],
-    eps_list: list[float],
-    exact: bool,
-    rtol: float,
-    stage: Stage | None = None,
-    eig_tol: float = 1e-10,
-) -> Iterator[Block]:
-    """The pre-logit vector: curvature from p and W, exact CGF curve, measured through the head.
-
-    The head is the model's own (``stored_head``: no float64 copy of W): every product with W
-    runs in the weight's dtype, the probabilities, cumulants, KL values and sums in float64.
-    A linear head takes the batched search from the logits (``top_curvature``: vocabulary
-    chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
-    softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
-    stage = stage or _quiet
-    head = summing_head(adapter)
-    weight = head.weight
-    tol = eig_tolerance(eig_tol, weight.dtype)
-    f64 = torch.float64
-    h_all = adapter.prelogits(ids, dtype=None)[pos]
-    block = positions_per_block(head.vocab_size)
-    for start in range(0, len(pos), block):
-        h = h_all[start : start + block].to(f64)
-        P = h.shape[0]
-        return_freed_memory()  # the last block's transients, not their sum with fragments
-        stage("curvature")
-        u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
-        if head.is_linear:
-            vecs = top_vectors_linear(head, h, u0, tol)
-            c2, c3, c4 = cumulants_along(weight, u0, vecs)  # float64 p: c2 = lambda_max
-            lam, vecs = c2, vecs.to(f64)
-            rank = effective_rank(curvature_trace(weight, u0), lam)
-            return_freed_memory()
-            diagonal = curvature_diagonal(weight, u0)
-            corner = cumulants_along(weight, u0, torch.sign(vecs))[0]
-            # the series along +v and -v: c3 flips with the sign, c2 and c4 do not
-            c2, c3, c4 = (
-                rays(c[:, None], sg)[:, 0] for c, sg in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
-            )
-        else:
-            op = FisherOperator.from_head(head, h)
-            lam, vecs = op.top_eigenpairs(k=1, tol=tol)
-            lam, vecs = lam[:, 0], vecs[:, 0]
-            rank = effective_rank(op.trace(), lam)
-            diagonal = op.diagonal()
-            corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
-            c2 = None
-            del op
-        linf = linf_radii(eps_list, lam, diagonal, corner)
-        p = torch.softmax(head.squash(u0), dim=-1)
-        top_p, top_i = p.max(-1)
-        ent = entropy(p)
-        del p
-
-        # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
-        ray_h = h.repeat_interleave(2, dim=0)
-        ray_v = rays(vecs, -1.0)
-        curve = RayCurve(head, u0.repeat_interleave(2, dim=0), head.direction_float64(ray_v))
-        del u0
-        if c2 is None:
-            c2, c3, c4 = curve.coefficients()
-        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
-        scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
-        search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
-        # The closed forms only seed the search brackets; they never decide the answer.
-        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
-        del curve
-        if exact:
-            stage("measuring")
-            if head.is_linear:
-                # The KL along a ray of a linear head, K(t) - t K'(0), increases for t > 0 (K
-                # is convex): its only crossing is the first, so the scan may start at half the
-                # curve's root instead of far below it (it walks down if it starts above).
-                first = np.where(np.isfinite(from_curve), from_curve, np.inf).min(1)
-                search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
-            measured = measure_boundaries(
-                RayKL(head.logits_float64, ray_h, ray_v), eps_list, guesses=from_curve, **search
-            )
-        else:
-            measured = np.full_like(from_curve, np.nan)
-        yield Block(
-            pos[start : start + P],
-            top_i,
-            top_p,
-            ent,
-            lam,
-            rank,
-            vecs,
-            nearest(predicted),
-            nearest(from_curve),
-            nearest(measured),
-            *linf,
-            h.norm(dim=-1),
-        )
-
-
 def logit_derivatives(adapter: ModelAdapter, suffix: SuffixBatch, v: Tensor) -> list[Tensor]:
     """``[a1, a2, a3]`` (R, V) float64: the logits' first three derivatives along ``v`` (R, d),
     one direction per row of ``suffix``, from one nest of three forward-mode levels. With a
@@ -383,6 +267,7 @@ def closed_forms_along(
     *,
     logp: Tensor | None = None,
     origin: Tensor | None = None,
+    three_levels: bool = False,
 ) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """``(c2 (R,), pade (2R, E), taylor (2R, E))`` along ``v`` (R, d), one direction per row of
     ``suffix`` with next-token probabilities ``p`` (R, V); the radii for ``+v`` and ``-v``
@@ -391,8 +276,9 @@ def closed_forms_along(
     With ``logp`` (P, V) (the log-probabilities at the origins, row i at ``origin[i]``): the
     logits' derivatives ``a1..a3`` (one nest of three forward-mode levels) give the series and
     the Taylor-path roots (``taylor_radii``). Without: the cheaper ``series_along`` gives the
-    series only, and ``taylor`` is NaN (stability maps)."""
-    if logp is not None:
+    series only, and ``taylor`` is NaN (stability maps); with ``three_levels`` that series
+    comes from the three-level nest, which records no graph (many positions at once)."""
+    if logp is not None or three_levels:
         derivs = logit_derivatives(adapter, suffix, v)
         c2, c3, c4 = series_coefficients(p, derivs)
     else:
@@ -405,99 +291,3 @@ def closed_forms_along(
         scale = suffix.x0.norm(dim=-1).clamp_min(1e-6).repeat_interleave(2).cpu().numpy()
         taylor = taylor_radii(logp, derivs, origin, eps_list, scale, pade, rtol)
     return c2, pade, taylor
-
-
-def inner_blocks(
-    adapter: ModelAdapter,
-    ids: Tensor,
-    hook: str,
-    pos: list[int],
-    eps_list: list[float],
-    exact: bool,
-    rtol: float,
-    eig_tol: float,
-    trace: str = "exact",
-    stage: Stage | None = None,
-    shared_cache: SuffixBatch | None = None,
-    curve: bool = True,
-) -> Iterator[Block]:
-    """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
-
-    A block of positions at a time (``SuffixBatch``: each position's token against the cached
-    keys/values of the prompt, one batch row each), so the Lanczos products, derivatives and
-    boundary searches of the block are batched passes. ``trace="exact"``: d forward-mode
-    products give the diagonal (the effective rank and the L-inf radii). ``trace="estimate"``
-    (stability maps, ``analyze`` at blocks): the trace from the Krylov space of the Lanczos run (free) plus 16
-    Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
-    ``shared_cache``: a suffix of the same prompt whose cached keys and values reach the
-    last position (several layers of one prompt then share one pass over the prompt).
-    ``curve``: the radius along the logits' cubic Taylor path (``taylor_radii``; its
-    derivatives ``a1..a3`` also give the Pade form), else only the Pade form from the cheaper
-    ``series_along`` (stability maps).
-    """
-    stage = stage or _quiet
-    E = len(eps_list)
-    tol = eig_tolerance(eig_tol, adapter.compute_dtype)
-    block = positions_per_recorded_block(adapter, hook, len(pos))
-    for start in range(0, len(pos), block):
-        chunk = pos[start : start + block]
-        P = len(chunk)
-        stage("suffix")
-        suffix = SuffixBatch(adapter, ids, hook, chunk, shared_cache=shared_cache)
-        op = PullbackOperator.from_suffix(suffix)
-        return_freed_memory()  # each stage's transients, not their sum with fragments
-        if trace == "exact":
-            stage("curvature")
-            lam, vecs = op.top_eigenpairs(k=1, tol=tol)
-            stage("trace")
-            diagonal = op.diagonal()
-            rank = effective_rank(diagonal.sum(-1), lam[:, 0])
-            corner = op.quadratic_form(torch.sign(vecs[:, :1]))[:, 0]
-            linf = linf_radii(eps_list, lam[:, 0], diagonal, corner)
-        else:
-            stage("curvature and trace estimate")
-            lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
-            rank = effective_rank(trace_g, lam[:, 0])
-            linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
-        v = vecs[:, 0]
-        p = op.p
-        del op  # its recorded passes: the series records its own
-        return_freed_memory()
-        stage("derivatives")
-        norm = suffix.x0.norm(dim=-1)
-        logp = torch.log_softmax(suffix.logits0, -1) if curve else None
-        _, predicted, on_path = closed_forms_along(
-            adapter, suffix, v, p, eps_list, rtol, logp=logp, origin=torch.arange(P)
-        )
-        if exact:
-            stage("measuring")
-            guess = on_path if curve else predicted
-            measured = measure_from_suffix(
-                suffix,
-                rays(v, -1.0),
-                eps_list,
-                rows=torch.arange(P).repeat_interleave(2),
-                guesses=guess,
-                rtol=rtol,
-                start=scan_start(guess),
-            )
-        else:
-            measured = np.full_like(predicted, np.nan)
-        top_p, top_i = p.max(-1)
-        ent = entropy(p)
-        # the cache goes now, not when the next block replaces it
-        del suffix
-        yield Block(
-            chunk,
-            top_i,
-            top_p,
-            ent,
-            lam[:, 0],
-            rank,
-            v,
-            nearest(predicted),
-            nearest(on_path),
-            nearest(measured),
-            *linf,
-            norm,
-        )
