@@ -60,7 +60,8 @@ def inner_blocks(
     last position (several layers of one prompt then share one pass over the prompt).
     ``curve``: the radius along the logits' cubic Taylor path (``taylor_radii``; its
     derivatives ``a1..a3`` also give the Pade form), else only the Pade form from the cheaper
-    ``series_along`` (stability maps).
+    ``series_along`` (stability maps), or, where the positions need several recorded blocks,
+    from one three-level nest over all of them (``_map_chunks``).
     """
     stage = stage or quiet
     E = len(eps_list)
@@ -69,7 +70,7 @@ def inner_blocks(
     # maps whose positions the graph budget splits: the series of several blocks together
     cap = positions_per_block(adapter.vocab_size, inner=True)
     span = -(-len(pos) // -(-len(pos) // cap))  # equal chunks of at most cap positions
-    if block < min(span, len(pos)) and not (curve or exact) and trace == "estimate":
+    if block < span and not (curve or exact) and trace == "estimate":
         yield from _map_chunks(
             adapter, ids, hook, pos, eps_list, tol, block, span, stage, shared_cache
         )
