@@ -90,12 +90,11 @@ def inner_blocks(
             rank = effective_rank(diagonal.sum(-1), lam[:, 0])
             corner = op.quadratic_form(torch.sign(vecs[:, :1]))[:, 0]
             linf = linf_radii(eps_list, lam[:, 0], diagonal, corner)
+            lam, v = lam[:, 0], vecs[:, 0]
         else:
             stage("curvature and trace estimate")
-            lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
-            rank = effective_rank(trace_g, lam[:, 0])
+            lam, rank, v = _top_and_rank_estimate(op, tol)
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
-        v = vecs[:, 0]
         p = op.p
         del op  # its recorded passes: the series records its own
         return_freed_memory()
@@ -128,7 +127,7 @@ def inner_blocks(
             top_i,
             top_p,
             ent,
-            lam[:, 0],
+            lam,
             rank,
             v,
             nearest(predicted),
@@ -171,8 +170,7 @@ def _map_chunks(
             )
             op = PullbackOperator.from_suffix(suffix)
             stage("curvature and trace estimate")
-            lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
-            parts.append((lam[:, 0], effective_rank(trace_g, lam[:, 0]), vecs[:, 0], op.p))
+            parts.append((*_top_and_rank_estimate(op, tol), op.p))
             del op, suffix  # their recorded passes
             return_freed_memory()
         lam, rank, v, p = (torch.cat(part) for part in zip(*parts, strict=True))
@@ -198,3 +196,10 @@ def _map_chunks(
             none,
             norm,
         )
+
+
+def _top_and_rank_estimate(op: PullbackOperator, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lambda_max (P,), effective rank (P,), top eigenvector (P, d))`` with ``tr G`` the
+    Krylov space's trace plus 16 Hutchinson probes (what maps and ``analyze`` at blocks use)."""
+    lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
+    return lam[:, 0], effective_rank(trace_g, lam[:, 0]), vecs[:, 0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+import torch
 from torch import Tensor, nn
 
 
@@ -46,7 +47,7 @@ class _Widener:
             if name == "position_ids":
                 return self.position_ids
             if name == "cache_position":  # the rows' slots after the cache: L .. L + R - 1
-                return value[0] + self.position_ids.new_tensor(range(self.inverse.shape[0]))
+                return value[0] + torch.arange(len(self.inverse), device=value.device)
             raise NotWidenable(name or "a positional tensor argument")
         if name == "position_embeddings" and isinstance(value, tuple):
             key = id(value)
