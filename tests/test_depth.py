@@ -206,7 +206,7 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, gra
         closed_forms = engine.closed_forms_along
 
         def spy(*args, **kwargs):
-            nests.append((kwargs.get("three_levels", False), args[2].shape[0]))
+            nests.append((kwargs.get("graph_free", False), args[2].shape[0]))
             return closed_forms(*args, **kwargs)
 
         monkeypatch.setattr(engine, "closed_forms_along", spy)

@@ -10,14 +10,17 @@ from __future__ import annotations
 ARRAY_BYTES = 64 << 20  # one (rows x V) array: 64 MiB (341 float32 rows of SmolLM2's 49152)
 
 # What a pass recorded through the network keeps (its saved activations, for the replayed
-# products and the reverse pass of the series) may hold at once. Measured on SmolLM2 (peak
-# RSS by stage, 64 positions from block 8, 21 blocks): the recorded products raised the peak
-# by ~560 MB, the series' two forward levels and their reverse pass by ~800 MB: ~70 saved
-# activations per row and block (an activation: the residual plus the MLP's hidden width).
-# At 384 MiB SmolLM2's full 32-layer map peaked at 1647 MB and its default map at 1521 MB
-# (1763 MB at 512 MiB; 2134 MB for the default map with blocks of 64 everywhere).
+# products) may hold at once, per row and block in units of an activation (the residual plus
+# the MLP's hidden width). Measured on SmolLM2 (resident memory, 64 positions from the
+# embedding and from block 8, 22 from the embedding): the recorded pass holds ~10, and its
+# replayed products (two directions at a time at 64 positions) raise the peak to 24-28.
+# The series of the closed forms records nothing in Taylor mode (``models.taylor``); where a
+# model falls back to nested forward mode its reverse pass is recorded too, and took ~70
+# (the series' levels and reverse pass raised the peak by ~800 MB at 64 positions from
+# block 8). With 384 MiB and Taylor mode SmolLM2's default map peaks at ~1.7 GB.
 GRAPH_BYTES = 384 << 20
-SAVED_PER_WIDTH = 70
+SAVED_PER_WIDTH = 28
+SAVED_PER_WIDTH_NESTED = 70
 
 
 # Elementwise work that passes over a (rows x V) array several times (an exp, its sums, a
@@ -42,9 +45,12 @@ def rows_within(width: int, itemsize: int = 8, *, cap: int | None = None) -> int
     return rows if cap is None else max(1, min(cap, rows))
 
 
-def rows_recordable(blocks: int, width: int, itemsize: int, *, cap: int) -> int:
+def rows_recordable(
+    blocks: int, width: int, itemsize: int, *, cap: int, nested: bool = False
+) -> int:
     """Rows whose recorded pass through ``blocks`` blocks (activations of ``width`` elements
     of ``itemsize`` bytes: the residual plus the MLP's hidden width) fits in ``GRAPH_BYTES``;
-    at least 1, at most ``cap``."""
-    per_row = SAVED_PER_WIDTH * max(1, blocks) * width * itemsize
+    at least 1, at most ``cap``. ``nested``: the series is recorded too (no Taylor mode)."""
+    saved = SAVED_PER_WIDTH_NESTED if nested else SAVED_PER_WIDTH
+    per_row = saved * max(1, blocks) * width * itemsize
     return max(1, min(cap, GRAPH_BYTES // per_row))

@@ -86,6 +86,10 @@ class ModelAdapter:
         self._head: LogitHead | None = None
         self._cache_name: str | None = None
         self._cache_readers = old_name_cache_readers(model)  # TransformerLens bridges
+        # Higher derivatives by Taylor mode (``models.taylor``) until a pass meets an
+        # operation that has no rule there; then by nested forward mode, and this says why.
+        self.taylor_mode: bool = True
+        self.taylor_mode_off: str = ""
 
     # ------------------------------------------------------------------ head
     @property

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .taylor import Jet
+
 _linear = F.linear
 _layer_norm_torch = F.layer_norm
 _softmax = F.softmax
@@ -132,6 +134,10 @@ class ExactNumerics(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if (func is _linear or func is _addmm or func is _layer_norm_torch) and any(
+            issubclass(t, Jet) for t in types
+        ):  # Taylor mode (``taylor.Jet``) has its own rules for these
+            return func(*args, **kwargs)
         if func is _linear:
             return _constant_linear(*args, **kwargs)
         if func is _addmm:

@@ -6,7 +6,7 @@ token directions (``J^T (e_top - e_j)``: one reverse pass each). Then every dire
 row of a second suffix on the same cached keys and values, so each stage is one batched
 pass for all of a prompt's directions:
 
-- one nest of three forward-mode levels gives the logits' derivatives ``a1, a2, a3`` along
+- one pass of jets (``models.taylor``) gives the logits' derivatives ``a1, a2, a3`` along
   each direction (with a linear head it stops at the pre-logit vector and the head maps
   ``h1, h2, h3`` once), hence the KL series (``c2, c3, c4``: the Pade radius) and the
   Taylor path ``z + t a1 + t^2/2 a2 + t^3/6 a3`` (its exact KL root: the ``taylor`` radius);
