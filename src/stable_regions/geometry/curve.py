@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..budget import rows_in_cache
 from .head import LogitHead
 
 
@@ -60,7 +61,22 @@ def series_coefficients(
     ``p`` broadcasts against each ``a_k`` (shape (..., V)); missing ``a2``/``a3`` mean zero.
     ``a3`` enters only as ``Cov_p(a1, a3) = (F a1) . a3``: ``cov13`` gives that number when
     ``a3`` itself was never formed (``SuffixBatch.series_derivatives``).
+
+    (P, V) rows go a few at a time, so that the dozen passes over each stay in cache
+    (``budget.rows_in_cache``; 64 rows of SmolLM2's vocabulary: 0.14 s at once).
     """
+    if p.ndim == 2 and all(a.shape == p.shape for a in derivs):
+        step = rows_in_cache(p.shape[-1], p.element_size(), p.device)
+        if step < p.shape[0]:
+            parts = [
+                series_coefficients(
+                    p[s : s + step],
+                    [a[s : s + step] for a in derivs],
+                    None if cov13 is None else cov13[s : s + step],
+                )
+                for s in range(0, p.shape[0], step)
+            ]
+            return tuple(torch.cat(c) for c in zip(*parts, strict=True))
     a1 = derivs[0]
     c1 = _centered(p, a1)
     var1 = (p * c1**2).sum(-1)

@@ -30,7 +30,8 @@ class PullbackOperator(CurvatureOperator):
     ``p``: (P, V) next-token probabilities at the origin. ``jvp_replayed`` (optional):
     directions (P, d) -> (P, V) or (P, k, d) -> (P, k, V) by replaying a recorded pass (see
     ``SuffixBatch.linearization``): cheaper than ``jvp``, which recomputes the pass, except
-    for many directions at few positions.
+    for many directions at few positions. ``replayed_dtype``: the dtype of its (P, k, V)
+    tangents (the recorded pass's own; float64 by default).
     """
 
     # Below this many positions many directions go through ``jvp`` (forward mode, the
@@ -47,10 +48,12 @@ class PullbackOperator(CurvatureOperator):
         p: Tensor,
         d: int,
         jvp_replayed: Callable[[Tensor], Tensor] | None = None,
+        replayed_dtype: torch.dtype = torch.float64,
     ) -> None:
         self._jvp = jvp
         self._vjp = vjp
         self._jvp_replayed = jvp_replayed
+        self._replayed_dtype = replayed_dtype
         self.p = p
         self.d = d
 
@@ -60,13 +63,20 @@ class PullbackOperator(CurvatureOperator):
         (``models.suffix.SuffixBatch``)."""
         jvp_replayed, vjp = suffix.linearization()
         p = torch.softmax(suffix.logits0, -1)
-        return cls(suffix.jvp, vjp, p, suffix.dim, jvp_replayed)
+        return cls(suffix.jvp, vjp, p, suffix.dim, jvp_replayed, suffix.dtype)
 
     def jvp(self, v: Tensor) -> Tensor:
         P, k, _ = v.shape
         if self._jvp_replayed is None or (k > 2 and P < self.replay_min_positions):
             return self._jvp(v)
         return self._jvp_replayed(v)
+
+    def tangent_dtype(self) -> torch.dtype:
+        """Many directions per position come from the replayed pass from
+        ``replay_min_positions`` on, in its dtype; from forward mode in float64 below."""
+        if self._jvp_replayed is None or self.batch < self.replay_min_positions:
+            return self.p.dtype
+        return self._replayed_dtype
 
     def vjp(self, u: Tensor) -> Tensor:
         return self._vjp(u)

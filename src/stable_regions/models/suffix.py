@@ -315,8 +315,8 @@ class SuffixBatch:
 
     def linearization(self, target: str | None = None):
         """``(v -> J v, u -> J^T u)`` for one direction per position ((B, d) -> (B, V) or
-        (B, d_target), and back), both replaying one recorded pass; ``J v`` also takes k
-        directions per position ((B, k, d) -> (B, k, V)) in one replay.
+        (B, d_target), and back; float64), both replaying one recorded pass; ``J v`` also takes
+        k directions per position ((B, k, d) -> (B, k, V), in ``self.dtype``) in one replay.
 
         ``J v`` is the reverse-mode derivative of the linear map ``u -> J^T u`` (the
         "double-vjp" trick): a pass through the recorded backward instead of a forward-mode
@@ -337,10 +337,12 @@ class SuffixBatch:
         """A torch.func linear map as ``(B, n) -> (B, m)`` in float64, inputs in our dtype.
 
         ``batched``: also ``(B, k, n) -> (B, k, m)``, k inputs per row in one replay
-        (``torch.func.vmap`` over the recorded pass): the pass's fixed cost is paid once for
-        all k, and its matrix products see k times the rows (SmolLM2, 16 directions: 1.85 s
-        one at a time against 0.80 s together at 22 positions from the embedding, 1.68 s
-        against 1.0 s at 64 positions from block 15). The caller bounds k x B x m."""
+        (``torch.func.vmap`` over the recorded pass), returned in the pass's own dtype (the
+        caller reduces them: ``CurvatureOperator.quadratic_form``): the pass's fixed cost is
+        paid once for all k, and its matrix products see k times the rows (SmolLM2, 16
+        directions: 1.85 s one at a time against 0.80 s together at 22 positions from the
+        embedding, 1.68 s against 1.0 s at 64 positions from block 15). The caller bounds
+        k x B x m."""
         single = lambda x: fn(x)[0]  # noqa: E731
 
         def apply(x: Tensor) -> Tensor:
@@ -354,7 +356,7 @@ class SuffixBatch:
                 if x.shape[1] > 1
                 else single(x[:, 0])[:, None]
             )
-            return out.detach().to(torch.float64)
+            return out.detach()
 
         return apply
 
