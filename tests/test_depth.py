@@ -197,7 +197,7 @@ def test_analyze_embed_linf_radii(tokenizer):
 @pytest.mark.parametrize("graph_bytes", [None, 1])
 def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, graph_bytes):
     """``graph_bytes=1``: a recorded block holds one position, and the map's series comes
-    from one three-level nest over all of them (``engine.inner._map_chunks``)."""
+    from one pass of derivatives over all of them (``engine.inner._map_chunks``)."""
     import stable_regions.engine.inner as engine
 
     nests = []

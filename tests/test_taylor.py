@@ -4,6 +4,7 @@ an operation without a rule."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,14 +144,19 @@ def test_an_operation_without_a_rule_falls_back_to_the_nest(tokenizer):
     v = torch.randn(2, suffix.dim, dtype=torch.float64)
     before = suffix.directional_derivatives(v, 3)
     tangents_before = suffix.jvp(v)
+    map_before = sr.stability_map(adapter, PROMPT, eps=0.1, layers=[0, 1], positions=[4, 11])
     mlp = adapter.model.model.layers[1].mlp
     handle = mlp.register_forward_hook(lambda m, a, out: out + torch.expm1(out) - torch.expm1(out))
     try:
         after = suffix.directional_derivatives(v, 3)
         assert not adapter.taylor_mode and "expm1" in adapter.taylor_mode_off
         tangents_after = suffix.jvp(v)
+        # the map's series then comes from two forward-mode levels and a reverse pass
+        map_after = sr.stability_map(adapter, PROMPT, eps=0.1, layers=[0, 1], positions=[4, 11])
     finally:
         handle.remove()
     for a, b in zip(after, before, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
     assert torch.allclose(tangents_after, tangents_before, rtol=1e-10)
+    assert np.allclose(map_after.radius, map_before.radius, rtol=1e-9)
+    assert np.allclose(map_after.lambda_max, map_before.lambda_max, rtol=1e-9)
