@@ -17,7 +17,9 @@ ARRAY_BYTES = 64 << 20  # one (rows x V) array: 64 MiB (341 float32 rows of Smol
 # The series of the closed forms records nothing in Taylor mode (``models.taylor``); where a
 # model falls back to nested forward mode its reverse pass is recorded too, and took ~70
 # (the series' levels and reverse pass raised the peak by ~800 MB at 64 positions from
-# block 8). With 384 MiB and Taylor mode SmolLM2's default map peaks at ~1.7 GB.
+# block 8). With 384 MiB and Taylor mode SmolLM2's default map peaks at ~1.86 GB; the trace
+# probes' replays of 4-8 directions at once (bounded by ``ARRAY_BYTES`` on their float32
+# tangents: ``CurvatureOperator.quadratic_form``) added ~170 MB of that.
 GRAPH_BYTES = 384 << 20
 SAVED_PER_WIDTH = 28
 SAVED_PER_WIDTH_NESTED = 70

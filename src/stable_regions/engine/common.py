@@ -109,7 +109,8 @@ def positions_per_recorded_block(adapter: ModelAdapter, hook: str, n_positions: 
     the pass recorded through the blocks after ``hook`` would outgrow ``budget.GRAPH_BYTES``,
     and blocks of equal size (64 positions at a cap of 40 are two blocks of 32, not 40 + 24).
     SmolLM2's default map of 64 positions: blocks of 32 from the embedding to block 4 and
-    of 64 after; with blocks of 64 everywhere it peaked at 1.76 GB instead of 1.70 GB."""
+    of 64 after; with blocks of 64 everywhere it peaked at 1.76 GB instead of 1.70 GB (both
+    before the trace probes went float32 and wider: 1.86 GB with them)."""
     start = adapter.hook_points().index(hook)
     blocks = sum(1 for h in adapter.hook_points()[start + 1 :] if h.endswith("hook_resid_post"))
     width = adapter.d_resid + (getattr(adapter.config, "intermediate_size", None) or 0)
