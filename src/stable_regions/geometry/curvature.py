@@ -77,9 +77,11 @@ class CurvatureOperator:
         chunk = rows_within(P * self.p.shape[-1], itemsize)
         chunk = -(-k // -(-k // chunk))  # equal chunks: 16 at a cap of 5 are 4 x 4
         out = []
+        p = self.p[:, :, None]  # (P, V, 1), cast once to the tangents' dtype
         for s in range(0, k, chunk):
             a = self.jvp(v[:, s : s + chunk])  # (P, c, V)
-            p = self.p.to(a.dtype)[:, :, None]  # (P, V, 1)
+            if p.dtype != a.dtype:
+                p = p.to(a.dtype)
             a.sub_(torch.bmm(a, p))  # centred at each direction's mean
             out.append(torch.bmm(a.mul_(a), p)[..., 0].to(torch.float64))
             del a

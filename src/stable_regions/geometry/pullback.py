@@ -65,18 +65,19 @@ class PullbackOperator(CurvatureOperator):
         p = torch.softmax(suffix.logits0, -1)
         return cls(suffix.jvp, vjp, p, suffix.dim, jvp_replayed, suffix.dtype)
 
+    def _replays(self, k: int) -> bool:
+        """Whether k directions per position go through the replayed pass."""
+        return self._jvp_replayed is not None and (
+            k <= 2 or self.batch >= self.replay_min_positions
+        )
+
     def jvp(self, v: Tensor) -> Tensor:
-        P, k, _ = v.shape
-        if self._jvp_replayed is None or (k > 2 and P < self.replay_min_positions):
-            return self._jvp(v)
-        return self._jvp_replayed(v)
+        return self._jvp_replayed(v) if self._replays(v.shape[1]) else self._jvp(v)
 
     def tangent_dtype(self) -> torch.dtype:
         """Many directions per position come from the replayed pass from
         ``replay_min_positions`` on, in its dtype; from forward mode in float64 below."""
-        if self._jvp_replayed is None or self.batch < self.replay_min_positions:
-            return self.p.dtype
-        return self._replayed_dtype
+        return self._replayed_dtype if self._replays(k=3) else self.p.dtype
 
     def vjp(self, u: Tensor) -> Tensor:
         return self._vjp(u)

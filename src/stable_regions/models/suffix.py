@@ -300,18 +300,26 @@ class SuffixBatch:
 
     def _tangent(self, v: Tensor, rows: Tensor, target: str | None) -> Tensor:
         """``J v`` of one pass, row r along ``v[r]`` at the position of ``rows[r]``."""
-        with torch.no_grad(), self.adapter.frozen():
-            if self.adapter.taylor_mode:
-                try:
-                    fn = lambda x: self.outputs(x, rows, target)  # noqa: E731
-                    return taylor_derivatives(fn, v, 1)[0]
-                except NotJettable as missing:
-                    self.adapter.taylor_mode, self.adapter.taylor_mode_off = False, str(missing)
-            # Dual tensors (torch.autograd.forward_ad), not torch.func.jvp: same numbers, and
-            # about half the Python overhead per layer.
-            with fwAD.dual_level():
-                x = fwAD.make_dual(torch.zeros_like(v), v)
-                return fwAD.unpack_dual(self.outputs(x, rows, target)).tangent
+        jets = self._in_taylor_mode(lambda x: self.outputs(x, rows, target), v, 1)
+        if jets is not None:
+            return jets[0]
+        # Dual tensors (torch.autograd.forward_ad), not torch.func.jvp: same numbers, and
+        # about half the Python overhead per layer.
+        with torch.no_grad(), self.adapter.frozen(), fwAD.dual_level():
+            x = fwAD.make_dual(torch.zeros_like(v), v)
+            return fwAD.unpack_dual(self.outputs(x, rows, target)).tangent
+
+    def _in_taylor_mode(self, fn, v: Tensor, order: int) -> list[Tensor] | None:
+        """``taylor_derivatives(fn, v, order)`` while the model is in Taylor mode; None (and
+        the adapter leaves Taylor mode, saying why) where an operation has no rule."""
+        if not self.adapter.taylor_mode:
+            return None
+        try:
+            with torch.no_grad(), self.adapter.frozen():
+                return taylor_derivatives(fn, v, order)
+        except NotJettable as missing:
+            self.adapter.taylor_mode, self.adapter.taylor_mode_off = False, str(missing)
+            return None
 
     def linearization(self, target: str | None = None):
         """``(v -> J v, u -> J^T u)`` for one direction per position ((B, d) -> (B, V) or
@@ -403,13 +411,9 @@ class SuffixBatch:
         with an operation that has no Taylor rule (``adapter.taylor_mode_off`` says which).
         """
         v = v.to(self.dtype)
-        if self.adapter.taylor_mode:
-            try:
-                with self.adapter.frozen(), torch.no_grad():
-                    derivs = taylor_derivatives(lambda x: self.outputs(x, None, target), v, order)
-                return [d.to(torch.float64) for d in derivs]
-            except NotJettable as missing:
-                self.adapter.taylor_mode, self.adapter.taylor_mode_off = False, str(missing)
+        jets = self._in_taylor_mode(lambda x: self.outputs(x, None, target), v, order)
+        if jets is not None:
+            return [d.to(torch.float64) for d in jets]
         return self.nested_derivatives(v, order, target)
 
     def nested_derivatives(

@@ -251,12 +251,15 @@ def _product(op):
     return rule
 
 
+_mul = _product(torch.mul)
+
+
 def _div(a, b, *, rounding_mode=None):
     if rounding_mode is not None:
         raise NotJettable("division with rounding")
     if not isinstance(b, Jet):
         return _jet([None if c is None else c / b for c in coefficients(a, _order(a))])
-    return _product(torch.mul)(a, _unary(_reciprocal)(b))
+    return _mul(a, _unary(_reciprocal)(b))
 
 
 def _rdiv(a, b):  # Tensor.__rtruediv__(self, other) = other / self
@@ -269,7 +272,7 @@ def _pow(x, p):
     if float(p) == int(p) and 1 <= int(p) <= 4:  # exact where x_0 = 0, as the nest is
         out = x
         for _ in range(int(p) - 1):
-            out = _product(torch.mul)(out, x)
+            out = _mul(out, x)
         return out
     return _unary(_power(float(p)))(x)
 
@@ -320,42 +323,40 @@ def _softmax(x, dim=None, *rest, dtype=None, **_):
     shift = c[0].amax(dim, keepdim=True).detach()
     exps = _unary(_exp)(_jet([c[0] - shift, *c[1:]]))
     total = _each(Tensor.sum)(exps, dim, keepdim=True)
-    return _product(torch.mul)(exps, _unary(_reciprocal)(total))
+    return _mul(exps, _unary(_reciprocal)(total))
 
 
 def _rms(x, dims, eps):
     """``x / sqrt(mean(x^2) + eps)`` over ``dims``."""
-    mean_sq = _each(Tensor.mean)(_product(torch.mul)(x, x), dims, keepdim=True)
-    return _product(torch.mul)(x, _unary(_power(-0.5))(_add(mean_sq, eps)))
+    mean_sq = _each(Tensor.mean)(_mul(x, x), dims, keepdim=True)
+    return _mul(x, _unary(_power(-0.5))(_add(mean_sq, eps)))
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     dims = tuple(range(-len(normalized_shape), 0))
     y = _rms(_sub(x, _each(Tensor.mean)(x, dims, keepdim=True)), dims, eps)
     if weight is not None:
-        y = _product(torch.mul)(y, weight)
+        y = _mul(y, weight)
     return y if bias is None else _add(y, bias)
 
 
 def _rms_norm(x, normalized_shape, weight=None, eps=None):
     dims = tuple(range(-len(normalized_shape), 0))
     y = _rms(x, dims, torch.finfo(x.dtype).eps if eps is None else eps)
-    return y if weight is None else _product(torch.mul)(y, weight)
+    return y if weight is None else _mul(y, weight)
 
 
 def _silu(x, inplace=False):
-    return _product(torch.mul)(x, _unary(_sigmoid)(x))
+    return _mul(x, _unary(_sigmoid)(x))
 
 
 def _gelu(x, approximate="none"):
     if approximate == "tanh":
-        inner = _add(x, _product(torch.mul)(_pow(x, 3), 0.044715))
-        t = _unary(_tanh)(_product(torch.mul)(inner, math.sqrt(2 / math.pi)))
-        return _product(torch.mul)(_product(torch.mul)(x, 0.5), _add(t, 1.0))
-    cdf = _add(
-        _product(torch.mul)(_unary(_erf)(_product(torch.mul)(x, 1 / math.sqrt(2))), 0.5), 0.5
-    )
-    return _product(torch.mul)(x, cdf)
+        inner = _add(x, _mul(_pow(x, 3), 0.044715))
+        t = _unary(_tanh)(_mul(inner, math.sqrt(2 / math.pi)))
+        return _mul(_mul(x, 0.5), _add(t, 1.0))
+    cdf = _add(_mul(_unary(_erf)(_mul(x, 1 / math.sqrt(2))), 0.5), 0.5)
+    return _mul(x, cdf)
 
 
 def _relu_rule(x, inplace=False):
@@ -447,8 +448,8 @@ _RULES.update({
     Tensor.detach: _detach, torch.detach: _detach, Tensor.type: _type,
     Tensor.__add__: _add, Tensor.__radd__: _add, Tensor.add: _add, torch.add: _add,
     Tensor.__sub__: _sub, Tensor.sub: _sub, torch.sub: _sub, Tensor.__rsub__: _rsub,
-    Tensor.__mul__: _product(torch.mul), Tensor.__rmul__: _product(torch.mul),
-    Tensor.mul: _product(torch.mul), torch.mul: _product(torch.mul),
+    Tensor.__mul__: _mul, Tensor.__rmul__: _mul,
+    Tensor.mul: _mul, torch.mul: _mul,
     Tensor.__truediv__: _div, Tensor.div: _div, torch.div: _div, Tensor.__rtruediv__: _rdiv,
     Tensor.__matmul__: _matmul, Tensor.matmul: _matmul, torch.matmul: _matmul,
     Tensor.__rmatmul__: _rmatmul, Tensor.bmm: _matmul, torch.bmm: _matmul,
