@@ -112,15 +112,17 @@ def scan_corpus_ray(
     gpus_per_worker: float = 0.0,
     device: str = "auto",
     dtype: str = "auto",
+    revision: str | None = None,
+    download: bool = False,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> CorpusScan:
-    """``scan.scan_corpus`` on a Ray cluster (module doc). ``model``: a bundled name or a
-    model path every node can read; ``address``: a running cluster's (None or ``"local"``:
+    """``scan.scan_corpus`` on a Ray cluster (module doc). ``model``: a bundled name, a
+    model path every node can read or a Hub id in every node's Hugging Face cache; ``address``: a running cluster's (None or ``"local"``:
     start one here). The driver loads the model too (for the tokenizer and the run record)."""
     _check_spec(model, "scan")
     check_cluster(address, workers, gpus_per_worker)
-    adapter = load(model, device="cpu", log=log)
+    adapter = load(model, device="cpu", revision=revision, download=download, log=log)
     plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     Scanner(adapter)  # a model the fast scan cannot take fails here, before any file
     run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
@@ -133,7 +135,7 @@ def scan_corpus_ray(
         progress=progress,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
-        options=_worker_options(device, dtype, gpus_per_worker),
+        options=_worker_options(device, dtype, gpus_per_worker, revision),
     )
     return finish_scan(adapter, run, plan)
 
@@ -156,6 +158,8 @@ def validate_ray(
     gpus_per_worker: float = 0.0,
     device: str = "auto",
     dtype: str = "auto",
+    revision: str | None = None,
+    download: bool = False,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> ValidationRun:
@@ -166,7 +170,7 @@ def validate_ray(
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
     prompts = study_prompts(prompts)
     check_cluster(address, workers, gpus_per_worker)
-    adapter = load(model, device="cpu", log=log)
+    adapter = load(model, device="cpu", revision=revision, download=download, log=log)
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)
     plan.studies(adapter)  # an undefined steering family fails here, before any file
     run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
@@ -179,7 +183,7 @@ def validate_ray(
         progress=progress,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
-        options=_worker_options(device, dtype, gpus_per_worker),
+        options=_worker_options(device, dtype, gpus_per_worker, revision),
     )
     return finish_validation(adapter, run, plan)
 
@@ -192,9 +196,10 @@ def _check_spec(model, what: str) -> None:
         )
 
 
-def _worker_options(device: str, dtype: str, gpus_per_worker: float) -> dict:
-    """How each worker loads the model: on ``cuda`` when it holds a GPU."""
-    return dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype)
+def _worker_options(device: str, dtype: str, gpus_per_worker: float, revision) -> dict:
+    """How each worker loads the model: on ``cuda`` when it holds a GPU; a Hub id at the
+    driver's revision, from the worker's own Hugging Face cache (the driver downloads)."""
+    return dict(device=device if gpus_per_worker == 0 else "cuda", dtype=dtype, revision=revision)
 
 
 def _run_shards(

