@@ -297,6 +297,20 @@ def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):
     assert 0 < row["radius_certified"] <= row["radius_attack"]
 
 
+def test_nearest_tokens_a_chunk_at_a_time_equal_the_dense_distances():
+    from stable_regions.substitutions import nearest_tokens
+
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(103, 16, generator=g).to(torch.bfloat16)
+    tokens = torch.tensor([0, 50, 102, 50])
+    dense = torch.cdist(embedding.double()[tokens], embedding.double())
+    dense[torch.arange(4), tokens] = math.inf
+    expected = dense.argsort(-1)[:, :5]
+    for chunk in (None, 7, 1):
+        found = nearest_tokens(embedding, tokens, 5, chunk=chunk)
+        assert torch.equal(found, expected), chunk
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
 def test_substitutions_are_the_nearest_tokens_and_their_kl_is_the_model_s(name, tokenizer):
     adapter = wrap(tiny_model(name), tokenizer)

@@ -344,7 +344,7 @@ def test_head_transpose_matches_the_dense_product(dtype):
     W = torch.randn(50, 6, dtype=torch.float64, generator=g).to(dtype)
     head = LogitHead(W, None, 1.7, None)
     r = torch.randn(4, 50, dtype=torch.float64, generator=g)
-    got = head.transpose_wide(r, chunk_bytes=7 * 4 * 6)
+    got = head.transpose_wide(r, chunk=7 * 4 * 6)
     want = 1.7 * r @ W.to(torch.float64)
     assert got.dtype == torch.promote_types(dtype, torch.float32)
     tol = 1e-12 if dtype == torch.float64 else 1e-5

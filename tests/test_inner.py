@@ -15,6 +15,8 @@ from stable_regions.models import PRELOGIT
 from stable_regions.models.precision import exact_numerics
 from stable_regions.models.suffix import PositionSuffix, SuffixBatch
 
+pytestmark = pytest.mark.low_end  # CI runs these at both ends of the ranges
+
 PROMPT = "The cat sat on it."  # 18 characters: longer than the tiny Gemma sliding windows (4)
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
 

@@ -106,7 +106,12 @@ def test_exact_mode_equals_dense_recomputation_under_teacher_forcing(smollm):
             gaps = (z[top] - z) / dist.clamp_min(1e-300)
             gaps[top] = math.inf
             j = int(gaps.argmin())
-            assert first.radius_flip == pytest.approx(float(gaps[j]), rel=1e-4)
+            # the monitor reads generate's incremental float32 logits, the reference a full
+            # pass's: they differ by float32 roundoff of |z|, which a small gap magnifies
+            roundoff = 8 * torch.finfo(torch.float32).eps * float(z[top].abs() + z[j].abs())
+            assert first.radius_flip == pytest.approx(
+                float(gaps[j]), rel=1e-4, abs=roundoff / float(dist[j])
+            )
             u = diff[j] / dist[j]
             inside = W @ (h[i] + 0.999 * first.radius_flip * u) + offset
             beyond = W @ (h[i] + 1.001 * first.radius_flip * u) + offset

@@ -146,8 +146,12 @@ def same_validation(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert a[keys].astype(str).values.tolist() == b[keys].astype(str).values.tolist()
     numeric = ["entropy", "norm", "curvature", "empirical", "quadratic", "corrected", "taylor"]
     for col in numeric + ["calibrated"]:
+        # the measured boundary inside the network is searched to relative 1e-4
+        # (``inner_rtol``): a worker's single-threaded float32 pass may end its search
+        # elsewhere within that (1.1e-6 at 1 of 1200 rays, seen on one machine)
+        rtol = 1e-4 if col == "empirical" else 1e-6
         np.testing.assert_allclose(
-            a[col], b[col], rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=col
+            a[col], b[col], rtol=rtol, atol=1e-9, equal_nan=True, err_msg=col
         )
     assert a["empirical"].notna().mean() > 0.5  # the measured boundary was found
 

@@ -16,6 +16,8 @@ from stable_regions.models import PRELOGIT
 from stable_regions.models.suffix import SuffixBatch
 from stable_regions.models.taylor import Jet, NotJettable, taylor_derivatives
 
+pytestmark = pytest.mark.low_end  # CI runs these at both ends of the ranges
+
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
 

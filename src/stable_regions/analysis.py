@@ -17,6 +17,7 @@ from .errors import StableRegionsError
 from .geometry import radius_quadratic
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT
+from .models.precision import full_float32_products
 
 COLUMNS = [
     "position",
@@ -68,6 +69,7 @@ class AnalysisResult:
         }
 
 
+@full_float32_products()
 def analyze(
     model,
     prompt: str,
@@ -138,25 +140,28 @@ def analyze(
     done = 0
     for b in blocks:
         next_tokens = adapter.token_strings(b.top_token)
-        norm = b.norm.cpu().numpy()
+        # to the host once per block: a float() per row would wait for the device each time
+        norm, top_prob, entropy, lam, rank = (
+            _host(x) for x in (b.norm, b.top_prob, b.entropy, b.lambda_max, b.effective_rank)
+        )
         # the best closed form of each row: the exact curve at the pre-logit vector, the
         # Taylor path inside the network (the Pade form where no curve was computed)
         best = np.where(np.isnan(b.curve), b.corrected, b.curve)
         reliable, reason = reliability(best, norm[:, None], hook != PRELOGIT, b.corrected)
         for j, position in enumerate(b.positions):
             for e_idx, e in enumerate(eps_list):
-                quadratic = float(radius_quadratic(b.lambda_max[j], e))
+                quadratic = float(radius_quadratic(lam[j], e))
                 rows.append(
                     dict(
                         position=position,
                         token=tokens[position],
                         next_token=next_tokens[j],
-                        next_prob=float(b.top_prob[j]),
+                        next_prob=float(top_prob[j]),
                         eps=e,
                         layer=str(layer),
-                        entropy=float(b.entropy[j]),
-                        lambda_max=float(b.lambda_max[j]),
-                        effective_rank=float(b.effective_rank[j]),
+                        entropy=float(entropy[j]),
+                        lambda_max=float(lam[j]),
+                        effective_rank=float(rank[j]),
                         radius_quadratic=quadratic,
                         radius_corrected=float(b.corrected[j, e_idx]),
                         radius_calibrated=_calibrated(
@@ -164,7 +169,7 @@ def analyze(
                             e,
                             quadratic,
                             b.corrected[j, e_idx],
-                            b.entropy[j],
+                            entropy[j],
                             b.curve[j, e_idx],
                         ),
                         radius_curve=float(b.curve[j, e_idx]),
@@ -182,6 +187,10 @@ def analyze(
         if progress is not None:
             progress(done, len(pos))
     return AnalysisResult(adapter.name, prompt, str(layer), eps_list, rows, torch.cat(directions))
+
+
+def _host(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 def _calibrated(cal, eps: float, quadratic, corrected, entropy, taylor) -> float:

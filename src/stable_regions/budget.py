@@ -32,6 +32,20 @@ SAVED_PER_WIDTH_NESTED = 70
 CACHE_BYTES = 2 << 20
 
 
+# A vocabulary chunk of the head upcast to float64 (``LogitHead.raw_float64``, the
+# certificate's exact pass): on a CPU ~8 MB so that each chunk is reused from cache; on an
+# accelerator few large chunks, as each one is a kernel launch (8 rows of an 8B model's head
+# with the L1 norms per chunk were 16k-28k launches per block).
+CPU_CHUNK_BYTES = 8 << 20
+DEVICE_CHUNK_BYTES = 256 << 20
+
+
+def chunk_bytes(device=None, cpu: int = CPU_CHUNK_BYTES) -> int:
+    """Bytes per upcast vocabulary chunk on ``device``: ``cpu`` on a CPU (or unknown)."""
+    on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+    return cpu if on_cpu else DEVICE_CHUNK_BYTES
+
+
 def rows_in_cache(width: int, itemsize: int = 8, device=None) -> int:
     """Rows of ``width`` elements that stay within ``CACHE_BYTES`` on a CPU (at least 1);
     on any other device, all rows (a very large number)."""
@@ -47,12 +61,40 @@ def rows_within(width: int, itemsize: int = 8, *, cap: int | None = None) -> int
     return rows if cap is None else max(1, min(cap, rows))
 
 
+# A recorded row also keeps, per block, its attention over the prompt's cached keys: eager
+# attention saves the scores and the softmax of each head (an estimate of two such rows, plus
+# one transient: 3). At block 16 of Llama-3-8B and 2048 tokens that is ~25 MB a row, against
+# ~3 MB of activations: without it a long prompt's block of rows would outgrow the budget.
+ATTENTION_SAVED = 3
+
+
+def graph_bytes(device=None) -> int:
+    """What recorded passes may hold on ``device``: ``GRAPH_BYTES`` on a CPU; on a GPU a
+    quarter of its free memory at the time of asking (``torch.cuda.mem_get_info``), at least
+    ``GRAPH_BYTES``."""
+    if device is None or getattr(device, "type", str(device)) != "cuda":
+        return GRAPH_BYTES
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(GRAPH_BYTES, free // 4)
+
+
 def rows_recordable(
-    blocks: int, width: int, itemsize: int, *, cap: int, nested: bool = False
+    blocks: int,
+    width: int,
+    itemsize: int,
+    *,
+    cap: int,
+    nested: bool = False,
+    heads: int = 0,
+    keys: int = 0,
+    budget: int = GRAPH_BYTES,
 ) -> int:
     """Rows whose recorded pass through ``blocks`` blocks (activations of ``width`` elements
-    of ``itemsize`` bytes: the residual plus the MLP's hidden width) fits in ``GRAPH_BYTES``;
-    at least 1, at most ``cap``. ``nested``: the series is recorded too (no Taylor mode)."""
+    of ``itemsize`` bytes: the residual plus the MLP's hidden width; and the attention of
+    ``heads`` heads over ``keys`` cached keys) fits in ``budget``; at least 1, at most
+    ``cap``. ``nested``: the series is recorded too (no Taylor mode)."""
     saved = SAVED_PER_WIDTH_NESTED if nested else SAVED_PER_WIDTH
-    per_row = saved * max(1, blocks) * width * itemsize
-    return max(1, min(cap, GRAPH_BYTES // per_row))
+    per_row = (saved * width + ATTENTION_SAVED * heads * keys) * max(1, blocks) * itemsize
+    return max(1, min(cap, budget // per_row))

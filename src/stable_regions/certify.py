@@ -41,6 +41,7 @@ from .geometry import (
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .models.norms import NormSpec, describe_norm
+from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
 from .plotting import pyplot, save
 from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
@@ -173,6 +174,7 @@ def check_norm(norm: str) -> str:
     return norm
 
 
+@full_float32_products()
 def certify(
     model,
     prompt: str,
@@ -402,8 +404,9 @@ def _inner(
     through_norm: bool,
 ):
     head = summing_head(adapter)
-    block = positions_per_recorded_block(adapter, hook, len(pos))
+    block = positions_per_recorded_block(adapter, hook, len(pos), ids.shape[1])
     E = len(eps_list)
+    prelogits, gained = None, None  # made once, for every block
     for start in range(0, len(pos), block):
         chunk = pos[start : start + block]
         P = len(chunk)
@@ -420,7 +423,9 @@ def _inner(
         if through_norm:
             stage("certificate")
             spec, reason = describe_norm(adapter.final_norm, suffix.x0)
-            h = adapter.prelogits(ids, dtype=None)[chunk].to(torch.float64)
+            if prelogits is None:
+                prelogits = adapter.prelogits(ids, dtype=None)
+            h = prelogits[chunk].to(torch.float64)
             out = None if spec is None else spec(suffix.x0)
             if out is not None and not (
                 out.shape == h.shape and torch.allclose(out, h, 1e-4, 1e-5)
@@ -432,9 +437,9 @@ def _inner(
                 # the gain belongs to the head: the certificate is taken for the norm's output
                 # before its gain (a copy of W with the gain folded in), and the map to it,
                 # y / sqrt(|y|^2/d + eps), has Lipschitz constant 1/n on the ball
-                cert = prelogit_certificate(
-                    _gained_head(head, spec), spec.unit_output(suffix.x0), eps_list, "l2"
-                )
+                if gained is None:  # the norm's gain folded into W: one copy, not one a block
+                    gained = _gained_head(head, spec)
+                cert = prelogit_certificate(gained, spec.unit_output(suffix.x0), eps_list, "l2")
                 lam_upper = cert.upper
                 d = suffix.x0.shape[-1]
                 radius = radius_through_norm(

@@ -14,6 +14,7 @@ import torch
 
 from .errors import StableRegionsError
 from .inputs import as_adapter, check_eps
+from .models.precision import full_float32_products
 from .monitor import StabilityMonitor, check_mode
 
 
@@ -23,6 +24,7 @@ def check_new_tokens(n) -> int:
     return n
 
 
+@full_float32_products()
 def generate(
     model,
     prompts: str | Sequence[str],
@@ -54,7 +56,10 @@ def generate(
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     pad = adapter.tokenizer.pad_token_id if adapter.tokenizer is not None else None
     pad = pad if pad is not None else next(iter(eos_ids), 0)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), adapter.running():
+    # a seed reseeds every CUDA device too (torch.manual_seed): their states are restored
+    # after, as the CPU's is, so the user's random streams continue as if we had not run
+    cuda = list(range(torch.cuda.device_count())) if seed is not None else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), adapter.running():
         if seed is not None:
             torch.manual_seed(seed)
         out = adapter.model.generate(

@@ -24,6 +24,7 @@ from .errors import StableRegionsError
 from .geometry import JacobianGram
 from .inputs import as_adapter, check_positions, json_value
 from .models import PRELOGIT
+from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
 from .plotting import pyplot, save
 
@@ -83,6 +84,7 @@ class JacobianProfile:
         return save(fig, path, dpi=120)
 
 
+@full_float32_products()
 def jacobian_profile(
     model,
     prompt: str,

@@ -39,6 +39,7 @@ from .geometry import curvature_trace, effective_rank, radius_quadratic
 from .heap import return_freed_memory
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
+from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
 from .plotting import pyplot, save
 from .scan import Scanner, position_block
@@ -158,6 +159,7 @@ class StabilityMap:
         return save(fig, path, dpi=110)
 
 
+@full_float32_products()
 def stability_map(
     model,
     prompt: str,

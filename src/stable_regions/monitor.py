@@ -67,6 +67,7 @@ from .geometry import (
     top_curvature,
 )
 from .inputs import as_adapter, check_eps, json_value
+from .models.precision import full_float32_products
 
 MODES = ("fast", "exact")
 ALTERNATIVES = 5  # top tokens kept per step for the viewer's tooltip
@@ -177,7 +178,7 @@ class StabilityMonitor(LogitsProcessor):
         self.search = self.weight  # exact mode's Lanczos: bfloat16 where it is native
         dtype = search_dtype(self.weight.device)
         if mode == "exact" and dtype != self.weight.dtype:
-            self.search = self.weight.to(dtype)
+            self.search = self.adapter.head_in(dtype)  # the stored bfloat16 head, no copy
         self.spread = HeadSpread.of(self.weight)
         self.directions = check_directions(directions, self.weight.shape[1])
         self._pending: list[Future] = []
@@ -186,6 +187,10 @@ class StabilityMonitor(LogitsProcessor):
             if background
             else None
         )
+        # the worker computes on its own CUDA stream: its copies to the host then wait for its
+        # own kernels, not for the generation's queue on the default stream
+        on_cuda = self.weight.device.type == "cuda" and self._worker is not None
+        self._cuda_stream = torch.cuda.Stream(self.weight.device) if on_cuda else None
         self._direction_logits = None  # (k, V) = U W^T, once
         if self.directions:
             U = torch.stack(list(self.directions.values())).to(self.weight)
@@ -210,12 +215,26 @@ class StabilityMonitor(LogitsProcessor):
             return scores  # never changed
         # copies: generate may change its tensors in place once we return
         ids, copied = input_ids.detach().clone(), scores.detach().clone()
+        ready = None
+        if self._cuda_stream is not None:  # the copies are queued on generate's stream
+            ready = torch.cuda.Event()
+            ready.record()
+            for t in (ids, copied):  # not reused by generate's allocations meanwhile
+                t.record_stream(self._cuda_stream)
         while self._pending and self._pending[0].done():
             self._pending.pop(0).result()  # a failure surfaces here, at the next token
         if len(self._pending) >= MAX_PENDING:  # the model outruns the monitor: wait a step
             self._pending.pop(0).result()
-        self._pending.append(self._worker.submit(self._observe, ids, copied))
+        self._pending.append(self._worker.submit(self._observe_on_stream, ids, copied, ready))
         return scores
+
+    def _observe_on_stream(self, input_ids: Tensor, scores: Tensor, ready) -> None:
+        """``_observe`` in the worker: on its own stream, after ``ready`` (the copies)."""
+        if self._cuda_stream is None:
+            return self._observe(input_ids, scores)
+        with torch.cuda.stream(self._cuda_stream):
+            self._cuda_stream.wait_event(ready)
+            self._observe(input_ids, scores)
 
     def wait(self) -> None:
         """Until every step handed to the background worker is recorded (re-raises its
@@ -224,6 +243,7 @@ class StabilityMonitor(LogitsProcessor):
             self._pending.pop(0).result()
 
     @torch.no_grad()
+    @full_float32_products()
     def _observe(self, input_ids: Tensor, scores: Tensor) -> None:
         L = input_ids.shape[1]
         prev = self._prev_ids

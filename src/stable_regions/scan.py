@@ -34,6 +34,7 @@ from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
 from .heap import return_freed_memory
 from .inputs import as_adapter, check_eps
 from .models import ModelAdapter
+from .models.precision import full_float32_products
 from .plotting import pyplot, save
 from .prompts import Prompt, as_prompts, corpus_digest
 
@@ -65,11 +66,10 @@ class Scanner:
                 "the fast scan needs a linear head (this model caps or scales its logits): "
                 "use `analyze` for it"
             )
-        self.weight = adapter.unembed.weight.detach().to(torch.float32)
-        bias = adapter.unembed.bias
-        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        head = adapter.float32_head  # the adapter's one float32 head (no copy per scanner)
+        self.weight, self.bias = head.weight, head.bias
         dtype = search or search_dtype(self.weight.device)  # bfloat16 where it is native
-        self.search = None if dtype == torch.float32 else self.weight.to(dtype)
+        self.search = None if dtype == torch.float32 else adapter.head_in(dtype)
         self.tol = tol
         self.tokens = tokens
 
@@ -103,9 +103,15 @@ class Scanner:
 
     @torch.no_grad()
     def scan(self, adapter: ModelAdapter, ids: Tensor, eps: list[float]) -> dict[str, Tensor]:
-        """One forward pass over ``ids`` (1, n), then ``scan_logits`` on its logits."""
-        logits = adapter.forward(ids, use_cache=False).logits[0]
-        return self.scan_logits(logits, eps)
+        """One forward pass over ``ids`` (1, n) to the pre-logit vectors, then ``scan_logits``
+        on their float32 logits a block at a time. Not the model's own logits: in a 16-bit
+        model those carry its roundoff (bfloat16: ``lambda_max`` 0.4% off in the median)."""
+        h = adapter.prelogits(ids, dtype=None)
+        block = position_block(self.weight.shape[0])
+        parts = [
+            self.scan_logits(self.logits(h[s : s + block]), eps) for s in range(0, len(h), block)
+        ]
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
     def logits(self, h: Tensor) -> Tensor:
         """Float32 logits (n, V) of pre-logit vectors h (n, d)."""
@@ -181,6 +187,7 @@ class CorpusScan:
         return first.nsmallest(k, "radius_corrected")
 
 
+@full_float32_products()
 def scan_corpus(
     model,
     documents: Sequence[Prompt | str],

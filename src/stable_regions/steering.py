@@ -29,6 +29,7 @@ from .errors import StableRegionsError
 from .geometry import radius_pade, radius_quadratic, series_coefficients
 from .inputs import as_adapter, check_eps, check_positions
 from .models import PRELOGIT, ModelAdapter
+from .models.precision import full_float32_products
 from .models.suffix import PositionSuffix
 from .probes import measure_from_suffix
 from .prompts import read_prompt_file
@@ -106,6 +107,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return [p.text for p in read_prompt_file(path)]
 
 
+@full_float32_products()
 def mean_difference(
     model, positive: Sequence[str], negative: Sequence[str], layer: str | int
 ) -> Tensor:
@@ -130,6 +132,7 @@ def mean_difference(
     return mean_activation(positive) - mean_activation(negative)
 
 
+@full_float32_products()
 def steering_budget(
     model,
     prompts: str | Sequence[str],
@@ -164,6 +167,7 @@ def steering_budget(
         for e in eps_list:
             cal.band_for(e)  # an eps outside the calibrated bands fails before any work
     vector = check_vector(as_vector(vector, layer), adapter.hook_dim(hook))
+    vector = vector.to(adapter.device)  # a vector from a file or numpy comes on the CPU
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .budget import rows_within
 from .engine import closed_forms_along, scan_start
 from .models import ModelAdapter
 from .models.suffix import SuffixBatch
@@ -41,14 +42,28 @@ COLUMNS = [
 ]
 
 
-def nearest_tokens(embedding: Tensor, tokens: Tensor, k: int) -> Tensor:
+def nearest_tokens(
+    embedding: Tensor, tokens: Tensor, k: int, *, chunk: int | None = None
+) -> Tensor:
     """(P, k) the ``k`` rows of ``embedding`` (V, d) nearest (L2) to each of ``tokens`` (P,),
-    the token itself excluded."""
-    e = embedding.to(torch.float32)
-    norms = (e * e).sum(-1)
-    d2 = norms[None, :] - 2.0 * (e[tokens] @ e.T) + norms[tokens][:, None]
-    d2[torch.arange(len(tokens)), tokens] = float("inf")
-    return d2.topk(min(k, e.shape[0] - 1), dim=-1, largest=False).indices
+    the token itself excluded. The vocabulary goes a chunk at a time, upcast to float32 there,
+    keeping the k best so far: no float32 copy of the embedding, no (P, V) array. ``chunk``:
+    vocabulary rows at a time (default: 64 MiB of float32)."""
+    V, d = embedding.shape
+    k = min(k, V - 1)
+    query = embedding[tokens].to(torch.float32)
+    query_norms = (query * query).sum(-1)
+    best = torch.empty(len(tokens), 0, dtype=torch.float32, device=embedding.device)
+    best_ids = torch.empty(len(tokens), 0, dtype=torch.long, device=embedding.device)
+    step = chunk or rows_within(d, 4)
+    for s in range(0, V, step):
+        e = embedding[s : s + step].to(torch.float32)
+        d2 = (e * e).sum(-1)[None, :] - 2.0 * (query @ e.T) + query_norms[:, None]
+        ids = torch.arange(s, s + len(e), device=embedding.device)
+        d2 = d2.masked_fill(ids[None, :] == tokens[:, None], float("inf"))
+        best, pick = torch.cat([best, d2], 1).topk(min(k, best.shape[1] + len(e)), largest=False)
+        best_ids = torch.cat([best_ids, ids.expand(len(tokens), -1)], 1).gather(1, pick)
+    return best_ids
 
 
 def _substituted(
@@ -60,7 +75,8 @@ def _substituted(
     prefix[:, position] = subs
     seen: list[Tensor] = []
     with torch.no_grad(), adapter.capture(hook, seen):
-        logits = adapter.forward(prefix, use_cache=False).logits[:, -1]
+        out = adapter.forward(prefix, use_cache=False, **adapter.last_logits_only())
+        logits = out.logits[:, -1]
     return seen[0][:, position].to(torch.float64), torch.log_softmax(logits.double(), -1)
 
 

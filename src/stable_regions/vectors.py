@@ -64,6 +64,8 @@ def as_vector(vector, layer) -> Tensor:
     vector (``directions``)."""
     if isinstance(vector, Mapping) or hasattr(vector, "directions"):
         vector = vector_at_layer(vector, layer)
+    if isinstance(vector, Tensor):  # where it is (numpy would refuse a GPU tensor)
+        return vector.detach().to(torch.float64)
     return torch.as_tensor(np.asarray(vector, dtype=np.float64))
 
 

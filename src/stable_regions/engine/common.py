@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..budget import rows_recordable, rows_within
+from ..budget import graph_bytes, rows_recordable, rows_within
 from ..geometry import (
     LogitHead,
     TaylorPathKL,
@@ -104,10 +104,13 @@ def positions_per_block(vocab_size: int, inner: bool = False) -> int:
     return rows_within(2 * vocab_size, 8, cap=64 if inner else 32)
 
 
-def positions_per_recorded_block(adapter: ModelAdapter, hook: str, n_positions: int) -> int:
+def positions_per_recorded_block(
+    adapter: ModelAdapter, hook: str, n_positions: int, keys: int = 0
+) -> int:
     """Positions per block inside the network: ``positions_per_block`` (inner), fewer where
-    the pass recorded through the blocks after ``hook`` would outgrow ``budget.GRAPH_BYTES``,
-    and blocks of equal size (64 positions at a cap of 40 are two blocks of 32, not 40 + 24).
+    the pass recorded through the blocks after ``hook`` (their activations, and the attention
+    over ``keys`` cached keys: the prompt's length) would outgrow ``budget.graph_bytes``, and
+    blocks of equal size (64 positions at a cap of 40 are two blocks of 32, not 40 + 24).
     SmolLM2's default map of 64 positions: blocks of 32 from the embedding to block 4 and
     of 64 after; with blocks of 64 everywhere it peaked at 1.76 GB instead of 1.70 GB (both
     before the trace probes went float32 and wider: 1.86 GB with them)."""
@@ -121,6 +124,9 @@ def positions_per_recorded_block(adapter: ModelAdapter, hook: str, n_positions: 
         itemsize,
         cap=positions_per_block(adapter.vocab_size, True),
         nested=not adapter.taylor_mode,
+        heads=getattr(adapter.config, "num_attention_heads", None) or 0,
+        keys=keys,
+        budget=graph_bytes(adapter.device),
     )
     count = -(-n_positions // cap)  # blocks needed
     return max(1, -(-n_positions // count))
@@ -154,12 +160,9 @@ def top_vectors_linear(
 
 
 def summing_head(adapter: ModelAdapter) -> LogitHead:
-    """The model's own head for products and sums: as stored for float32 / float64, a
-    float32 copy of the head alone for a 16-bit one (its products would lose the sums)."""
-    head = adapter.stored_head
-    if head.weight.dtype not in (torch.float32, torch.float64):
-        head = head.to(torch.float32)
-    return head
+    """The model's own head for products and sums: as stored for float32 / float64, the
+    adapter's one float32 copy of the head for a 16-bit one (``ModelAdapter.summing_head``)."""
+    return adapter.summing_head
 
 
 def logit_derivatives(adapter: ModelAdapter, suffix: SuffixBatch, v: Tensor) -> list[Tensor]:

@@ -19,7 +19,7 @@ from ..geometry import (
 )
 from ..heap import return_freed_memory
 from ..models import ModelAdapter
-from ..probes import RayKL, measure_boundaries
+from ..probes import LinearRayKL, RayKL, measure_boundaries
 from .common import (
     Block,
     Stage,
@@ -105,7 +105,6 @@ def prelogit_blocks(
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
         # The closed forms only seed the search brackets; they never decide the answer.
         from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
-        del curve
         if exact:
             stage("measuring")
             if head.is_linear:
@@ -114,11 +113,16 @@ def prelogit_blocks(
                 # curve's root instead of far below it (it walks down if it starts above).
                 first = np.where(np.isfinite(from_curve), from_curve, np.inf).min(1)
                 search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
-            measured = measure_boundaries(
-                RayKL(head.logits_float64, ray_h, ray_v), eps_list, guesses=from_curve, **search
+            along = (
+                LinearRayKL(curve.u0, curve.b)
+                if head.is_linear
+                else RayKL(head.logits_float64, ray_h, ray_v)
             )
+            measured = measure_boundaries(along, eps_list, guesses=from_curve, **search)
+            del along
         else:
             measured = np.full_like(from_curve, np.nan)
+        del curve
         yield Block(
             pos[start : start + P],
             top_i,

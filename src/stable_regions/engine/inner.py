@@ -67,7 +67,7 @@ def inner_blocks(
     stage = stage or quiet
     E = len(eps_list)
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
-    block = positions_per_recorded_block(adapter, hook, len(pos))
+    block = positions_per_recorded_block(adapter, hook, len(pos), ids.shape[1])
     # maps whose positions the graph budget splits: the series of several blocks together
     cap = positions_per_block(adapter.vocab_size, inner=True)
     span = -(-len(pos) // -(-len(pos) // cap))  # equal chunks of at most cap positions
@@ -103,7 +103,14 @@ def inner_blocks(
         norm = suffix.x0.norm(dim=-1)
         logp = torch.log_softmax(suffix.logits0, -1) if curve else None
         _, predicted, on_path = closed_forms_along(
-            adapter, suffix, v, p, eps_list, rtol, logp=logp, origin=torch.arange(P)
+            adapter,
+            suffix,
+            v,
+            p,
+            eps_list,
+            rtol,
+            logp=logp,
+            origin=torch.arange(P, device=p.device),
         )
         if exact:
             stage("measuring")
@@ -112,7 +119,7 @@ def inner_blocks(
                 suffix,
                 rays(v, -1.0),
                 eps_list,
-                rows=torch.arange(P).repeat_interleave(2),
+                rows=torch.arange(P, device=p.device).repeat_interleave(2),
                 guesses=guess,
                 rtol=rtol,
                 start=scan_start(guess),

@@ -34,6 +34,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ..budget import chunk_bytes
+
 MARGIN = 1e-9  # relative, covers float64 roundoff in the sums below
 FLOAT32_MARGIN = 1e-5  # the same where p and the O(V) sums are float32
 
@@ -60,10 +62,10 @@ class HeadSpread:
         return self.powers.to(torch.float32)
 
     @classmethod
-    def of(cls, weight: Tensor, chunk_bytes: int = 1 << 24) -> HeadSpread:
+    def of(cls, weight: Tensor, chunk: int | None = None) -> HeadSpread:
         f64 = torch.float64
         V, d = weight.shape
-        step = max(1, chunk_bytes // (8 * d))
+        step = max(1, (chunk or chunk_bytes(weight.device, cpu=16 << 20)) // (8 * d))
         center = torch.zeros(d, dtype=f64, device=weight.device)
         for s in range(0, V, step):
             center += weight[s : s + step].to(f64).sum(0)

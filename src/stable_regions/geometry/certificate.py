@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..budget import rows_in_cache, rows_within
+from ..budget import chunk_bytes, rows_in_cache, rows_within
 from .fisher import FisherOperator
 from .head import LogitHead
 
@@ -332,15 +332,16 @@ class ExactHeadPass:
 
 
 def exact_head_pass(
-    weight: Tensor, scale: float, p: Tensor, y: Tensor, l1: bool = False, chunk_bytes: int = 1 << 23
+    weight: Tensor, scale: float, p: Tensor, y: Tensor, l1: bool = False, chunk: int | None = None
 ) -> ExactHeadPass:
     """``H = scale^2 W^T (diag p - p p^T) W`` applied exactly (see ``ExactHeadPass``)."""
     f64 = torch.float64
     V, d = weight.shape
     P = p.shape[0]
-    step = max(1, chunk_bytes // (8 * d))
+    budget = chunk or chunk_bytes(weight.device)
+    step = max(1, budget // (8 * d))
     if l1:  # the (P, n, d) differences of the L1 norms stay within the same budget
-        step = max(1, min(step, chunk_bytes // (8 * d * P)))
+        step = max(1, min(step, budget // (8 * d * P)))
     mu = torch.zeros(P, d, dtype=f64, device=p.device)
     for s in range(0, V, step):
         mu += p[:, s : s + step] @ (weight[s : s + step].to(f64) * scale)

@@ -114,9 +114,9 @@ class CurvatureOperator:
         estimate's variance is small where the curvature is concentrated (Hutch++, Meyer et
         al. 2021, with a Krylov basis).
         """
-        g = torch.Generator(device=self.p.device).manual_seed(seed)
-        z = torch.randint(0, 2, (probes, self.d), generator=g, device=self.p.device)
-        z = (2 * z - 1).to(self.p.dtype).expand(self.batch, -1, -1)
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same probes on every device
+        z = torch.randint(0, 2, (probes, self.d), generator=g)
+        z = (2 * z - 1).to(device=self.p.device, dtype=self.p.dtype).expand(self.batch, -1, -1)
         z = z - torch.einsum("pzd,pkd->pzk", z, basis) @ basis
         if basis_trace is not None:
             return basis_trace + self.quadratic_form(z).mean(-1)
@@ -154,9 +154,9 @@ class CurvatureOperator:
         start orthogonal to the top eigenvector still finds it). In lockstep (every position
         runs until all have converged) unless ``independent``: then each stops as soon as it
         has, and the products see only the positions still running (``subset``)."""
-        g = torch.Generator(device=self.p.device).manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
         v0 = self.start_vector().to(self.p.dtype)
-        noise = torch.randn(v0.shape, dtype=v0.dtype, device=v0.device, generator=g)
+        noise = torch.randn(v0.shape, dtype=v0.dtype, generator=g).to(v0.device)
         v0 = v0 + 1e-3 * v0.norm(dim=-1, keepdim=True) * noise / self.d**0.5
         tol = self.default_tol if tol is None else tol
         # a convergence check (a small tridiagonal eigh) after every product: the products

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..budget import rows_in_cache
+from ..budget import rows_in_cache, rows_within
 from .head import LogitHead
 
 
@@ -185,6 +185,23 @@ def radius_series(coeffs: list[float], eps: float) -> float:
     return float(real.min()) if real.size else math.inf
 
 
+def by_ray(kl_rows, rays: Tensor, t: Tensor, width: int) -> Tensor:
+    """``kl_rows(r, t)`` for the steps ``t`` (M,) of ``rays`` (M,). On a CPU one ray at a time:
+    broadcasting its (V,) rows beats gathering (M, V) copies. On an accelerator the rows are
+    gathered, a (rows x V) budget at a time: a loop over rays would wait for the device (its
+    ``unique``, ``nonzero``) and launch tiny kernels per ray."""
+    out = torch.empty_like(t)
+    if rays.device.type == "cpu":
+        for r in torch.unique(rays).tolist():
+            idx = (rays == r).nonzero()[:, 0]
+            out[idx] = kl_rows(r, t[idx])
+        return out
+    step = rows_within(width)
+    for s in range(0, len(rays), step):
+        out[s : s + step] = kl_rows(rays[s : s + step], t[s : s + step])
+    return out
+
+
 def _on_numpy(kl_at, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """A ``kl_at(rays, t)`` of tensors as the numpy row function ``first_crossings`` expects."""
     t = torch.as_tensor(np.asarray(ts, dtype=np.float64))
@@ -222,19 +239,15 @@ class RayCurve:
         """KL of ray ``rays[i]`` at step ``t[i]``: shape (M,)."""
         rays = torch.as_tensor(rays, dtype=torch.long, device=self.b.device)
         t = torch.as_tensor(t, dtype=self.b.dtype, device=self.b.device)
-        out = torch.empty_like(t)
-        # One ray at a time: broadcasting its (V,) rows is cheaper than gathering (M, V) copies.
-        for r in torch.unique(rays).tolist():
-            idx = (rays == r).nonzero()[:, 0]
-            tr = t[idx, None]
-            if self.head.is_linear:
-                out[idx] = (
-                    torch.logsumexp(self.logp[r] + tr * self.b[r], -1) - tr[:, 0] * self._mean_b[r]
-                )
-            else:
-                logpt = torch.log_softmax(self.head.squash(self.u0[r] + tr * self.b[r]), -1)
-                out[idx] = (self.p[r] * (self.logp[r] - logpt)).sum(-1)
-        return out
+        return by_ray(self._kl_rows, rays, t, self.b.shape[-1])
+
+    def _kl_rows(self, r, t: Tensor) -> Tensor:
+        """KL at steps ``t`` (n,) of ray(s) ``r``: one ray (an int) or one per step."""
+        tr = t[:, None]
+        if self.head.is_linear:
+            return torch.logsumexp(self.logp[r] + tr * self.b[r], -1) - t * self._mean_b[r]
+        logpt = torch.log_softmax(self.head.squash(self.u0[r] + tr * self.b[r]), -1)
+        return (self.p[r] * (self.logp[r] - logpt)).sum(-1)
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """``kl_at`` on numpy arrays: the row function ``first_crossings`` expects."""
@@ -296,14 +309,17 @@ class TaylorPathKL:
     def kl_at(self, rays: Tensor, t: Tensor) -> Tensor:
         rays = torch.as_tensor(rays, dtype=torch.long, device=self.logp.device)
         t = torch.as_tensor(t, dtype=torch.float64, device=self.logp.device)
-        out = torch.empty_like(t)
-        for r in torch.unique(rays).tolist():
-            idx = (rays == r).nonzero()[:, 0]
-            i, sign = (r // 2, -1.0 if r % 2 else 1.0) if self.both_signs else (r, 1.0)
-            tr = sign * t[idx, None]  # -v at t is +v at -t
-            d = sum((tr**k / math.factorial(k)) * a[i] for k, a in enumerate(self.centred, start=1))
-            out[idx] = torch.logsumexp(self.logp[self.origin[i]] + d, -1)
-        return out.clamp_min(0.0)
+        return by_ray(self._kl_rows, rays, t, self.logp.shape[-1]).clamp_min(0.0)
+
+    def _kl_rows(self, r, t: Tensor) -> Tensor:
+        """KL at steps ``t`` (n,) of ray(s) ``r``: one ray (an int) or one per step."""
+        if self.both_signs:  # -v at t is +v at -t
+            i, t = r // 2, t * (1.0 - 2.0 * (r % 2))
+        else:
+            i = r
+        tr = t[:, None]
+        d = sum((tr**k / math.factorial(k)) * a[i] for k, a in enumerate(self.centred, start=1))
+        return torch.logsumexp(self.logp[self.origin[i]] + d, -1)
 
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         return _on_numpy(self.kl_at, rays, ts)

@@ -17,6 +17,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ..budget import chunk_bytes
+
 
 @dataclass(frozen=True)
 class LogitHead:
@@ -58,17 +60,18 @@ class LogitHead:
         u = u.to(h.dtype)
         return u * self.scale if self.scale != 1.0 else u
 
-    def raw_float64(self, h: Tensor, chunk_bytes: int = 1 << 23, *, bias: bool = True) -> Tensor:
-        """``raw(h)`` computed in float64 (R, V), the weight upcast a vocabulary chunk at a
-        time (~8 MB each, so it stays in cache): exact products without a float64 copy of W.
-        For measurements that must not carry the weight dtype's roundoff."""
+    def raw_float64(self, h: Tensor, chunk: int | None = None, *, bias: bool = True) -> Tensor:
+        """``raw(h)`` computed in float64 (R, V), the weight upcast a vocabulary chunk of
+        ``chunk`` bytes at a time (``budget.chunk_bytes``: ~8 MB on a CPU, so it stays in
+        cache): exact products without a float64 copy of W. For measurements that must not
+        carry the weight dtype's roundoff."""
         f64 = torch.float64
         h = h.to(f64)
         if self.weight.dtype == f64:
             u = h @ self.weight.T
         else:
             V, d = self.weight.shape
-            step = max(1, chunk_bytes // (8 * d))
+            step = max(1, (chunk or chunk_bytes(self.weight.device)) // (8 * d))
             u = torch.empty(*h.shape[:-1], V, dtype=f64, device=h.device)
             for s in range(0, V, step):
                 u[..., s : s + step] = h @ self.weight[s : s + step].to(f64).T
@@ -76,7 +79,7 @@ class LogitHead:
             u = u + self.bias.to(f64)
         return u * self.scale if self.scale != 1.0 else u
 
-    def transpose_wide(self, r: Tensor, chunk_bytes: int = 1 << 23) -> Tensor:
+    def transpose_wide(self, r: Tensor, chunk: int | None = None) -> Tensor:
         """``scale * W^T r`` for ``r`` (R, V) -> (R, d), in the weight's dtype or float32,
         whichever is wider: a 16-bit W is upcast a vocabulary chunk at a time (~8 MB each),
         never as a whole copy."""
@@ -85,7 +88,8 @@ class LogitHead:
         if self.weight.dtype == wide:
             out = r.to(wide) @ self.weight
         else:
-            step = max(1, chunk_bytes // (torch.finfo(wide).bits // 8 * d))
+            budget = chunk or chunk_bytes(self.weight.device)
+            step = max(1, budget // (torch.finfo(wide).bits // 8 * d))
             out = torch.zeros(r.shape[0], d, dtype=wide, device=r.device)
             for s in range(0, V, step):
                 out += r[:, s : s + step].to(wide) @ self.weight[s : s + step].to(wide)

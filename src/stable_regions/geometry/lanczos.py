@@ -89,44 +89,49 @@ def lanczos(
     dtype, device = v0.dtype, v0.device
     f64 = torch.float64
     m_cap = d if max_iter is None else min(max(max_iter, k), d)
-    Q = torch.zeros(P, m_cap + 1, d, dtype=dtype, device=device)
-    alpha = torch.zeros(P, m_cap, dtype=f64, device=device)
-    beta = torch.zeros(P, m_cap, dtype=f64, device=device)
+    # The basis grows as it fills (a few columns are typical: preallocating m_cap + 1 = d + 1
+    # columns would hold P d^2 values). The tridiagonal matrices and the convergence checks
+    # live on the CPU in float64: tiny problems, and one small transfer per step.
+    Q = torch.zeros(P, min(m_cap + 1, max(2 * k + 2, 16)), d, dtype=dtype, device=device)
+    alpha = torch.zeros(P, m_cap, dtype=f64)
+    beta = torch.zeros(P, m_cap, dtype=f64)
     # below this relative size a new Krylov direction is roundoff of the vectors' dtype
     breakdown = max(1e-13, float(torch.finfo(dtype).eps))
 
     q = v0.clone()
     norms = q.norm(dim=-1, keepdim=True)
-    dead = norms.squeeze(-1) <= 1e-300
+    dead = (norms.squeeze(-1) <= 1e-300).cpu()
     if dead.any():
-        q[dead] = torch.randn(int(dead.sum()), d, dtype=dtype, device=device, generator=generator)
+        q[dead] = _random_rows(int(dead.sum()), d, dtype, device, generator)
         norms = q.norm(dim=-1, keepdim=True)
     Q[:, 0] = q / norms
 
-    values = torch.zeros(P, k, dtype=f64, device=device)
+    values = torch.zeros(P, k, dtype=f64)
     vectors = torch.zeros(P, k, d, dtype=dtype, device=device)
-    residuals = torch.zeros(P, k, dtype=f64, device=device)
-    ritz_values = torch.full((P, m_cap), torch.nan, dtype=f64, device=device)
-    iterations = torch.zeros(P, dtype=torch.long, device=device)
-    active = torch.arange(P, device=device)
+    residuals = torch.zeros(P, k, dtype=f64)
+    ritz_values = torch.full((P, m_cap), torch.nan, dtype=f64)
+    iterations = torch.zeros(P, dtype=torch.long)
+    active = torch.arange(P)  # on the CPU: it indexes both the device basis and the CPU rows
     j = 0
     while j < m_cap and len(active):
+        if j + 1 >= Q.shape[1]:
+            Q = _grown(Q, min(m_cap + 1, 2 * Q.shape[1]))
         basis = Q[active, : j + 1]
         qj = basis[:, -1]
         w = matvec(qj)
-        alpha[active, j] = (w * qj).sum(-1, dtype=f64)
+        a_j = (w * qj).sum(-1, dtype=f64)
         # Two passes of classical Gram-Schmidt against all previous vectors.
         for _ in range(2):
             w = w - torch.einsum("pm,pmd->pd", torch.einsum("pmd,pd->pm", basis, w), basis)
-        b = w.norm(dim=-1)
+        b_dev = w.norm(dim=-1)
+        a_j, b = torch.stack([a_j, b_dev.to(f64)]).cpu()
+        alpha[active, j] = a_j
         scale = alpha[active, : j + 1].abs().amax(-1).clamp_min(1e-300)
-        broke = b.to(f64) <= breakdown * scale
+        broke = b <= breakdown * scale
         if broke.any():
             # Invariant subspace found: continue from a fresh direction orthogonal to it,
             # with a zero off-diagonal, so eigenvalues outside it are not missed.
-            fresh = torch.randn(
-                int(broke.sum()), d, dtype=dtype, device=device, generator=generator
-            )
+            fresh = _random_rows(int(broke.sum()), d, dtype, device, generator)
             Qb = basis[broke]
             for _ in range(2):
                 fresh = fresh - torch.einsum(
@@ -134,11 +139,9 @@ def lanczos(
                 )
             w[broke] = fresh
             b = torch.where(broke, torch.zeros_like(b), b)
-            wn = w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            Q[active, j + 1] = torch.where(broke[:, None], w / wn, w / b.clamp_min(1e-300)[:, None])
-        else:
-            Q[active, j + 1] = w / b[:, None].clamp_min(1e-300)
-        beta[active, j] = b.to(f64)
+            b_dev = torch.where(broke.to(device), w.norm(dim=-1), b_dev)
+        Q[active, j + 1] = w / b_dev[:, None].clamp_min(1e-300)
+        beta[active, j] = b
         j += 1
         if j >= k and (j % check_every == 0 or j == m_cap):
             ritz, S = _tridiagonal_eigh(alpha[active, :j], beta[active, : j - 1])
@@ -152,7 +155,8 @@ def lanczos(
                 done[:] = bool(done.all())  # every operator goes on until all are done
             if done.any():
                 rows = active[done]
-                vecs = torch.einsum("pmk,pmd->pkd", Sk[done].to(dtype), Q[rows, :j])
+                coef = Sk[done].to(device=device, dtype=dtype)
+                vecs = torch.einsum("pmk,pmd->pkd", coef, Q[rows, :j])
                 vecs = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-300)
                 values[rows], vectors[rows] = theta[done], _fix_sign(vecs)
                 residuals[rows], iterations[rows] = resid[done], j
@@ -160,11 +164,28 @@ def lanczos(
                 Q[rows, j] = 0.0  # the next direction was never used: the basis is Q[:, :j]
                 active = active[~done]
                 if retire is not None and len(active):
-                    retire(~done)
+                    retire((~done).to(device))
     m = int(iterations.max())
     return LanczosRun(
-        values, vectors, residuals, Q[:, :m], alpha.sum(-1), ritz_values[:, :m], iterations
+        values.to(device),
+        vectors,
+        residuals.to(device),
+        Q[:, :m],
+        alpha.sum(-1).to(device),
+        ritz_values[:, :m].to(device),
+        iterations.to(device),
     )
+
+
+def _grown(Q: Tensor, columns: int) -> Tensor:
+    grown = Q.new_zeros(Q.shape[0], columns, Q.shape[2])
+    grown[:, : Q.shape[1]] = Q
+    return grown
+
+
+def _random_rows(n: int, d: int, dtype, device, generator) -> Tensor:
+    """Random rows drawn on the CPU (a generator is the CPU's), then moved to the device."""
+    return torch.randn(n, d, dtype=dtype, generator=generator).to(device)
 
 
 def _tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,9 +17,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..budget import rows_within
 from ..errors import StableRegionsError, UnsupportedModelError
 from ..geometry import LogitHead
 from .architectures import ArchSpec, arch_for, get_path
+from .attention import derivatives_explained, eager_attention, switchable_configs
 from .precision import exact_numerics
 from .wrappers import cache_handoff, component, old_name_cache_readers
 
@@ -84,12 +86,17 @@ class ModelAdapter:
         softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_softcap: float | None = float(softcap) if softcap else None
         self._head: LogitHead | None = None
+        self._head32: LogitHead | None = None
         self._cache_name: str | None = None
+        self._keeps_logits: bool | None = None
         self._cache_readers = old_name_cache_readers(model)  # TransformerLens bridges
         # Higher derivatives by Taylor mode (``models.taylor``) until a pass meets an
         # operation that has no rule there; then by nested forward mode, and this says why.
         self.taylor_mode: bool = True
         self.taylor_mode_off: str = ""
+        # fused attention (the transformers default) has no higher derivatives: our
+        # differentiated passes switch these configs to eager while they run (``attention``)
+        self._fused_attention = switchable_configs(model)
 
     # ------------------------------------------------------------------ head
     @property
@@ -113,9 +120,37 @@ class ModelAdapter:
             self._head = self.stored_head.to(torch.float64)
         return self._head
 
+    @property
+    def float32_head(self) -> LogitHead:
+        """The head in float32: the stored one where it is float32, else a copy made once and
+        kept (``release_copies`` drops it); the only float32 copy of the head an adapter makes."""
+        head = self.stored_head
+        if head.weight.dtype == torch.float32:
+            return head
+        if self._head32 is None:
+            self._head32 = head.to(torch.float32)
+        return self._head32
+
+    @property
+    def summing_head(self) -> LogitHead:
+        """The head for products and sums: as stored for float32 / float64, the float32 head
+        for a 16-bit one (its own products would lose the sums)."""
+        head = self.stored_head
+        return head if head.weight.dtype in (torch.float32, torch.float64) else self.float32_head
+
+    def head_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The head's weight in ``dtype`` without a new copy where one exists: the stored
+        weight, or the float32 head."""
+        if self.unembed.weight.dtype == dtype:
+            return self.unembed.weight.detach()
+        if dtype == torch.float32:
+            return self.float32_head.weight
+        return self.unembed.weight.detach().to(dtype)
+
     def release_copies(self) -> None:
-        """Drop the float64 head (made again on next use)."""
+        """Drop the float64 and float32 copies of the head (made again on next use)."""
         self._head = None
+        self._head32 = None
 
     # ----------------------------------------------------------------- facts
     @property
@@ -257,15 +292,28 @@ class ModelAdapter:
             with cache_handoff(self._cache_readers):
                 yield
 
-    def frozen(self):
+    def eager_attention(self):
+        """A context in which the model's attention runs eager (``attention.eager_attention``):
+        the suffix passes, whose logits the differentiated passes are compared with."""
+        return eager_attention(self._fused_attention)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
         """A context with the weights' ``requires_grad`` off (restored after): for derivatives
         in the activations. Enter it outside any torch.func transform (``jvp``, ``vjp``).
+        Attention runs eager inside (``attention.eager_attention``), and an operation without
+        the derivative taken fails in one line (``attention.derivatives_explained``).
 
         A weight that requires grad makes every ``jvp``/``vjp`` record (and keep) the weight's
         side too, and disables the fast constant-weight linear of ``exact_numerics``: third-order
         directional derivatives of 16 positions from SmolLM2's embedding took 2.9 GB peak and
         5.3 s with the weights thawed, 1.1 GB and 2.9 s frozen (measured)."""
-        return frozen_parameters(self.model)
+        with (
+            frozen_parameters(self.model),
+            eager_attention(self._fused_attention),
+            derivatives_explained(self.name),
+        ):
+            yield
 
     @torch.no_grad()
     def prelogits(self, ids: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
@@ -284,10 +332,29 @@ class ModelAdapter:
     @torch.no_grad()
     def next_token_alternatives(self, ids: Tensor, k: int = 5) -> tuple[list[list[str]], Tensor]:
         """The ``k`` likeliest next tokens (strings) and their probabilities (n, k) at every
-        position of ``ids`` (1, n): one forward pass, the softmax in float64."""
-        logits = self.forward(ids, use_cache=False).logits[0]
-        probs, top = torch.softmax(logits.to(torch.float64), -1).topk(min(k, logits.shape[-1]))
-        return [self.token_strings(row) for row in top], probs.cpu()
+        position of ``ids`` (1, n): one forward pass to the pre-logit vectors, then the head
+        and a float64 softmax a block of positions at a time (never n x V at once)."""
+        h = self.prelogits(ids, dtype=None)
+        head = self.stored_head
+        k = min(k, head.vocab_size)
+        names, probs = [], []
+        step = rows_within(head.vocab_size)
+        for s in range(0, len(h), step):
+            logits = head.logits(h[s : s + step])
+            p, top = torch.softmax(logits.to(torch.float64), -1).topk(k)
+            names += [self.token_strings(row) for row in top]
+            probs.append(p.cpu())
+        return names, torch.cat(probs)
+
+    def last_logits_only(self) -> dict:
+        """The forward keyword that makes the head map the last position only, where the
+        model takes one (``logits_to_keep``)."""
+        if self._keeps_logits is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            self._keeps_logits = "logits_to_keep" in params
+        return {"logits_to_keep": 1} if self._keeps_logits else {}
 
     @contextmanager
     def perturbation(

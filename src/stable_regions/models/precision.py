@@ -28,6 +28,9 @@ or the user's own code after it, sees torch as it is. Contexts nest.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -173,3 +176,40 @@ def _widened(args, kwargs) -> list:
 def exact_numerics(float64: bool = True) -> ExactNumerics:
     """The context: ``with exact_numerics(): model(...)``."""
     return ExactNumerics(float64)
+
+
+# PyTorch's float32 matrix-product settings (``torch.set_float32_matmul_precision``, or the
+# per-backend ``fp32_precision``): "tf32" on a GPU and "bf16" in oneDNN on a CPU keep about
+# 1e-3 of a product, which a user may choose for their own model. Our float32 sums over the
+# vocabulary and our small KLs need full float32: every study pins it for its own duration
+# and puts the user's setting back. (These settings are process-wide, not per thread: code
+# the user runs on another thread during our call computes in full float32 too.)
+_FP32_BACKENDS = ("cuda.matmul", "mkldnn.matmul")
+
+
+def _backend(path: str):
+    obj = torch.backends
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj if obj is not None and hasattr(obj, "fp32_precision") else None
+
+
+@contextmanager
+def full_float32_products() -> Iterator[None]:
+    """Full-precision float32 matrix products inside (no TF32, no bfloat16 passes); the
+    user's setting restored after. Usable as a decorator."""
+    backends = [b for b in map(_backend, _FP32_BACKENDS) if b is not None]
+    saved = [b.fp32_precision for b in backends]
+    legacy = None
+    if not backends:  # torch before the per-backend setting
+        legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)

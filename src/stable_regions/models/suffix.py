@@ -33,6 +33,7 @@ from torch.func import jvp, vjp, vmap
 
 from ..budget import rows_within
 from .adapter import ModelAdapter
+from .attention import derivatives_explained
 from .taylor import NotJettable, taylor_derivatives
 from .widening import NotWidenable, widened_at
 
@@ -221,8 +222,10 @@ class SuffixBatch:
         else:
             kwargs.update(use_cache=False)
         # adapter.forward: float64 stays float64, and layer_norm gets correct higher
-        # forward-mode derivatives (the derivative methods below freeze the weights)
-        return self.adapter.forward(self._tokens[rows][None], **kwargs)
+        # forward-mode derivatives (the derivative methods below freeze the weights); eager
+        # attention in every suffix pass, differentiated or not, so that they all agree
+        with self.adapter.eager_attention():
+            return self.adapter.forward(self._tokens[rows][None], **kwargs)
 
     def _rows(self, deltas: Tensor, rows: Tensor | None) -> Tensor:
         if rows is None:
@@ -353,6 +356,7 @@ class SuffixBatch:
         k x B x m."""
         single = lambda x: fn(x)[0]  # noqa: E731
 
+        @derivatives_explained(self.adapter.name)
         def apply(x: Tensor) -> Tensor:
             x = x.to(self.dtype)
             if x.ndim == 2:

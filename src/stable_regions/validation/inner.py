@@ -141,7 +141,8 @@ class InnerLayerStudy:
         measured = np.empty_like(corrected)
         # rows of one chunk: the recorded budget, and the derivatives' (rows, V) arrays
         block = min(
-            positions_per_recorded_block(self.adapter, self.hook, N), rows_within(p.shape[-1])
+            positions_per_recorded_block(self.adapter, self.hook, N, ids.shape[1]),
+            rows_within(p.shape[-1]),
         )
         for start in range(0, N, block):
             rows = slice(start, min(N, start + block))
@@ -164,7 +165,7 @@ class InnerLayerStudy:
                 batch,
                 rays(v[rows], -1.0),
                 s.eps,
-                rows=torch.arange(len(chunk)).repeat_interleave(2),
+                rows=torch.arange(len(chunk), device=v.device).repeat_interleave(2),
                 guesses=guess,
                 rtol=max(s.rtol, s.inner_rtol),
                 start=scan_start(guess),

@@ -28,6 +28,7 @@ from ..calibration import Calibration, model_fingerprint, resolve_calibration
 from ..errors import StableRegionsError
 from ..files import RunDirectory, write_json, write_parquet
 from ..inputs import as_adapter, check_eps
+from ..models.precision import full_float32_products
 from ..prompts import Prompt, as_prompts, corpus, corpus_digest
 from ..report import write_report
 from .final import FinalLayerStudy
@@ -203,6 +204,7 @@ def finish_validation(adapter, run: RunDirectory, plan: ValidationPlan) -> Valid
     return ValidationRun(out, frame, summary, used)
 
 
+@full_float32_products()
 def validate(
     model,
     prompts: Sequence[Prompt] | None = None,

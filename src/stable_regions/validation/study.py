@@ -193,7 +193,7 @@ def family_directions(
         ]
     if "eigenspace" in fams:
         for i in range(s.n_eigenspace):
-            c = torch.randn(s.eigenspace_k, generator=g, dtype=h.dtype)
+            c = torch.randn(s.eigenspace_k, generator=g, dtype=h.dtype).to(h.device)
             out.append(("eigenspace", i, unit(c @ eigenvectors[: s.eigenspace_k].to(h.dtype))))
     if "token" in fams:
         out += [("token", i, unit(t.to(h.dtype))) for i, t in enumerate(token[: s.n_token])]
@@ -201,7 +201,8 @@ def family_directions(
         out.append(("interpolation", 0, unit(partner.to(h.dtype) - h)))
     if "steering" in fams and steering is not None:
         out.append(("steering", 0, unit(steering.to(h.dtype))))
-    return [(f, i, v.to(h.dtype)) for f, i, v in out if v is not None]
+    # drawn on the CPU (the same directions on every device), used where h is
+    return [(f, i, v.to(device=h.device, dtype=h.dtype)) for f, i, v in out if v is not None]
 
 
 def both_signs(
