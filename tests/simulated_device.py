@@ -115,14 +115,16 @@ class Tally:
     def __init__(self) -> None:
         self.syncs: Counter = Counter()
         self.largest = 0
+        self.largest_made_by = ""
 
 
-def _counted(kind: str, size: int = 0) -> None:
+def _counted(kind: str, size: int = 0, made_by: str = "") -> None:
     tally = getattr(_state, "tally", None)
     if tally is None:
         return
     if kind == "largest":
-        tally.largest = max(tally.largest, size)
+        if size > tally.largest:
+            tally.largest, tally.largest_made_by = size, made_by
     else:
         tally.syncs[kind] += 1
 
@@ -197,6 +199,11 @@ class SimulatedDevice(TorchDispatchMode):
     def largest(self) -> int:
         return self.tally.largest
 
+    @property
+    def largest_made_by(self) -> str:
+        """The operation, shape and dtype of the largest tensor made."""
+        return self.tally.largest_made_by
+
     def __enter__(self):
         self._outer = getattr(_state, "tally", None)
         _state.tally = self.tally
@@ -264,7 +271,7 @@ def _dispatch(func, types, args, kwargs):
         return out
     # an output that is an input's own tensor (in place, out=) returns that input's wrapper
     inputs = {id(x.elem): x for x in flat if _on_device(x)}
-    return tree_map(lambda o: _rewrap(o, inputs), out)
+    return tree_map(lambda o: _rewrap(o, inputs, func), out)
 
 
 def _check(func, args, kwargs, flat, device_in) -> None:
@@ -283,13 +290,13 @@ def _check(func, args, kwargs, flat, device_in) -> None:
             )
 
 
-def _rewrap(out, inputs: dict):
+def _rewrap(out, inputs: dict, func=None):
     if not isinstance(out, torch.Tensor):
         return out
     same = inputs.get(id(out))
     if same is not None:
         return same
-    _counted("largest", out.untyped_storage().nbytes())
+    _counted("largest", out.untyped_storage().nbytes(), f"{func} {tuple(out.shape)} {out.dtype}")
     return OnDevice(out)
 
 

@@ -37,24 +37,24 @@ def test_lanczos_grows_its_basis_instead_of_preallocating_d_columns():
     assert sim.largest >= P * 8 * d * 8  # the harness sees the basis: 8+ columns
 
 
-def test_one_float32_head_per_adapter_and_no_copy_of_a_16_bit_search_weight():
+def test_one_float32_view_of_a_16_bit_head_and_no_copy_of_its_search_weight():
+    """A bfloat16 head is read in float32 through one ``WideRows`` per adapter (no copy),
+    shared by the scanner and the monitor; their bfloat16 search reads the stored weight."""
+    from stable_regions.geometry import WideRows
+
     model = tiny_model("llama", seed=1, dtype=torch.bfloat16)
     adapter = sr.wrap(model, char_tokenizer())
     head = adapter.float32_head
-    assert head.weight.dtype == torch.float32 and adapter.float32_head is head
-    torch.testing.assert_close(head.weight, model.lm_head.weight.float(), rtol=0, atol=0)
+    assert isinstance(head.weight, WideRows) and adapter.float32_head is head
+    assert head.weight.stored.data_ptr() == model.lm_head.weight.data_ptr()
+    torch.testing.assert_close(head.weight[0:128], model.lm_head.weight.float(), rtol=0, atol=0)
     assert Scanner(adapter).weight is head.weight
-    assert Scanner(adapter, search=torch.bfloat16).search.data_ptr() == (
-        model.lm_head.weight.data_ptr()
-    )
+    search = Scanner(adapter, search=torch.bfloat16).search
+    assert search.data_ptr() == model.lm_head.weight.data_ptr()
     monitor = sr.StabilityMonitor(adapter, [0.1], mode="exact", background=False)
     assert monitor.weight is head.weight
-    adapter.release_copies()
-    assert adapter.float32_head is not head
     stored = sr.wrap(tiny_model("llama", seed=1, dtype=torch.float32), char_tokenizer())
-    assert stored.float32_head.weight is stored.unembed.weight.detach() or (
-        stored.float32_head.weight.data_ptr() == stored.unembed.weight.data_ptr()
-    )
+    assert stored.float32_head.weight.data_ptr() == stored.unembed.weight.data_ptr()
 
 
 def test_a_16_bit_scan_reads_the_pre_logit_vector_not_the_model_s_rounded_logits():
@@ -121,3 +121,81 @@ def test_next_token_alternatives_equal_a_full_softmax():
     top, idx = p.topk(3)
     torch.testing.assert_close(probs, top, rtol=1e-12, atol=0)
     assert names == [adapter.token_strings(row) for row in idx]
+
+
+def _wide_model():
+    """A bfloat16 Llama with a head of 4096 x 96: several chunks when chunks are small."""
+    import transformers as T
+    from conftest import CONFIGS
+
+    config = T.LlamaConfig(
+        **{**CONFIGS["llama"]().to_dict(), "vocab_size": 4096, "hidden_size": 96}
+    )
+    torch.manual_seed(5)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return model.to(torch.bfloat16).eval()
+
+
+def _studies(adapter):
+    prompt = "The cat sat on the mat"
+    ids = adapter.tokenize(prompt + ", and then it slept.")
+    found = Scanner(adapter).scan(adapter, ids, [0.1])
+    return [
+        sr.analyze(adapter, prompt, eps=[0.1, 1.0]).to_frame(),
+        sr.certify(adapter, prompt, eps=[0.1], positions="last").to_frame(),
+        # through the final norm: its gain folded into the head, still no copy
+        sr.certify(adapter, prompt, eps=[0.1], positions="last", layer=2).to_frame(),
+        {k: found[k].cpu().numpy() for k in ("lambda_max", "radius")},
+        sr.generate(adapter, ["Hi", "The"], max_new_tokens=3, mode="exact")[1],
+        sr.generate(adapter, ["Hi", "The"], max_new_tokens=3, mode="fast")[1],
+    ]
+
+
+def test_a_16_bit_head_is_read_in_float32_chunks_never_copied_whole(monkeypatch):
+    """A bfloat16 head's float32 products read it a chunk at a time (``WideRows``): the
+    studies equal those of a whole float32 copy, and on the simulated device no tensor as
+    large as that copy is ever made (chunks of 64 KiB and (rows x V) arrays of 256 KiB here,
+    the head's float32 copy 1.5 MiB)."""
+    import numpy as np
+
+    from stable_regions import budget
+    from stable_regions.geometry import LogitHead, WideRows
+
+    monkeypatch.setattr(budget, "DEVICE_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(budget, "ARRAY_BYTES", 256 << 10)  # (rows x V) arrays: small too
+    model = _wide_model()
+    copied = sr.wrap(model, char_tokenizer())
+    h = copied.stored_head
+    copied._head32 = LogitHead(h.weight.float(), None, h.scale, h.softcap)  # the old way
+    reference = _studies(copied)
+    with SimulatedDevice() as sim:
+        adapter = sr.wrap(model.to(DEVICE), char_tokenizer())
+        assert isinstance(adapter.float32_head.weight, WideRows)
+        found = _studies(adapter)
+    whole_copy = 4096 * 96 * 4
+    assert sim.largest < whole_copy, (sim.largest, whole_copy, sim.largest_made_by)
+    columns = ["lambda_max", "radius_exact", "radius_curve", "radius_certified", "radius"]
+    for ours, theirs in zip(found, reference, strict=True):
+        for col in columns + ["radius_corrected"]:
+            if col in theirs:
+                a, b = np.asarray(ours[col], dtype=float), np.asarray(theirs[col], dtype=float)
+                np.testing.assert_allclose(a, b, rtol=2e-5, err_msg=col)
+
+
+def test_wide_rows_refuse_whole_copies():
+    import pytest as _pytest
+
+    from stable_regions.geometry import WideRows
+
+    w = WideRows(torch.randn(100, 8).to(torch.bfloat16))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(x @ w.T, x @ w.stored.float().T, rtol=0, atol=0)
+    y = torch.randn(3, 100)
+    torch.testing.assert_close(y @ w, y @ w.stored.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.vector_norm(w, dim=-1), w.stored.float().norm(dim=-1))
+    with _pytest.raises(TypeError, match="whole head"):
+        torch.exp(w)
+    with _pytest.raises(TypeError, match="whole head"):
+        torch.einsum("vd,d->v", w, x[0])

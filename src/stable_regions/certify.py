@@ -32,6 +32,7 @@ from .errors import StableRegionsError
 from .geometry import (
     LogitHead,
     PullbackOperator,
+    WideRows,
     prelogit_certificate,
     radius_pade,
     radius_through_norm,
@@ -382,9 +383,10 @@ def _prelogit(
 
 
 def _gained_head(head: LogitHead, spec: NormSpec) -> LogitHead:
-    """``z = scale (W (g * y_hat + beta) + b)`` as a head on ``y_hat``: ``W diag(g)`` (a copy
-    of the head in its dtype) and bias ``b + W beta``."""
-    weight = head.weight * spec.gain.to(head.weight.dtype)[None, :]
+    """``z = scale (W (g * y_hat + beta) + b)`` as a head on ``y_hat``: ``W diag(g)`` read a
+    chunk of rows at a time (``WideRows``, no copy of the head) and bias ``b + W beta``."""
+    stored = head.weight.stored if isinstance(head.weight, WideRows) else head.weight
+    weight = WideRows(stored, head.weight.dtype, column_scale=spec.gain)
     bias = None if head.bias is None else head.bias.to(torch.float64)
     if spec.bias is not None:
         folded = head.raw_float64(spec.bias[None], bias=False)[0] / head.scale
@@ -437,7 +439,7 @@ def _inner(
                 # the gain belongs to the head: the certificate is taken for the norm's output
                 # before its gain (a copy of W with the gain folded in), and the map to it,
                 # y / sqrt(|y|^2/d + eps), has Lipschitz constant 1/n on the ball
-                if gained is None:  # the norm's gain folded into W: one copy, not one a block
+                if gained is None:  # the norm's gain folded into W (a view): made once
                     gained = _gained_head(head, spec)
                 cert = prelogit_certificate(gained, spec.unit_output(suffix.x0), eps_list, "l2")
                 lam_upper = cert.upper
@@ -452,7 +454,10 @@ def _inner(
         target = KLTarget(
             lambda x, r, s=suffix: s.logits(x - s.x0[r], r), suffix.x0, suffix.logits0
         )
-        attack, exact = search.run(target, unit(vecs, "l2"), eps_list)
+        # the search differentiates in the perturbation only: the weights frozen (no weight-side
+        # graph, no wide copy of a 16-bit head for its gradient)
+        with adapter.frozen():
+            attack, exact = search.run(target, unit(vecs, "l2"), eps_list)
         top_p, top_i = p.max(-1)
         yield dict(
             positions=chunk,

@@ -41,6 +41,7 @@ from .topcurv import (
     top_curvature,
     top_eigenpair_float64,
 )
+from .wide import WideRows
 
 __all__ = [
     "CurvatureBracket",
@@ -82,4 +83,5 @@ __all__ = [
     "series_coefficients",
     "top_curvature",
     "top_eigenpair_float64",
+    "WideRows",
 ]

@@ -88,6 +88,7 @@ class PivotedProbabilities:
         raw moments would cancel. Divided by the total mass ``sum p``.
         """
         V = weight.shape[0]
+        chunk = _capped(chunk, weight)
         f64 = torch.float64
         a_top = (v * weight[self.index]).sum(-1, keepdim=True)
         # the top token alone: mass p_c at a' = 0
@@ -216,7 +217,7 @@ def curvature_trace(weight: Tensor, logits: Tensor) -> Tensor:
     spread = torch.zeros(len(p), dtype=f64, device=p.device)
     pull = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # W^T p'
     V = weight.shape[0]
-    step = _row_chunk(len(p), *weight.shape)
+    step = _capped(_row_chunk(len(p), *weight.shape), weight)
     for s in range(0, V, step):
         rows = weight[s : s + step]
         n_i = rows.to(f64).pow(2).sum(-1)
@@ -255,7 +256,7 @@ def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
     second = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W^2
     first = torch.zeros(w_c.shape, dtype=f64, device=p.device)  # sum p' W
     V = weight.shape[0]
-    step = _row_chunk(len(p), *weight.shape)
+    step = _capped(_row_chunk(len(p), *weight.shape), weight)
     for s in range(0, V, step):
         rows = weight[s : s + step]
         r = rest[:, s : s + len(rows)].to(weight.dtype)
@@ -278,6 +279,13 @@ def _row_chunk(P: int, V: int, d: int) -> int:
     upcast): ``_chunk``, and at most ~8 MB of float64 rows (one position would otherwise take
     the whole vocabulary at once: 1.3 GB for Gemma-3's 262k x 640)."""
     return min(_chunk(P, V), max(256, (1 << 20) // d))
+
+
+def _capped(chunk: int, weight) -> int:
+    """``chunk`` rows of ``weight``, and for a ``WideRows`` head at most its own chunk: its
+    rows are upcast copies, and a chunk of the whole vocabulary would copy the whole head."""
+    cap = getattr(weight, "rows_per_chunk", None)
+    return chunk if cap is None else max(1, min(chunk, cap))
 
 
 def _chunk(P: int, V: int) -> int:
@@ -376,7 +384,7 @@ class _PivotedProduct:
         self.top = prob.top
         self.w_top = search[prob.index].to(dtype)  # (P, d)
         P, V = prob.rest.shape
-        self.chunk = _chunk(P, V)
+        self.chunk = _capped(_chunk(P, V), search)
         size = P * self.chunk
         low = search.dtype
         dev = search.device

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..budget import rows_within
 from ..errors import StableRegionsError, UnsupportedModelError
-from ..geometry import LogitHead
+from ..geometry import LogitHead, WideRows
 from .architectures import ArchSpec, arch_for, get_path
 from .attention import derivatives_explained, eager_attention, switchable_configs
 from .precision import exact_numerics
@@ -122,13 +122,15 @@ class ModelAdapter:
 
     @property
     def float32_head(self) -> LogitHead:
-        """The head in float32: the stored one where it is float32, else a copy made once and
-        kept (``release_copies`` drops it); the only float32 copy of the head an adapter makes."""
+        """The head in float32: the stored one where it is float32, else the stored weight
+        read in float32 a vocabulary chunk at a time (``geometry.WideRows``: never a whole
+        copy; 2 GiB for Llama-3-8B's head) with a float32 bias."""
         head = self.stored_head
         if head.weight.dtype == torch.float32:
             return head
         if self._head32 is None:
-            self._head32 = head.to(torch.float32)
+            bias = None if head.bias is None else head.bias.to(torch.float32)
+            self._head32 = LogitHead(WideRows(head.weight), bias, head.scale, head.softcap)
         return self._head32
 
     @property
@@ -138,9 +140,9 @@ class ModelAdapter:
         head = self.stored_head
         return head if head.weight.dtype in (torch.float32, torch.float64) else self.float32_head
 
-    def head_in(self, dtype: torch.dtype) -> torch.Tensor:
+    def head_in(self, dtype: torch.dtype):
         """The head's weight in ``dtype`` without a new copy where one exists: the stored
-        weight, or the float32 head."""
+        weight, or the float32 head's (a ``WideRows`` for a 16-bit head)."""
         if self.unembed.weight.dtype == dtype:
             return self.unembed.weight.detach()
         if dtype == torch.float32:
@@ -148,7 +150,7 @@ class ModelAdapter:
         return self.unembed.weight.detach().to(dtype)
 
     def release_copies(self) -> None:
-        """Drop the float64 and float32 copies of the head (made again on next use)."""
+        """Drop the float64 copy of the head (made again on next use)."""
         self._head = None
         self._head32 = None
 

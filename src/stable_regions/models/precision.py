@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .products import wide_linear
 from .taylor import Jet
 
 _linear = F.linear
@@ -70,8 +71,7 @@ class _Weights:
         self.dtype = dtype
 
     def product(self, x):
-        bias = None if self.bias is None else self.bias.to(self.dtype)
-        return _linear(x, self.weight.to(self.dtype), bias)
+        return wide_linear(x, self.weight, self.bias, self.dtype)
 
 
 class _ConstantLinear(torch.autograd.Function):
@@ -113,7 +113,8 @@ def _widest(*tensors) -> torch.dtype | None:
 def _constant_linear(x, weight, bias=None):
     wide = _widest(x, weight, bias)
     x = x.to(wide)
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if trained and torch.is_grad_enabled():  # the weight's own gradient is wanted
         return _linear(x, weight.to(wide), None if bias is None else bias.to(wide))
     return _ConstantLinear.apply(x, _Weights(weight, bias, wide))
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .products import wide_linear, wide_matmul
+
 MAX_ORDER = 3
 
 
@@ -280,13 +282,13 @@ def _pow(x, p):
 def _linear(x, weight, bias=None):
     if isinstance(weight, Jet) or isinstance(bias, Jet):
         raise NotJettable("a linear map with a jet weight")
-    return _stacked(x, lambda s: F.linear(s, weight.to(s.dtype)), bias)
+    return _stacked(x, lambda s: wide_linear(s, weight, None, s.dtype), bias)
 
 
 def _addmm(bias, x, weight, *, beta=1, alpha=1):  # GPT-2's Conv1D: x W + b
     if isinstance(weight, Jet) or isinstance(bias, Jet) or beta != 1 or alpha != 1:
         raise NotJettable("addmm beyond x W + b")
-    return _stacked(x, lambda s: torch.matmul(s, weight.to(s.dtype)), bias)
+    return _stacked(x, lambda s: wide_matmul(s, weight, s.dtype), bias)
 
 
 def _stacked(x: Jet, product, bias) -> Jet:
