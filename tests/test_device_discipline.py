@@ -199,3 +199,12 @@ def test_wide_rows_refuse_whole_copies():
         torch.exp(w)
     with _pytest.raises(TypeError, match="whole head"):
         torch.einsum("vd,d->v", w, x[0])
+
+
+def test_a_checkpoint_loads_as_stored_for_a_process_that_reads_little(tmp_path):
+    """``dtype="stored"`` (the Ray driver's load) keeps the checkpoint's dtype: nothing is
+    converted; the default converts to float32 on the CPU."""
+    tiny_model("llama", seed=1, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    assert sr.load(str(tmp_path), dtype="stored").unembed.weight.dtype == torch.bfloat16
+    assert sr.load(str(tmp_path)).unembed.weight.dtype == torch.float32

@@ -122,7 +122,11 @@ def scan_corpus_ray(
     start one here). The driver loads the model too (for the tokenizer and the run record)."""
     _check_spec(model, "scan")
     check_cluster(address, workers, gpus_per_worker)
-    adapter = load(model, device="cpu", revision=revision, download=download, log=log)
+    # the tokenizer, a few head rows for the run record: the checkpoint as stored, memory-
+    # mapped, not the whole model converted to float32 (32 GB at 8B)
+    adapter = load(
+        model, device="cpu", dtype="stored", revision=revision, download=download, log=log
+    )
     plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     Scanner(adapter)  # a model the fast scan cannot take fails here, before any file
     run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
@@ -170,7 +174,11 @@ def validate_ray(
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
     prompts = study_prompts(prompts)
     check_cluster(address, workers, gpus_per_worker)
-    adapter = load(model, device="cpu", revision=revision, download=download, log=log)
+    # the tokenizer, a few head rows for the run record: the checkpoint as stored, memory-
+    # mapped, not the whole model converted to float32 (32 GB at 8B)
+    adapter = load(
+        model, device="cpu", dtype="stored", revision=revision, download=download, log=log
+    )
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)
     plan.studies(adapter)  # an undefined steering family fails here, before any file
     run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)

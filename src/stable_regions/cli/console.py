@@ -46,7 +46,7 @@ def add_model(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         metavar="DTYPE",
-        help="auto, float32, bfloat16 or float16: the weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
+        help="auto, float32, bfloat16, float16 or stored (the checkpoint's own): the weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
     )
 
 

@@ -58,10 +58,13 @@ def load(
     ``download=True`` fetches it there first (safetensors weights only). ``device``:
     ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     ``dtype``: ``auto`` (float32 on the CPU, bfloat16 on a GPU that has it), ``float32``,
-    ``bfloat16`` or ``float16``.
+    ``bfloat16``, ``float16``, or ``stored`` (the checkpoint's own, nothing converted: a
+    process that reads little of the model, as a Ray driver, keeps little of it resident).
     """
     where = resolve_device(device)
-    dtype = resolve_dtype(dtype, where)
+    # "stored": the checkpoint's own dtype (transformers' "auto"): nothing is converted, the
+    # weights stay memory-mapped and little of them is resident until used
+    dtype = "auto" if dtype == "stored" else resolve_dtype(dtype, where)
     if not isinstance(spec, str) or not spec:
         raise StableRegionsError(
             "no model given: use a bundled name, a model directory, a .gguf file or a "
@@ -105,7 +108,7 @@ def load(
 
 
 def _load_directory(
-    path: Path, name: str, device: torch.device, dtype: torch.dtype
+    path: Path, name: str, device: torch.device, dtype: torch.dtype | str
 ) -> ModelAdapter:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
