@@ -80,20 +80,20 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     else:
         ref = folder / "refs" / wanted
         if not ref.is_file():
-            raise ModelNotInstalledError(
-                f"revision {wanted!r} of {repo_id} is not in the Hugging Face cache ({cache}; "
-                f"cached: {', '.join(_cached_revisions(folder)) or 'none'}): fetch it with "
-                f"`{fetch_command(repo_id, revision or 'main')}`"
-            )
+            raise _revision_missing(repo_id, wanted, cache, folder)
         commit = ref.read_text().strip()
     snapshot = folder / "snapshots" / commit
     if not snapshot.is_dir():
-        raise ModelNotInstalledError(
-            f"revision {wanted!r} of {repo_id} is not in the Hugging Face cache ({cache}; "
-            f"cached: {', '.join(_cached_revisions(folder)) or 'none'}): fetch it with "
-            f"`{fetch_command(repo_id, wanted)}`"
-        )
+        raise _revision_missing(repo_id, wanted, cache, folder)
     return snapshot
+
+
+def _revision_missing(repo_id: str, wanted: str, cache: Path, folder: Path) -> Exception:
+    return ModelNotInstalledError(
+        f"revision {wanted!r} of {repo_id} is not in the Hugging Face cache ({cache}; "
+        f"cached: {', '.join(_cached_revisions(folder)) or 'none'}): fetch it with "
+        f"`{fetch_command(repo_id, wanted)}`"
+    )
 
 
 def _cached_revisions(folder: Path) -> list[str]:
