@@ -54,11 +54,11 @@ def main() -> None:
     print(
         f"model {args.model}, layer {layer}: {len(prompts)} prompts, {n_pos} positions, {time.time() - start:.0f} s"
     )
-    print("| eps | n | quadratic median | quadratic p90 | corrected median | corrected p90 |")
+    print("| eps | n | quadratic median | quadratic p90 | pade median | pade p90 |")
     print("|---|---|---|---|---|---|")
     for e, g in df.groupby("eps"):
         q = (g.radius_quadratic / g.radius_exact - 1).abs()
-        c = (g.radius_corrected / g.radius_exact - 1).abs()
+        c = (g.radius_pade / g.radius_exact - 1).abs()
         print(
             f"| {e:g} | {len(g)} | {q.median():.3%} | {q.quantile(0.9):.3%} | {c.median():.4%} | {c.quantile(0.9):.4%} |"
         )

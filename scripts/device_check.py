@@ -431,7 +431,7 @@ def generate_task(adapter, model, device) -> dict:
     )
     after = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
     steps = frame.drop_duplicates("step").sort_values("step")
-    new = torch.tensor([steps.token_id.tolist()], device=adapter.device)
+    new = torch.tensor([steps.chosen_token_id.tolist()], device=adapter.device)
     h_all = adapter.prelogits(torch.cat([adapter.tokenize("16:"), new], 1))
     at = [0, len(steps) // 2, len(steps) - 1]
     ref = head_top_lambda(adapter, h_all[[15 + i for i in at]])

@@ -43,11 +43,13 @@ def bisect(z, b, eps):
 def dense_check(adapter, prompts, tokens, eps):
     _, frame = sr.generate(adapter, prompts, max_new_tokens=tokens, eps=eps, mode="exact")
     W = adapter.unembed.weight.detach()
-    errs = {k: [] for k in ("lambda_max", "radius_quadratic", "radius_corrected", "radius_flip")}
+    errs = {k: [] for k in ("lambda_max", "radius_quadratic", "radius_curve", "radius_flip")}
     for seq, prompt in enumerate(prompts):
         rows = frame[frame.sequence == seq]
         steps = rows.drop_duplicates("step").sort_values("step")
-        ids = torch.cat([adapter.tokenize(prompt), torch.tensor([steps.token_id.tolist()])], 1)
+        ids = torch.cat(
+            [adapter.tokenize(prompt), torch.tensor([steps.chosen_token_id.tolist()])], 1
+        )
         n0 = ids.shape[1] - len(steps)
         with torch.no_grad():
             logits = adapter.model(ids).logits[0, n0 - 1 : -1].to(torch.float64)
@@ -86,14 +88,14 @@ def dense_check(adapter, prompts, tokens, eps):
                     abs(row.radius_quadratic / math.sqrt(2 * row.eps / lam) - 1)
                 )
                 exact = min(bisect(z, b, row.eps), bisect(z, -b, row.eps))
-                errs["radius_corrected"].append(abs(row.radius_corrected / exact - 1))
+                errs["radius_curve"].append(abs(row.radius_curve / exact - 1))
     return {k: {"max_rel_err": float(max(v)), "n": len(v)} for k, v in errs.items()}
 
 
 def fast_against_exact(adapter, prompts, tokens, eps):
     _, exact = sr.generate(adapter, prompts, max_new_tokens=tokens, eps=eps, mode="exact")
     _, fast = sr.generate(adapter, prompts, max_new_tokens=tokens, eps=eps, mode="fast")
-    assert exact.token_id.tolist() == fast.token_id.tolist()
+    assert exact.chosen_token_id.tolist() == fast.chosen_token_id.tolist()
     out = {"positions": int(len(exact) // len(eps))}
     first = exact.eps == eps[0]
     ratio = (fast.lambda_max / exact.lambda_max)[first]
@@ -124,8 +126,8 @@ def fast_against_exact(adapter, prompts, tokens, eps):
     }
     for e in eps:
         sel = exact.eps == e
-        err = (fast.radius_corrected[sel] / exact.radius_corrected[sel] - 1).abs()
-        out[f"radius_corrected_rel_err_eps_{e:g}"] = {
+        err = (fast.radius_curve[sel] / exact.radius_curve[sel] - 1).abs()
+        out[f"radius_curve_rel_err_eps_{e:g}"] = {
             "median": float(err.median()),
             "p90": float(err.quantile(0.9)),
             "max": float(err.max()),
@@ -139,9 +141,11 @@ def batched_against_single(adapter, prompts, tokens, eps):
     for seq, prompt in enumerate(prompts):
         text, alone = sr.generate(adapter, prompt, max_new_tokens=tokens, eps=eps)
         mine = batched[batched.sequence == seq].reset_index(drop=True)
-        same &= text == texts[seq] and mine.token_id.tolist() == alone.token_id.tolist()
+        same &= (
+            text == texts[seq] and mine.chosen_token_id.tolist() == alone.chosen_token_id.tolist()
+        )
         n = min(len(mine), len(alone))
-        for col in ("lambda_max", "radius_corrected", "radius_flip"):
+        for col in ("lambda_max", "radius_curve", "radius_flip"):
             a, b = mine[col][:n].to_numpy(), alone[col][:n].to_numpy()
             worst = max(worst, float(np.max(np.abs(a / b - 1))))
     return {"same_tokens": bool(same), "max_rel_diff": worst}

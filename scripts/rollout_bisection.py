@@ -73,7 +73,7 @@ def main() -> None:
     adapter = sr.load(args.model)
     held_out = held_out_corpus(args.prompts)
     positive, negative = sentiment_prompts()
-    vector = sr.mean_difference(adapter, positive, negative, args.layer).to(torch.float32)
+    vector = sr.mean_difference(adapter, positive, negative, layer=args.layer).to(torch.float32)
     hook = adapter.hook_for_layer(args.layer)
     rows = []
     start = time.perf_counter()

@@ -22,6 +22,7 @@ import pandas as pd
 import stable_regions as sr
 from stable_regions.metrics import relative_error
 from stable_regions.validation.fitting import apply_calibration, fit_calibration
+from stable_regions.vocabulary import upgrade
 
 TARGET = {0.01: 0.01, 0.1: 0.08, 1.0: 0.5}  # issue 16's thresholds per eps
 
@@ -33,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for run in args.runs:
-        frame = pd.read_parquet(run / "results.parquet")
+        frame = upgrade(pd.read_parquet(run / "results.parquet"), "validate", str(run))
         manifest = json.loads((run / "manifest.json").read_text())
         adapter = sr.load(manifest.get("record", manifest)["model"])
         for layer in sorted(set(frame["layer"]) - {"final"}):
@@ -46,7 +47,7 @@ def main() -> None:
                 for eps, threshold in TARGET.items():
                     band = out[np.isclose(out["eps"], eps)]
                     err = relative_error(
-                        band["calibrated"].to_numpy(), band["empirical"].to_numpy()
+                        band["radius_calibrated"].to_numpy(), band["radius_exact"].to_numpy()
                     )
                     within = pd.Series(err <= threshold, index=band.index)
                     rows.append(

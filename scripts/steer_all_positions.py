@@ -59,11 +59,11 @@ def main() -> None:
     data = resources.files("stable_regions") / "data"
     pos = [t for t in data.joinpath("sentiment_positive.txt").read_text().splitlines() if t.strip()]
     neg = [t for t in data.joinpath("sentiment_negative.txt").read_text().splitlines() if t.strip()]
-    vector = sr.mean_difference(adapter, pos, neg, args.layer)
+    vector = sr.mean_difference(adapter, pos, neg, layer=args.layer)
     hook = adapter.hook_for_layer(args.layer)
     eps = [0.1, 1.0]
     prompts = [p.text for p in corpus()][: args.prompts]
-    result = sr.steering_budget(adapter, prompts, vector, args.layer, eps=eps)
+    result = sr.steering_budget(adapter, prompts, vector=vector, layer=args.layer, eps=eps)
     frame = result.to_frame()
     rows = []
     for i, prompt in enumerate(prompts):

@@ -25,7 +25,7 @@ import stable_regions as sr
 from stable_regions.prompts import sentiment_prompts
 from stable_regions.validation import held_out_corpus
 
-FORMS = ["coef_quadratic", "coef_corrected", "coef_curve", "coef_calibrated"]
+FORMS = ["coef_quadratic", "coef_pade", "coef_curve", "coef_calibrated"]
 
 
 def main() -> None:
@@ -41,14 +41,14 @@ def main() -> None:
     adapter = sr.load(args.model)
     held_out = held_out_corpus(args.prompts)
     positive, negative = sentiment_prompts()
-    vector = sr.mean_difference(adapter, positive, negative, args.layer)
+    vector = sr.mean_difference(adapter, positive, negative, layer=args.layer)
 
     def budget(exact: bool):
         return sr.steering_budget(
             adapter,
             held_out,
-            vector,
-            args.layer,
+            vector=vector,
+            layer=args.layer,
             eps=args.eps,
             positions="last",
             exact=exact,

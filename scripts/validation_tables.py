@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 FAMILIES = ["all", "top", "random", "eigenspace", "token", "interpolation", "steering"]
-PREDICTORS = ["quadratic", "corrected", "taylor", "calibrated"]
-SHORT = {"quadratic": "q", "corrected": "c", "taylor": "t", "calibrated": "cal"}
+PREDICTORS = ["quadratic", "pade", "curve", "calibrated"]
+SHORT = {"quadratic": "q", "pade": "p", "curve": "c", "calibrated": "cal"}
 
 
 def pct(x: float) -> str:
@@ -63,10 +63,11 @@ def by_entropy(run: Path) -> str:
     import pandas as pd
 
     from stable_regions.validation import relative_error
+    from stable_regions.vocabulary import upgrade
 
-    frame = pd.read_parquet(run / "results.parquet")
+    frame = upgrade(pd.read_parquet(run / "results.parquet"), "validate", str(run))
     test = frame[frame["split"] == "test"]
-    preds = [p for p in PREDICTORS if p in test and test[p].notna().any()]
+    preds = [p for p in PREDICTORS if f"radius_{p}" in test and test[f"radius_{p}"].notna().any()]
     edges = [0.0, 0.5, 2.0, 4.0, np.inf]
     names = ["< 0.5", "0.5-2", "2-4", ">= 4"]
     out = [
@@ -79,7 +80,7 @@ def by_entropy(run: Path) -> str:
             b = g[band == name]
             if b.empty:
                 continue
-            med = [np.median(relative_error(b[p], b["empirical"])) for p in preds]
+            med = [np.median(relative_error(b[f"radius_{p}"], b["radius_exact"])) for p in preds]
             out.append(
                 f"| {layer} | {eps:g} | {name} | {len(b)} | "
                 + " | ".join(pct(m) for m in med)

@@ -118,7 +118,7 @@ def one(path: Path, dtype: str, task: str) -> dict:
         ).to_frame(),
         "certify_64": lambda: sr.certify(adapter, prompt, eps=[0.1, 1.0]).to_frame(),
         "scan_2048": lambda: Scanner(adapter).scan(adapter, document, [0.1]),
-        "generate_32": lambda: sr.generate(adapter, prompt, max_new_tokens=32, mode="fast")[1],
+        "generate_32": lambda: sr.generate(adapter, prompt, max_new_tokens=32, mode="fast").frame,
     }
     start = time.perf_counter()
     found = runs[task]()
@@ -126,19 +126,17 @@ def one(path: Path, dtype: str, task: str) -> dict:
     if isinstance(found, dict):  # the scan
         answers = {
             "lambda_max": found["lambda_max"].tolist(),
-            "radius": found["radius"][:, 0].tolist(),
+            "radius": found["radius_pade"][:, 0].tolist(),
         }
     else:
-        radius = next(
-            c for c in ("radius_exact", "radius_certified", "radius_corrected") if c in found
-        )
+        radius = next(c for c in ("radius_exact", "radius_certified", "radius_curve") if c in found)
         answers = {
             "lambda_max": found["lambda_max"].tolist(),
             "radius": found[radius].tolist(),
             "radius_column": radius,
         }
-        if "token_id" in found:
-            answers["token_id"] = found["token_id"].tolist()
+        if "chosen_token_id" in found:
+            answers["token_id"] = found["chosen_token_id"].tolist()
     weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
     return dict(
         dtype=dtype,

@@ -21,31 +21,36 @@ def test_compare_alternates_and_takes_the_median():
     assert got["a"][1] == 1 and got["b"][1] == 2 and got["a"][0] >= 0
 
 
-def test_compare_times_a_short_call_back_to_back():
+def test_compare_times_a_short_call_back_to_back(monkeypatch):
     """A call shorter than min_s is repeated within its round and the round's time is the
-    mean of the repeats, so a slow first call after the other contender does not count."""
-    import time
+    mean of the repeats, so a slow first call after the other contender does not count.
+    The contenders advance a fake clock: no real time passes, and the answer is exact."""
+    from stable_regions import timing
 
+    now = [0.0]
+    monkeypatch.setattr(timing, "clock", lambda: now[0])
     calls = []
 
     def ramping():  # slow right after the other contender, fast when called back to back
         slow = not calls or calls[-1] != "fast"
         calls.append("fast")
-        time.sleep(0.04 if slow else 0.005)
+        now[0] += 0.04 if slow else 0.005
         return 1
 
     def other():  # longer than min_s: one call per round
         calls.append("other")
-        time.sleep(0.06)
+        now[0] += 0.06
         return 2
 
     got = compare({"fast": ramping, "other": other}, 2, min_s=0.05)
-    assert 0.004 <= got["fast"][0] < 0.015  # the 0.04 s first calls are not what is timed
+    assert got["fast"][0] == pytest.approx(0.005)  # the 0.04 s first calls are not timed
+    assert got["other"][0] == pytest.approx(0.06)
     rounds = "".join("f" if c == "fast" else "o" for c in calls)
     assert rounds.startswith("fo")  # the warm-ups
     assert rounds[2:].count("o") == 2 and rounds.count("f") >= 1 + 2 * 10
 
 
+@pytest.mark.slow
 def test_bench_rows_on_a_tiny_model(tmp_path):
     adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
     settings = BenchSettings(

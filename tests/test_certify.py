@@ -116,6 +116,7 @@ def test_ritz_bound_is_above_lambda_max_and_close(seed):
     assert torch.all(upper >= lam * (1 - 1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("seed", range(3))
@@ -214,6 +215,7 @@ def _whole_model_kl(adapter, ids, hook, position, deltas):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
 def test_last_block_certificate_holds_on_the_whole_model(name, tokenizer):
     adapter = wrap(tiny_model(name), tokenizer)
@@ -221,7 +223,7 @@ def test_last_block_certificate_holds_on_the_whole_model(name, tokenizer):
     ids = adapter.tokenize(prompt)
     last = adapter.n_layers - 1
     hook = adapter.hook_for_layer(last)
-    result = certify(adapter, prompt, EPS, layer=last, positions=[2, 5], rounds=1, steps=3)
+    result = certify(adapter, prompt, eps=EPS, layer=last, positions=[2, 5], rounds=1, steps=3)
     frame = result.to_frame()
     assert frame["radius_certified"].notna().all(), frame["certified_by"].iloc[0]
     assert (frame["radius_certified"] <= frame["radius_attack"]).all()
@@ -243,18 +245,18 @@ def test_certify_at_final_brackets_the_radius_on_every_architecture(name, tokeni
     adapter = wrap(tiny_model(name), tokenizer)
     prompt = "a bird in the hand"
     ids = adapter.tokenize(prompt)
-    frame = certify(adapter, prompt, EPS, positions=[1, 4, 7], rounds=1, steps=3).to_frame()
+    frame = certify(adapter, prompt, eps=EPS, positions=[1, 4, 7], rounds=1, steps=3).to_frame()
     assert frame["radius_certified"].gt(0).all()
     # certified <= attack <= the top direction's own exit; and the attack is a real exit of
     # the whole model: past it (0.1% further) the KL is at least eps
     assert (frame["radius_certified"] <= frame["radius_attack"] * (1 + 1e-9)).all()
     assert (frame["radius_attack"] <= frame["radius_exact"] * (1 + 1e-9)).all()
-    found = certify(adapter, prompt, [0.1], positions=[4], rounds=1, steps=3)
+    found = certify(adapter, prompt, eps=[0.1], positions=[4], rounds=1, steps=3)
     hook = adapter.hook_for_layer("final")
     row = found.rows[0]
     assert math.isfinite(row["radius_attack"])
     # the L-inf box of the certificate also holds on the whole model
-    box = certify(adapter, prompt, [0.1], norm="linf", positions=[4], rounds=0).rows[0]
+    box = certify(adapter, prompt, eps=[0.1], norm="linf", positions=[4], rounds=0).rows[0]
 
     def kl(delta):
         return _whole_model_kl(adapter, ids, hook, 4, delta)
@@ -265,13 +267,13 @@ def test_certify_at_final_brackets_the_radius_on_every_architecture(name, tokeni
 
 def test_inner_layer_has_no_certificate_but_a_search(tokenizer):
     adapter = wrap(tiny_model("llama"), tokenizer)
-    frame = certify(adapter, "the cat sat", [0.1], layer=0, positions=[2], steps=2).to_frame()
+    frame = certify(adapter, "the cat sat", eps=[0.1], layer=0, positions=[2], steps=2).to_frame()
     assert frame["radius_certified"].isna().all()
     assert frame["certified_by"].str.startswith("none:").all()
     assert np.isfinite(frame["radius_attack"]).all()
     # OPT projects the final norm's output before the head: no Lipschitz chain is claimed
     opt = wrap(tiny_model("opt"), tokenizer)
-    last = certify(opt, "the cat sat", [0.1], layer=opt.n_layers - 1, positions=[2], steps=2)
+    last = certify(opt, "the cat sat", eps=[0.1], layer=opt.n_layers - 1, positions=[2], steps=2)
     row = last.rows[0]
     assert math.isnan(row["radius_certified"])
     assert "does not read the final norm" in row["certified_by"]
@@ -290,7 +292,7 @@ def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):
     assert "out of range" in capsys.readouterr().err
     assert main(["certify", "The cat", "--positions", "last", "--eps", "0.1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"model", "layer", "norm", "eps", "rows"}
+    assert set(doc) == {"model", "prompt", "layer", "norm", "eps", "rows"}
     assert doc["norm"] == "l2" and doc["eps"] == [0.1]
     row = doc["rows"][0]
     assert {"position", "eps", "radius_certified", "radius_attack", "tightness"} <= set(row)
@@ -316,7 +318,7 @@ def test_substitutions_are_the_nearest_tokens_and_their_kl_is_the_model_s(name, 
     adapter = wrap(tiny_model(name), tokenizer)
     prompt = "the cat sat"
     ids = adapter.tokenize(prompt)
-    result = certify(adapter, prompt, [0.01, 0.5], positions=[1, 4], rounds=0, substitutions=3)
+    result = certify(adapter, prompt, eps=[0.01, 0.5], positions=[1, 4], rounds=0, substitutions=3)
     frame = result.substitutions_frame()
     assert len(frame) == 2 * 3 * 2
     embedding = adapter.model.get_input_embeddings().weight.detach().double()
@@ -341,10 +343,8 @@ def test_substitutions_are_the_nearest_tokens_and_their_kl_is_the_model_s(name, 
             kl = _whole_model_kl(adapter, ids, hook, position, delta[None]).item()
             assert kl == pytest.approx(row.kl_substituted, rel=1e-6, abs=1e-12)
     assert (frame.flips_measured == (frame.kl_substituted > frame.eps)).all()
-    finite = np.isfinite(frame.radius_predicted)
-    assert (
-        frame.flips_predicted[finite] == (frame.radius_predicted < frame.distance)[finite]
-    ).all()
+    finite = np.isfinite(frame.radius_curve)
+    assert (frame.flips_predicted[finite] == (frame.radius_curve < frame.distance)[finite]).all()
     doc = result.to_json()
     assert len(doc["substitutions"]) == len(frame)
 
@@ -446,7 +446,7 @@ def test_cli_certify_plot_draws_the_rows_and_refuses_bad_paths(capsys, tmp_path,
     work (one line, exit 2, nothing written)."""
     import importlib
 
-    certify_module = importlib.import_module("stable_regions.certify")  # not the function
+    plotting = importlib.import_module("stable_regions.plotting")
     for path, needle in [
         (tmp_path / "missing" / "c.png", "does not exist"),
         (tmp_path / "c.jpg", "ending in .png"),
@@ -460,13 +460,13 @@ def test_cli_certify_plot_draws_the_rows_and_refuses_bad_paths(capsys, tmp_path,
     assert "does not exist" in capsys.readouterr().err
 
     figures = []
-    original = certify_module.save
+    original = plotting.save
 
-    def keep(fig, path):
+    def keep(fig, path, dpi=120):
         figures.append([[line.get_ydata() for line in ax.get_lines()] for ax in fig.axes])
-        return original(fig, path)
+        return original(fig, path, dpi)
 
-    monkeypatch.setattr(certify_module, "save", keep)
+    monkeypatch.setattr(plotting, "save", keep)
     out = tmp_path / "c.png"
     argv = ["certify", "The cat sat", "--eps", "0.01", "0.5", "--plot", str(out), "--json"]
     assert main(argv) == 0

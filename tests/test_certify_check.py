@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def run_check(out: Path, inflate: float) -> dict:

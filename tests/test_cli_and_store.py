@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, saved_tiny_model, tiny_model
 
 import stable_regions as sr
 from stable_regions.cli import main
@@ -20,10 +20,7 @@ from stable_regions.models import store
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny-gemma2"
-    tiny_model("gemma2", dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-gemma2", "gemma2")
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -59,13 +56,25 @@ def test_cli_table_and_positions(model_dir, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "quadratic" in out and "corrected" in out and "lambda_max" in out
-    assert len(re.findall(r"\(\d\.\d\d\)", out)) == 2  # one "next (p)" cell per analysed position
+    header = next(line for line in out.splitlines() if "radius_curve" in line).split()
+    assert header == [
+        "position",
+        "token",
+        "next_token",
+        "eps",
+        "radius_pade",
+        "radius_curve",
+        "reliable",
+    ]
+    # one section per analysed position, its position printed once
+    firsts = [line.split()[:2] for line in out.splitlines() if re.match(r"\s+\d+\s+[a-z]\s", line)]
+    assert firsts == [["1", "b"], ["3", "d"]]
     assert main(["analyze", "abcd", "--model", str(model_dir), "--positions", "1,3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert sorted({r["position"] for r in rows}) == [1, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -171,8 +180,8 @@ def test_cli_inner_layer_json(model_dir, capsys, layer):
     assert row["layer"] == layer and row["position"] == len("Hi there") - 1
     # inside the network the curve is the logits' Taylor path: near the measured boundary
     assert abs(row["radius_curve"] / row["radius_exact"] - 1) < 0.05
-    assert row["radius_relative"] == pytest.approx(row["radius_curve"] / row["norm"])
-    agree = abs(row["radius_corrected"] / row["radius_curve"] - 1) <= 0.02
+    assert row["radius_relative"] == pytest.approx(row["radius_curve"] / row["activation_norm"])
+    agree = abs(row["radius_pade"] / row["radius_curve"] - 1) <= 0.02
     assert row["reliable"] is (row["radius_relative"] <= 0.1 and agree)
     assert (row["unreliable_reason"] == "") is row["reliable"]
     assert (

@@ -152,9 +152,9 @@ def test_jacobian_profile_matches_dense_svd(arch, tokenizer):
     adapter = sr.wrap(tiny_model(arch, seed=3), tokenizer)
     ids = adapter.tokenize(PROMPT)
     pos = 9
-    profile = sr.jacobian_profile(adapter, PROMPT, position=pos, k=2, tol=1e-10)
+    profile = sr.jacobian_profile(adapter, PROMPT, position=pos, k=2, eig_tol=1e-10)
     frame = profile.to_frame()
-    assert list(frame["layer"]) == ["embed", 0, 1, 2]
+    assert list(frame["layer"]) == ["embed", "0", "1", "2"]
     assert math.isnan(frame.loc[0, "block_s1"])
     for i, row in frame.iterrows():
         source = row["hook"]
@@ -168,7 +168,9 @@ def test_jacobian_profile_matches_dense_svd(arch, tokenizer):
     store = []
     with adapter.capture("blocks.1.hook_resid_post", store), torch.no_grad(), exact_numerics():
         adapter.model(input_ids=ids)
-    assert math.isclose(frame.loc[2, "resid_norm"], float(store[0][0, pos].norm()), rel_tol=1e-12)
+    assert math.isclose(
+        frame.loc[2, "activation_norm"], float(store[0][0, pos].norm()), rel_tol=1e-12
+    )
 
 
 def test_analyze_embed_linf_radii(tokenizer):
@@ -219,21 +221,24 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, gra
     if graph_bytes is not None:  # one nest of all 3 positions per inner layer
         assert nests == [(True, 3), (True, 3)]
         monkeypatch.undo()
-    assert m.radius.shape == (3, 3)
+    assert m.radius_pade.shape == (3, 3)
     for i, layer in enumerate(layers):
         ref = sr.analyze(adapter, PROMPT, eps=0.1, positions=[0, 5, 17], layer=layer, exact=False)
         frame = ref.to_frame()
         # the map: the model's precision (float32 at the final layer); analyze: float64
         assert np.allclose(m.lambda_max[i], frame["lambda_max"], rtol=1e-5)
-        assert np.allclose(m.radius[i], frame["radius_corrected"], rtol=1e-5)
+        assert np.allclose(m.radius_pade[i], frame["radius_pade"], rtol=1e-5)
         assert np.allclose(m.radius_quadratic[i], frame["radius_quadratic"], rtol=1e-5)
         tol = 1e-5 if layer == "final" else 0.3  # inside: a trace estimate
         assert np.allclose(m.effective_rank[i], frame["effective_rank"], rtol=tol)
-    json_path, png_path = m.save(tmp_path / "out")
+    out = m.save(tmp_path / "out")
+    json_path, png_path = out / "map.json", out / "map.png"
     doc = json.loads(json_path.read_text())
-    assert {"layers", "positions", "tokens", "radius", "lambda_max", "effective_rank"} <= set(doc)
+    assert {"layers", "positions", "tokens", "radius_pade", "lambda_max", "effective_rank"} <= set(
+        doc
+    )
     assert doc["layers"] == ["embed", "1", "final"] and doc["positions"] == [0, 5, 17]
-    assert len(doc["radius"]) == 3 and len(doc["radius"][0]) == 3
+    assert len(doc["radius_pade"]) == 3 and len(doc["radius_pade"][0]) == 3
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -263,11 +268,11 @@ def test_depth_commands_write_outputs(capsys, monkeypatch, tmp_path, tokenizer):
     monkeypatch.setattr("stable_regions.models.load", lambda spec, **options: adapter)
     assert main(["map", "Hi there", "--layers", "all", "--out", str(tmp_path / "m")]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(tmp_path / "m" / "map.json"), str(tmp_path / "m" / "map.png")]
+    assert printed == [str(tmp_path / "m" / f"map.{s}") for s in ("json", "parquet", "png")]
     doc = json.loads((tmp_path / "m" / "map.json").read_text())
     assert doc["layers"] == ["embed", "0", "1", "2", "final"]
     png = tmp_path / "j.png"
     assert main(["jacobian", "Hi there", "--json", "--plot", str(png), "-k", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["layer"] for r in out["rows"]] == ["embed", 0, 1, 2]
+    assert [r["layer"] for r in out["rows"]] == ["embed", "0", "1", "2"]
     assert png.read_bytes()[:4] == b"\x89PNG"

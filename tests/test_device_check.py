@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 TASKS = {"final_analysis", "inner_position", "certify", "scan", "generate"}
 
 

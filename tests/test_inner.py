@@ -216,7 +216,7 @@ def test_directional_derivatives_give_the_kl_series(arch, tokenizer):
 
 
 def test_inner_corrected_radius_is_the_nearer_of_both_signs_by_autograd(tokenizer):
-    """analyze's radius_corrected inside the network == min over +-v of the Pade root of the
+    """analyze's radius_pade inside the network == min over +-v of the Pade root of the
     KL series whose coefficients come from autograd on the full forward (c3 flips with v)."""
     adapter = sr.wrap(tiny_model("llama", seed=3), tokenizer)
     ids = adapter.tokenize(PROMPT)
@@ -237,7 +237,7 @@ def test_inner_corrected_radius_is_the_nearer_of_both_signs_by_autograd(tokenize
                 c.append(y.detach())
             radii.append(float(sr.geometry.radius_pade(c[1], c[2], eps, c[3])))
         nearer.add(radii.index(min(radii)))
-        assert math.isclose(row["radius_corrected"], min(radii), rel_tol=1e-6)
+        assert math.isclose(row["radius_pade"], min(radii), rel_tol=1e-6)
     assert nearer == {0, 1}  # both signs are the nearer exit somewhere: each is checked
 
 
@@ -306,7 +306,7 @@ def test_analyze_inner_layer_brackets_the_full_model_boundary(arch_name, layer, 
     # the measured boundary to the series' fourth order
     small = df[df.eps == 0.01]
     assert ((small.radius_curve / small.radius_exact - 1).abs() < 1e-2).all()
-    assert (df.radius_relative == df.radius_curve / df["norm"]).all()
+    assert (df.radius_relative == df.radius_curve / df["activation_norm"]).all()
     for k, pos in enumerate(positions):
         v = result.directions[k]
         assert v.shape[0] == adapter.hook_dim(hook)
@@ -499,5 +499,5 @@ def test_inner_analysis_inside_a_callers_no_grad(tokenizer):
     with torch.no_grad():
         got = sr.analyze(adapter, "Hello world", eps=[0.1], positions="last", layer=1).rows[0]
     assert np.isfinite(got["radius_curve"])
-    for key in ("lambda_max", "radius_corrected", "radius_curve"):
+    for key in ("lambda_max", "radius_pade", "radius_curve"):
         assert got[key] == pytest.approx(want[key], rel=1e-9)

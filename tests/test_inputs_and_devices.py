@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from conftest import CONFIGS, char_tokenizer, tiny_model
+from conftest import CONFIGS, char_tokenizer, saved_tiny_model, tiny_model
 
 import stable_regions as sr
 from stable_regions.cli import main
@@ -27,10 +27,7 @@ from stable_regions.steering import SteeringResult
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_model("llama", seed=4, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=4)
 
 
 def one_line_exit_2(proc_or_code, err: str, message: str) -> None:
@@ -80,10 +77,12 @@ def test_a_dtype_the_device_cannot_compute_in_is_one_clear_error(monkeypatch):
     with pytest.raises(StableRegionsError) as info:
         check_dtype(torch.float16, torch.device("meta"))
     message = str(info.value)
-    assert "meta cannot compute in float16" in message and "--dtype float32" in message
+    assert "meta cannot compute in float16" in message and "`dtype=float32`" in message
     assert "\n" not in message
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(StableRegionsError, match="cannot compute in bfloat16.*float16 or float32"):
+    with pytest.raises(
+        StableRegionsError, match="cannot compute in bfloat16.*float16` or `dtype=float32"
+    ):
         check_dtype(torch.bfloat16, torch.device("cuda:0"))
 
 
@@ -102,7 +101,7 @@ def test_load_in_bfloat16_halves_the_weights_and_analyzes(model_dir):
     inner_ref = sr.analyze(
         sr.load(str(model_dir)), "Hello world", eps=[0.1], positions="last", layer=0
     ).to_frame()
-    for column in ("lambda_max", "radius_corrected", "radius_exact"):
+    for column in ("lambda_max", "radius_pade", "radius_exact"):
         assert math.isclose(inner[column][0], inner_ref[column][0], rel_tol=0.1), column
 
 
@@ -195,7 +194,7 @@ def test_all_infinite_coefficients_give_an_infinite_fifth_percentile():
             layer="1",
             vector_norm=1.0,
             coef_quadratic=math.inf,
-            coef_corrected=math.inf,
+            coef_pade=math.inf,
             coef_exact=math.inf,
         )
         for i in range(3)
@@ -208,7 +207,7 @@ def test_all_infinite_coefficients_give_an_infinite_fifth_percentile():
             layer="1",
             vector_norm=1.0,
             coef_quadratic=1.0 + i,
-            coef_corrected=1.0 + i,
+            coef_pade=1.0 + i,
             coef_exact=1.0 + i,
         )
         for i in range(3)
@@ -298,6 +297,7 @@ def test_scan_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
 # ----------------------------------------------------------------------------- model store
 
 
+@pytest.mark.real_model
 def test_a_cut_short_conversion_is_reported_and_repaired(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STABLE_REGIONS_CACHE", str(tmp_path))
     target = store.model_dir("smollm2-135m")

@@ -172,7 +172,7 @@ def test_one_hot_distribution_gives_large_radius_not_nan(tokenizer):
     assert row.next_prob == 1.0
     for col in [
         "radius_quadratic",
-        "radius_corrected",
+        "radius_pade",
         "radius_curve",
         "radius_exact",
         "lambda_max",

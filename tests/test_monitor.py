@@ -40,7 +40,7 @@ def teacher_forced(adapter, prompt: str, frame) -> tuple[torch.Tensor, torch.Ten
     token, from one forward pass over prompt + generated tokens."""
     steps = frame.drop_duplicates("step").sort_values("step")
     prompt_ids = adapter.tokenize(prompt)
-    new = torch.tensor(steps["token_id"].tolist())[None]
+    new = torch.tensor(steps["chosen_token_id"].tolist())[None]
     ids = torch.cat([prompt_ids, new], 1)
     with torch.no_grad():
         out = adapter.model(ids, output_hidden_states=True)
@@ -76,6 +76,7 @@ def bisect_root(z, b, eps, hi=1.0) -> float:
     return hi
 
 
+@pytest.mark.real_model
 def test_exact_mode_equals_dense_recomputation_under_teacher_forcing(smollm):
     texts, frame = sr.generate(smollm, PROMPTS, max_new_tokens=4, eps=EPS, mode="exact")
     W = smollm.unembed.weight.detach().to(torch.float64)
@@ -92,13 +93,13 @@ def test_exact_mode_equals_dense_recomputation_under_teacher_forcing(smollm):
             first = by_step.iloc[0]
             assert first.lambda_max == pytest.approx(lam, rel=1e-3)
             assert first.lambda_lower <= lam * (1 + 1e-9) <= first.lambda_upper * (1 + 2e-9)
-            assert first.prob == pytest.approx(float(p[first.token_id]), rel=1e-4)
-            assert first.token_id == int(z.argmax())  # greedy
+            assert first.chosen_prob == pytest.approx(float(p[first.chosen_token_id]), rel=1e-4)
+            assert first.chosen_token_id == int(z.argmax())  # greedy
             b = W @ v
             for _, row in by_step.iterrows():
                 assert row.radius_quadratic == pytest.approx(math.sqrt(2 * row.eps / lam), rel=1e-3)
                 nearest = min(bisect_root(z, b, row.eps), bisect_root(z, -b, row.eps))
-                assert row.radius_corrected == pytest.approx(nearest, rel=1e-3)
+                assert row.radius_curve == pytest.approx(nearest, rel=1e-3)
             # the flip radius: moving h by it along the best direction changes the argmax
             top = int(z.argmax())
             diff = W - W[top]
@@ -121,6 +122,7 @@ def test_exact_mode_equals_dense_recomputation_under_teacher_forcing(smollm):
     assert all(isinstance(t, str) and t for t in texts)
 
 
+@pytest.mark.real_model
 def test_certified_radius_holds_against_brute_force(smollm):
     _, frame = sr.generate(smollm, PROMPTS[0], max_new_tokens=3, eps=EPS, mode="exact")
     W = smollm.unembed.weight.detach().to(torch.float64)
@@ -136,12 +138,13 @@ def test_certified_radius_holds_against_brute_force(smollm):
         tangents = dirs @ W.T  # (n, V)
         for _, row in by_step.iterrows():
             r = row.radius_certified
-            assert 0 < r < row.radius_corrected
+            assert 0 < r < row.radius_curve
             logq = torch.log_softmax(z + r * tangents, -1)
             kl = (logp.exp() * (logp - logq)).sum(-1)
             assert float(kl.max()) <= row.eps
 
 
+@pytest.mark.real_model
 def test_fast_mode_brackets_the_dense_eigenvalue(smollm):
     _, frame = sr.generate(smollm, PROMPTS[1], max_new_tokens=3, eps=[0.1], mode="fast")
     assert "radius_certified" not in frame.columns
@@ -164,8 +167,8 @@ def test_batched_equals_one_at_a_time(tiny):
             assert text == texts[seq]
             mine = batched[batched.sequence == seq].reset_index(drop=True)
             assert len(mine) == len(alone) > 0
-            assert mine.token_id.tolist() == alone.token_id.tolist()
-            for col in ["prob", "entropy", "lambda_max", "radius_corrected", "radius_flip"]:
+            assert mine.chosen_token_id.tolist() == alone.chosen_token_id.tolist()
+            for col in ["chosen_prob", "entropy", "lambda_max", "radius_curve", "radius_flip"]:
                 np.testing.assert_allclose(mine[col], alone[col], rtol=1e-6, err_msg=col)
 
 
@@ -185,7 +188,7 @@ class Recorder(LogitsProcessor):
 )
 def test_scores_untouched_and_every_step_recorded(tiny, options):
     ids = tiny.tokenize("The cat")
-    monitor = sr.StabilityMonitor(tiny, [0.1], mode="fast")
+    monitor = sr.StabilityMonitor(tiny, eps=[0.1], mode="fast")
     after = Recorder()
     runs = []
     for processors in ([after], [monitor, after]):
@@ -209,9 +212,12 @@ def test_scores_untouched_and_every_step_recorded(tiny, options):
     assert sorted(frame.step.unique()) == list(range(6))
     assert (frame.lambda_lower <= frame.lambda_upper).all()
     if "num_beams" not in options:  # one row: every token known, and it is the output's
-        assert frame.sort_values("step").token_id.tolist() == runs[1][0, ids.shape[1] :].tolist()
+        assert (
+            frame.sort_values("step").chosen_token_id.tolist()
+            == runs[1][0, ids.shape[1] :].tolist()
+        )
     else:  # the final beam descends from one recorded row per step
-        assert (frame.token_id >= 0).sum() >= 6
+        assert (frame.chosen_token_id >= 0).sum() >= 6
 
 
 def test_callback_stream_and_directions(tiny):
@@ -220,7 +226,7 @@ def test_callback_stream_and_directions(tiny):
     u = torch.randn(d, generator=rng, dtype=torch.float64)
     seen = []
     monitor = sr.StabilityMonitor(
-        tiny, [0.1, 1.0], mode="exact", directions={"mine": u}, callback=seen.append
+        tiny, eps=[0.1, 1.0], mode="exact", directions={"mine": u}, callback=seen.append
     )
     streamed = []
     consumer = threading.Thread(target=lambda: streamed.extend(monitor.stream(timeout=60)))
@@ -237,10 +243,10 @@ def test_callback_stream_and_directions(tiny):
     monitor.finish(out)
     consumer.join(timeout=60)
     frame = monitor.to_frame()
-    assert [r["token_id"] for r in seen] == out[0, ids.shape[1] :].tolist()
-    assert [r["token_id"] for r in streamed] == [r["token_id"] for r in seen]
+    assert [r["chosen_token_id"] for r in seen] == out[0, ids.shape[1] :].tolist()
+    assert [r["chosen_token_id"] for r in streamed] == [r["chosen_token_id"] for r in seen]
     first = frame[frame.step == 0].set_index("eps")
-    assert seen[0]["radius_corrected"][1.0] == pytest.approx(first.loc[1.0, "radius_corrected"])
+    assert seen[0]["radius_curve"][1.0] == pytest.approx(first.loc[1.0, "radius_curve"])
     # the user direction's radius: an independent bisection along +-W u
     W = tiny.unembed.weight.detach().to(torch.float64)
     with torch.no_grad():
@@ -252,7 +258,7 @@ def test_callback_stream_and_directions(tiny):
 
 
 def test_rows_without_a_distribution_are_nan_not_an_error(tiny):
-    monitor = sr.StabilityMonitor(tiny, [0.1], mode="exact", background=False)
+    monitor = sr.StabilityMonitor(tiny, eps=[0.1], mode="exact", background=False)
     V = tiny.vocab_size
     scores = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
     scores[1, 5] = math.nan  # eager attention over left padding gives such rows
@@ -261,13 +267,10 @@ def test_rows_without_a_distribution_are_nan_not_an_error(tiny):
     out = monitor(ids, scores)
     assert out is scores
     frame = monitor.to_frame()
-    assert (
-        frame.loc[1:2, "lambda_max"].isna().all()
-        and frame.loc[1:2, "radius_corrected"].isna().all()
-    )
-    assert (frame.loc[1:2, "top_token_id"] == -1).all()
+    assert frame.loc[1:2, "lambda_max"].isna().all() and frame.loc[1:2, "radius_curve"].isna().all()
+    assert (frame.loc[1:2, "next_token_id"] == -1).all()
     assert np.isfinite(
-        frame.loc[0, ["lambda_max", "radius_corrected", "radius_flip"]].astype(float)
+        frame.loc[0, ["lambda_max", "radius_curve", "radius_flip"]].astype(float)
     ).all()
 
 
@@ -316,20 +319,20 @@ def test_cli_generate_json_and_html(tmp_path, capsys):
     need = {
         "sequence",
         "step",
-        "token_id",
-        "token",
-        "prob",
+        "chosen_token_id",
+        "chosen_token",
+        "chosen_prob",
         "entropy",
         "lambda_max",
         "eps",
         "radius_quadratic",
-        "radius_corrected",
+        "radius_curve",
         "fragile",
         "lambda_lower",
         "lambda_upper",
     }
     assert need <= set(doc["rows"][0])
-    assert doc["text"] == "".join(r["token"] for r in doc["rows"] if r["eps"] == 0.1)
+    assert doc["text"] == "".join(r["chosen_token"] for r in doc["rows"] if r["eps"] == 0.1)
     html = page.read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in html and "<link" not in html and " src=" not in html
@@ -398,7 +401,7 @@ def test_bracket_and_flip_radius_against_dense_truth():
 def test_each_call_to_generate_is_its_own_generation(tiny):
     """A second prompt exactly one token longer than the first run's last input is still a
     new generation (its rows extend none of the last step's)."""
-    monitor = sr.StabilityMonitor(tiny, [0.1], background=False)
+    monitor = sr.StabilityMonitor(tiny, eps=[0.1], background=False)
     first = tiny.tokenize("ab")
     second = tiny.tokenize("xyzwvuts")[:, : first.shape[1] + 3]
     assert second.shape[1] == first.shape[1] + 3
@@ -415,4 +418,4 @@ def test_each_call_to_generate_is_its_own_generation(tiny):
     frame = monitor.to_frame()
     assert frame.generation.tolist() == [0, 0, 0, 1, 1, 1]
     assert frame.step.tolist() == [0, 1, 2, 0, 1, 2]
-    assert (frame.token_id >= 0).all()
+    assert (frame.chosen_token_id >= 0).all()

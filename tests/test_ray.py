@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import ray
-import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import requires, saved_tiny_model
 
 import stable_regions as sr
-from stable_regions.distributed import scan_corpus_ray, validate_ray
 from stable_regions.prompts import Prompt
 from stable_regions.scan import scan_corpus
+
+ray = requires("ray", "ray")
+from stable_regions.distributed import scan_corpus_ray, validate_ray  # noqa: E402
 
 NUMERIC = [
     "position",
@@ -29,8 +29,11 @@ NUMERIC = [
     "lambda_max",
     "eps",
     "radius_quadratic",
-    "radius_corrected",
+    "radius_pade",
 ]
+
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +45,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ray") / "tiny-llama"
-    tiny_model("llama", seed=5, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return str(path)
+    return str(saved_tiny_model(tmp_path_factory.mktemp("ray") / "tiny-llama", seed=5))
 
 
 def documents(n: int, length: int) -> list[Prompt]:
@@ -144,16 +144,17 @@ def same_validation(a: pd.DataFrame, b: pd.DataFrame) -> None:
     keys = ["prompt_id", "layer", "position", "family", "direction_index", "sign", "eps"]
     assert len(a) == len(b) and not a.duplicated(keys).any()
     assert a[keys].astype(str).values.tolist() == b[keys].astype(str).values.tolist()
-    numeric = ["entropy", "norm", "curvature", "empirical", "quadratic", "corrected", "taylor"]
-    for col in numeric + ["calibrated"]:
+    numeric = ["entropy", "activation_norm", "curvature", "radius_exact", "radius_quadratic"]
+    numeric += ["radius_pade", "radius_curve"]
+    for col in numeric + ["radius_calibrated"]:
         # the measured boundary inside the network is searched to relative 1e-4
         # (``inner_rtol``): a worker's single-threaded float32 pass may end its search
         # elsewhere within that (1.1e-6 at 1 of 1200 rays, seen on one machine)
-        rtol = 1e-4 if col == "empirical" else 1e-6
+        rtol = 1e-4 if col == "radius_exact" else 1e-6
         np.testing.assert_allclose(
             a[col], b[col], rtol=rtol, atol=1e-9, equal_nan=True, err_msg=col
         )
-    assert a["empirical"].notna().mean() > 0.5  # the measured boundary was found
+    assert a["radius_exact"].notna().mean() > 0.5  # the measured boundary was found
 
 
 def test_ray_validation_equals_the_local_one_and_resumes_it(cluster, model_dir, tmp_path):

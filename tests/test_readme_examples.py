@@ -1,4 +1,5 @@
-"""The README's Python examples run as written, on the bundled models, in order."""
+"""The examples run as written, on the bundled models: the README's and the quickstart's
+Python blocks (each page's blocks in order, as one script) and every script in examples/."""
 
 from __future__ import annotations
 
@@ -11,37 +12,47 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+PAGES = ["README.md", "docs/quickstart.md", "docs/index.md", "docs/how-to/scan.md"]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.+?)\n```", (ROOT / page).read_text(), flags=re.S)
 
 
-def test_readme_has_python_examples():
-    blocks = python_blocks()
-    assert len(blocks) >= 2 and all("sr." in b for b in blocks)
-
-
-def test_readme_python_examples_run_as_written(tmp_path):
-    """One script of every block (later blocks use the names the first defines), in an empty
-    working directory; the files the examples say they write are there afterwards."""
-    script = tmp_path / "readme_examples.py"
-    script.write_text("\n\n".join(python_blocks()), encoding="utf-8")
-    proc = subprocess.run(
+def run_script(script: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(script)],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"},
         stdin=subprocess.DEVNULL,
         timeout=1200,
     )
+
+
+def test_pages_have_python_examples():
+    for page in PAGES:
+        blocks = python_blocks(page)
+        assert blocks and "sr." in blocks[0], page
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples_run_as_written(page, tmp_path):
+    """One script of a page's blocks (later blocks use the names the first defines), in an
+    empty working directory."""
+    script = tmp_path / "page.py"
+    script.write_text("\n\n".join(python_blocks(page)), encoding="utf-8")
+    proc = run_script(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for written in (
-        "jacobian.png",
-        "out/map.json",
-        "out/map.png",
-        "validation-smollm2/report.html",
-    ):
-        assert (tmp_path / written).stat().st_size > 0, written
+    if page == "docs/quickstart.md":
+        for name in ("analyze.json", "analyze.parquet", "analyze.png"):
+            assert (tmp_path / "analysis" / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_run(script, tmp_path):
+    proc = run_script(script, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()

@@ -75,7 +75,7 @@ def test_corrected_form_beats_quadratic(loaded):
     df = pd.concat(frames)
     err = lambda col, g: (g[col] / g.radius_exact - 1).abs()  # noqa: E731
     for e, g in df.groupby("eps"):
-        quad, corr = err("radius_quadratic", g), err("radius_corrected", g)
+        quad, corr = err("radius_quadratic", g), err("radius_pade", g)
         print(
             f"{name} eps={e}: n={len(g)} quadratic median {quad.median():.4%} p90 {quad.quantile(0.9):.4%}; "
             f"corrected median {corr.median():.4%} p90 {corr.quantile(0.9):.4%}"
@@ -104,11 +104,11 @@ def test_one_position_json_round_trip(loaded):
         "lambda_max",
         "effective_rank",
         "radius_quadratic",
-        "radius_corrected",
+        "radius_pade",
         "radius_exact",
     ]:
         assert col in row
-    assert row["radius_corrected"] > 0 and row["lambda_max"] > 0
+    assert row["radius_pade"] > 0 and row["lambda_max"] > 0
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
@@ -142,7 +142,7 @@ def test_inner_layers_measured_radius_matches_full_model(name):
                 assert kl[:, :-1].max() < e, (name, layer, pos, e, kl)
                 assert kl[:, -1].max() >= e, (name, layer, pos, e, kl)
                 quad_err.append(abs(row.radius_quadratic / r - 1))
-                corr_err.append(abs(row.radius_corrected / r - 1))
+                corr_err.append(abs(row.radius_pade / r - 1))
     print(
         f"{name} inner layers: quadratic median {np.median(quad_err):.3%}, corrected median {np.median(corr_err):.3%}"
     )

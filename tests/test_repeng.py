@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -45,9 +47,9 @@ SCRIPT = textwrap.dedent(
 
     # the object and the file give the raw vector's budget
     prompt = "The cat sat on"
-    raw = sr.steering_budget(adapter, prompt, directions[1], 1, eps=[0.1, 1.0]).to_frame()
+    raw = sr.steering_budget(adapter, prompt, vector=directions[1], layer=1, eps=[0.1, 1.0]).to_frame()
     for source in (vector, read_vector_file(path, 1)):
-        got = sr.steering_budget(adapter, prompt, source, 1, eps=[0.1, 1.0]).to_frame()
+        got = sr.steering_budget(adapter, prompt, vector=source, layer=1, eps=[0.1, 1.0]).to_frame()
         for col in ("coef_quadratic", "coef_curve", "coef_exact"):
             np.testing.assert_allclose(got[col], raw[col], rtol=1e-9, err_msg=col)
 
@@ -72,6 +74,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_repeng_vectors_and_convention(tmp_path):
     tests = str(Path(__file__).parent)
     proc = subprocess.run(

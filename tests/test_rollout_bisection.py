@@ -24,7 +24,7 @@ def test_rollout_bisection_brackets_the_change_of_the_continuation():
     spec.loader.exec_module(script)
     adapter = sr.load("smollm2-135m")
     positive, negative = sentiment_prompts()
-    vector = sr.mean_difference(adapter, positive, negative, 15).to(torch.float32)
+    vector = sr.mean_difference(adapter, positive, negative, layer=15).to(torch.float32)
     hook = adapter.hook_for_layer(15)
     ids = adapter.tokenize("The weather this morning was")
     lo, hi, generations = script.bisect_rollouts(adapter, ids, hook, vector, tokens=4, steps=4)

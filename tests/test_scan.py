@@ -82,7 +82,7 @@ def test_scan_matches_each_window_forward_and_dense_float64(adapter, tmp_path):
                     c2, c3, c4 = RayCurve.from_head(adapter.head, h, sign * v).coefficients()
                     both.append(radius_pade(c2, c3, e, c4))
                 torch.testing.assert_close(
-                    torch.tensor(g.radius_corrected.values), torch.minimum(*both), rtol=2e-2, atol=0
+                    torch.tensor(g.radius_pade.values), torch.minimum(*both), rtol=2e-2, atol=0
                 )
                 torch.testing.assert_close(
                     torch.tensor(g.radius_quadratic.values),
@@ -92,7 +92,7 @@ def test_scan_matches_each_window_forward_and_dense_float64(adapter, tmp_path):
     assert [d["doc_id"] for d in summary["documents"]] == ["a", "b", "c"]
     for d in summary["documents"]:
         rows = frame[(frame.doc_id == d["doc_id"]) & (frame.eps == 0.01)]
-        assert d["min_radius_corrected"] == rows.radius_corrected.min()
+        assert d["min_radius_pade"] == rows.radius_pade.min()
     assert (tmp_path / "scan" / "radius.png").stat().st_size > 0
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "scan" / "results.parquet"), frame)
 

@@ -144,17 +144,22 @@ def test_steer_with_a_vector_from_a_file(tmp_path):
 
     def study(m):
         vector = load_vector(path, m.d_model)
-        return sr.steering_budget(m, [PROMPT, "Hello"], vector, layer=1, eps=[0.1]).to_frame()
+        return sr.steering_budget(
+            m, [PROMPT, "Hello"], vector=vector, layer=1, eps=[0.1]
+        ).to_frame()
 
     a, b, _ = on_both(study)
     assert_same(a, b)
 
 
+@pytest.mark.slow
 def test_map_and_jacobian():
     def study(m):
         smap = sr.stability_map(m, PROMPT, eps=0.1, layers=["embed", 1, "final"])
         profile = sr.jacobian_profile(m, PROMPT, k=2)
-        grid = pd.DataFrame({"radius": np.ravel(smap.radius), "lam": np.ravel(smap.lambda_max)})
+        grid = pd.DataFrame(
+            {"radius": np.ravel(smap.radius_pade), "lam": np.ravel(smap.lambda_max)}
+        )
         return grid, profile.to_frame()
 
     a, b, _ = on_both(study)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, saved_tiny_model, tiny_model
 
 import stable_regions as sr
 from stable_regions.cli import main
@@ -27,7 +27,7 @@ def adapter():
 
 def test_mean_difference_is_the_mean_of_hidden_states(adapter):
     pos, neg = ["I love it", "great fun!"], ["I hate it", "awful"]
-    vec = mean_difference(adapter, pos, neg, 1)
+    vec = mean_difference(adapter, pos, neg, layer=1)
 
     def mean_last(prompts):
         with torch.no_grad(), exact_numerics():
@@ -50,7 +50,9 @@ def test_budget_measured_against_full_forward(adapter, layer):
         adapter.hook_dim(hook), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
     vec = 3.0 * vec
-    res = steering_budget(adapter, prompts, vec, layer, eps=[0.01, 0.1], positions=[2, -1])
+    res = steering_budget(
+        adapter, prompts, vector=vec, layer=layer, eps=[0.01, 0.1], positions=[2, -1]
+    )
     df = res.to_frame()
     assert len(df) == 2 * 2 * 2 and np.allclose(df.vector_norm, float(vec.norm()))
     for _, row in df.iterrows():
@@ -79,7 +81,7 @@ def test_budget_measured_against_full_forward(adapter, layer):
         )
     # at eps 0.01 the Pade form is close to the measured budget, the Taylor path closer
     small = df[df.eps == 0.01]
-    assert ((small.coef_corrected / small.coef_exact - 1).abs() < 0.05).all()
+    assert ((small.coef_pade / small.coef_exact - 1).abs() < 0.05).all()
     assert ((small.coef_curve / small.coef_exact - 1).abs() < 0.01).all()
     if layer == "final":  # a linear head: the curve is the exact KL along the ray
         assert np.allclose(df.coef_curve, df.coef_exact, rtol=1e-5)
@@ -127,15 +129,12 @@ def test_vector_files_and_bad_vectors(adapter, tmp_path):
         with pytest.raises(StableRegionsError, match=message):
             load_vector(tmp_path / name, d)
     with pytest.raises(StableRegionsError, match="non-empty"):
-        mean_difference(adapter, ["a"], [], 1)
+        mean_difference(adapter, ["a"], [], layer=1)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("steer") / "tiny-llama"
-    tiny_model("llama", seed=3, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("steer") / "tiny-llama", seed=3)
 
 
 def test_cli_steer_json_from_prompt_files(model_dir, tmp_path, capsys):
@@ -187,6 +186,7 @@ def test_cli_steer_json_from_prompt_files(model_dir, tmp_path, capsys):
     assert again["rows"][0]["coef_exact"] == pytest.approx(doc["rows"][0]["coef_exact"], rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -265,14 +265,16 @@ def test_control_vectors_and_layered_files_give_the_raw_vectors_budget(adapter, 
 
     write_repeng_gguf(tmp_path / "cv.gguf", directions)
     save_file({"layer.0": directions[0], "1": directions[1]}, str(tmp_path / "layers.safetensors"))
-    reference = steering_budget(adapter, ["The cat sat"], directions[1], 1, eps=[0.1, 1.0])
+    reference = steering_budget(
+        adapter, ["The cat sat"], vector=directions[1], layer=1, eps=[0.1, 1.0]
+    )
     for source in [
         load_vector(tmp_path / "cv.gguf", d, 1),
         load_vector(tmp_path / "layers.safetensors", d, 1),
         ControlVector("llama", directions),
         {1: directions[1], 0: directions[0]},
     ]:
-        got = steering_budget(adapter, ["The cat sat"], source, 1, eps=[0.1, 1.0])
+        got = steering_budget(adapter, ["The cat sat"], vector=source, layer=1, eps=[0.1, 1.0])
         for col in ("coef_quadratic", "coef_curve", "coef_exact"):
             np.testing.assert_allclose(got.to_frame()[col], reference.to_frame()[col], rtol=1e-9)
     assert not torch.allclose(
@@ -282,7 +284,7 @@ def test_control_vectors_and_layered_files_give_the_raw_vectors_budget(adapter, 
         with pytest.raises(StableRegionsError, match="no vector at layer 2 .*layers 0, 1"):
             load_vector(source, d, 2)
     with pytest.raises(StableRegionsError, match="no vector at layer 2"):
-        steering_budget(adapter, ["x"], ControlVector("llama", directions), 2)
+        steering_budget(adapter, ["x"], vector=ControlVector("llama", directions), layer=2)
     # a GGUF model file is not a control vector
     import gguf
 

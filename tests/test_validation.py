@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import STUDY_PROMPTS, char_tokenizer, float64_reference, tiny_model
+from conftest import STUDY_PROMPTS, char_tokenizer, float64_reference, saved_tiny_model, tiny_model
 
 import stable_regions as sr
 from stable_regions.calibration import (
@@ -101,7 +101,7 @@ def test_direction_families(adapter):
     assert [r.position for r in rays] == sorted({n - 1, *[r.position for r in rays]})
     assert len(rays) == 3 and rays[-1].position == n - 1
     h_partner = adapter.prelogits(adapter.tokenize(PROMPTS[1].text))[-1]
-    steer = sr.mean_difference(adapter, *sr.prompts.sentiment_prompts(), "final")
+    steer = sr.mean_difference(adapter, *sr.prompts.sentiment_prompts(), layer="final")
     for pr in rays:
         labels = pr.labels
         counts = pd.Series([f for f, _, _ in labels]).value_counts().to_dict()
@@ -138,7 +138,7 @@ def test_direction_families(adapter):
 
 
 def test_measured_boundaries_against_the_full_model(adapter):
-    """Every empirical radius, checked by running the whole model with the perturbation hooked in."""
+    """Every measured radius (radius_exact), checked by running the whole model with the perturbation hooked in."""
     layer = FinalLayerStudy(adapter, StudySettings(eps=[0.01, 0.1, 1.0]))
     prompt = PROMPTS[3]
     frame = layer.measure(prompt, PROMPTS[4])
@@ -155,7 +155,7 @@ def test_measured_boundaries_against_the_full_model(adapter):
                 & (rows["direction_index"] == index)
                 & (rows["sign"] == sign)
             ]
-            radii = torch.tensor(sel["empirical"].to_numpy())
+            radii = torch.tensor(sel["radius_exact"].to_numpy())
             ts = torch.cat([0.999 * radii, 1.001 * radii])
             logits = adapter.perturbed_logits(ids, PRELOGIT, pr.position, ts[:, None] * pr.v[r])
             logq = torch.log_softmax(logits, -1)
@@ -192,35 +192,33 @@ def test_isotonic_radius_matches_sklearn_and_round_trips():
 
 
 def test_entropy_banded_calibration():
-    """corrected_by_entropy: one isotonic map per entropy band, each equal to a separate fit."""
+    """pade_by_entropy: one isotonic map per entropy band, each equal to a separate fit."""
     from stable_regions.calibration import ENTROPY_EDGES, Band, Calibration
 
     rng = np.random.default_rng(1)
     n = 4000
     entropy = rng.uniform(0, 6, n)
-    corrected = np.exp(rng.normal(0, 1, n))
+    pade = np.exp(rng.normal(0, 1, n))
     # the closed form overshoots more where p is peaked (low entropy), as on the real models
-    measured = corrected / (1 + 0.5 * np.exp(-entropy)) * np.exp(rng.normal(0, 0.02, n))
-    band = Band.fit(
-        1.0, 0.3, 3.0, "corrected_by_entropy", corrected * 0, corrected, entropy, measured
-    )
+    measured = pade / (1 + 0.5 * np.exp(-entropy)) * np.exp(rng.normal(0, 0.02, n))
+    band = Band.fit(1.0, 0.3, 3.0, "pade_by_entropy", pade * 0, pade, entropy, measured)
     assert band.entropy_edges == list(ENTROPY_EDGES) and len(band.maps) == 4
-    got = band.predict(None, corrected, entropy)
+    got = band.predict(None, pade, entropy)
     for lo, hi in zip(ENTROPY_EDGES, ENTROPY_EDGES[1:], strict=False):
         at = (entropy >= lo) & (entropy < hi)  # each row goes to the map of its entropy band
-        ref = IsotonicRadius().fit(corrected[at], measured[at])
-        np.testing.assert_allclose(got[at], ref.predict(corrected[at]), rtol=1e-12)
-    truth = corrected / (1 + 0.5 * np.exp(-entropy))
+        ref = IsotonicRadius().fit(pade[at], measured[at])
+        np.testing.assert_allclose(got[at], ref.predict(pade[at]), rtol=1e-12)
+    truth = pade / (1 + 0.5 * np.exp(-entropy))
     assert np.median(np.abs(got / truth - 1)) < 0.02
-    plain = Band.fit(1.0, 0.3, 3.0, "corrected", None, corrected, entropy, measured)
+    plain = Band.fit(1.0, 0.3, 3.0, "pade", None, pade, entropy, measured)
     banded_err = np.median(np.abs(got / measured - 1))
-    plain_err = np.median(np.abs(plain.predict(None, corrected, None) / measured - 1))
+    plain_err = np.median(np.abs(plain.predict(None, pade, None) / measured - 1))
     assert banded_err < 0.5 * plain_err  # the entropy carries what the radius alone cannot
     cal = Calibration("m", {}, "final", [band])
     back = Calibration.from_json(json.loads(json.dumps(cal.to_json())))
-    np.testing.assert_array_equal(back.predict(1.0, None, corrected, entropy), got)
+    np.testing.assert_array_equal(back.predict(1.0, None, pade, entropy), got)
     with pytest.raises(StableRegionsError, match="entropy"):
-        band.predict(None, corrected, None)
+        band.predict(None, pade, None)
 
 
 def test_relative_error_conventions():
@@ -237,7 +235,7 @@ def test_split_is_by_prompt():
 
 def _synthetic_rows(relation, n_prompts: int = 40, per: int = 30, seed: int = 0):
     """Rows of a validation frame at one layer and eps whose measured radius is
-    ``relation(taylor)`` times noise; the other closed forms are worse guesses."""
+    ``relation(curve)`` times noise; the other closed forms are worse guesses."""
     gen = np.random.default_rng(seed)
     n = n_prompts * per
     taylor = np.exp(gen.normal(0.0, 1.0, n))
@@ -249,10 +247,10 @@ def _synthetic_rows(relation, n_prompts: int = 40, per: int = 30, seed: int = 0)
             eps=0.1,
             family="top",
             entropy=gen.uniform(0, 5, n),
-            quadratic=taylor * 1.3,
-            corrected=taylor * np.exp(gen.normal(0.0, 0.3, n)),
-            taylor=taylor,
-            empirical=empirical,
+            radius_quadratic=taylor * 1.3,
+            radius_pade=taylor * np.exp(gen.normal(0.0, 0.3, n)),
+            radius_curve=taylor,
+            radius_exact=empirical,
         )
     )
 
@@ -272,16 +270,21 @@ def test_a_band_keeps_the_closed_form_as_is_where_no_map_beats_it(adapter, biase
     assert band.heldout["as_is"] is (not biased)
     assert band.maps[0].is_identity is (not biased)
     test = frame[~frame["prompt_digest"].isin(train)]
-    predicted = cal.predict(0.1, test.quadratic, test.corrected, test.entropy, test.taylor)
+    predicted = cal.predict(
+        0.1, test.radius_quadratic, test.radius_pade, test.entropy, test.radius_curve
+    )
     if not biased:
-        np.testing.assert_array_equal(predicted, test.taylor)
-    err = np.median(relative_error(predicted, test.empirical.to_numpy()))
-    raw = np.median(relative_error(test.taylor.to_numpy(), test.empirical.to_numpy()))
+        np.testing.assert_array_equal(predicted, test.radius_curve)
+    err = np.median(relative_error(predicted, test.radius_exact.to_numpy()))
+    raw = np.median(relative_error(test.radius_curve.to_numpy(), test.radius_exact.to_numpy()))
     assert err <= raw + 1e-12 if not biased else err < 0.05 < raw
     cal.save(tmp_path / "c.json")  # the identity map survives a round trip through JSON
     again = load_calibration(tmp_path / "c.json")
     np.testing.assert_array_equal(
-        again.predict(0.1, test.quadratic, test.corrected, test.entropy, test.taylor), predicted
+        again.predict(
+            0.1, test.radius_quadratic, test.radius_pade, test.entropy, test.radius_curve
+        ),
+        predicted,
     )
 
 
@@ -296,6 +299,7 @@ def _interrupt_after(n):
     return progress
 
 
+@pytest.mark.slow
 def test_validate_run_resume_and_outputs(adapter, tmp_path):
     out = tmp_path / "run"
     kw = dict(eps=[0.01, 1.0], positions_per_prompt=2, calibration="fit")
@@ -306,7 +310,7 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
     assert not (out / "results.parquet").exists() and not (out / "summary.json").exists()
     assert len(list((out / "parts").glob("*.parquet"))) == 3
 
-    with pytest.raises(StableRegionsError, match="--resume"):
+    with pytest.raises(StableRegionsError, match="resume=True"):
         validate(adapter, PROMPTS, out=out, **kw)
     with pytest.raises(StableRegionsError, match="different settings"):
         validate(adapter, PROMPTS, out=out, resume=True, **{**kw, "eps": [0.1]})
@@ -314,7 +318,7 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
 
     fresh = validate(adapter, PROMPTS, out=tmp_path / "fresh", **kw)
-    cols = [c for c in RESULT_COLUMNS if c not in ("calibrated", "split")]
+    cols = [c for c in RESULT_COLUMNS if c not in ("radius_calibrated", "split")]
     pd.testing.assert_frame_equal(run.frame[cols], fresh.frame[cols])  # no rows lost or doubled
 
     frame = pd.read_parquet(out / "results.parquet")
@@ -348,13 +352,13 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
         g = test[test["eps"] == row["eps"]]
         if row["family"] != "all":
             g = g[g["family"] == row["family"]]
-        err = relative_error(g[row["predictor"]], g["empirical"])
+        err = relative_error(g[f"radius_{row['predictor']}"], g["radius_exact"])
         assert row["n"] == len(g)
         assert row["median_rel_err"] == pytest.approx(np.median(err))
         assert row["within_8pct"] == pytest.approx(np.mean(err <= 0.08))
         for k in ("within_1pct", "within_8pct", "within_50pct"):
             assert 0.0 <= row[k] <= 1.0
-    assert {r["predictor"] for r in summary} == {"quadratic", "corrected", "taylor", "calibrated"}
+    assert {r["predictor"] for r in summary} == {"quadratic", "pade", "curve", "calibrated"}
 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
@@ -373,7 +377,7 @@ def test_validate_run_resume_and_outputs(adapter, tmp_path):
         expect = cal.predict(
             row["eps"],
             np.array([row["radius_quadratic"]]),
-            np.array([row["radius_corrected"]]),
+            np.array([row["radius_pade"]]),
             np.array([row["entropy"]]),
             np.array([row["radius_curve"]]),
         )
@@ -421,10 +425,7 @@ def test_calibration_checks_model_layer_and_eps(adapter, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", seed=5, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("tiny"), seed=5)
 
 
 def test_cli_validate_writes_a_complete_run(model_dir, tmp_path, capsys):
@@ -499,7 +500,7 @@ def test_cli_validate_bad_input(model_dir, tmp_path, capsys, args, message):
                         "eps": 0.1,
                         "eps_min": 0.01,
                         "eps_max": 1,
-                        "feature": "corrected",
+                        "feature": "pade",
                         "entropy_edges": [0, "inf"],
                         "maps": [{"log_x": [0.0], "log_y": [0.0]}],
                     }
@@ -634,7 +635,7 @@ def test_study_boundaries_on_the_real_model():
             & (frame["direction_index"] == index)
             & (frame["sign"] == sign)
         ]
-        radii = torch.tensor(sel["empirical"].to_numpy())
+        radii = torch.tensor(sel["radius_exact"].to_numpy())
         ts = torch.cat([0.999 * radii, 1.001 * radii])
         logq = torch.log_softmax(
             twin.perturbed_logits(ids, PRELOGIT, pr.position, ts[:, None] * pr.v[r]), -1
@@ -643,3 +644,31 @@ def test_study_boundaries_on_the_real_model():
         eps = torch.tensor(sel["eps"].to_numpy())
         assert torch.all(kl[: len(eps)] < eps) and torch.all(kl[len(eps) :] >= eps), family
     assert seen == set(FAMILIES)
+
+
+def test_calibrated_radii_never_shrink_as_eps_grows():
+    """Each eps band has its own map and two maps can cross for an unusual ray; the true
+    radius grows with eps, so the calibrated one must too (it keeps the largest value of
+    every smaller eps). Without the guard, this ray's calibrated radius would fall from 2.0
+    at eps 0.1 to 0.7 at eps 1."""
+    from stable_regions.calibration import Band, Calibration
+
+    doubles = IsotonicRadius(np.array([-5.0, 5.0]), np.array([-5.0, 5.0]) + np.log(2.0))
+    shrinks = IsotonicRadius(np.array([-5.0, 5.0]), np.array([-5.0, 5.0]) + np.log(0.5))
+    cal = Calibration(
+        "m",
+        {},
+        "final",
+        [Band(0.1, 0.03, 0.3, "pade", [doubles]), Band(1.0, 0.3, 3.0, "pade", [shrinks])],
+    )
+    pade = np.array([[1.0, 1.4], [0.1, 3.0]])  # two rays at eps 0.1 and 1
+    raw = np.column_stack(
+        [cal.predict(e, pade[:, k], pade[:, k]) for k, e in enumerate([0.1, 1.0])]
+    )
+    assert raw[0, 1] < raw[0, 0]  # the maps cross for the first ray
+    got = cal.predict_grid([0.1, 1.0], pade, pade, np.zeros(2), pade)
+    np.testing.assert_allclose(got[0], [2.0, 2.0])
+    np.testing.assert_allclose(got[1], [0.2, 1.5])  # where the maps agree, nothing changes
+    # the eps order given does not matter
+    flipped = cal.predict_grid([1.0, 0.1], pade[:, ::-1], pade[:, ::-1], np.zeros(2), pade[:, ::-1])
+    np.testing.assert_allclose(flipped[:, ::-1], got)

@@ -7,13 +7,18 @@ import json
 import shutil
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from conftest import requires
 
-from stable_regions.cli import main
+requires("selenium", "browser")
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
+
+from stable_regions.cli import main  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def chromium_paths() -> tuple[str, str]:
@@ -94,24 +99,24 @@ def test_page_offline_tooltip_numbers_equal_json(browser, generated, tmp_path):
         }
         row = rows[index]
         for key in (
-            "radius_corrected",
+            "radius_curve",
             "radius_quadratic",
             "radius_flip",
-            "prob",
+            "chosen_prob",
             "entropy",
             "lambda_max",
         ):
             assert float(cells[key]) == pytest.approx(row[key], rel=6e-4), key
-        assert json.loads(tip.find_element(By.CSS_SELECTOR, ".head").text) == row["token"]
+        assert json.loads(tip.find_element(By.CSS_SELECTOR, ".head").text) == row["chosen_token"]
         alternatives = [json.loads(a.text) for a in tip.find_elements(By.CSS_SELECTOR, ".alt")]
         assert alternatives == row["top_tokens"]
     # another eps: the legend and the tooltip's radius follow it
     Select(browser.find_element(By.ID, "eps")).select_by_visible_text("1")
     tokens = browser.find_elements(By.CSS_SELECTOR, ".tok")
     ActionChains(browser).move_to_element(tokens[3]).perform()
-    cell = browser.find_element(By.CSS_SELECTOR, "#tip td.v[data-key='radius_corrected']")
+    cell = browser.find_element(By.CSS_SELECTOR, "#tip td.v[data-key='radius_curve']")
     at_one = next(r for r in doc["rows"] if r["eps"] == 1.0 and r["step"] == 3)
-    assert float(cell.text) == pytest.approx(at_one["radius_corrected"], rel=6e-4)
+    assert float(cell.text) == pytest.approx(at_one["radius_curve"], rel=6e-4)
     assert "at eps 1" in browser.find_element(By.ID, "legend-label").text
     # the plot has one point per token with a finite radius
     assert len(browser.find_elements(By.CSS_SELECTOR, "#plot circle")) == 8
@@ -125,7 +130,7 @@ def test_whitespace_is_visible(browser, generated):
     prefix = browser.find_element(By.CSS_SELECTOR, ".prefix").text
     assert "·" in prefix and " " not in prefix.replace("\n", "")
     for r in doc["rows"]:
-        if "\n" in r["token"]:
+        if "\n" in r["chosen_token"]:
             marks = browser.find_elements(By.CSS_SELECTOR, ".tok .ws")
             assert any(m.text == "↵" for m in marks)
             break
@@ -153,7 +158,7 @@ def test_analyze_and_scan_pages(browser, tmp_path, capsys):
     for i in (0, len(tokens) - 1):
         cells = hover_values(browser, tokens[i])
         row = doc["rows"][i]
-        assert float(cells["radius_corrected"]) == pytest.approx(row["radius_corrected"], rel=6e-4)
+        assert float(cells["radius_pade"]) == pytest.approx(row["radius_pade"], rel=6e-4)
         assert json.loads(cells["next_token"]) == row["next_token"]
     text = tmp_path / "doc.txt"
     text.write_text("Hello world.\nThe cat sat on the mat.\n")

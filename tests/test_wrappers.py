@@ -7,17 +7,21 @@ from __future__ import annotations
 import copy
 import math
 
-import nnsight
 import numpy as np
 import pytest
 import torch
 import transformers as T
-from conftest import char_tokenizer, tiny_model
-from transformer_lens import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
+from conftest import char_tokenizer, requires, tiny_model
 
-import stable_regions as sr
-from stable_regions.errors import UnsupportedModelError
+nnsight = requires("nnsight", "wrappers")
+requires("transformer_lens", "wrappers")
+from transformer_lens import TransformerBridgeConfig  # noqa: E402
+from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
+
+import stable_regions as sr  # noqa: E402
+from stable_regions.errors import UnsupportedModelError  # noqa: E402
+
+pytestmark = pytest.mark.wrappers
 
 PROMPT = "The cat sat on"
 
@@ -152,7 +156,7 @@ def every_study(model, tokenizer=None) -> dict:
     frames = {
         "analyze": sr.analyze(adapter, PROMPT, eps=[0.1], layer=1, positions=[3, 7]).to_frame(),
         "steer": sr.steering_budget(
-            adapter, [PROMPT, "a dog ran"], vector, layer=1, eps=[0.1]
+            adapter, [PROMPT, "a dog ran"], vector=vector, layer=1, eps=[0.1]
         ).to_frame(),
         "jacobian": sr.jacobian_profile(adapter, PROMPT, k=2).to_frame(),
         "certify": sr.certify(adapter, PROMPT, eps=[0.1], positions=[3, 7]).to_frame(),
@@ -160,7 +164,7 @@ def every_study(model, tokenizer=None) -> dict:
     stability = sr.stability_map(
         adapter, PROMPT, eps=0.1, layers=["embed", 1, "final"], positions=[2, 6]
     )
-    frames["map"] = stability.radius
+    frames["map"] = stability.radius_pade
     text, frames["monitor"] = sr.generate(
         adapter, PROMPT, max_new_tokens=4, eps=[0.1], mode="exact"
     )

@@ -367,19 +367,20 @@ def row_map_prompt(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     """The stability map of one prompt, timed once (minutes in full), against one cell at a
     time (a block of one position: what the map did before positions were batched), timed
     on a sample of inner cells and scaled to the map's inner cells."""
-    from .maps import parse_layers, stability_map
+    from .maps import stability_map
+    from .models.layers import check_layers
 
     text = _prompt_text(adapter, s.map_positions)
     n = min(s.map_positions, adapter.tokenize(text).shape[1])
     positions = list(range(n))
     mid = adapter.n_layers // 2
-    layers = parse_layers(
+    layers = check_layers(
         "all" if s.map_layers == "all" else ["embed", mid, "final"], adapter.n_layers
     )
     reset_peak_rss()
     ours_s, found = timed(lambda: stability_map(adapter, text, layers=layers, positions=positions))
     peak = round(peak_rss_mb(), 1)
-    sample = [(row, col) for row in (0, layers.index(mid)) for col in (0, n - 1)]
+    sample = [(row, col) for row in (0, layers.index(str(mid))) for col in (0, n - 1)]
     per_cell, errs = [], []
     for row, col in sample:
         t, cell = timed(

@@ -46,7 +46,7 @@ def rows_monitor(adapter, s) -> list[dict]:
     for mode in ("fast", "exact"):
         for batch in BATCHES:
             ids = _prompts(adapter, batch, tokens)
-            monitor = StabilityMonitor(adapter, [0.1], mode=mode)
+            monitor = StabilityMonitor(adapter, eps=[0.1], mode=mode)
             pad = adapter.model.generation_config.eos_token_id
             pad = pad[0] if isinstance(pad, list) else pad
             options = dict(

@@ -3,9 +3,19 @@
 A vocabulary is large (49k-262k tokens), so an array with one row per position, ray or
 direction and one column per token is what grows with the work. Every study cuts such arrays
 into blocks of rows that stay under ``ARRAY_BYTES``; the block sizes below all derive from it.
+Passes recorded through the network (for the products inside it) stay under ``GRAPH_BYTES``.
+
+``memory_budget(megabytes)`` is the one setting a user has: inside it both budgets scale to
+that many megabytes for recorded passes (arrays get a sixth of it, the default ratio), in the
+calling thread only. Larger budgets mean fewer, larger blocks (faster where memory allows);
+smaller ones mean a lower peak.
 """
 
 from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 ARRAY_BYTES = 64 << 20  # one (rows x V) array: 64 MiB (341 float32 rows of SmolLM2's 49152)
 
@@ -40,6 +50,38 @@ CPU_CHUNK_BYTES = 8 << 20
 DEVICE_CHUNK_BYTES = 256 << 20
 
 
+_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("stable_regions_budget", default=1.0)
+
+
+@contextmanager
+def memory_budget(megabytes: float) -> Iterator[None]:
+    """Within the block, recorded passes may hold ``megabytes`` (default 384) and each
+    (rows x V) array a sixth of that (default 64), on the CPU; on a GPU the graph budget is
+    still at least a quarter of its free memory. Only the calling thread (or task) sees it.
+
+    Examples
+    --------
+    >>> with sr.memory_budget(1024):  # doctest: +SKIP
+    ...     sr.stability_map(model, prompt)
+    """
+    from .errors import InvalidParameterError
+
+    if not (isinstance(megabytes, (int, float)) and 16 <= megabytes <= 1 << 20):
+        raise InvalidParameterError(
+            f"memory_budget takes megabytes between 16 and 1048576, got {megabytes!r}"
+        )
+    token = _SCALE.set(float(megabytes) * (1 << 20) / GRAPH_BYTES)
+    try:
+        yield
+    finally:
+        _SCALE.reset(token)
+
+
+def array_bytes() -> int:
+    """The (rows x V) array budget in force (``ARRAY_BYTES`` scaled by ``memory_budget``)."""
+    return int(ARRAY_BYTES * _SCALE.get())
+
+
 def chunk_bytes(device=None, cpu: int = CPU_CHUNK_BYTES) -> int:
     """Bytes per upcast vocabulary chunk on ``device``: ``cpu`` on a CPU (or unknown)."""
     on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
@@ -57,7 +99,7 @@ def rows_in_cache(width: int, itemsize: int = 8, device=None) -> int:
 def rows_within(width: int, itemsize: int = 8, *, cap: int | None = None) -> int:
     """Rows of ``width`` elements of ``itemsize`` bytes that fit in ``ARRAY_BYTES`` (at least 1,
     at most ``cap``)."""
-    rows = max(1, ARRAY_BYTES // max(1, width * itemsize))
+    rows = max(1, array_bytes() // max(1, width * itemsize))
     return rows if cap is None else max(1, min(cap, rows))
 
 
@@ -69,15 +111,16 @@ ATTENTION_SAVED = 3
 
 
 def graph_bytes(device=None) -> int:
-    """What recorded passes may hold on ``device``: ``GRAPH_BYTES`` on a CPU; on a GPU a
-    quarter of its free memory at the time of asking (``torch.cuda.mem_get_info``), at least
-    ``GRAPH_BYTES``."""
+    """What recorded passes may hold on ``device``: ``GRAPH_BYTES`` (scaled by
+    ``memory_budget``) on a CPU; on a GPU a quarter of its free memory at the time of asking
+    (``torch.cuda.mem_get_info``), at least that."""
+    budget = int(GRAPH_BYTES * _SCALE.get())
     if device is None or getattr(device, "type", str(device)) != "cuda":
-        return GRAPH_BYTES
+        return budget
     import torch
 
     free, _total = torch.cuda.mem_get_info(device)
-    return max(GRAPH_BYTES, free // 4)
+    return max(budget, free // 4)
 
 
 def rows_recordable(

@@ -7,8 +7,8 @@ interpolation between the fitted thresholds (in log space), clipped at both ends
 scikit-learn object is stored and nothing is unpickled.
 
 ``Calibration`` holds, per eps band of one (model, layer), the feature the band uses and its
-maps: ``quadratic``, ``corrected`` or ``taylor`` (one map of that closed form), or
-``corrected_by_entropy`` / ``taylor_by_entropy`` (one map per entropy band of the next-token
+maps: ``quadratic``, ``pade`` or ``curve`` (one map of that closed form, ``vocabulary.FORMS``),
+or ``pade_by_entropy`` / ``curve_by_entropy`` (one map per entropy band of the next-token
 distribution: the closed forms err most where ``p`` is nearly one-hot, so the correction they
 need depends on the entropy). It also
 keeps the digests of the prompts it was fitted on (so a later evaluation can keep them out)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ import numpy as np
 
 from .errors import StableRegionsError
 from .files import write_json
+from .vocabulary import OldNamesWarning, upgrade_name
 
 FORMAT = "stable-regions-calibration"
-FEATURES = ("quadratic", "corrected", "corrected_by_entropy", "taylor", "taylor_by_entropy")
-ENTROPY_EDGES = (0.0, 0.5, 2.0, 4.0, math.inf)  # nats; bands of corrected_by_entropy
+FEATURES = ("quadratic", "pade", "pade_by_entropy", "curve", "curve_by_entropy")
+ENTROPY_EDGES = (0.0, 0.5, 2.0, 4.0, math.inf)  # nats; bands of pade_by_entropy
 MIN_BAND_ROWS = 50  # fewer training rows in an entropy band: it uses the unbanded map
 
 
@@ -125,15 +127,15 @@ class IsotonicRadius:
         return cls(x, y)
 
 
-def _feature_input(feature: str, quadratic, corrected, taylor) -> np.ndarray:
+def _feature_input(feature: str, quadratic, pade, curve) -> np.ndarray:
     """The closed-form radius a feature maps: its name without ``_by_entropy``."""
     base = feature.removesuffix("_by_entropy")
-    if base == "taylor" and taylor is None:
+    if base == "curve" and curve is None:
         raise StableRegionsError(
-            f"this calibration maps the Taylor-path radius ({feature}), which was not computed: "
+            f"this calibration maps the curve radius ({feature}), which was not computed: "
             "pass it, or use a calibration of another feature"
         )
-    chosen = {"quadratic": quadratic, "corrected": corrected, "taylor": taylor}[base]
+    chosen = {"quadratic": quadratic, "pade": pade, "curve": curve}[base]
     return np.asarray(chosen, dtype=float)
 
 
@@ -158,12 +160,12 @@ class Band:
         eps_max: float,
         feature: str,
         quadratic: np.ndarray,
-        corrected: np.ndarray,
+        pade: np.ndarray,
         entropy: np.ndarray,
         measured: np.ndarray,
-        taylor: np.ndarray | None = None,
+        curve: np.ndarray | None = None,
     ) -> Band:
-        x = _feature_input(feature, quadratic, corrected, taylor)
+        x = _feature_input(feature, quadratic, pade, curve)
         measured = np.asarray(measured, dtype=float)
         whole = IsotonicRadius().fit(x, measured)
         if not feature.endswith("_by_entropy"):
@@ -180,11 +182,11 @@ class Band:
     def predict(
         self,
         quadratic: np.ndarray,
-        corrected: np.ndarray,
+        pade: np.ndarray,
         entropy: np.ndarray | None,
-        taylor: np.ndarray | None = None,
+        curve: np.ndarray | None = None,
     ) -> np.ndarray:
-        x = _feature_input(self.feature, quadratic, corrected, taylor)
+        x = _feature_input(self.feature, quadratic, pade, curve)
         if len(self.maps) == 1:
             return self.maps[0].predict(x)
         if entropy is None:
@@ -253,27 +255,52 @@ class Calibration:
         covered = ", ".join(f"[{b.eps_min:.3g}, {b.eps_max:.3g})" for b in self.bands)
         raise StableRegionsError(
             f"calibration {self.path or ''} has no band for eps {eps:g} (it covers {covered}): "
-            "fit one with 'stable-regions validate --eps ... --calibration fit'".replace("  ", " ")
+            "fit one with validate(..., `eps=...`, `calibration='fit'`)"
         )
 
     def predict(
         self,
         eps: float,
         quadratic: np.ndarray,
-        corrected: np.ndarray,
+        pade: np.ndarray,
         entropy: np.ndarray | None = None,
-        taylor: np.ndarray | None = None,
+        curve: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Calibrated radii at ``eps`` from the closed-form predictions (and the entropy of
-        ``p`` in nats, which the ``*_by_entropy`` bands need)."""
-        return self.band_for(eps).predict(quadratic, corrected, entropy, taylor)
+        """Calibrated radii at ``eps`` from the closed-form radii (``radius_quadratic``,
+        ``radius_pade``, ``radius_curve``) and the entropy of ``p`` in nats, which the
+        ``*_by_entropy`` bands need."""
+        return self.band_for(eps).predict(quadratic, pade, entropy, curve)
 
     def predict_one(
-        self, eps: float, quadratic: float, corrected: float, entropy: float, taylor: float
+        self, eps: float, quadratic: float, pade: float, entropy: float, curve: float
     ) -> float:
         """``predict`` for one row (one position or ray): a float."""
-        q, c, h, t = (np.array([float(x)]) for x in (quadratic, corrected, entropy, taylor))
+        q, c, h, t = (np.array([float(x)]) for x in (quadratic, pade, entropy, curve))
         return float(self.predict(eps, q, c, h, t)[0])
+
+    def predict_grid(
+        self,
+        eps: list[float],
+        quadratic: np.ndarray,
+        pade: np.ndarray,
+        entropy: np.ndarray,
+        curve: np.ndarray,
+    ) -> np.ndarray:
+        """Calibrated radii (R, E) of R rays at each of ``eps`` from their closed forms (R, E)
+        and entropies (R,), never smaller at a larger eps: each eps band has its own map, and
+        two maps can cross where one ray's forms are unusual, but the true radius grows with
+        eps, so a ray keeps the largest calibrated radius of every eps up to its own."""
+        quadratic, pade, curve = (np.asarray(x, dtype=float) for x in (quadratic, pade, curve))
+        out = np.column_stack(
+            [
+                self.predict(e, quadratic[:, k], pade[:, k], entropy, curve[:, k])
+                for k, e in enumerate(eps)
+            ]
+        )
+        order = np.argsort(eps, kind="stable")
+        rising = np.fmax.accumulate(out[:, order], axis=1)  # NaN (no radius) passes through
+        out[:, order] = np.where(np.isnan(out[:, order]), np.nan, rising)
+        return out
 
     def check(self, adapter, layer: str) -> None:
         """Refuse a calibration that belongs to another model or layer."""
@@ -281,7 +308,7 @@ class Calibration:
         if str(layer) != self.layer:
             raise StableRegionsError(
                 f"{where} was fitted at layer {self.layer!r}, not {str(layer)!r}: "
-                "use a calibration of this layer or fit one with 'validate --calibration fit'"
+                "use a calibration of this layer or fit one with validate(..., `calibration='fit'`)"
             )
         if not _same_model(model_fingerprint(adapter), self.fingerprint):
             raise StableRegionsError(
@@ -320,7 +347,8 @@ class Calibration:
             raise ValueError(f"not a {FORMAT} file")
         bands = []
         for b in obj["bands"]:
-            if b["feature"] not in FEATURES:
+            feature = _today(b["feature"], path)
+            if feature not in FEATURES:
                 raise ValueError(f"unknown feature {b['feature']!r}")
             maps = [IsotonicRadius.from_json(m) for m in b["maps"]]
             edges = [float(x) for x in b["entropy_edges"]]
@@ -331,7 +359,7 @@ class Calibration:
                     float(b["eps"]),
                     float(b["eps_min"]),
                     float(b["eps_max"]),
-                    b["feature"],
+                    feature,
                     maps,
                     edges,
                     dict(b.get("heldout", {})),
@@ -349,6 +377,22 @@ class Calibration:
         )
 
 
+def _today(feature: str, path: str | None) -> str:
+    """A feature's name today; an earlier version's name (``corrected``, ``taylor``, see
+    ``vocabulary.RENAMED``) is read with a warning."""
+    base = feature.removesuffix("_by_entropy")
+    new = upgrade_name(base, "forms")
+    if new == base:
+        return feature
+    warnings.warn(
+        f"{path or 'a calibration'} was written by an earlier version of stable-regions; "
+        f"read its feature {feature!r} as {feature.replace(base, new)!r}",
+        OldNamesWarning,
+        stacklevel=3,
+    )
+    return feature.replace(base, new)
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Read a calibration JSON file; a missing or corrupt file is a one-line error."""
     path = Path(path)
@@ -359,7 +403,7 @@ def load_calibration(path: str | Path) -> Calibration:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise StableRegionsError(
             f"calibration file {path} is corrupt or not a stable-regions calibration "
-            f"({type(exc).__name__}: {exc}); refit it with 'stable-regions validate --calibration fit'"
+            f"({type(exc).__name__}: {exc}); refit it with validate(..., `calibration='fit'`)"
         ) from None
 
 
@@ -394,8 +438,8 @@ def bundled_calibration(model_name: str, layer: str = "final", n_layers: int | N
     if not path.is_file():
         raise StableRegionsError(
             f"no bundled calibration fits model {model_name!r} at layer {layer!r} "
-            f"(shipped: {', '.join(shipped) or 'none'}): fit one with `stable-regions validate "
-            f"--layers {layer} --calibration fit` and pass its calibration-{layer}.json"
+            f"(shipped: {', '.join(shipped) or 'none'}): fit one with validate(..., "
+            f"`layers=[{layer!r}]`, `calibration='fit'`) and pass its calibration-{layer}.json"
         )
     return load_calibration(path)
 

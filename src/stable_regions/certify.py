@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from .budget import rows_within
 from .engine import Stage, entropy, positions_per_recorded_block, summing_head
-from .errors import StableRegionsError
+from .errors import InvalidParameterError
 from .geometry import (
     LogitHead,
     PullbackOperator,
@@ -39,15 +38,17 @@ from .geometry import (
     ritz_subspace,
     series_coefficients,
 )
-from .inputs import as_adapter, check_eps, check_positions, json_value
+from .inputs import as_adapter, check_eps, check_positions
 from .models import PRELOGIT, ModelAdapter
 from .models.norms import NormSpec, describe_norm
 from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
-from .plotting import pyplot, save
+from .plotting import new_figure
 from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
+from .results import Result, frame_records
 from .substitutions import COLUMNS as SUBSTITUTION_COLUMNS
 from .substitutions import token_substitutions
+from .vocabulary import describe
 
 NORMS = ("l2", "linf")
 SUBSPACE = 8  # the certificate's subspace: 6 Ritz vectors and 2 next-token directions
@@ -80,9 +81,12 @@ NONE_INSIDE = (
 
 
 @dataclass
-class CertifyResult:
-    """One row per (position, eps); see ``COLUMNS``."""
+class CertifyResult(Result):
+    """One row per (position, eps) (``to_frame``; ``vocabulary`` defines every column), and
+    with ``substitutions=K`` one row per (position, substitute, eps)
+    (``substitutions_frame``)."""
 
+    study = "certify"
     model: str
     prompt: str
     layer: str
@@ -92,86 +96,100 @@ class CertifyResult:
     substitutions: list[dict] = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=COLUMNS)
+        return describe(pd.DataFrame(self.rows, columns=COLUMNS))
 
     def substitutions_frame(self) -> pd.DataFrame:
         """One row per (position, substitute, eps) with ``substitutions=K``; see
         ``stable_regions.substitutions``."""
-        return pd.DataFrame(self.substitutions, columns=SUBSTITUTION_COLUMNS)
+        return describe(pd.DataFrame(self.substitutions, columns=SUBSTITUTION_COLUMNS))
 
-    def plot(self, path: str | Path) -> Path:
-        """One panel per eps along the prompt (log radius): the certified radius below, the
-        worst case found above, the band between them where the true radius lies, and the
-        top direction's exit and quadratic radius for comparison. Returns the path."""
-        plt = pyplot()
-        from matplotlib.ticker import FuncFormatter, LogLocator
-
+    def summary(self) -> pd.DataFrame:
+        """Per eps: positions, the median certified and attack radii and their ratio."""
         frame = self.to_frame()
-        positions = sorted(frame.position.unique())
-        tokens = frame.drop_duplicates("position").set_index("position").token
-        labels = [f"{p}:{repr(tokens[p])[1:-1][:12]}" for p in positions]
-        x = np.arange(len(positions))
-        width = min(40.0, max(7.0, 0.35 * len(positions) + 3.0))
-        fig, axes = plt.subplots(
-            len(self.eps), 1, figsize=(width, 2.6 * len(self.eps) + 1.0), sharex=True
+        out = frame.groupby("eps").agg(
+            n=("position", "size"),
+            median_radius_certified=("radius_certified", "median"),
+            median_radius_attack=("radius_attack", "median"),
+            median_tightness=("tightness", "median"),
         )
-        axes = np.atleast_1d(axes)
-        unit = "L2" if self.norm == "l2" else "L-inf"
-        for ax, eps in zip(axes, self.eps, strict=True):
-            rows = frame[frame.eps == eps].set_index("position").reindex(positions)
+        return describe(out.reset_index())
 
-            def series(column: str, rows=rows) -> np.ndarray:
-                values = rows[column].to_numpy(dtype=float)
-                return np.where(np.isfinite(values) & (values > 0), values, np.nan)
-
-            certified, attack = series("radius_certified"), series("radius_attack")
-            ax.fill_between(
-                x,
-                certified,
-                attack,
-                color="tab:green",
-                alpha=0.15,
-                label="the true radius lies here",
-            )
-            ax.plot(x, attack, "v-", color="tab:red", ms=3, lw=1, label="worst case found")
-            ax.plot(x, certified, "^-", color="tab:green", ms=3, lw=1, label="certified")
-            ax.plot(
-                x, series("radius_exact"), ":", color="0.35", lw=1, label="top direction's exit"
-            )
-            ax.plot(x, series("radius_quadratic"), "--", color="0.6", lw=1, label="quadratic")
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-            ax.set_ylabel(f"{unit} radius")
-            ax.set_title(f"eps = {eps:g} nats", fontsize=9, loc="left")
-        axes[0].legend(fontsize=7, ncols=5, loc="lower left", bbox_to_anchor=(0.0, 1.12))
-        axes[-1].set_xticks(x, labels, rotation=90, fontsize=7)
-        fig.suptitle(
-            f"{self.model}, layer '{self.layer}': how far before KL reaches eps", fontsize=10
-        )
-        return save(fig, path)
-
-    def to_json(self) -> dict:
-        """``{"model", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities as strings),
-        and ``"substitutions"`` when they were asked for."""
-        doc = {
+    def context(self) -> dict:
+        return {
             "model": self.model,
+            "prompt": self.prompt,
             "layer": self.layer,
             "norm": self.norm,
             "eps": self.eps,
-            "rows": [{k: json_value(r[k]) for k in COLUMNS} for r in self.rows],
         }
+
+    def to_json(self) -> dict:
+        """``{"model", "prompt", "layer", "norm", "eps", "rows"}`` (NaN as null, infinities
+        as strings), and ``"substitutions"`` when they were asked for."""
+        doc = super().to_json()
         if self.substitutions:
-            doc["substitutions"] = [
-                {k: json_value(r[k]) for k in SUBSTITUTION_COLUMNS} for r in self.substitutions
-            ]
+            doc["substitutions"] = frame_records(self.substitutions_frame())
         return doc
+
+    def draw(self, ax=None, *, eps: float | None = None):
+        """Along the prompt (log radius): the certified radius below, the worst case found
+        above, the band between them where the true radius lies, and the top direction's
+        exit and quadratic radius for comparison. Without ``ax``, one panel per eps; with
+        it, the panel of ``eps`` (default the first)."""
+        frame = self.to_frame()
+        positions = sorted(frame.position.unique())
+        if ax is None:
+            width = min(40.0, max(7.0, 0.35 * len(positions) + 3.0))
+            fig, axes = new_figure(
+                len(self.eps), 1, figsize=(width, 2.6 * len(self.eps) + 1.0), sharex=True
+            )
+            panels = list(zip(axes[:, 0], self.eps, strict=True))
+        else:
+            fig = ax.figure
+            panels = [(ax, self.eps[0] if eps is None else check_eps(eps)[0])]
+        for panel, e in panels:
+            self._panel(panel, frame, positions, e)
+        panels[0][0].legend(fontsize=7, ncols=5, loc="lower left", bbox_to_anchor=(0.0, 1.12))
+        tokens = frame.drop_duplicates("position").set_index("position").token
+        labels = [f"{p}:{repr(tokens[p])[1:-1][:12]}" for p in positions]
+        panels[-1][0].set_xticks(np.arange(len(positions)), labels, rotation=90, fontsize=7)
+        if ax is None:
+            fig.suptitle(
+                f"{self.model}, layer '{self.layer}': how far before KL reaches eps", fontsize=10
+            )
+        return fig
+
+    def _panel(self, ax, frame: pd.DataFrame, positions: list[int], eps: float) -> None:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        rows = frame[frame.eps == eps].set_index("position").reindex(positions)
+        if rows["radius_certified"].isna().all() and rows["radius_attack"].isna().all():
+            raise InvalidParameterError(f"eps {eps:g} is not one of this result's {self.eps}")
+
+        def series(column: str) -> np.ndarray:
+            values = rows[column].to_numpy(dtype=float)
+            return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+        x = np.arange(len(positions))
+        certified, attack = series("radius_certified"), series("radius_attack")
+        ax.fill_between(
+            x, certified, attack, color="tab:green", alpha=0.15, label="the true radius lies here"
+        )
+        ax.plot(x, attack, "v-", color="tab:red", ms=3, lw=1, label="worst case found")
+        ax.plot(x, certified, "^-", color="tab:green", ms=3, lw=1, label="certified")
+        ax.plot(x, series("radius_exact"), ":", color="0.35", lw=1, label="top direction's exit")
+        ax.plot(x, series("radius_quadratic"), "--", color="0.6", lw=1, label="quadratic")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_ylabel(f"{'L2' if self.norm == 'l2' else 'L-inf'} radius")
+        ax.set_title(f"eps = {eps:g} nats", fontsize=9, loc="left")
 
 
 def check_norm(norm: str) -> str:
     if norm not in NORMS:
-        raise StableRegionsError(f"norm must be 'l2' or 'linf', got {norm!r}")
+        raise InvalidParameterError(f"norm must be 'l2' or 'linf', got {norm!r}")
     return norm
 
 
@@ -179,11 +197,11 @@ def check_norm(norm: str) -> str:
 def certify(
     model,
     prompt: str,
+    *,
     eps: float | Sequence[float] = (0.01, 0.1, 1.0),
+    positions: str | int | Sequence[int] = "all",
     layer: str | int = "final",
     norm: str = "l2",
-    positions: str | int | Sequence[int] = "all",
-    *,
     substitutions: int = 0,
     restarts: int = 2,
     rounds: int = 1,
@@ -194,25 +212,55 @@ def certify(
 ) -> CertifyResult:
     """Certified radius, worst case found by search, and the closed form, per position and eps.
 
-    Args:
-        model: a bundled name / path, a ``ModelAdapter`` or a transformers causal LM.
-        eps: KL thresholds (nats), each > 0.
-        layer: ``"final"`` (the pre-logit vector), ``"embed"`` or a block index.
-        norm: ``"l2"`` (a ball) or ``"linf"`` (a box; radii in L-inf units).
-        positions: ``"all"``, ``"last"`` or token indices.
-        substitutions: K > 0 also checks each position's K nearest tokens in the input
-            embedding (``stable_regions.substitutions``): the predicted and the measured
-            effect of swapping the token, in ``CertifyResult.substitutions``.
-        restarts: top curvature directions the search starts from (each with both signs).
-        rounds, steps: search rounds, and gradient steps per round.
+    The true radius of the largest ball (or box) inside which no perturbation moves the
+    next-token distribution by more than ``eps`` lies between ``radius_certified`` (proven)
+    and ``radius_attack`` (the nearest exit a gradient search found).
+
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    prompt : str
+        The text.
+    eps : float or list of float, default (0.01, 0.1, 1.0)
+        KL thresholds (nats).
+    positions : "all", "last", int or list of int, default "all"
+        Token indices.
+    layer : str or int, default "final"
+        ``"final"`` (the pre-logit vector), ``"embed"``, a block index or a hook name. A
+        certificate exists at ``final`` and at the last block's output (through the final
+        norm); elsewhere ``radius_certified`` is NaN and ``certified_by`` says why.
+    norm : {"l2", "linf"}, default "l2"
+        A ball, or a box (radii in L-inf units).
+    substitutions : int, default 0
+        K > 0 also swaps each position's token for its K nearest tokens in the input
+        embedding and reports the predicted and the measured effect
+        (``substitutions_frame()``).
+    restarts : int, default 2
+        Top curvature directions the search starts from (each with both signs).
+    rounds, steps : int
+        Search rounds, and gradient steps per round.
+    rtol : float, default 1e-6
+        Relative tolerance of the measured exits.
+    progress, stage : callable, optional
+        As for :func:`analyze`.
+
+    Returns
+    -------
+    CertifyResult
+
+    Examples
+    --------
+    >>> cert = sr.certify(model, "The capital of France is", eps=0.1, positions="last")
+    >>> cert.to_frame()[["radius_certified", "radius_attack", "tightness"]]  # doctest: +SKIP
     """
     adapter = as_adapter(model)
     eps_list = check_eps(eps)
     norm = check_norm(norm)
     if restarts < 1 or rounds < 0 or steps < 0:
-        raise StableRegionsError("restarts must be >= 1, rounds and steps >= 0")
+        raise InvalidParameterError("restarts must be >= 1, rounds and steps >= 0")
     if isinstance(substitutions, bool) or not isinstance(substitutions, int) or substitutions < 0:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"substitutions must be a whole number K >= 1 of nearest tokens (0: none), got {substitutions!r}"
         )
     hook = adapter.hook_for_layer(layer)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from .errors import StableRegionsError, one_line
+from .errors import InvalidParameterError, StableRegionsError, one_line
 from .files import RunDirectory
 from .models import load
 from .prompts import Prompt
@@ -41,9 +41,9 @@ RESTARTS = 3  # times a worker that died is started again (and its calls retried
 def check_cluster(address: str | None, workers: int, gpus_per_worker: float) -> None:
     """Connect to (or start) the cluster and check it can hold the workers; one-line errors."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise StableRegionsError(f"--workers must be a whole number >= 1, got {workers!r}")
+        raise InvalidParameterError(f"`workers` must be a whole number >= 1, got {workers!r}")
     if gpus_per_worker < 0:
-        raise StableRegionsError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+        raise InvalidParameterError(f"`gpus_per_worker` must be >= 0, got {gpus_per_worker}")
     try:
         import ray
     except ImportError:
@@ -75,7 +75,7 @@ def check_cluster(address: str | None, workers: int, gpus_per_worker: float) -> 
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     if gpus_per_worker > gpus:
         raise StableRegionsError(
-            f"--gpus-per-worker {gpus_per_worker:g} but the cluster has {gpus:g} GPUs: "
+            f"`gpus_per_worker={gpus_per_worker:g}` but the cluster has {gpus:g} GPUs: "
             "ask for at most that many"
         )
 
@@ -87,7 +87,7 @@ def _reachable(address: str, timeout: float = 5.0) -> bool:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise StableRegionsError(
-            f"--ray address {address!r} is not host:port (e.g. 10.0.0.5:6379): give the "
+            f"the Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379): give the "
             "head node's address, or none for a local cluster"
         )
     try:

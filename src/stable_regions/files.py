@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import StableRegionsError
+from .errors import OutputPathError, StableRegionsError
 
 
 @contextmanager
@@ -28,27 +29,59 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 def check_output_file(path: str | os.PathLike, suffix: str | None = None, flag: str = "") -> Path:
     """The path of a file a command will write, refused before any work where its directory
-    does not exist, where it is a directory, or (with ``suffix``, e.g. ``".png"``) where its
-    name does not end in ``suffix``; ``flag`` names the option in the message."""
+    does not exist or cannot be written, where it is a directory, or (with ``suffix``, e.g.
+    ``".png"``) where its name does not end in ``suffix``; ``flag`` names the option in the
+    message."""
     out = Path(path)
     what = f"{flag} writes" if flag else "this writes"
     if suffix is not None and out.suffix.lower() != suffix:
-        raise StableRegionsError(
+        raise OutputPathError(
             f"{what} a {suffix[1:].upper()} file: give a file name ending in {suffix}, "
             f"got {str(path)!r}"
         )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise StableRegionsError(
+        raise OutputPathError(
             f"cannot write {str(out)!r}: the directory {str(parent)!r} does not exist; "
             "create it first or choose another path"
         )
     if out.is_dir():
-        raise StableRegionsError(
+        raise OutputPathError(
             f"{str(out)!r} is a directory: give a file name"
             + (f" ending in {suffix}" if suffix else "")
         )
+    _probe(parent, out)
     return out
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "") -> Path:
+    """The path of a directory a command will write into, refused before any work where it
+    is a file or where it (or the nearest directory above it that exists) cannot be
+    written. Nothing is created."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        name = f"{flag} {out}" if flag else f"`out` {out}"
+        raise OutputPathError(f"{name} is a file: give a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent if str(existing.parent) else Path(".")
+    if not existing.is_dir():
+        raise OutputPathError(f"cannot write {str(out)!r}: {str(existing)!r} is a file")
+    _probe(existing, out)
+    return out
+
+
+def _probe(directory: Path, target: Path) -> None:
+    """Create and remove a file in ``directory``: where that fails, so would the results."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".stable-regions-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputPathError(
+            f"cannot write {str(target)!r} ({reason} in {str(directory)!r}): choose another path"
+        ) from None
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -90,45 +123,66 @@ def start_or_resume(
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise StableRegionsError(
-            f"cannot write the {kind} to {out} ({reason}): choose a writable --out"
+            f"cannot write the {kind} to {out} ({reason}): choose a writable `out`"
+        ) from None
+
+
+def check_run_directory(
+    out: str | Path, tool: str, kind: str, *, resume: bool, overwrite: bool
+) -> Path:
+    """What ``start_or_resume`` refuses, short of comparing settings, checked before any
+    work (the commands call it before loading a model): ``out`` must be writable and hold
+    nothing, a run of ``tool`` to continue (``resume``) or replace (``overwrite``)."""
+    out = check_output_dir(out)
+    previous = _previous_run(out, out / "manifest.json", kind)
+    if previous is not None:
+        if previous.get("tool") != tool:
+            raise StableRegionsError(
+                f"{out} holds a {previous.get('tool', 'different')} run, not a {kind}: "
+                "choose another `out`"
+            )
+        if not (resume or overwrite):
+            state = "finished" if previous.get("complete") else "unfinished"
+            raise StableRegionsError(
+                f"{out} already holds a {state} run: pass `resume=True` to continue it, "
+                "`overwrite=True` to replace it, or choose another `out`"
+            )
+    elif resume:
+        raise StableRegionsError(
+            f"`resume=True`: {out} holds no run to continue; drop `resume=True` to start one "
+            "there, or give the directory of the run to continue"
+        )
+    return out
+
+
+def _previous_run(out: Path, manifest_path: Path, kind: str) -> dict | None:
+    """The record of the run in ``out`` (None where ``out`` is missing or empty)."""
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if not manifest_path.is_file():
+        raise StableRegionsError(f"{out} is not empty and holds no {kind}: choose another `out`")
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StableRegionsError(
+            f"{manifest_path} is corrupt: remove {out} or choose another `out`"
         ) from None
 
 
 def _start_or_resume(
     out: Path, manifest_path: Path, record: dict, resume: bool, kind: str, overwrite: bool
 ) -> None:
-    if out.exists() and not out.is_dir():
-        raise StableRegionsError(f"--out {out} is a file: give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not manifest_path.is_file():
-            raise StableRegionsError(
-                f"{out} is not empty and holds no {kind}: choose another --out"
-            )
-        try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StableRegionsError(
-                f"{manifest_path} is corrupt: remove {out} or choose another --out"
-            ) from None
-        if previous.get("tool") != record.get("tool"):
-            raise StableRegionsError(
-                f"{out} holds a {previous.get('tool', 'different')} run, not a {kind}: "
-                "choose another --out"
-            )
-        state = "finished" if previous.get("complete") else "unfinished"
+    check_run_directory(out, record.get("tool"), kind, resume=resume, overwrite=overwrite)
+    previous = _previous_run(out, manifest_path, kind)
+    if previous is not None:
         if overwrite:
             shutil.rmtree(out)
-        elif not resume:
-            raise StableRegionsError(
-                f"{out} already holds a {state} run: pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
         previous.pop("complete", None)
         changed = sorted(k for k in record if previous.get(k) != record[k])
         if changed and not overwrite:
             raise StableRegionsError(
-                f"--resume: the run in {out} used different {', '.join(changed)}: "
-                "rerun with the same options, or choose another --out"
+                f"`resume=True`: the run in {out} used different {', '.join(changed)}: "
+                "rerun with the same settings, or choose another `out`"
             )
     out.mkdir(parents=True, exist_ok=True)
     # From here on the run is unfinished until it ends (also a resumed finished one).
@@ -159,12 +213,40 @@ class RunDirectory:
     def write_part(self, i: int, frame) -> Path:
         return write_parquet(frame, self.part(i))
 
-    def frame(self, n: int):
-        """Parts ``0..n-1`` as one DataFrame, in order."""
+    def frame(self, n: int, study: str):
+        """Parts ``0..n-1`` as one DataFrame, in order, in today's column names (parts an
+        earlier version of ``study`` wrote are renamed, with a warning)."""
         import pandas as pd
 
-        return pd.concat([pd.read_parquet(self.part(i)) for i in range(n)], ignore_index=True)
+        from .vocabulary import upgrade
+
+        parts = [upgrade(pd.read_parquet(self.part(i)), study, str(self.out)) for i in range(n)]
+        return pd.concat(parts, ignore_index=True)
 
     def finish(self) -> None:
         """The run is complete: said last, after every other file is written."""
         write_json(self.manifest, {**self.record, "complete": True})
+
+
+class MemoryRun:
+    """A run's parts kept in memory (``scan_corpus`` and ``validate`` without ``out``): the
+    same calls as ``RunDirectory``, nothing written."""
+
+    out = None
+
+    def __init__(self) -> None:
+        self.parts: dict = {}
+
+    def done(self, i: int) -> bool:
+        return i in self.parts
+
+    def write_part(self, i: int, frame) -> None:
+        self.parts[i] = frame
+
+    def frame(self, n: int, study: str):
+        import pandas as pd
+
+        return pd.concat([self.parts[i] for i in range(n)], ignore_index=True)
+
+    def finish(self) -> None:
+        return None

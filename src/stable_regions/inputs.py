@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import StableRegionsError
+from .errors import InvalidParameterError, StableRegionsError
 from .models import ModelAdapter, load, wrap
 
 
@@ -31,7 +31,7 @@ def check_eps(eps: float | Sequence[float]) -> list[float]:
     """KL thresholds (nats): finite, above ``EPS_FLOOR``."""
     values = [eps] if isinstance(eps, (int, float)) else list(eps)
     if not values:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             "no eps given: pass one or more KL thresholds > 0, e.g. 0.01 0.1 1.0"
         )
     out = []
@@ -39,11 +39,11 @@ def check_eps(eps: float | Sequence[float]) -> list[float]:
         try:
             x = float(e)
         except (TypeError, ValueError):
-            raise StableRegionsError(
+            raise InvalidParameterError(
                 f"eps {e!r} is not a number: give a KL threshold > 0 in nats"
             ) from None
         if not math.isfinite(x) or x <= 0:
-            raise StableRegionsError(f"eps must be a finite number > 0 (KL in nats), got {e}")
+            raise InvalidParameterError(f"eps must be a finite number > 0 (KL in nats), got {e}")
         if x < EPS_FLOOR:
             raise StableRegionsError(
                 f"eps {e:g} is below {EPS_FLOOR:g}, where float64 roundoff in the KL itself "
@@ -64,18 +64,18 @@ def check_positions(positions, n: int) -> list[int]:
     if isinstance(positions, (int, np.integer)):
         positions = [positions]
     if isinstance(positions, str):
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"positions must be 'all', 'last' or a list of token indices, got {positions!r}"
         )
     out = []
     for p in positions:
         if not isinstance(p, (int, np.integer)) or not -n <= int(p) < n:
-            raise StableRegionsError(
+            raise InvalidParameterError(
                 f"position {p} is out of range: the prompt has {n} token{'s' if n != 1 else ''} (0..{n - 1})"
             )
         out.append(int(p) % n)
     if not out:
-        raise StableRegionsError("no positions given")
+        raise InvalidParameterError("no positions given")
     return sorted(set(out))  # a position named twice (1,1 or 3,-1) is analysed once
 
 

@@ -14,26 +14,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .engine import eig_tolerance
-from .errors import StableRegionsError
+from .errors import InvalidParameterError
 from .geometry import JacobianGram
-from .inputs import as_adapter, check_positions, json_value
+from .inputs import as_adapter, check_positions
 from .models import PRELOGIT
 from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
-from .plotting import pyplot, save
+from .plotting import axes_or_new
+from .results import Result
+from .vocabulary import describe
 
 
 @dataclass
-class JacobianProfile:
-    """Top singular values per layer: ``block_s{j}`` of the block's own Jacobian, ``output_s{j}``
-    of the map from the layer's output to the pre-logit vector; ``resid_norm`` = ||resid|| there."""
+class JacobianProfile(Result):
+    """Top singular values per layer at one position: ``block_s{j}`` of the block's own
+    Jacobian, ``output_s{j}`` of the map from the layer's output to the pre-logit vector, and
+    ``activation_norm`` there (``vocabulary`` defines every column)."""
 
+    study = "jacobian"
     model: str
     prompt: str
     position: int
@@ -44,29 +47,46 @@ class JacobianProfile:
     @property
     def columns(self) -> list[str]:
         return (
-            ["layer", "hook", "resid_norm"]
+            ["layer", "hook", "activation_norm"]
             + [f"block_s{j + 1}" for j in range(self.k)]
             + [f"output_s{j + 1}" for j in range(self.k)]
         )
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=self.columns)
+        return describe(pd.DataFrame(self.rows, columns=self.columns))
 
-    def to_json(self) -> dict:
+    def summary(self) -> pd.DataFrame:
+        """One row: the layer whose block stretches most, the layer most amplified on its
+        way to the output, and their top singular values."""
+        frame = self.to_frame()
+        block = frame.loc[frame["block_s1"].idxmax()] if frame["block_s1"].notna().any() else None
+        output = frame.loc[frame["output_s1"].idxmax()]
+        return pd.DataFrame(
+            [
+                {
+                    "position": self.position,
+                    "token": self.token,
+                    "block_s1_max": None if block is None else float(block["block_s1"]),
+                    "block_s1_max_layer": None if block is None else str(block["layer"]),
+                    "output_s1_max": float(output["output_s1"]),
+                    "output_s1_max_layer": str(output["layer"]),
+                }
+            ]
+        )
+
+    def context(self) -> dict:
         return {
             "model": self.model,
+            "prompt": self.prompt,
             "position": self.position,
             "token": self.token,
-            "rows": [{c: json_value(r[c]) for c in self.columns} for r in self.rows],
         }
 
-    def plot(self, path: str | Path) -> Path:
-        """A PNG: block gain and gain to the output across depth (log scale)."""
-        plt = pyplot()
-
+    def draw(self, ax=None):
+        """Block gain and gain to the output across depth (log scale)."""
         frame = self.to_frame()
         x = list(range(len(frame)))
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(x) + 3), 4.2))
+        fig, ax = axes_or_new(ax, figsize=(max(6.0, 0.25 * len(x) + 3), 4.2))
         ax.plot(
             x,
             frame["block_s1"],
@@ -81,33 +101,51 @@ class JacobianProfile:
         ax.set_ylabel("top singular value")
         ax.set_title(f"{self.model}: amplification at position {self.position} ({self.token!r})")
         ax.legend(fontsize=8)
-        return save(fig, path, dpi=120)
+        return fig
 
 
 @full_float32_products()
 def jacobian_profile(
     model,
     prompt: str,
+    *,
     position: int = -1,
     k: int = 3,
-    *,
-    tol: float = 1e-6,
+    eig_tol: float = 1e-6,
     progress: Callable[[int, int], None] | None = None,
 ) -> JacobianProfile:
     """Top ``k`` singular values of each block's Jacobian and of the map to the output.
 
-    Args:
-        model: as for ``analyze``.
-        prompt: the text.
-        position: the token whose residual stream is perturbed (default: the last).
-        k: how many singular values per map.
-        tol: Lanczos residual tolerance relative to the top eigenvalue of ``J^T J``.
-        progress: called as ``progress(done, total)`` after each map.
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    prompt : str
+        The text.
+    position : int, default -1
+        The token whose residual stream is perturbed (default: the last).
+    k : int, default 3
+        How many singular values per map.
+    eig_tol : float, default 1e-6
+        Lanczos residual tolerance relative to the top eigenvalue of ``J^T J``.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each map.
+
+    Returns
+    -------
+    JacobianProfile
+        One row per layer (``to_frame()``); ``plot()`` draws the gains across depth.
+
+    Examples
+    --------
+    >>> profile = sr.jacobian_profile(model, "The capital of France is", k=2)
+    >>> profile.to_frame()[["layer", "block_s1", "output_s1"]]  # doctest: +SKIP
     """
-    if not isinstance(k, int) or k < 1:
-        raise StableRegionsError(f"k must be a positive integer, got {k!r}")
-    if not (isinstance(tol, float) and 0 < tol < 1):
-        raise StableRegionsError(f"tol must be a number in (0, 1), got {tol!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
+    if not (isinstance(eig_tol, float) and 0 < eig_tol < 1):
+        raise InvalidParameterError(f"eig_tol must be a number in (0, 1), got {eig_tol!r}")
+    tol = eig_tol
     adapter = as_adapter(model)
     ids = adapter.tokenize(prompt)
     (pos,) = check_positions([position], ids.shape[1])
@@ -125,9 +163,9 @@ def jacobian_profile(
     rows = []
     for index, source in enumerate(sources):
         row = {
-            "layer": "embed" if index == 0 else index - 1,
+            "layer": "embed" if index == 0 else str(index - 1),
             "hook": source,
-            "resid_norm": float(everywhere.x0[index].norm()),
+            "activation_norm": float(everywhere.x0[index].norm()),
         }
         row.update({f"output_s{j + 1}": float(output[index, j]) for j in range(k)})
         if index == 0:

@@ -1,7 +1,7 @@
 """Stability maps: which layers and positions of a prompt are fragile.
 
 A grid over (layer x position) of the top curvature eigenvalue ``lambda_max``, the closed-form
-radius at one eps (``radius_corrected``, the 4th-order Pade form; ``radius_quadratic`` is kept
+radius at one eps (``radius_pade``, the [2/2] Pade form of the KL's series; ``radius_quadratic`` is kept
 beside it) and the effective rank ``tr G / lambda_max``. Nothing is measured on the model: a map
 is the cheap overview, ``analyze`` checks any cell against the truth.
 
@@ -26,25 +26,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
 from .engine import inner_blocks, prelogit_blocks
-from .errors import StableRegionsError
-from .files import write_json
+from .errors import InvalidParameterError
 from .geometry import curvature_trace, effective_rank, radius_quadratic
 from .heap import return_freed_memory
 from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
+from .models.layers import check_layers
 from .models.precision import full_float32_products
 from .models.suffix import SuffixBatch
-from .plotting import pyplot, save
+from .plotting import new_figure
+from .results import Result
 from .scan import Scanner, position_block
+from .vocabulary import describe
 
-QUANTITIES = ("radius", "lambda_max", "effective_rank")
+QUANTITIES = ("radius_pade", "lambda_max", "effective_rank")
 
 
 def default_layers(n_layers: int, count: int = 8) -> list[str | int]:
@@ -53,44 +55,67 @@ def default_layers(n_layers: int, count: int = 8) -> list[str | int]:
     return ["embed", *blocks, "final"]
 
 
-def parse_layers(layers: Sequence[str | int] | str | None, n_layers: int) -> list[str | int]:
-    """``None`` -> the default spread; ``"all"`` -> embed, every block, final; else as given."""
-    if layers is None:
-        return default_layers(n_layers)
-    if isinstance(layers, str):
-        layers = [layers]
-    if list(layers) == ["all"]:
-        return ["embed", *range(n_layers), "final"]
-    out: list[str | int] = []
-    for layer in layers:
-        text = str(layer)
-        out.append(int(text) if text.lstrip("-").isdigit() else text)
-    if not out:
-        raise StableRegionsError("no layers given: use e.g. --layers embed 5 10 final, or all")
-    return out
+GRIDS = ("radius_pade", "radius_quadratic", "lambda_max", "effective_rank", "activation_norm")
 
 
 @dataclass
-class StabilityMap:
-    """Rows follow ``layers``, columns ``positions``; JSON keys as in ``to_json``."""
+class StabilityMap(Result):
+    """Grids over (layer x position): rows follow ``layers``, columns ``positions``.
+    ``to_frame`` has one row per cell; ``to_json`` keeps the grids (``[layer][position]``)."""
 
+    study = "map"
     model: str
     prompt: str
     eps: float
     layers: list[str]
     positions: list[int]
     tokens: list[str]
-    radius: np.ndarray
+    radius_pade: np.ndarray
     radius_quadratic: np.ndarray
     lambda_max: np.ndarray
     effective_rank: np.ndarray
-    norm: np.ndarray  # |h| of each cell: the activation's norm at that layer and position
+    activation_norm: np.ndarray  # |h| of each cell: the activation's norm there
 
     @property
     def radius_relative(self) -> np.ndarray:
-        """``radius / |h|``: layers with different activation scales compare on it."""
+        """``radius_pade / |h|``: layers with different activation scales compare on it."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            return self.radius / self.norm
+            return self.radius_pade / self.activation_norm
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, position) cell."""
+        n_l, n_p = self.radius_pade.shape
+        columns = {
+            "layer": np.repeat(self.layers, n_p),
+            "position": np.tile(self.positions, n_l),
+            "token": np.tile(np.asarray(self.tokens, dtype=object), n_l),
+            "eps": self.eps,
+            **{name: getattr(self, name).ravel() for name in GRIDS},
+            "radius_relative": self.radius_relative.ravel(),
+        }
+        return describe(pd.DataFrame(columns))
+
+    def summary(self) -> pd.DataFrame:
+        """Per layer: the median and smallest Pade radius (absolute and relative to |h|), the
+        median ``lambda_max`` and effective rank, and the position of the smallest radius."""
+        frame = self.to_frame()
+        rows = []
+        for layer in self.layers:
+            g = frame[frame.layer == layer]
+            low = g.loc[g.radius_pade.idxmin()] if g.radius_pade.notna().any() else None
+            rows.append(
+                {
+                    "layer": layer,
+                    "eps": self.eps,
+                    "median_radius_pade": float(g.radius_pade.median()),
+                    "min_radius_pade": float(g.radius_pade.min()),
+                    "median_radius_relative": float(g.radius_relative.median()),
+                    "median_lambda_max": float(g.lambda_max.median()),
+                    "median_effective_rank": float(g.effective_rank.median()),
+                    "min_position": None if low is None else int(low.position),
+                }
+            )
+        return describe(pd.DataFrame(rows))
 
     def to_json(self) -> dict:
         def grid(a: np.ndarray) -> list[list]:
@@ -100,92 +125,127 @@ class StabilityMap:
             "model": self.model,
             "prompt": self.prompt,
             "eps": self.eps,
-            "radius_kind": "corrected (4th-order Pade closed form), L2, in the layer's units",
             "layers": self.layers,
             "positions": self.positions,
             "tokens": self.tokens,
-            "radius": grid(self.radius),
-            "radius_quadratic": grid(self.radius_quadratic),
-            "lambda_max": grid(self.lambda_max),
-            "effective_rank": grid(self.effective_rank),
-            "norm": grid(self.norm),
+            **{name: grid(getattr(self, name)) for name in GRIDS},
             "radius_relative": grid(self.radius_relative),
         }
 
-    def save(self, out_dir: str | Path, relative: bool = False) -> tuple[Path, Path]:
-        """Write ``map.json`` and ``map.png`` into ``out_dir`` (created if needed)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        json_path = write_json(out / "map.json", self.to_json())
-        return json_path, self.plot(out / "map.png", relative=relative)
+    def draw(self, ax=None, *, quantity: str | None = None, relative: bool = False):
+        """Heatmaps, tokens across and layers down: without ``ax`` three panels (the Pade
+        radius, ``lambda_max``, the effective rank); with it, the panel of ``quantity``
+        (``radius_pade``, ``radius_relative``, ``lambda_max`` or ``effective_rank``).
+        ``relative``: the radius panel shows ``radius_pade / |h|``."""
+        radius = "radius_relative" if relative else "radius_pade"
+        names = [radius, "lambda_max", "effective_rank"]
+        if quantity is not None:
+            if quantity not in (*names, "radius_pade", "radius_relative"):
+                raise InvalidParameterError(
+                    f"quantity must be radius_pade, radius_relative, lambda_max or "
+                    f"effective_rank, got {quantity!r}"
+                )
+            names = [quantity]
+        elif ax is not None:
+            names = [radius]
+        n_l, n_p = self.radius_pade.shape
+        if ax is None:
+            width = min(40.0, max(7.0, 0.42 * n_p + 2.5))
+            fig, axes = new_figure(len(names), 1, figsize=(width, len(names) * (0.3 * n_l + 1.4)))
+            axes = list(axes[:, 0])
+        else:
+            fig, axes = ax.figure, [ax]
+        for panel, name in zip(axes, names, strict=True):
+            self._heatmap(fig, panel, name)
+        if ax is None:
+            fig.suptitle(f"{self.model}: stability map", fontsize=10)
+        return fig
 
-    def plot(self, path: str | Path, relative: bool = False) -> Path:
-        """Three heatmaps (radius, lambda_max, effective rank): tokens across, layers down.
-        ``relative``: the radius panel shows ``radius / |h|``."""
-        plt = pyplot()
+    def _heatmap(self, fig, ax, name: str) -> None:
         from matplotlib.colors import LogNorm
 
-        n_l, n_p = self.radius.shape
-        width = min(40.0, max(7.0, 0.42 * n_p + 2.5))
-        fig, axes = plt.subplots(3, 1, figsize=(width, 3 * (0.3 * n_l + 1.4)), squeeze=False)
+        titles = {
+            "radius_pade": (f"radius_pade at eps={self.eps:g} (log)", "viridis"),
+            "radius_relative": (f"radius_pade / |h| at eps={self.eps:g} (log)", "viridis"),
+            "lambda_max": ("lambda_max: top curvature eigenvalue (log)", "magma"),
+            "effective_rank": ("effective rank = tr G / lambda_max (log)", "cividis"),
+        }
+        title, cmap = titles[name]
+        data = getattr(self, name)
+        n_l, n_p = data.shape
         labels = [
             f"{p}:{_token_label(t)}" for p, t in zip(self.positions, self.tokens, strict=True)
         ]
-        radius_panel = (
-            (self.radius_relative, f"radius / |h| at eps={self.eps:g} (corrected, log)", "viridis")
-            if relative
-            else (
-                self.radius,
-                f"radius at eps={self.eps:g} (corrected closed form, log)",
-                "viridis",
-            )
-        )
-        panels = [
-            radius_panel,
-            (self.lambda_max, "lambda_max: top curvature eigenvalue (log)", "magma"),
-            (self.effective_rank, "effective rank = tr G / lambda_max (log)", "cividis"),
-        ]
-        for ax, (data, title, cmap) in zip(axes[:, 0], panels, strict=True):
-            shown = np.where(np.isfinite(data) & (data > 0), data, np.nan)
-            finite = shown[np.isfinite(shown)]
-            norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.min() > 0 else None
-            image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-            ax.set_title(title, fontsize=9, loc="left")
-            ax.set_yticks(range(n_l), [str(x) for x in self.layers], fontsize=7)
-            ax.set_xticks(range(n_p), labels, rotation=90, fontsize=7)
-            ax.set_ylabel("layer")
-            fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
-        fig.suptitle(f"{self.model}: stability map", fontsize=10)
-        return save(fig, path, dpi=110)
+        shown = np.where(np.isfinite(data) & (data > 0), data, np.nan)
+        finite = shown[np.isfinite(shown)]
+        norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.min() > 0 else None
+        image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_yticks(range(n_l), [str(x) for x in self.layers], fontsize=7)
+        ax.set_xticks(range(n_p), labels, rotation=90, fontsize=7)
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
 
 
 @full_float32_products()
 def stability_map(
     model,
     prompt: str,
-    eps: float = 0.1,
-    layers: Sequence[str | int] | str | None = None,
-    positions: str | int | Sequence[int] = "all",
     *,
+    eps: float | Sequence[float] = 0.1,
+    positions: str | int | Sequence[int] = "all",
+    layers: Sequence[str | int] | str | None = None,
     eig_tol: float = 1e-3,
     progress: Callable[[int, int], None] | None = None,
 ) -> StabilityMap:
-    """The (layer x position) grid of radius at ``eps``, ``lambda_max`` and effective rank.
+    """The (layer x position) grid of the Pade radius at ``eps``, ``lambda_max`` and the
+    effective rank: where a prompt is fragile, at which depth.
 
-    Args:
-        layers: ``None`` = embed, 8 evenly spaced blocks, final; ``"all"``; or a list of
-            ``"embed"``, ``"final"`` and block indices.
-        eig_tol: the Lanczos tolerance inside the network (relative residual).
-        progress: called as ``progress(done, total)`` after each cell.
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    prompt : str
+        The text.
+    eps : float or list of one float, default 0.1
+        The KL threshold (nats) of the radius grid. A map is drawn at one eps.
+    positions : "all", "last", int or list of int, default "all"
+        The token positions (columns).
+    layers : None, "all" or list, optional
+        ``None``: ``embed``, 8 evenly spaced blocks and ``final``; ``"all"``: every layer;
+        or a list of ``"embed"``, ``"final"``, block indices and hook names
+        (``blocks.{i}.hook_resid_post``).
+    eig_tol : float, default 1e-3
+        The Lanczos tolerance inside the network (relative residual).
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each block of cells.
+
+    Returns
+    -------
+    StabilityMap
+        ``to_frame()`` one row per cell; ``plot()`` three heatmaps; ``save(directory)``.
+
+    Examples
+    --------
+    >>> smap = sr.stability_map(model, "The capital of France is", layers=["embed", 15, "final"])
+    >>> smap.summary()  # doctest: +SKIP
     """
-    (e,) = check_eps([eps])
+    eps_list = check_eps(eps)
+    if len(eps_list) != 1:
+        raise InvalidParameterError(
+            f"a map is drawn at one eps, got {len(eps_list)} ({eps_list}): make one map per eps"
+        )
+    (e,) = eps_list
     adapter = as_adapter(model)
-    layer_list = parse_layers(layers, adapter.n_layers)
+    layer_list = check_layers(layers, adapter.n_layers, default=default_layers(adapter.n_layers))
     hooks = [adapter.hook_for_layer(layer) for layer in layer_list]  # validates before any work
     ids = adapter.tokenize(prompt)
     pos = check_positions(positions, ids.shape[1])
     shape = (len(layer_list), len(pos))
-    grids = {name: np.full(shape, np.nan) for name in (*QUANTITIES, "radius_quadratic", "norm")}
+    grids = {
+        name: np.full(shape, np.nan)
+        for name in (*QUANTITIES, "radius_quadratic", "activation_norm")
+    }
     total, done = shape[0] * shape[1], 0
     cache = None  # the prompt's keys and values, computed once for every inner layer
     inner = [hook for hook in hooks if hook != PRELOGIT]
@@ -214,9 +274,9 @@ def stability_map(
             cols = [pos.index(p) for p in b.positions]
             grids["lambda_max"][i, cols] = b.lambda_max.cpu().numpy()
             grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
-            grids["radius"][i, cols] = b.corrected[:, 0]
+            grids["radius_pade"][i, cols] = b.pade[:, 0]
             grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
-            grids["norm"][i, cols] = b.norm.cpu().numpy()
+            grids["activation_norm"][i, cols] = b.activation_norm.cpu().numpy()
             done += len(cols)
             return_freed_memory()  # else the resident set creeps block after block
             if progress is not None:
@@ -229,23 +289,23 @@ def stability_map(
         [str(x) for x in layer_list],
         pos,
         [tokens[p] for p in pos],
-        grids["radius"],
+        grids["radius_pade"],
         grids["radius_quadratic"],
         grids["lambda_max"],
         grids["effective_rank"],
-        grids["norm"],
+        grids["activation_norm"],
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Cells:
     """A block of cells of one layer (the fields of ``engine.Block`` that a map reads)."""
 
     positions: list[int]
     lambda_max: Tensor
     effective_rank: Tensor
-    corrected: np.ndarray  # (positions, 1): nearest exit over +-v
-    norm: Tensor  # (positions,) |h|
+    pade: np.ndarray  # (positions, 1): nearest exit over +-v
+    activation_norm: Tensor  # (positions,) |h|
 
 
 def _final_layer_cells(
@@ -263,11 +323,11 @@ def _final_layer_cells(
         found = scanner.scan_logits(logits, [eps])
         trace = curvature_trace(scanner.weight, logits)
         yield _Cells(
-            pos[s : s + block],
-            found["lambda_max"],
-            effective_rank(trace, found["lambda_max"]),
-            found["radius"].cpu().numpy(),
-            h[s : s + block].float().norm(dim=-1),
+            positions=pos[s : s + block],
+            lambda_max=found["lambda_max"],
+            effective_rank=effective_rank(trace, found["lambda_max"]),
+            pade=found["radius_pade"].cpu().numpy(),
+            activation_norm=h[s : s + block].float().norm(dim=-1),
         )
 
 

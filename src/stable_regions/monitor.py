@@ -3,16 +3,17 @@
 ``StabilityMonitor`` is handed the scores of every sequence at every step and returns them
 untouched; from them and the unembedding W it records, per generated token:
 
-- the token and its probability, the entropy, the top alternatives;
+- the chosen token and its probability, the most likely token and its probability, the
+  entropy, the top alternatives (``vocabulary`` defines every column);
 - ``lambda_max`` of the pre-logit curvature ``H = W^T (diag p - p p^T) W`` and the radius
   along its top direction at each eps: ``radius_quadratic = sqrt(2 eps / lambda_max)`` and
-  ``radius_corrected``, the best closed form the mode affords (below);
+  ``radius_curve``, the root of the KL along the ray (below);
 - ``radius_flip``: the exact least L2 move of the pre-logit vector that lets another token
   overtake the top one (``geometry.flip_radius``);
 - ``radius_certified`` (optional): a ball on which the KL provably stays below eps, from the
   bracket's upper end (``geometry.BallBound``);
-- ``fragile``: ``radius_corrected < threshold`` where the user gives a threshold, else
-  ``radius_flip < radius_corrected`` (the greedy token changes before the KL reaches eps);
+- ``fragile``: ``radius_curve < threshold`` where the user gives a threshold, else
+  ``radius_flip < radius_curve`` (the greedy token changes before the KL reaches eps);
 - for each user direction ``u`` at the pre-logit vector, the radius along ``+-u``
   (``W u`` computed once).
 
@@ -22,10 +23,10 @@ Two modes (docs/monitor.md has the math and the measurements):
   ``lambda_lower <= lambda_max <= lambda_upper`` of ``geometry.curvature_bracket`` (a 32 x 32
   Gram matrix of the likeliest tokens and O(V) sums: no eigen-solve), its top direction
   ``v``, and ``lambda_max`` as the variance of ``w . v`` over the ``support`` likeliest
-  tokens (the rest of the mass lumped at their mean: a lower bound); ``radius_corrected`` is
+  tokens (the rest of the mass lumped at their mean: a lower bound); ``radius_curve`` is
   the exact KL root along ``+-v`` for that restricted distribution.
 - ``exact``: the Lanczos search of ``geometry.top_curvature`` to a Ritz residual of ``tol``,
-  one product ``W v`` in the head's dtype; ``radius_corrected`` is then the exact KL root
+  one product ``W v`` in the head's dtype; ``radius_curve`` is then the exact KL root
   along ``+-v`` (``geometry.nearest_cgf_crossings``: with a linear head the KL along a ray
   is the CGF of ``W v``, so this is the true radius of that direction, not a series).
 
@@ -54,7 +55,7 @@ from torch import Tensor
 from transformers import LogitsProcessor
 
 from .engine import summing_head
-from .errors import StableRegionsError
+from .errors import InvalidParameterError, StableRegionsError
 from .geometry import (
     BallBound,
     HeadSpread,
@@ -68,6 +69,7 @@ from .geometry import (
 )
 from .inputs import as_adapter, check_eps, json_value
 from .models.precision import full_float32_products
+from .vocabulary import COLUMNS, describe
 
 MODES = ("fast", "exact")
 ALTERNATIVES = 5  # top tokens kept per step for the viewer's tooltip
@@ -92,7 +94,7 @@ class _Step:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise StableRegionsError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        raise InvalidParameterError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     return mode
 
 
@@ -108,6 +110,11 @@ def check_directions(directions, d: int) -> dict[str, Tensor]:
         items = [(f"direction_{i}", v) for i, v in enumerate(block)]
     out = {}
     for name, v in items:
+        if f"radius_{name}" in COLUMNS:
+            raise StableRegionsError(
+                f"direction name {name!r} would write the column radius_{name}, which means "
+                "something else: choose another name"
+            )
         v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
         if v.shape != (d,):
             raise StableRegionsError(
@@ -123,33 +130,52 @@ def check_directions(directions, d: int) -> dict[str, Tensor]:
 
 
 class StabilityMonitor(LogitsProcessor):
-    """A logits processor that records stability per generated token (module doc).
+    """A logits processor that records stability per generated token; it never changes
+    the scores.
 
-    Args:
-        model: a bundled name, path, ``ModelAdapter`` or ``transformers`` causal LM.
-        eps: KL thresholds (nats).
-        mode: ``"fast"`` (a bracket on ``lambda_max``, one product with W per step) or
-            ``"exact"`` (Lanczos, and the exact root along the top direction).
-        threshold: flag tokens whose ``radius_corrected`` (at each eps) is below it.
-        directions: user directions at the pre-logit vector, (k, d) or ``{name: (d,)}``.
-        callback: called with one dict per token once its choice is known.
-        certified: add ``radius_certified`` (default: in exact mode only).
-        tokens: likeliest tokens in the bracket's Gram matrix.
-        support: fast mode: the likeliest tokens the direction's cumulants are taken over.
-        tol: the Lanczos tolerance of exact mode.
-        background: compute on a worker thread, overlapped with the model's next forward
-            pass (the scores are copied; records, the callback and the stream then come from
-            that thread, in order). ``finish``, ``to_frame`` and ``wait`` wait for it.
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    eps : float or list of float, default 0.1
+        KL thresholds (nats).
+    mode : {"fast", "exact"}, default "fast"
+        ``"fast"``: a bracket on ``lambda_max`` from 512 rows of W per step; ``"exact"``:
+        Lanczos, and the exact root along the top direction.
+    threshold : float, optional
+        Flag tokens whose ``radius_curve`` (at each eps) is below it; otherwise ``fragile``
+        means the top token flips before the KL reaches eps.
+    directions : array or mapping, optional
+        User directions at the pre-logit vector, ``(k, d)`` or ``{name: (d,)}``: each adds
+        ``radius_<name>``.
+    callback : callable, optional
+        Called with one dict per token once its choice is known.
+    certified : bool, optional
+        Add ``radius_certified`` (default: in exact mode only).
+    tokens : int, default 32
+        Likeliest tokens in the bracket's Gram matrix.
+    support : int, default 512
+        Fast mode: the likeliest tokens the direction's cumulants are taken over.
+    eig_tol : float, default 1e-3
+        The Lanczos tolerance of exact mode.
+    background : bool, default True
+        Compute on a worker thread, overlapped with the model's next forward pass.
+        ``finish``, ``to_frame`` and ``wait`` wait for it; ``close`` (or a ``with`` block)
+        stops it.
 
-    ``model.generate(..., logits_processor=[monitor])``, then ``monitor.finish(output)`` to
-    complete the last step and ``monitor.to_frame()``; or ``stable_regions.generate``.
+    Examples
+    --------
+    >>> with sr.StabilityMonitor(model, eps=0.1) as monitor:  # doctest: +SKIP
+    ...     out = model.model.generate(ids, max_new_tokens=8, logits_processor=[monitor])
+    ...     monitor.finish(out)
+    >>> monitor.to_frame()  # doctest: +SKIP
     """
 
     def __init__(
         self,
         model,
-        eps: float | Sequence[float] = (0.1,),
         *,
+        eps: float | Sequence[float] = (0.1,),
         mode: str = "fast",
         threshold: float | None = None,
         directions=None,
@@ -157,7 +183,7 @@ class StabilityMonitor(LogitsProcessor):
         certified: bool | None = None,
         tokens: int = 32,
         support: int = 512,
-        tol: float = 1e-3,
+        eig_tol: float = 1e-3,
         background: bool = True,
     ) -> None:
         self.adapter = as_adapter(model)
@@ -169,11 +195,11 @@ class StabilityMonitor(LogitsProcessor):
         self.eps = check_eps(eps)
         self.mode = check_mode(mode)
         if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-            raise StableRegionsError(f"threshold must be a finite radius > 0, got {threshold}")
+            raise InvalidParameterError(f"threshold must be a finite radius > 0, got {threshold}")
         self.threshold = threshold
         self.callback = callback
         self.certified = (mode == "exact") if certified is None else bool(certified)
-        self.tokens, self.support, self.tol = tokens, support, tol
+        self.tokens, self.support, self.tol = tokens, support, eig_tol
         self.weight = summing_head(self.adapter).weight  # float32 (or float64) products
         self.search = self.weight  # exact mode's Lanczos: bfloat16 where it is native
         dtype = search_dtype(self.weight.device)
@@ -241,6 +267,22 @@ class StabilityMonitor(LogitsProcessor):
         error, if any)."""
         while self._pending:
             self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """Wait for the last steps and stop the worker thread; the records stay readable.
+        A closed monitor still works, on the caller's thread."""
+        if self._worker is not None:
+            try:
+                self.wait()
+            finally:
+                self._worker.shutdown(wait=True)
+                self._worker, self._cuda_stream = None, None
+
+    def __enter__(self) -> StabilityMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.no_grad()
     @full_float32_products()
@@ -327,9 +369,9 @@ class StabilityMonitor(LogitsProcessor):
             "generation": step.generation,
             "sequence": row,
             "step": step.step,
-            "token_id": token,
-            "token": self.adapter.token_strings([token])[0] if token >= 0 else "",
-            "prob": float(step.prob[row]),
+            "chosen_token_id": token,
+            "chosen_token": self.adapter.token_strings([token])[0] if token >= 0 else "",
+            "chosen_prob": float(step.prob[row]),
             **{k: v[row].item() for k, v in step.values.items()},
         }
 
@@ -382,8 +424,8 @@ class StabilityMonitor(LogitsProcessor):
             ray_logp = torch.cat([pk.to(f64), rest], -1).log()
             along = torch.cat([along.to(f64), mean[:, None]], -1)
         values = {
-            "top_token_id": top.cpu().numpy(),
-            "top_prob": pk[:, 0].cpu().numpy(),
+            "next_token_id": top.cpu().numpy(),
+            "next_prob": pk[:, 0].cpu().numpy(),
             "entropy": ent.cpu().numpy(),
             "lambda_max": c2.cpu().numpy(),
             "lambda_lower": lower.cpu().numpy(),
@@ -394,7 +436,7 @@ class StabilityMonitor(LogitsProcessor):
             "radius_quadratic": torch.stack(
                 [torch.sqrt(2.0 * e / c2.clamp_min(1e-300)) for e in self.eps], -1
             ),
-            "radius_corrected": self._radius_along(ray_logp, along, c2, c3, c4),
+            "radius_curve": self._radius_along(ray_logp, along, c2, c3, c4),
         }
         if self.certified:  # |w_i - mu| <= |w_i - m0| + sum_j p_j |w_j - m0|
             n = self.spread.radii
@@ -431,7 +473,7 @@ class StabilityMonitor(LogitsProcessor):
     # ---------------------------------------------------------------- output
     def to_frame(self) -> pd.DataFrame:
         """One row per recorded token and eps (columns in the module doc). A step whose
-        token is not yet known (before ``finish``) has ``token_id`` -1."""
+        token is not yet known (before ``finish``) has ``chosen_token_id`` -1."""
         self.wait()
         rows = []
         for step in self._steps:
@@ -449,15 +491,16 @@ class StabilityMonitor(LogitsProcessor):
         frame = pd.DataFrame(rows, columns=self.columns() if not rows else None)
         if rows:
             if self.threshold is not None:
-                frame["fragile"] = frame["radius_corrected"] < self.threshold
+                frame["fragile"] = frame["radius_curve"] < self.threshold
             else:
-                frame["fragile"] = frame["radius_flip"] < frame["radius_corrected"]
-        return frame
+                frame["fragile"] = frame["radius_flip"] < frame["radius_curve"]
+        return describe(frame)
 
     def columns(self) -> list[str]:
-        names = ["generation", "sequence", "step", "token_id", "token", "prob", "top_token_id"]
-        names += ["top_prob", "entropy", "lambda_max", "lambda_lower", "lambda_upper"]
-        names += ["radius_flip", "top_tokens", "top_probs", "eps", "radius_quadratic"]
-        names += ["radius_corrected"] + (["radius_certified"] if self.certified else [])
+        names = ["generation", "sequence", "step", "chosen_token_id", "chosen_token"]
+        names += ["chosen_prob", "next_token_id", "next_prob", "entropy", "lambda_max"]
+        names += ["lambda_lower", "lambda_upper", "radius_flip", "top_tokens", "top_probs"]
+        names += ["eps", "radius_quadratic", "radius_curve"]
+        names += ["radius_certified"] if self.certified else []
         names += [f"radius_{n}" for n in self.directions] + ["fragile"]
         return names

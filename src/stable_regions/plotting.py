@@ -1,24 +1,32 @@
-"""Matplotlib without a display: figures are only ever written to files."""
+"""Figures without pyplot: nothing global changes (no backend switch, no current figure).
+
+A figure made here is a plain ``matplotlib.figure.Figure``: a notebook displays it, and
+``fig.savefig(path)`` writes it on any machine, headless included.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (works headless, in CI)."""
-    import matplotlib
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=(7.0, 4.0), **subplots):
+    """``(figure, axes)`` with ``axes`` a 2-D array of ``nrows x ncols`` axes."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **subplots)
 
-    return plt
+
+def axes_or_new(ax=None, *, figsize=(7.0, 4.0)):
+    """``(figure, ax)``: the given axes and their figure, or one new axes."""
+    if ax is not None:
+        return ax.figure, ax
+    fig, axes = new_figure(figsize=figsize)
+    return fig, axes[0, 0]
 
 
 def save(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out, write and close ``fig``; returns the path written."""
-    fig.tight_layout()
+    """Write ``fig`` to ``path``; returns the path written."""
     path = Path(path)
     fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
     return path

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import StableRegionsError
+from .errors import InvalidParameterError, StableRegionsError
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,12 @@ def corpus_digest(prompts: Sequence[Prompt]) -> str:
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Prompts of a ``.txt`` or ``.jsonl`` file; ids are ``line-N`` unless the JSON gives ``id``."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidParameterError(
+            f"prompt file {path} is a directory: give a .txt or .jsonl file"
+        )
     if not path.is_file():
-        raise StableRegionsError(f"prompt file {path} not found")
+        raise InvalidParameterError(f"prompt file {path} not found")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -120,8 +124,12 @@ def read_documents(paths: Sequence[str | Path]) -> list[Prompt]:
             raise StableRegionsError(
                 f"{path} is a folder: give the documents in it, e.g. {path / '*.txt'}"
             )
+        if path.is_dir():
+            raise InvalidParameterError(
+                f"document {path} is a directory: give text or .jsonl files (e.g. DIR/*.txt)"
+            )
         if not path.is_file():
-            raise StableRegionsError(f"document {path} not found")
+            raise InvalidParameterError(f"document {path} not found")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

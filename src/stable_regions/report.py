@@ -17,7 +17,7 @@ import pandas as pd
 
 from .files import write_text
 from .metrics import SUMMARY_COLUMNS, relative_error
-from .plotting import pyplot
+from .plotting import new_figure
 
 PUBLISHED = (
     "Published (Golmant 2026, quadratic form): top eigendirection at small eps within 1% of the "
@@ -33,49 +33,47 @@ COLORS = {
     "interpolation": "#2ca02c",
     "steering": "#9467bd",
 }
-STYLES = {"quadratic": ":", "corrected": "-", "taylor": "-.", "calibrated": "--"}
+STYLES = {"quadratic": ":", "pade": "-", "curve": "-.", "calibrated": "--"}
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=90)
-    pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _predictors(frame: pd.DataFrame) -> list[str]:
-    optional = [c for c in ("taylor", "calibrated") if c in frame and frame[c].notna().any()]
-    return ["quadratic", "corrected", *optional]
+    optional = [
+        f
+        for f in ("curve", "calibrated")
+        if f"radius_{f}" in frame and frame[f"radius_{f}"].notna().any()
+    ]
+    return ["quadratic", "pade", *optional]
 
 
 def _scatter(test: pd.DataFrame, eps_values, predictors) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        len(predictors),
-        len(eps_values),
-        figsize=(4 * len(eps_values), 3.6 * len(predictors)),
-        squeeze=False,
+    fig, axes = new_figure(
+        len(predictors), len(eps_values), figsize=(4 * len(eps_values), 3.6 * len(predictors))
     )
     rng = np.random.default_rng(0)
     for c, e in enumerate(eps_values):
-        g = test[(test["eps"] == e) & np.isfinite(test["empirical"])]
+        g = test[(test["eps"] == e) & np.isfinite(test["radius_exact"])]
         if len(g) > 4000:  # keep the page light; the parquet has every row
             g = g.iloc[np.sort(rng.choice(len(g), 4000, replace=False))]
         for r, predictor in enumerate(predictors):
             ax = axes[r][c]
             for family, fg in g.groupby("family"):
-                ok = np.isfinite(fg[predictor])
+                ok = np.isfinite(fg[f"radius_{predictor}"])
                 ax.scatter(
-                    fg.loc[ok, "empirical"],
-                    fg.loc[ok, predictor],
+                    fg.loc[ok, "radius_exact"],
+                    fg.loc[ok, f"radius_{predictor}"],
                     s=4,
                     alpha=0.5,
                     color=COLORS.get(family, "k"),
                     label=family,
                 )
-            lo = np.nanmin(g["empirical"]) if len(g) else 1e-3
-            hi = np.nanmax(g["empirical"]) if len(g) else 1.0
+            lo = np.nanmin(g["radius_exact"]) if len(g) else 1e-3
+            hi = np.nanmax(g["radius_exact"]) if len(g) else 1.0
             ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -88,12 +86,10 @@ def _scatter(test: pd.DataFrame, eps_values, predictors) -> str:
 
 
 def _cdfs(test: pd.DataFrame, eps_values, families, predictors) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(
+    fig, axes = new_figure(
         len(eps_values),
         len(families),
         figsize=(2.8 * len(families), 2.5 * len(eps_values)),
-        squeeze=False,
         sharex=True,
         sharey=True,
     )
@@ -102,7 +98,7 @@ def _cdfs(test: pd.DataFrame, eps_values, families, predictors) -> str:
             ax = axes[r][c]
             g = test[(test["eps"] == e) & (test["family"] == family)]
             for predictor in predictors:
-                err = np.sort(relative_error(g[predictor], g["empirical"]))
+                err = np.sort(relative_error(g[f"radius_{predictor}"], g["radius_exact"]))
                 if len(err):
                     y = np.arange(1, len(err) + 1) / len(err)
                     ax.step(np.clip(err, 1e-7, 1e2), y, STYLES[predictor], label=predictor, lw=1.2)
@@ -121,8 +117,7 @@ def _cdfs(test: pd.DataFrame, eps_values, families, predictors) -> str:
 
 
 def _by_entropy(test: pd.DataFrame, eps_values, predictors) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(eps_values), figsize=(4 * len(eps_values), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(eps_values), figsize=(4 * len(eps_values), 3.2))
     edges = np.array([0, 0.1, 0.5, 1, 2, 3, 4, 6, 12.5])
     mids = np.sqrt(np.maximum(edges[:-1], 0.03) * edges[1:])
     for c, e in enumerate(eps_values):
@@ -130,7 +125,7 @@ def _by_entropy(test: pd.DataFrame, eps_values, predictors) -> str:
         g = test[test["eps"] == e]
         bins = np.digitize(g["entropy"], edges) - 1
         for predictor in predictors:
-            err = relative_error(g[predictor], g["empirical"])
+            err = relative_error(g[f"radius_{predictor}"], g["radius_exact"])
             med = [
                 np.median(err[bins == b]) if np.any(bins == b) else np.nan for b in range(len(mids))
             ]
@@ -250,9 +245,9 @@ img {{ max-width: 100%; }}
 <table>{meta_html}</table>
 <p>{html.escape(PUBLISHED)}</p>
 <p>Relative error is |predicted / measured - 1|; every figure and table uses held-out prompts only.
-quadratic = sqrt(2 eps / v<sup>T</sup>Gv) (published); corrected = [2/2] Pad&eacute; of the KL series;
-taylor = the exact KL root along the cubic Taylor path of the logits (at 'final' the path is
-exact, so this is the exact root from p and W alone); calibrated = isotonic map of the feature
+quadratic = sqrt(2 eps / v<sup>T</sup>Gv) (published); pade = [2/2] Pad&eacute; of the KL series;
+curve = the exact KL root along the cubic Taylor path of the logits (at 'final' the path is
+exact, so this is the exact root from p and W alone); calibrated = isotonic map of the form
 chosen per layer.</p>
 <p>Layers: {toc}</p>
 {sections}

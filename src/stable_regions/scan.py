@@ -2,7 +2,7 @@
 
 The forward pass already computed the logits of every position. From them alone (and the
 unembedding W) ``geometry.top_curvature`` finds ``lambda_max``, its direction and the
-corrected (Pade) radius along it at every position: a Lanczos search started from the
+Pade radius (``radius_pade``) along it at every position: a Lanczos search started from the
 likeliest tokens' Gram matrix, all positions' products batched into matrix-matrix products
 (bfloat16 where the CPU multiplies it natively), then one float32 product ``W v`` per
 position for ``lambda_max`` and the cumulants. No (positions x V x d) array, ever.
@@ -18,7 +18,7 @@ the model's own float32 logits (~1e-5).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +28,17 @@ from torch import Tensor
 
 from .budget import rows_within
 from .calibration import model_fingerprint
-from .errors import StableRegionsError
-from .files import RunDirectory, write_json, write_parquet
+from .errors import InvalidParameterError, StableRegionsError
+from .files import MemoryRun, RunDirectory, write_json, write_parquet
 from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
 from .heap import return_freed_memory
 from .inputs import as_adapter, check_eps
 from .models import ModelAdapter
 from .models.precision import full_float32_products
-from .plotting import pyplot, save
+from .plotting import axes_or_new, save
 from .prompts import Prompt, as_prompts, corpus_digest
+from .results import Result
+from .vocabulary import describe
 
 DEFAULT_WINDOW = 1024  # tokens per forward pass of a corpus scan
 ALTERNATIVES = 5  # likeliest next tokens kept per position (the viewer's tooltip)
@@ -74,11 +76,11 @@ class Scanner:
         self.tokens = tokens
 
     def scan_logits(self, logits: Tensor, eps: list[float]) -> dict[str, Tensor]:
-        """``lambda_max`` (n,), the nearest corrected radius (n, len(eps)) over +-v, the
+        """``lambda_max`` (n,), the nearest Pade radius ``radius_pade`` (n, len(eps)) over +-v, the
         search's residual and iterations, for logits (n, V)."""
         out: dict[str, list[Tensor]] = {
             "lambda_max": [],
-            "radius": [],
+            "radius_pade": [],
             "residual": [],
             "iterations": [],
         }
@@ -96,7 +98,7 @@ class Scanner:
                 torch.minimum(radius_pade(c2, c3, e, c4), radius_pade(c2, -c3, e, c4)) for e in eps
             ]
             out["lambda_max"].append(c2)
-            out["radius"].append(torch.stack(radii, -1))
+            out["radius_pade"].append(torch.stack(radii, -1))
             out["residual"].append(found.residual)
             out["iterations"].append(found.iterations)
         return {k: torch.cat(v) for k, v in out.items()}
@@ -173,18 +175,37 @@ def document_windows(n: int, window: int, overlap: int) -> list[tuple[int, int, 
 
 
 @dataclass
-class CorpusScan:
-    """A finished corpus scan: ``frame`` one row per (document, position, eps), ``summary``
-    one dict per document, ``out`` the directory holding them."""
+class CorpusScan(Result):
+    """A finished corpus scan: one row per (document, position, eps) (``to_frame``;
+    ``vocabulary`` defines every column), one summary per document (``documents``), and the
+    directory holding them (``out``; None for a scan kept in memory)."""
 
-    out: Path
-    frame: pd.DataFrame
-    summary: list[dict]
+    study = "scan"
+    model: str
+    out: Path | None
+    frame: pd.DataFrame = field(repr=False)
+    documents: list[dict]
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def summary(self) -> pd.DataFrame:
+        """Per document: positions, the median and smallest Pade radius at the first eps,
+        where the smallest is, and the median ``lambda_max``."""
+        return describe(pd.DataFrame(self.documents))
+
+    def context(self) -> dict:
+        return {"model": self.model, "eps": sorted(self.frame.eps.unique().tolist())}
 
     def fragile(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` positions of smallest corrected radius at the first eps."""
+        """The ``k`` positions of smallest Pade radius at the first eps."""
         first = self.frame[self.frame.eps == self.frame.eps.iloc[0]]
-        return first.nsmallest(k, "radius_corrected")
+        return first.nsmallest(k, "radius_pade")
+
+    def draw(self, ax=None, *, labelled: int = 8):
+        """The Pade radius at the first eps along each document's positions (log scale): the
+        ``labelled`` documents with the smallest radius in colour, on top of the others."""
+        return radius_along_documents(self.frame, ax, labelled)
 
 
 @full_float32_products()
@@ -192,36 +213,62 @@ def scan_corpus(
     model,
     documents: Sequence[Prompt | str],
     *,
-    out: str | Path,
-    eps: Sequence[float] = (0.1,),
+    out: str | Path | None = None,
+    eps: float | Sequence[float] = (0.1,),
     window: int | None = None,
     overlap: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CorpusScan:
-    """Scan every position of every document at the pre-logit vector; write
-    ``out/{results.parquet, summary.json, radius.png}``.
+    """Scan every position of every document at the pre-logit vector, for about twice the
+    price of running the model.
 
-    ``documents``: strings or ``Prompt`` objects (their ids name the documents). Each document
-    is tokenized whole and run in windows of ``window`` tokens (default 1024, or the model's
-    context if it is shorter; a longer window is an error) (``document_windows``: consecutive
-    windows overlap by ``overlap`` tokens, default ``window // 8``, so a position near a
-    window's start still has context). Per position:
-    the next token and its probability, the entropy, ``lambda_max``, the search's relative
-    Ritz residual, and the closed-form radii along the top curvature direction
-    (``radius_quadratic`` the published one, ``radius_corrected`` the 4th-order Pade form,
-    nearest exit over both signs) at each eps. Documents are written as they finish
-    (``out/parts``), so ``resume=True`` continues an interrupted scan; ``overwrite=True``
-    replaces a scan already in ``out``. ``distributed.scan_corpus_ray`` does the same on a
-    Ray cluster.
+    Per position: the next token and its probability, the entropy, ``lambda_max`` (to a
+    relative residual of ~1e-3), and ``radius_quadratic`` and ``radius_pade`` along the top
+    curvature direction (nearest exit over both signs) at each eps. Nothing is measured on
+    the model: check a position with :func:`analyze`.
 
-    ``progress(done, total)`` counts tokens.
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze` (a linear head: softcapped logits are refused).
+    documents : list of str or Prompt
+        The documents (``Prompt`` ids name them).
+    out : path, optional
+        A run directory, written as it goes (``results.parquet``, ``summary.json``,
+        ``radius.png``, one part per document); without, the scan stays in memory.
+    eps : float or list of float, default 0.1
+        KL thresholds (nats).
+    window, overlap : int, optional
+        Long documents run in windows of ``window`` tokens (default 1024, or the model's
+        context) that repeat ``overlap`` tokens of context (default ``window // 8``).
+    resume, overwrite : bool
+        Continue the interrupted scan in ``out``, or replace it.
+    progress : callable, optional
+        Called as ``progress(done, total)`` in tokens.
+
+    Returns
+    -------
+    CorpusScan
+        ``summary()`` per document; ``fragile(k)`` the smallest radii.
+
+    Examples
+    --------
+    >>> scan = sr.scan_corpus(model, ["The cat sat on the mat.", "Hello world."])
+    >>> scan.fragile(3)  # doctest: +SKIP
     """
     adapter = as_adapter(model)
+    if out is None and (resume or overwrite):
+        raise InvalidParameterError(
+            "resume=True and overwrite=True continue or replace a scan in a directory: give `out`"
+        )
     plan = ScanPlan.make(adapter, documents, eps, window, overlap)
     scanner = Scanner(adapter)  # a model the fast scan cannot take fails here
-    run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
+    if out is None:
+        run = MemoryRun()
+    else:
+        run = RunDirectory(out, plan.record, "scan", resume=resume, overwrite=overwrite)
     done = plan.tokens_done(run)
     if progress is not None:
         progress(done, plan.total)
@@ -268,7 +315,7 @@ class ScanPlan:
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
-            raise StableRegionsError(f"document id {dup!r} appears twice: ids must be unique")
+            raise InvalidParameterError(f"document id {dup!r} appears twice: ids must be unique")
         limit = adapter.context_length
         if window is None:
             window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, limit)
@@ -312,22 +359,23 @@ def scan_document(
     return pd.concat(frames, ignore_index=True)
 
 
-def finish_scan(adapter: ModelAdapter, run: RunDirectory, plan: ScanPlan) -> CorpusScan:
+def finish_scan(adapter: ModelAdapter, run, plan: ScanPlan) -> CorpusScan:
     """Every part written: the results, the summary, the plot, and the run marked complete."""
-    frame = run.frame(len(plan.documents))
+    frame = describe(run.frame(len(plan.documents), "scan"))
     summary = [
         _document_summary(doc.id, f)
         for doc, (_, f) in zip(plan.documents, frame.groupby("doc_id", sort=False), strict=True)
     ]
-    out = run.out
-    write_parquet(frame, out / "results.parquet")
-    write_json(
-        out / "summary.json",
-        {"model": adapter.name, "settings": asdict(plan.settings), "documents": summary},
-    )
-    plot_radius_along_documents(frame, out / "radius.png")
-    run.finish()
-    return CorpusScan(out, frame, summary)
+    result = CorpusScan(adapter.name, run.out, frame, summary)
+    if run.out is not None:
+        write_parquet(frame, run.out / "results.parquet")
+        write_json(
+            run.out / "summary.json",
+            {"model": adapter.name, "settings": asdict(plan.settings), "documents": summary},
+        )
+        save(result.plot(), run.out / "radius.png", dpi=120)
+        run.finish()
+    return result
 
 
 def _positions_frame(
@@ -356,7 +404,7 @@ def _positions_frame(
                     **per_position,
                     "eps": e,
                     "radius_quadratic": radius_quadratic(found["lambda_max"], e).cpu().numpy(),
-                    "radius_corrected": found["radius"][:, j].cpu().numpy(),
+                    "radius_pade": found["radius_pade"][:, j].cpu().numpy(),
                 }
             )
             for j, e in enumerate(eps)
@@ -367,39 +415,37 @@ def _positions_frame(
 
 def _document_summary(doc_id: str, frame: pd.DataFrame) -> dict:
     first = frame[frame.eps == frame.eps.iloc[0]]
-    low = first.loc[first.radius_corrected.idxmin()]
+    low = first.loc[first.radius_pade.idxmin()]
     return {
         "doc_id": doc_id,
         "positions": int(len(first)),
         "eps": float(first.eps.iloc[0]),
-        "median_radius_corrected": float(first.radius_corrected.median()),
-        "min_radius_corrected": float(low.radius_corrected),
+        "median_radius_pade": float(first.radius_pade.median()),
+        "min_radius_pade": float(low.radius_pade),
         "min_position": int(low.position),
         "min_token": str(low.token),
         "median_lambda_max": float(first.lambda_max.median()),
     }
 
 
-def plot_radius_along_documents(frame: pd.DataFrame, path: str | Path, labelled: int = 8) -> Path:
-    """The corrected radius at the first eps along each document's positions (log scale):
-    the ``labelled`` documents with the smallest radius in colour, on top of the others."""
-    plt = pyplot()
+def radius_along_documents(frame: pd.DataFrame, ax=None, labelled: int = 8):
+    """The figure of ``CorpusScan.plot``, from a scan's frame."""
     first = frame[frame.eps == frame.eps.iloc[0]]
     docs = dict(tuple(first.groupby("doc_id", sort=False)))
-    fragile = sorted(docs, key=lambda d: docs[d].radius_corrected.min())[:labelled]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fragile = sorted(docs, key=lambda d: docs[d].radius_pade.min())[:labelled]
+    fig, ax = axes_or_new(ax, figsize=(9, 4))
     for doc_id, f in docs.items():
         if doc_id not in fragile:
-            ax.plot(f.position, f.radius_corrected, lw=0.5, color="0.75", alpha=0.5, zorder=1)
+            ax.plot(f.position, f.radius_pade, lw=0.5, color="0.75", alpha=0.5, zorder=1)
     for doc_id in fragile:
         f = docs[doc_id]
-        ax.plot(f.position, f.radius_corrected, lw=1.0, label=str(doc_id)[-40:], zorder=2)
+        ax.plot(f.position, f.radius_pade, lw=1.0, label=str(doc_id)[-40:], zorder=2)
     ax.set_yscale("log")
     ax.set_xlabel("position (token index in the document)")
-    ax.set_ylabel(f"radius at eps {first.eps.iloc[0]:g} (corrected)")
+    ax.set_ylabel(f"radius at eps {first.eps.iloc[0]:g} (radius_pade)")
     ax.set_title(
         "How far each position's pre-logit vector can move along its top curvature direction"
     )
     title = "documents" if len(docs) <= labelled else f"{labelled} most fragile of {len(docs)}"
     ax.legend(fontsize=7, loc="best", title=title, title_fontsize=7)
-    return save(fig, path)
+    return fig

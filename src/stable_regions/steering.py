@@ -25,15 +25,18 @@ from torch import Tensor
 
 from .calibration import resolve_calibration
 from .engine import entropy, logit_derivatives, reliability, taylor_radii
-from .errors import StableRegionsError
+from .errors import InvalidParameterError, StableRegionsError
 from .geometry import radius_pade, radius_quadratic, series_coefficients
-from .inputs import as_adapter, check_eps, check_positions
+from .inputs import as_adapter, check_eps, check_positions, json_value
 from .models import PRELOGIT, ModelAdapter
 from .models.precision import full_float32_products
 from .models.suffix import PositionSuffix
+from .plotting import axes_or_new
 from .probes import measure_from_suffix
 from .prompts import read_prompt_file
+from .results import Result
 from .vectors import as_vector, read_vector_file
+from .vocabulary import describe
 
 STEER_COLUMNS = [
     "prompt_id",
@@ -43,7 +46,7 @@ STEER_COLUMNS = [
     "layer",
     "vector_norm",
     "coef_quadratic",
-    "coef_corrected",
+    "coef_pade",
     "coef_curve",
     "coef_calibrated",
     "coef_exact",
@@ -54,22 +57,60 @@ STEER_COLUMNS = [
 
 
 @dataclass
-class SteeringResult:
+class SteeringResult(Result):
+    """Per (prompt, position, eps): the largest steering coefficient of each form
+    (``to_frame``; ``vocabulary`` defines every column)."""
+
+    study = "steer"
     model: str
     layer: str
     eps: list[float]
     rows: list[dict]
+    vector_norm: float = math.nan
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=STEER_COLUMNS)
+        return describe(pd.DataFrame(self.rows, columns=STEER_COLUMNS))
+
+    def context(self) -> dict:
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "eps": self.eps,
+            "vector_norm": json_value(self.vector_norm),
+        }
 
     def summary(self) -> pd.DataFrame:
         """Per eps: median and 5th percentile of each coefficient over prompts and positions."""
         df = self.to_frame()
-        cols = ["coef_quadratic", "coef_corrected", "coef_curve", "coef_exact"]
+        cols = ["coef_quadratic", "coef_pade", "coef_curve", "coef_exact"]
         out = df.groupby("eps")[cols].agg(["median", _fifth_percentile])
         out.columns = [f"{c}_{'median' if s == 'median' else 'p05'}" for c, s in out.columns]
-        return out.reset_index().assign(n=df.groupby("eps").size().values)
+        return describe(out.reset_index().assign(n=df.groupby("eps").size().values))
+
+    def draw(self, ax=None):
+        """Each coefficient form against eps (log-log): the median over prompts and positions
+        as a line, every row as a dot; the measured one in black."""
+        frame = self.to_frame()
+        fig, ax = axes_or_new(ax, figsize=(6.0, 4.0))
+        styles = {
+            "coef_exact": ("k", "measured"),
+            "coef_curve": ("tab:blue", "curve"),
+            "coef_pade": ("tab:orange", "Pade"),
+            "coef_quadratic": ("tab:gray", "quadratic"),
+        }
+        for col, (color, label) in styles.items():
+            values = frame[col].where(frame[col] > 0)
+            if values.notna().any():
+                ax.plot(frame.eps, values, ".", color=color, alpha=0.4)
+                median = values.groupby(frame.eps).median()
+                ax.plot(median.index, median.values, "-", color=color, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("eps (nats)")
+        ax.set_ylabel("largest coefficient c of c * vector")
+        ax.set_title(f"{self.model}, layer '{self.layer}': steering budget", fontsize=9)
+        ax.legend(fontsize=7)
+        return fig
 
 
 def _fifth_percentile(x: pd.Series) -> float:
@@ -109,12 +150,18 @@ def read_prompts(path: str | Path) -> list[str]:
 
 @full_float32_products()
 def mean_difference(
-    model, positive: Sequence[str], negative: Sequence[str], layer: str | int
+    model, positive: Sequence[str], negative: Sequence[str], *, layer: str | int
 ) -> Tensor:
-    """Steering vector: mean activation at ``layer`` (last token) over ``positive`` minus over ``negative``."""
+    """A steering vector: the mean activation at ``layer`` (at each prompt's last token) over
+    ``positive`` minus the mean over ``negative``.
+
+    Examples
+    --------
+    >>> vector = sr.mean_difference(model, ["I love this"], ["I hate this"], layer=12)  # doctest: +SKIP
+    """
     adapter = as_adapter(model)
     if not positive or not negative:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             "both prompt sets must be non-empty to build a mean-difference vector"
         )
     hook = adapter.hook_for_layer(layer)
@@ -136,33 +183,64 @@ def mean_difference(
 def steering_budget(
     model,
     prompts: str | Sequence[str],
+    *,
     vector,
     layer: str | int,
     eps: float | Sequence[float] = 0.1,
     positions: str | int | Sequence[int] = "last",
     exact: bool = True,
-    *,
     rtol: float = 1e-6,
     calibration=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SteeringResult:
-    """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt and position.
+    """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt
+    and position.
 
-    ``vector``: an array or tensor, a ``{layer: vector}`` mapping or a repeng
-    ``ControlVector`` (its ``directions[layer]``); see ``vectors``.
+    The coefficients ``c`` are those of ``c * vector`` added at ``layer`` at one position
+    (so they scale with ``1 / |vector|``: repeng's ``coeff``). Only the ``+vector`` side
+    counts: steering has a sign.
 
-    ``coef_*`` are coefficients ``c`` of ``c * vector`` (so they scale with 1 / ||vector||;
-    repeng's ``coeff``):
-    ``coef_quadratic`` from ``sqrt(2 eps / u^T G u)``, ``coef_corrected`` from the Pade [2/2]
-    form of the KL series along ``u``, ``coef_curve`` the KL root along the logits' Taylor path
-    (exact at ``final``), ``coef_calibrated`` the ``calibration`` of this layer (``"bundled"``,
-    a ``calibration-LAYER.json`` from ``validate`` or a ``Calibration``; NaN without one)
-    applied to those, ``coef_exact`` measured on the model.
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    prompts : str or list of str
+        One prompt or several.
+    vector : array, tensor, mapping or repeng ControlVector
+        The steering vector: ``(d,)``, a ``{layer: vector}`` mapping or a repeng
+        ``ControlVector`` (its ``directions[layer]`` is used).
+    layer : str or int
+        Where the vector is added: ``"embed"``, a block index or a hook name.
+    eps : float or list of float, default 0.1
+        KL thresholds in nats.
+    positions : "all", "last", int or list of int, default "last"
+        The positions of each prompt.
+    exact : bool, default True
+        Measure ``coef_exact`` on the model (NaN if False).
+    rtol : float, default 1e-6
+        Relative tolerance of the measured coefficient.
+    calibration : "bundled", path or Calibration, optional
+        Fills ``coef_calibrated``.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each position.
+
+    Returns
+    -------
+    SteeringResult
+        ``coef_quadratic``, ``coef_pade``, ``coef_curve`` (exact at ``final``, the
+        logits' Taylor path inside, with ``reliable``), ``coef_calibrated``,
+        ``coef_exact``.
+
+    Examples
+    --------
+    >>> vec = sr.mean_difference(model, ["I love this"], ["I hate this"], layer=12)
+    >>> sr.steering_budget(model, "The weather is", vector=vec, layer=12).summary()  # doctest: +SKIP
     """
     adapter: ModelAdapter = as_adapter(model)
     eps_list = check_eps(eps)
     hook = adapter.hook_for_layer(layer)
-    cal = resolve_calibration(calibration, adapter, "final" if hook == PRELOGIT else str(layer))
+    label = adapter.layer_name(layer)
+    cal = resolve_calibration(calibration, adapter, label)
     if cal is not None:
         for e in eps_list:
             cal.band_for(e)  # an eps outside the calibrated bands fails before any work
@@ -184,36 +262,36 @@ def steering_budget(
         logp = torch.log_softmax(suffix.logits0, -1)[None]
         derivs = logit_derivatives(adapter, suffix.batch, u[None].to(logp.dtype))
         c2, c3, c4 = series_coefficients(logp.exp(), derivs)
-        corrected = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
+        pade = np.array([[float(radius_pade(c2, c3, e, c4)[0]) for e in eps_list]])
         norm_h = float(suffix.batch.x0[0].norm())
         # the Taylor-path search runs both signs; steering keeps +u (ray 0)
         scale = np.full(2, max(norm_h, 1e-6))
         curve = taylor_radii(logp, derivs, torch.zeros(1, dtype=torch.long), eps_list, scale)
         curve = curve[:1]
-        reliable, reason = reliability(curve[0], norm_h, hook != PRELOGIT, corrected[0])
+        reliable, reason = reliability(curve[0], norm_h, hook != PRELOGIT, pade[0])
         if exact:
             measured = measure_from_suffix(suffix, u[None], eps_list, guesses=curve, rtol=rtol)[0]
         else:
             measured = np.full(len(eps_list), math.nan)
         token = adapter.token_strings(ids[0, position : position + 1])[0]
         h_p = float(entropy(logp.exp())[0])
+        quadratic_all = np.array([[float(radius_quadratic(c2[0], e)) for e in eps_list]])
+        calibrated_all = np.full_like(quadratic_all, math.nan)
+        if cal is not None:
+            calibrated_all = cal.predict_grid(eps_list, quadratic_all, pade, np.array([h_p]), curve)
         for e_idx, e in enumerate(eps_list):
-            quadratic = float(radius_quadratic(c2[0], e))
-            calibrated = math.nan
-            if cal is not None:
-                calibrated = cal.predict_one(
-                    e, quadratic, corrected[0, e_idx], h_p, curve[0, e_idx]
-                )
+            quadratic = float(quadratic_all[0, e_idx])
+            calibrated = float(calibrated_all[0, e_idx])
             rows.append(
                 dict(
                     prompt_id=prompt_id,
                     position=position,
                     token=token,
                     eps=e,
-                    layer=str(layer),
+                    layer=label,
                     vector_norm=norm,
                     coef_quadratic=quadratic / norm,
-                    coef_corrected=float(corrected[0, e_idx]) / norm,
+                    coef_pade=float(pade[0, e_idx]) / norm,
                     coef_curve=float(curve[0, e_idx]) / norm,
                     coef_calibrated=calibrated / norm,
                     coef_exact=float(measured[e_idx]) / norm,
@@ -224,4 +302,4 @@ def steering_budget(
             )
         if progress is not None:
             progress(done, len(jobs))
-    return SteeringResult(adapter.name, str(layer), eps_list, rows)
+    return SteeringResult(adapter.name, label, eps_list, rows, norm)

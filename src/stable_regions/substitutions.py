@@ -6,9 +6,9 @@ the activation entering block 0 by ``delta = x(substitute) - x(token)`` (capture
 model itself, so embedding scales and projections are the model's own). Per eps:
 
 - ``distance = |delta|``;
-- ``radius_predicted``: the best closed form along ``delta`` (the exact KL root along the
+- ``radius_curve``: the best closed form along ``delta`` (the exact KL root along the
   logits' cubic Taylor path through the network, ``engine.closed_forms_along``), and
-  ``flips_predicted = radius_predicted < distance``;
+  ``flips_predicted = radius_curve < distance``;
 - ``kl_substituted``: the KL of the next-token distribution at that position after actually
   substituting the token and running the model, and ``flips_measured = kl_substituted > eps``;
 - ``radius_exact``: the measured first crossing of eps along ``delta`` (a check of the
@@ -34,7 +34,7 @@ COLUMNS = [
     "substitute_id",
     "distance",
     "eps",
-    "radius_predicted",
+    "radius_curve",
     "radius_exact",
     "kl_substituted",
     "flips_predicted",
@@ -139,7 +139,7 @@ def token_substitutions(
                     substitute_id=int(subs.reshape(-1)[r]),
                     distance=dist,
                     eps=eps,
-                    radius_predicted=pred,
+                    radius_curve=pred,
                     radius_exact=float(measured[r, e_idx]),
                     kl_substituted=float(kl[r]),
                     flips_predicted=bool(np.isfinite(pred) and pred < dist),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import StableRegionsError, one_line
+from .errors import InvalidParameterError, StableRegionsError, one_line
 
 _LAYER_KEY = re.compile(r"^(?:(?:layers?|direction|blocks)\.)?(-?\d+)(?:\.hook_resid_post)?$")
 
@@ -47,7 +47,7 @@ def vector_at_layer(source, layer, name: str = "control vector") -> np.ndarray:
         if index is not None:
             by_layer[int(index)] = value
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"{name} holds one vector per block: give a block index as the layer, got {layer!r}"
         )
     if layer not in by_layer:
@@ -73,8 +73,10 @@ def read_vector_file(path: str | Path, layer=None) -> np.ndarray:
     """The vector in a ``.npy``, ``.safetensors`` or repeng ``.gguf`` file (module doc);
     ``layer`` picks one where the file holds one per layer."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidParameterError(f"steering vector file {path} is a directory: give a file")
     if not path.is_file():
-        raise StableRegionsError(f"steering vector file {path} not found")
+        raise InvalidParameterError(f"steering vector file {path} not found")
     try:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -92,7 +94,7 @@ def read_vector_file(path: str | Path, layer=None) -> np.ndarray:
             return vector_at_layer(tensors, layer, str(path))
         if path.suffix == ".gguf":
             return vector_at_layer(_repeng_gguf(path), layer, str(path))
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"{path}: a steering vector must be a .npy, .safetensors or (repeng) .gguf file"
         )
     except StableRegionsError:

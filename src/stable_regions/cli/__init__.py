@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
-from ..errors import StableRegionsError, one_line
+from ..errors import StableRegionsError, StableRegionsWarning, one_line
 from . import (
     analyze,
     bench,
@@ -48,19 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks for unexpected errors"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("stable-regions")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     quiet_libraries()
     try:
         return COMMANDS[args.command].run(args)
     except StableRegionsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {as_flags(str(exc), _subparser(parser, args.command))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -75,12 +87,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message in the command's words: the parameters it names in backticks
+    (`` `out` ``, `` `resume=True` ``, `` `layers=[7]` ``) become the command's flags
+    (``--out``, ``--resume``, ``--layers 7``); other backticked text stays as it is."""
+    flags = {
+        a.dest: next(o for o in a.option_strings if o.startswith("--"))
+        for a in parser._actions
+        if any(o.startswith("--") for o in a.option_strings)
+    }
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(3)
+        if name not in flags:
+            return match.group(0)
+        if value is None or value == "True":
+            return flags[name]
+        value = re.sub(r"[\[\]'\",]", " ", value).split()
+        return " ".join([flags[name], *value])
+
+    return re.sub(r"`(\w+)(=([^`]*))?`", flag, message)
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"note: {one_line(message)}", file=sys.stderr)
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
+    # ours say something the user should know: one line each, once
+    warnings.filterwarnings("once", category=StableRegionsWarning)
+    warnings.showwarning = _note
     try:
         from transformers.utils import logging as hf_logging
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import math
-import sys
-
+from ..errors import InvalidParameterError
 from .console import (
     add_eps,
     add_model,
     add_positions,
-    cell,
-    console,
-    fmt,
+    add_prompt,
     load_with_status,
     parse_positions,
     progress,
+    prompts_of,
 )
+from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_results
 
 
 def add_parser(sub) -> None:
@@ -28,7 +25,7 @@ def add_parser(sub) -> None:
             "closed-form radii along the top eigendirection, and the boundary measured on the model."
         ),
     )
-    a.add_argument("prompt", help="the text to analyze")
+    add_prompt(a, "the text to analyze")
     add_model(a)
     add_eps(a, [0.01, 0.1, 1.0])
     add_positions(a)
@@ -60,8 +57,9 @@ def add_parser(sub) -> None:
     a.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON document {model, rows} instead of a table",
+        help="print one JSON document {model, prompt, layer, eps, rows} instead of a table",
     )
+    add_table_options(a, DEFAULT_COLUMNS)
     a.add_argument(
         "--html",
         metavar="FILE",
@@ -71,43 +69,50 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..analysis import COLUMNS as ALL_COLUMNS
     from ..analysis import analyze
     from ..inputs import check_eps
 
+    check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)  # fail fast, before loading a model
     positions = parse_positions(args.positions)
+    prompts = prompts_of(args)
     if args.html:
         from ..viewer import check_html_path
 
         check_html_path(args.html)
+        if len(prompts) > 1:
+            raise InvalidParameterError("--html writes the page of one prompt: give one prompt")
     err, adapter = load_with_status(args)
-    with progress(err, "analyzing positions") as (tick, stage):
-        result = analyze(
-            adapter,
-            args.prompt,
-            eps=eps,
-            positions=positions,
-            layer=args.layer,
-            exact=not args.no_exact,
-            trace=args.trace,
-            calibration=args.calibration,
-            progress=tick,
-            stage=stage,
-        )
+    results = []
+    for i, prompt in enumerate(prompts):
+        label = "analyzing positions" + (f" (prompt {i + 1}/{len(prompts)})" if i else "")
+        with progress(err, label) as (tick, stage):
+            results.append(
+                analyze(
+                    adapter,
+                    prompt,
+                    eps=eps,
+                    positions=positions,
+                    layer=args.layer,
+                    exact=not args.no_exact,
+                    trace=args.trace,
+                    calibration=args.calibration,
+                    progress=tick,
+                    stage=stage,
+                )
+            )
     if args.html:
-        write_page(args.html, result, adapter)
+        write_page(args.html, results[0], adapter)
         err.print(f"wrote {args.html}")
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-    else:
-        print_table(result, exact=not args.no_exact)
+    write_results(results, args, print_table)
     return 0
 
 
 RADII = [
-    "radius_corrected",
-    "radius_exact",
     "radius_curve",
+    "radius_exact",
+    "radius_pade",
     "radius_calibrated",
     "radius_quadratic",
     "radius_linf_lower",
@@ -137,7 +142,7 @@ def write_page(path: str, result, adapter) -> None:
                 "entropy",
                 "lambda_max",
                 "effective_rank",
-                "norm",
+                "activation_norm",
                 "reliable",
             )
         ],
@@ -152,77 +157,38 @@ def write_page(path: str, result, adapter) -> None:
         title=f"stable-regions analyze: {result.model}",
         subtitle="each token coloured by the radius of the next-token distribution predicted "
         "at it (analysed positions only)",
-        note="radius_corrected: the best closed form along the top curvature direction; "
-        "radius_exact: the boundary measured on the model; radius_quadratic = "
-        "sqrt(2 eps / lambda_max). Hover a token for its numbers; click to pin.",
+        note="radius_curve: the KL root along the top curvature direction (exact at 'final', "
+        "the logits' Taylor path inside); radius_exact: the boundary measured on the model; "
+        "radius_pade: the Pade form of the KL series; radius_quadratic = sqrt(2 eps / "
+        "lambda_max). Hover a token for its numbers; click to pin.",
     )
 
 
-def print_table(result, exact: bool) -> None:
-    from rich import box
-    from rich.table import Table
+DEFAULT_COLUMNS = [
+    "position",
+    "token",
+    "next_token",
+    "eps",
+    "radius_curve",
+    "radius_exact",
+    "reliable",
+]
 
-    out = console()
-    table = Table(
-        title=f"{result.model}, layer '{result.layer}': radius along the top curvature direction (nearest exit over +-v)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    right = dict(justify="right", no_wrap=True)
-    calibrated = any(not math.isnan(r["radius_calibrated"]) for r in result.rows)
-    extra = [("calibrated", right), ("cal err", right)] if calibrated else []
-    for col, kw in [
-        ("pos", right),
-        ("token", cell(14)),
-        ("next (p)", cell(20)),
-        ("entropy", right),
-        ("lambda_max", right),
-        ("eff.rank", right),
-        ("eps", right),
-        ("quadratic", right),
-        ("corrected", right),
-        ("measured", right),
-        ("quad err", right),
-        ("corr err", right),
-        *extra,
-    ]:
-        table.add_column(col, **kw)
-    last_pos = None
-    for r in result.rows:
-        first = r["position"] != last_pos
-        if first and last_pos is not None:
-            table.add_section()
-        last_pos = r["position"]
-        meas = r["radius_exact"]
 
-        def err(pred: float, meas: float = meas) -> str:
-            if not exact or not math.isfinite(meas) or meas == 0 or not math.isfinite(pred):
-                return "-"
-            return f"{100 * (pred / meas - 1):+.2f}%"
-
-        table.add_row(
-            str(r["position"]) if first else "",
-            repr(r["token"])[1:-1] if first else "",
-            f"{repr(r['next_token'])[1:-1]} ({r['next_prob']:.2f})" if first else "",
-            fmt(r["entropy"], 3) if first else "",
-            fmt(r["lambda_max"]) if first else "",
-            fmt(r["effective_rank"], 3) if first else "",
-            fmt(r["eps"], 3),
-            fmt(r["radius_quadratic"]),
-            fmt(r["radius_corrected"]),
-            fmt(meas),
-            err(r["radius_quadratic"]),
-            err(r["radius_corrected"]),
-            *([fmt(r["radius_calibrated"]), err(r["radius_calibrated"])] if calibrated else []),
-        )
-    out.print(table)
-    out.print(
-        "[dim]radius: L2 distance, in the units of the activation at that layer, before "
-        "KL(p || p_t) reaches eps (nats). lambda_max: top eigenvalue of the curvature (W^T F W at "
-        "'final', the pullback J^T F J inside). quadratic = sqrt(2 eps / lambda_max), the published "
-        "form; corrected = 4th-order Pade of the KL series; measured = running the model; "
-        "err = predicted / measured - 1; inf = the KL never reaches eps along that line."
-        + (" calibrated = isotonic calibration fitted by 'validate'." if calibrated else "")
-        + "[/dim]"
+def print_table(result, args) -> None:
+    frame = result.to_frame()
+    default = list(DEFAULT_COLUMNS)
+    if args.no_exact:
+        default.remove("radius_exact")
+        default.insert(default.index("radius_curve"), "radius_pade")
+    if frame["radius_calibrated"].notna().any():
+        default.insert(default.index("radius_curve") + 1, "radius_calibrated")
+    print_frame(
+        frame,
+        chosen_columns(frame, args.columns, default),
+        title=f"{result.model}, layer '{result.layer}': radius along the top curvature "
+        "direction (nearest exit over +-v)",
+        note="A radius is how far (L2, in the layer's units) the activation moves before "
+        "KL(p || p_t) reaches eps; compare it with activation_norm (radius_relative). inf: "
+        "the KL never reaches eps that way. --columns all shows every column.",
     )

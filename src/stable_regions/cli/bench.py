@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError, StableRegionsError
 from .console import add_model, console, fmt, load_with_status, progress
 
 
@@ -41,7 +41,7 @@ def run(args) -> int:
 
     unknown = sorted(set(args.rows or []) - set(ROWS))
     if unknown:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"unknown bench row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}"
         )
     if os.path.isdir(args.out):

@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError
 
 # Off a terminal (a pipe, a file, CI) nothing is ever cut: rich lays tables out at their
 # natural width when the console is this wide.
@@ -48,6 +48,33 @@ def add_model(parser: argparse.ArgumentParser) -> None:
         metavar="DTYPE",
         help="auto, float32, bfloat16, float16 or stored (the checkpoint's own): the weights' dtype (default auto: float32 on cpu, bfloat16 on a GPU that has it)",
     )
+
+
+def add_prompt(parser: argparse.ArgumentParser, what: str) -> None:
+    """The prompt as an argument, or several from ``--prompts FILE``."""
+    parser.add_argument("prompt", nargs="?", default=None, help=f"{what} (or --prompts FILE)")
+    parser.add_argument(
+        "--prompts",
+        dest="prompts_file",
+        metavar="FILE",
+        help="a prompt file, each prompt in turn: one per line (a literal \\n is a newline) or "
+        ".jsonl with a text field; --json then prints one document per line, --csv adds "
+        "prompt_id",
+    )
+
+
+def prompts_of(args) -> list[str]:
+    """The prompts a command runs: the argument, then those of ``--prompts FILE``."""
+    from ..prompts import read_prompt_file
+
+    texts = [args.prompt] if args.prompt is not None else []
+    if args.prompts_file:
+        texts += [p.text for p in read_prompt_file(args.prompts_file)]
+    if not texts:
+        raise InvalidParameterError(
+            "no prompt: give one as an argument, or a file of them with --prompts FILE"
+        )
+    return texts
 
 
 def add_eps(parser: argparse.ArgumentParser, default: list[float]) -> None:
@@ -133,7 +160,7 @@ def parse_positions(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"--positions must be 'all', 'last' or comma-separated integers, got {text!r}"
         ) from None
 
@@ -174,6 +201,18 @@ def default_out(kind: str, model) -> str:
     adapter, or the name or path a Ray run gives its workers)."""
     name = model if isinstance(model, str) else model.name
     return f"{kind}-{os.path.basename(name.rstrip('/'))}"
+
+
+def run_directory(args, kind: str, tool: str, what: str) -> str:
+    """``--out`` (default ``KIND-MODEL``), checked before the model loads: writable, and
+    holding nothing, or a run of ``tool`` that ``--resume`` continues or ``--overwrite``
+    replaces."""
+    from .. import models
+    from ..files import check_run_directory
+
+    out = args.out or default_out(kind, args.model or models.DEFAULT_MODEL)
+    check_run_directory(out, tool, what, resume=args.resume, overwrite=args.overwrite)
+    return out
 
 
 def load_with_status(args):

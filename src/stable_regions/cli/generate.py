@@ -7,7 +7,8 @@ import math
 import sys
 from contextlib import nullcontext
 
-from .console import RIGHT, add_eps, add_model, cell, console, fmt, load_with_status, titled_table
+from .console import add_eps, add_model, console, load_with_status
+from .tables import print_frame, write_csv
 
 # terminal colours for the radius, fragile (small) to stable (large), on a log scale
 SHADES = ["bold red", "dark_orange", "yellow", "green", "bold green"]
@@ -47,12 +48,13 @@ def add_parser(sub) -> None:
         help="greedy decoding (default)",
     )
     how.add_argument("--sample", dest="greedy", action="store_false", help="sample from the model")
+    a.add_argument("--csv", action="store_true", help="print every column as CSV on stdout instead")
     a.add_argument("--seed", type=int, default=None, help="random seed for --sample")
     a.add_argument(
         "--threshold",
         type=float,
         default=None,
-        help="flag tokens whose corrected radius is below this (default: where the argmax "
+        help="flag tokens whose radius_curve is below this (default: where the argmax "
         "flips before the KL reaches eps)",
     )
     a.add_argument(
@@ -71,7 +73,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..generation import check_new_tokens, generate
-    from ..inputs import check_eps, json_value
+    from ..inputs import check_eps
     from ..monitor import check_mode
     from ..viewer import check_html_path
 
@@ -84,7 +86,7 @@ def run(args) -> int:
     directions = load_directions(args.direction)
     err, adapter = load_with_status(args)
     with err.status("generating", spinner="dots") if err.is_terminal else nullcontext():
-        text, frame = generate(
+        result = generate(
             adapter,
             args.prompt,
             max_new_tokens=int(n),
@@ -95,20 +97,14 @@ def run(args) -> int:
             threshold=args.threshold,
             directions=directions or None,
         )
+    frame = result.to_frame()
     if args.html:
         write_page(args.html, frame, adapter.name, args.prompt, args.mode)
         err.print(f"wrote {args.html}")
     if args.json:
-        rows = [{k: json_value(v) for k, v in r.items()} for r in frame.to_dict("records")]
-        doc = {
-            "model": adapter.name,
-            "prompt": args.prompt,
-            "text": text,
-            "mode": args.mode,
-            "eps": eps,
-            "rows": rows,
-        }
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+    elif args.csv:
+        write_csv(frame)
     else:
         print_text(args.prompt, frame, eps[0])
         print_fragile(frame, eps[0])
@@ -146,14 +142,16 @@ def load_directions(paths: list[str]) -> dict:
 def write_page(path: str, frame, model: str, prompt: str, mode: str) -> None:
     from ..viewer import ViewerSpec, write_viewer
 
-    columns = ["radius_corrected", "radius_quadratic", "radius_flip"]
+    columns = ["radius_curve", "radius_quadratic", "radius_flip"]
     columns += [c for c in frame.columns if c.startswith("radius_") and c not in columns]
     spec = ViewerSpec(
         group="sequence",
         order="step",
+        text="chosen_token",
         radius_columns=columns,
         fields=[
-            ("prob", "prob"),
+            ("chosen_prob", "chosen_prob"),
+            ("next_prob", "next_prob"),
             ("entropy", "entropy"),
             ("lambda_max", "lambda_max"),
             ("lambda_lower", "lambda_lower"),
@@ -172,7 +170,7 @@ def write_page(path: str, frame, model: str, prompt: str, mode: str) -> None:
         spec,
         title=f"stable-regions generate: {model}",
         subtitle=f"mode {mode}; each generated token coloured by the radius of the distribution it came from",
-        note="radius_corrected: the distance along the top curvature direction of the pre-logit "
+        note="radius_curve: the distance along the top curvature direction of the pre-logit "
         "curvature before KL(p || p') reaches eps; radius_quadratic = sqrt(2 eps / lambda_max); "
         "radius_flip: the least move that lets another token overtake the top one. "
         "Grey text: the prompt. Hover a token for its numbers; click to pin.",
@@ -198,10 +196,10 @@ def print_text(prompt: str, frame, eps: float) -> None:
 
     out = console()
     rows = frame[frame["eps"] == eps].sort_values("step")
-    radii = [r for r in rows["radius_corrected"] if math.isfinite(r) and r > 0]
+    radii = [r for r in rows["radius_curve"] if math.isfinite(r) and r > 0]
     lo, hi = (min(radii), max(radii)) if radii else (1.0, 1.0)
     text = Text(prompt, style="dim")
-    for token, radius in zip(rows["token"], rows["radius_corrected"], strict=True):
+    for token, radius in zip(rows["chosen_token"], rows["radius_curve"], strict=True):
         text.append(token, style=shade(float(radius), lo, hi))
     out.print(text)
     legend = Text(f"\nradius at eps {eps:g} (log scale): ")
@@ -212,38 +210,22 @@ def print_text(prompt: str, frame, eps: float) -> None:
     out.print(legend)
 
 
+FRAGILE_COLUMNS = [
+    "step",
+    "chosen_token",
+    "chosen_prob",
+    "entropy",
+    "radius_curve",
+    "radius_flip",
+    "fragile",
+]
+
+
 def print_fragile(frame, eps: float, k: int = 10) -> None:
-    out = console()
-    rows = frame[frame["eps"] == eps].nsmallest(k, "radius_corrected")
-    table = titled_table(
-        f"the {len(rows)} most fragile tokens (smallest radius at eps {eps:g})",
-        [
-            ("step", RIGHT),
-            ("token", cell(16)),
-            ("prob", RIGHT),
-            ("entropy", RIGHT),
-            ("lambda_max", RIGHT),
-            ("quadratic", RIGHT),
-            ("corrected", RIGHT),
-            ("flip", RIGHT),
-            ("fragile", RIGHT),
-        ],
-    )
-    for r in rows.to_dict("records"):
-        table.add_row(
-            str(r["step"]),
-            repr(r["token"])[1:-1],
-            fmt(r["prob"], 3),
-            fmt(r["entropy"], 3),
-            fmt(r["lambda_max"]),
-            fmt(r["radius_quadratic"]),
-            fmt(r["radius_corrected"]),
-            fmt(r["radius_flip"]),
-            "yes" if r["fragile"] else "",
-        )
-    out.print(table)
-    out.print(
-        "[dim]corrected: distance along the top curvature direction of the pre-logit vector "
-        "before KL(p || p') reaches eps; quadratic: sqrt(2 eps / lambda_max); flip: the least "
-        "move that lets another token overtake the top one.[/dim]"
+    rows = frame[frame["eps"] == eps].nsmallest(k, "radius_curve")
+    print_frame(
+        rows,
+        FRAGILE_COLUMNS,
+        title=f"the {len(rows)} most fragile tokens (smallest radius_curve at eps {eps:g})",
+        group=None,
     )

@@ -33,6 +33,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from ..jacobian import jacobian_profile
+    from ..plotting import save
 
     if args.plot:
         from ..files import check_output_file
@@ -45,11 +46,11 @@ def run(args) -> int:
             args.prompt,
             position=args.position,
             k=args.k,
-            tol=args.tol,
+            eig_tol=args.tol,
             progress=tick,
         )
     if args.plot:
-        err.print(f"wrote {profile.plot(args.plot)}")
+        err.print(f"wrote {save(profile.plot(), args.plot)}")
     if args.json:
         sys.stdout.write(json.dumps(profile.to_json(), ensure_ascii=False) + "\n")
         return 0
@@ -68,7 +69,7 @@ def run(args) -> int:
         block = " ".join(fmt(r[f"block_s{j + 1}"], 3) for j in range(profile.k))
         output = " ".join(fmt(r[f"output_s{j + 1}"], 3) for j in range(profile.k))
         bar_len = 0 if not top > 0 else round(24 * math.log1p(r["output_s1"]) / math.log1p(top))
-        table.add_row(str(r["layer"]), fmt(r["resid_norm"], 4), block, output, "#" * bar_len)
+        table.add_row(str(r["layer"]), fmt(r["activation_norm"], 4), block, output, "#" * bar_len)
     out.print(table)
     note = (
         "block sigma: top singular values of d resid_post[i] / d resid_pre[i] (one block); "

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError
 from .console import (
     add_eps,
     add_model,
     add_ray,
     add_run_directory,
     console,
-    default_out,
     load_with_status,
     progress,
     ray_options,
+    run_directory,
 )
+from .tables import print_frame
 
 PAGE_TOKENS = 20_000  # positions in a --html page: beyond this a page gets slow to open
 
@@ -26,8 +27,8 @@ def add_parser(sub) -> None:
         description=(
             "Runs the model over each document (in overlapping windows when it is long) and, "
             "at every position's pre-logit vector, finds lambda_max, its direction and the "
-            "closed-form radii along it (quadratic and corrected, nearest exit over both "
-            "signs). Nothing is measured on the model: check positions with `analyze`. Writes "
+            "closed-form radii along it (radius_quadratic and radius_pade, nearest exit over "
+            "both signs). Nothing is measured on the model: check positions with `analyze`. Writes "
             "DIR/results.parquet (one row per position and eps), DIR/summary.json and "
             "DIR/radius.png; documents are written as they finish, and --resume continues an "
             "interrupted scan."
@@ -70,8 +71,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.markup import escape
-    from rich.table import Table
 
     from ..inputs import check_eps
     from ..prompts import read_documents
@@ -83,7 +82,7 @@ def run(args) -> int:
         overlap = args.window // 8 if args.overlap is None else args.overlap
         document_windows(1, args.window, overlap)
     if args.top < 0:
-        raise StableRegionsError("--top must be 0 or more")
+        raise InvalidParameterError("--top must be 0 or more")
     if args.html:
         from ..viewer import check_html_path
 
@@ -96,43 +95,22 @@ def run(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
+    out = run_directory(args, "scan", "stable-regions scan", "scan")
     if args.ray is not None:
-        run, model_name = _scan_on_ray(args, documents, settings)
+        run, model_name = _scan_on_ray(args, documents, settings, out)
     else:
         err, adapter = load_with_status(args)
         model_name = adapter.name
-        out = args.out or default_out("scan", adapter)
         with progress(err, "scanning tokens") as (tick, _):
             run = scan_corpus(adapter, documents, out=out, progress=tick, **settings)
-    stdout = console()
     if args.top:
         e = run.frame.eps.iloc[0]
-        fragile = run.fragile(args.top)
-        table = Table(
-            title=f"{len(fragile)} most fragile positions at eps {e:g} "
-            f"(of {len(run.frame[run.frame.eps == e])})",
-            title_justify="left",
-        )
-        for col in ("document", "position", "token", "next token", "p", "lambda_max", "radius"):
-            table.add_column(
-                col,
-                justify="left" if col in ("document", "token", "next token") else "right",
-                overflow="fold",  # ids and tokens wrap on a narrow terminal, never cut
-            )
-        for r in fragile.itertuples():
-            table.add_row(
-                escape(str(r.doc_id)),
-                str(r.position),
-                escape(repr(r.token)),
-                escape(repr(r.next_token)),
-                f"{r.next_prob:.3f}",
-                f"{r.lambda_max:.4g}",
-                f"{r.radius_corrected:.4g}",
-            )
-        stdout.print(table)
-        stdout.print(
-            "[dim]radius: the corrected closed form along the top curvature direction (nearest "
-            "exit over both signs), in the units of the pre-logit vector[/dim]"
+        print_frame(
+            run.fragile(args.top),
+            ["doc_id", "position", "token", "next_token", "next_prob", "lambda_max", "radius_pade"],
+            title=f"{min(args.top, len(run.frame[run.frame.eps == e]))} most fragile positions "
+            f"at eps {e:g} (of {len(run.frame[run.frame.eps == e])})",
+            group=None,
         )
     if args.html:
         write_page(args.html, run.frame, model_name, console(stderr=True))
@@ -141,7 +119,7 @@ def run(args) -> int:
     return 0
 
 
-def _scan_on_ray(args, documents, settings: dict):
+def _scan_on_ray(args, documents, settings: dict, out: str):
     """``distributed.scan_corpus_ray`` with the command's options; the cluster is checked
     before anything is loaded or written."""
     from .. import models
@@ -150,7 +128,6 @@ def _scan_on_ray(args, documents, settings: dict):
     err = console(stderr=True)
     cluster = ray_options(args)
     spec = args.model or models.DEFAULT_MODEL
-    out = args.out or default_out("scan", spec)
     with progress(err, f"scanning tokens on Ray ({args.workers} workers)") as (tick, _):
         run = scan_corpus_ray(spec, documents, out=out, progress=tick, **settings, **cluster)
     return run, spec
@@ -176,7 +153,7 @@ def write_page(path: str, frame, model: str, err) -> None:
     spec = ViewerSpec(
         group="text",
         order="position",
-        radius_columns=["radius_corrected", "radius_quadratic"],
+        radius_columns=["radius_pade", "radius_quadratic"],
         fields=[(c, c) for c in ("position", "next_token", "next_prob", "entropy", "lambda_max")],
         alternatives=("top_tokens", "top_probs") if "top_tokens" in frame else None,
         alternatives_label="predicted next tokens",
@@ -196,7 +173,7 @@ def write_page(path: str, frame, model: str, err) -> None:
         spec,
         title=f"stable-regions scan: {model}",
         subtitle="each token coloured by the radius of the next-token distribution predicted at it",
-        note=note + "radius_corrected: the corrected closed form along the top curvature "
+        note=note + "radius_pade: the Pade closed form of the KL series along the top curvature "
         "direction, nearest exit over both signs. Hover a token for its numbers; click to pin.",
     )
     err.print(f"wrote {path}" + (f" ({len(kept)} of {len(order)} documents)" if note else ""))

@@ -41,11 +41,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..files import check_output_dir
     from ..inputs import check_eps
     from ..maps import stability_map
 
     check_eps([args.eps])
     positions = parse_positions(args.positions)
+    check_output_dir(args.out, "--out")
     err, adapter = load_with_status(args)
     with progress(err, "stability map") as (tick, _):
         result = stability_map(
@@ -56,7 +58,7 @@ def run(args) -> int:
             positions=positions,
             progress=tick,
         )
-    json_path, png_path = result.save(args.out, relative=args.relative)
-    print(json_path)
-    print(png_path)
+    out = result.save(args.out, relative=args.relative)
+    for name in ("map.json", "map.parquet", "map.png"):
+        print(out / name)
     return 0

@@ -6,17 +6,17 @@ import json
 import sys
 
 from ..errors import StableRegionsError
+from ..results import frame_records
 from .console import (
     add_eps,
     add_model,
     add_positions,
-    console,
-    fmt,
     load_with_status,
     parse_layer,
     parse_positions,
     progress,
 )
+from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_csv
 
 
 def add_parser(sub) -> None:
@@ -66,19 +66,64 @@ def add_parser(sub) -> None:
     st.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON document {model, layer, eps, rows, summary}",
+        help="print one JSON document {model, layer, eps, vector_norm, rows, summary}",
     )
+    add_table_options(st, DEFAULT_COLUMNS)
+
+
+DEFAULT_COLUMNS = [
+    "prompt_id",
+    "position",
+    "token",
+    "eps",
+    "coef_curve",
+    "coef_exact",
+    "reliable",
+]
 
 
 def run(args) -> int:
-    import numpy as np
-    from rich.table import Table
+    from ..inputs import check_eps
+    from ..steering import STEER_COLUMNS as ALL_COLUMNS
+    from ..steering import steering_budget
 
-    from ..inputs import check_eps, json_value
-    from ..steering import load_vector, mean_difference, read_prompts, steering_budget
-
+    check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)
     positions = parse_positions(args.positions)
+    prompts, positive, negative = _inputs(args)
+    if args.save_vector:
+        from ..files import check_output_file
+
+        check_output_file(args.save_vector, ".npy", "--save-vector")
+    err, adapter = load_with_status(args)
+    layer = parse_layer(args.layer)
+    vector = _vector(args, adapter, layer, positive, negative)
+    with progress(err, "steering") as (tick, _):
+        result = steering_budget(
+            adapter,
+            prompts,
+            vector=vector,
+            layer=layer,
+            eps=eps,
+            positions=positions,
+            exact=not args.no_exact,
+            calibration=args.calibration,
+            progress=tick,
+        )
+    if args.json:
+        doc = {**result.to_json(), "summary": frame_records(result.summary())}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif args.csv:
+        write_csv(result.to_frame())
+    else:
+        print_tables(result, args)
+    return 0
+
+
+def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
+    """The prompts, and the two prompt sets of a mean-difference vector, checked."""
+    from ..steering import read_prompts
+
     prompts = list(args.prompts) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise StableRegionsError("no prompts: give them as arguments or with --prompts FILE")
@@ -90,80 +135,48 @@ def run(args) -> int:
         raise StableRegionsError("--positive and --negative go together")
     positive = read_prompts(args.positive) if args.positive else None
     negative = read_prompts(args.negative) if args.negative else None
-    err, adapter = load_with_status(args)
-    layer = parse_layer(args.layer)
+    return prompts, positive, negative
+
+
+def _vector(args, adapter, layer, positive, negative):
+    """The steering vector from ``--vector``, or the mean difference; saved if asked."""
+    import numpy as np
+
+    from ..steering import load_vector, mean_difference
+
     hook = adapter.hook_for_layer(layer)
     if args.vector:
         vector = load_vector(args.vector, adapter.hook_dim(hook), layer)
     else:
-        vector = mean_difference(adapter, positive, negative, layer)
+        vector = mean_difference(adapter, positive, negative, layer=layer)
     if args.save_vector:
         np.save(args.save_vector, vector.cpu().numpy())
-    with progress(err, "steering") as (tick, _):
-        result = steering_budget(
-            adapter,
-            prompts,
-            vector,
-            layer,
-            eps=eps,
-            positions=positions,
-            exact=not args.no_exact,
-            calibration=args.calibration,
-            progress=tick,
-        )
-    summary = result.summary()
-    if args.json:
-        doc = {
-            "model": result.model,
-            "layer": result.layer,
-            "eps": result.eps,
-            "rows": [{k: json_value(v) for k, v in r.items()} for r in result.rows],
-            "summary": [
-                {k: json_value(v) for k, v in r.items()} for r in summary.to_dict("records")
-            ],
-        }
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        return 0
-    out = console()
-    table = Table(
-        title=f"{result.model}: steering budget at layer '{result.layer}' (|vector| = {result.rows[0]['vector_norm']:.4g})",
-        title_justify="left",
+    return vector
+
+
+SUMMARY_COLUMNS = [
+    "eps",
+    "n",
+    "coef_exact_median",
+    "coef_exact_p05",
+    "coef_curve_median",
+    "coef_curve_p05",
+]
+
+
+def print_tables(result, args) -> None:
+    frame = result.to_frame()
+    print_frame(
+        frame,
+        chosen_columns(frame, args.columns, DEFAULT_COLUMNS),
+        title=f"{result.model}: steering budget at layer '{result.layer}' "
+        f"(vector_norm = {result.vector_norm:.4g})",
+        group=None,
+        note="A coefficient c of c * vector before KL(p || p_c) reaches eps at that position.",
     )
-    cols = ("prompt", "pos", "token", "eps", "quadratic", "corrected", "curve", "measured")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "token" else "right")
-    for r in result.rows:
-        table.add_row(
-            str(r["prompt_id"]),
-            str(r["position"]),
-            repr(r["token"])[1:-1],
-            fmt(r["eps"], 3),
-            fmt(r["coef_quadratic"]),
-            fmt(r["coef_corrected"]),
-            fmt(r["coef_curve"]) + ("" if r["reliable"] else " ?"),
-            fmt(r["coef_exact"]),
-        )
-    out.print(table)
-    s_table = Table(
-        title="summary over prompts and positions: pick a coefficient below the 5th percentile",
-        title_justify="left",
+    print_frame(
+        result.summary(),
+        SUMMARY_COLUMNS,
+        title="over prompts and positions: pick a coefficient below the 5th percentile",
+        group=None,
     )
-    for col in ("eps", "n", "measured median", "measured p05", "curve median", "curve p05"):
-        s_table.add_column(col, justify="right")
-    for r in summary.to_dict("records"):
-        s_table.add_row(
-            fmt(r["eps"], 3),
-            str(r["n"]),
-            fmt(r["coef_exact_median"]),
-            fmt(r["coef_exact_p05"]),
-            fmt(r["coef_curve_median"]),
-            fmt(r["coef_curve_p05"]),
-        )
-    out.print(s_table)
-    out.print(
-        "[dim]coefficient c of c * vector before KL(p || p_c) reaches eps at that position; "
-        "inf = never; curve = the KL root along the logits' Taylor path (exact at final); "
-        "? = outside the regime where it was validated (beyond 0.1 |h|, or the Pade form "
-        "disagrees by more than 2%).[/dim]"
-    )
-    return 0

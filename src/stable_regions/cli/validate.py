@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError, StableRegionsError
 from .console import (
     add_eps,
     add_model,
     add_ray,
     add_run_directory,
     console,
-    default_out,
     load_with_status,
     progress,
     ray_options,
+    run_directory,
 )
 
 
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
         description=(
             "For several positions of every prompt, at each layer asked for (--layers), and six "
             "direction families (both signs), the "
-            "published quadratic radius, the corrected (Pade) radius and an isotonic calibration, "
+            "published quadratic radius, the Pade radius and an isotonic calibration, "
             "each against the boundary measured on the model. Writes DIR/results.parquet, "
             "DIR/summary.json, DIR/report.html (and DIR/calibration-LAYER.json when fitting); results "
             "are written per prompt as the run goes, and --resume continues an interrupted run."
@@ -89,7 +89,7 @@ def run(args) -> int:
             "'fit' or 'none')"
         )
     if args.positions_per_prompt < 1:
-        raise StableRegionsError("--positions-per-prompt must be at least 1")
+        raise InvalidParameterError("--positions-per-prompt must be at least 1")
     options = dict(
         eps=args.eps,
         layers=args.layers,
@@ -99,6 +99,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         positions_per_prompt=args.positions_per_prompt,
     )
+    out = run_directory(args, "validation", "stable-regions validate", "validation run")
     if args.ray is not None:
         from .. import models
         from ..distributed import validate_ray
@@ -110,14 +111,13 @@ def run(args) -> int:
             run = validate_ray(
                 spec,
                 prompts,
-                out=args.out or default_out("validation", spec),
+                out=out,
                 progress=tick,
                 **cluster,
                 **options,
             )
     else:
         err, adapter = load_with_status(args)
-        out = args.out or default_out("validation", adapter)
         with progress(err, "validating prompts") as (tick, _):
             run = validate(adapter, prompts, out=out, progress=tick, **options)
     print_summary(run)
@@ -137,7 +137,7 @@ def print_summary(run) -> None:
     table = Table(title="held-out prompts, all families", title_justify="left")
     for col in ("layer", "eps", "predictor", "n", "median err", "p90 err", "<=1%", "<=8%", "<=50%"):
         table.add_column(col, justify="right")
-    for r in run.summary:
+    for r in run.summary_rows:
         if r["family"] != "all":
             continue
         table.add_row(

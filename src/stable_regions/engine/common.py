@@ -43,24 +43,24 @@ def quiet(_: str) -> None:
     return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Block:
     """Per-position results of a block of positions; radii are (positions, eps), nearest exit
-    over +-v (NaN where not computed)."""
+    over +-v (NaN where not computed), named by their form (``vocabulary.FORMS``)."""
 
     positions: list[int]
-    top_token: Tensor
-    top_prob: Tensor
-    entropy: Tensor
-    lambda_max: Tensor
-    effective_rank: Tensor
-    directions: Tensor
-    corrected: np.ndarray
+    next_token_id: Tensor  # (P,)
+    next_prob: Tensor  # (P,)
+    entropy: Tensor  # (P,) nats
+    lambda_max: Tensor  # (P,)
+    effective_rank: Tensor  # (P,)
+    directions: Tensor  # (P, d) top eigenvectors
+    pade: np.ndarray
     curve: np.ndarray
-    measured: np.ndarray
+    exact: np.ndarray
     linf_lower: np.ndarray
     linf_upper: np.ndarray
-    norm: Tensor  # (P,) |h|: the activation's norm at the perturbed layer
+    activation_norm: Tensor  # (P,) |h|: the activation's norm at the perturbed layer
 
 
 def nearest(radii: np.ndarray) -> np.ndarray:

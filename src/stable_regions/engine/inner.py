@@ -131,18 +131,19 @@ def inner_blocks(
         # the cache goes now, not when the next block replaces it
         del suffix
         yield Block(
-            chunk,
-            top_i,
-            top_p,
-            ent,
-            lam,
-            rank,
-            v,
-            nearest(predicted),
-            nearest(on_path),
-            nearest(measured),
-            *linf,
-            norm,
+            positions=chunk,
+            next_token_id=top_i,
+            next_prob=top_p,
+            entropy=ent,
+            lambda_max=lam,
+            effective_rank=rank,
+            directions=v,
+            pade=nearest(predicted),
+            curve=nearest(on_path),
+            exact=nearest(measured),
+            linf_lower=linf[0],
+            linf_upper=linf[1],
+            activation_norm=norm,
         )
 
 
@@ -190,19 +191,19 @@ def _map_chunks(
         norm = whole.x0.norm(dim=-1)
         del whole
         yield Block(
-            chunk,
-            top_i,
-            top_p,
-            entropy(p),
-            lam,
-            rank,
-            v,
-            nearest(predicted),
-            none,
-            none,
-            none,
-            none,
-            norm,
+            positions=chunk,
+            next_token_id=top_i,
+            next_prob=top_p,
+            entropy=entropy(p),
+            lambda_max=lam,
+            effective_rank=rank,
+            directions=v,
+            pade=nearest(predicted),
+            curve=none,
+            exact=none,
+            linf_lower=none,
+            linf_upper=none,
+            activation_norm=norm,
         )
 
 

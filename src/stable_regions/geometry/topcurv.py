@@ -2,7 +2,7 @@
 
     H = W^T (diag(p) - p p^T) W
 
-A document scan wants ``lambda_max``, its direction and the corrected radius at every
+A document scan wants ``lambda_max``, its direction and the Pade radius at every
 position for about the price of the forward pass that produced the logits. Three things
 make that possible (and a fourth, the search's precision, below):
 
@@ -27,7 +27,7 @@ make that possible (and a fourth, the search's precision, below):
 The search may run on a bfloat16 copy of W (3-4x the float32 GEMM rate where the CPU has
 AMX); the answer is then one float32 product ``W v``, whose variance under p is ``lambda``
 (a Rayleigh quotient: error second order in the vector's) and whose third and fourth
-cumulants give the corrected radius along ``+-v`` at no further cost.
+cumulants give the Pade radius along ``+-v`` at no further cost.
 """
 
 from __future__ import annotations

@@ -18,14 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import rows_within
-from ..errors import StableRegionsError, UnsupportedModelError
+from ..errors import InvalidParameterError, StableRegionsError, UnsupportedModelError
 from ..geometry import LogitHead, WideRows
 from .architectures import ArchSpec, arch_for, get_path
 from .attention import derivatives_explained, eager_attention, switchable_configs
+from .layers import PRELOGIT, hook_of, layer_name
 from .precision import exact_numerics
 from .wrappers import cache_handoff, component, old_name_cache_readers
-
-PRELOGIT = "ln_final.hook_normalized"
 
 
 @contextmanager
@@ -210,32 +209,27 @@ class ModelAdapter:
         return names + [PRELOGIT]
 
     def hook_for_layer(self, layer: str | int) -> str:
-        """``final`` -> pre-logit, ``embed`` -> block 0 input, ``i`` -> ``blocks.{i}.hook_resid_post``."""
-        if isinstance(layer, str) and layer in ("final", PRELOGIT):
-            return PRELOGIT
-        if isinstance(layer, str) and layer == "embed":
-            return "blocks.0.hook_resid_pre"
-        if isinstance(layer, str) and _BLOCK_HOOK.match(layer):
-            self._resolve(layer)
-            return layer
-        try:
-            index = int(layer)
-        except (TypeError, ValueError):
-            raise StableRegionsError(
-                f"unknown layer {layer!r}: use 'final', 'embed' or a block index 0..{self.n_layers - 1}"
-            ) from None
-        if not 0 <= index < self.n_layers:
-            raise StableRegionsError(
-                f"layer {index} is out of range: this model has blocks 0..{self.n_layers - 1}"
-            )
-        return f"blocks.{index}.hook_resid_post"
+        """The hook point of a layer (``models.layers``): ``final`` -> the pre-logit vector,
+        ``embed`` -> block 0's input, ``i`` or a hook name -> ``blocks.{i}.hook_resid_post``."""
+        return hook_of(layer_name(layer, self.n_layers))
+
+    def layer_name(self, layer: str | int) -> str:
+        """The label every study writes for ``layer``: ``final``, ``embed`` or ``"i"``."""
+        return layer_name(layer, self.n_layers)
 
     # ------------------------------------------------------------ tokens
     def tokenize(self, prompt: str, *, any_length: bool = False) -> Tensor:
         """Token ids (1, n) as the model would see the prompt (special tokens included);
         longer than the model's context only with ``any_length`` (documents cut in windows)."""
         if not isinstance(prompt, str) or not prompt.strip():
-            raise StableRegionsError("the prompt is empty: give some text to analyze")
+            raise InvalidParameterError("the prompt is empty: give some text to analyze")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes a shell passed through undecoded
+            raise InvalidParameterError(
+                f"the prompt is not valid UTF-8 text (an undecodable byte at character "
+                f"{exc.start}): give UTF-8 text"
+            ) from None
         if self.tokenizer is None:
             raise StableRegionsError(
                 "this model has no tokenizer: pass one to stable_regions.wrap(model, tokenizer)"
@@ -451,12 +445,12 @@ class ModelAdapter:
             return self._head_module, "pre"
         m = _BLOCK_HOOK.match(hook)
         if m is None:
-            raise StableRegionsError(
+            raise InvalidParameterError(
                 f"unknown hook point {hook!r}: use one of blocks.{{i}}.hook_resid_pre/post or {PRELOGIT}"
             )
         index = int(m.group(1))
         if not 0 <= index < self.n_layers:
-            raise StableRegionsError(
+            raise InvalidParameterError(
                 f"block {index} is out of range: this model has blocks 0..{self.n_layers - 1}"
             )
         return self.layers[index], m.group(2)

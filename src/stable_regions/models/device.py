@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError, StableRegionsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,7 +19,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise StableRegionsError(
+        raise InvalidParameterError(
             f"unknown device {spec!r}: use cpu, cuda, cuda:N or auto"
         ) from None
     if device.type == "cpu":
@@ -28,12 +28,12 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         raise StableRegionsError(f"device {spec!r} is not supported: use cpu, cuda, cuda:N or auto")
     if not torch.cuda.is_available():
         raise StableRegionsError(
-            f"--device {spec}: this machine has no CUDA GPU that torch can use: use --device cpu"
+            f"`device={spec}`: this machine has no CUDA GPU that torch can use: use `device=cpu`"
         )
     index = 0 if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise StableRegionsError(
-            f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), "
+            f"`device={spec}`: this machine has {torch.cuda.device_count()} GPU(s), "
             f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
         )
     return torch.device("cuda", index)
@@ -50,7 +50,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
             bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
             return torch.bfloat16 if bf16 else torch.float32
         if text not in DTYPES:
-            raise StableRegionsError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")
+            raise InvalidParameterError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")
         dtype = DTYPES[text]
     check_dtype(dtype, device)
     return dtype
@@ -67,7 +67,7 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise StableRegionsError(
             f"{device} cannot compute in bfloat16 (it needs an Ampere or newer GPU): "
-            "use --dtype float16 or float32"
+            "use `dtype=float16` or `dtype=float32`"
         )
     try:
         a = torch.ones(4, 4, dtype=dtype, device=device)
@@ -75,5 +75,5 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     except RuntimeError as exc:
         raise StableRegionsError(
             f"{device} cannot compute in {str(dtype).removeprefix('torch.')} "
-            f"({str(exc).splitlines()[0]}): use --dtype float32"
+            f"({str(exc).splitlines()[0]}): use `dtype=float32`"
         ) from None

@@ -72,7 +72,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     if not (folder / "snapshots").is_dir():
         raise ModelNotInstalledError(
             f"{repo_id} is not in the Hugging Face cache ({cache}): fetch it with "
-            f"`{fetch_command(repo_id, revision)}` or pass --download (download=True)"
+            f"`{fetch_command(repo_id, revision)}` or pass `download=True`"
         )
     wanted = revision or "main"
     if _COMMIT.match(wanted):
@@ -113,7 +113,7 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise StableRegionsError(
             f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy the model "
-            "into the Hugging Face cache and drop --download"
+            "into the Hugging Face cache and drop `download=True`"
         )
     cache = hub_cache()
     folder = repo_folder(repo_id, cache)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelNotInstalledError, StableRegionsError, UnsupportedModelError, one_line
+from ..errors import (
+    ModelNotFoundError,
+    ModelNotInstalledError,
+    StableRegionsError,
+    UnsupportedModelError,
+    one_line,
+)
 from .adapter import ModelAdapter
 from .architectures import ARCHITECTURES, supported_names
 from .device import resolve_device, resolve_dtype
@@ -29,11 +35,32 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def wrap(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
-    """Use an already loaded model with stable-regions: a ``transformers`` causal LM, a
-    TransformerLens ``TransformerBridge`` or an nnsight ``LanguageModel`` (the tokenizer
-    defaults to the wrapper's). The model stays where it is, on its own device and in its own
-    dtype: nothing is copied or converted."""
+def wrap(model, tokenizer=None, *, name: str | None = None) -> ModelAdapter:
+    """Use an already loaded model with stable-regions.
+
+    The model stays where it is, on its own device and in its own dtype: nothing is copied
+    or converted.
+
+    Parameters
+    ----------
+    model : transformers model, TransformerBridge or nnsight model
+        A ``transformers`` causal LM, a TransformerLens ``TransformerBridge`` or an nnsight
+        ``LanguageModel``.
+    tokenizer : tokenizer, optional
+        Defaults to the wrapper's own.
+    name : str, optional
+        The name results carry (default: the model's).
+
+    Returns
+    -------
+    ModelAdapter
+
+    Examples
+    --------
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
+    >>> hf = AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
+    >>> sr.analyze(sr.wrap(hf, AutoTokenizer.from_pretrained(path)), "Hello")  # doctest: +SKIP
+    """
     if isinstance(model, ModelAdapter):
         return model
     inner, tokenizer, _kind = unwrap(model, tokenizer)
@@ -51,15 +78,40 @@ def load(
 ) -> ModelAdapter:
     """Load a model for analysis; the network only where ``download=True``.
 
-    ``spec`` is a bundled model name (``smollm2-135m``, ``gemma3-270m``), a local Hugging
-    Face directory with safetensors weights, a ``.gguf`` file (converted once into the
-    cache, then loaded from there), or a Hugging Face Hub id (``org/name``) found in the
-    local Hugging Face cache at ``revision`` (a branch, tag or commit; default ``main``);
-    ``download=True`` fetches it there first (safetensors weights only). ``device``:
-    ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    ``dtype``: ``auto`` (float32 on the CPU, bfloat16 on a GPU that has it), ``float32``,
-    ``bfloat16``, ``float16``, or ``stored`` (the checkpoint's own, nothing converted: a
-    process that reads little of the model, as a Ray driver, keeps little of it resident).
+    Parameters
+    ----------
+    spec : str, default "smollm2-135m"
+        A bundled model name (``smollm2-135m``, ``gemma3-270m``), a local Hugging Face
+        directory with safetensors weights, a ``.gguf`` file (converted once into the
+        cache), or a Hugging Face Hub id (``org/name``) in the local Hugging Face cache.
+    device : str or torch.device, default "auto"
+        ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda`` or
+        ``cuda:N``.
+    dtype : str or torch.dtype, default "auto"
+        ``auto`` (float32 on the CPU, bfloat16 on a GPU that has it), ``float32``,
+        ``bfloat16``, ``float16``, or ``stored`` (the checkpoint's own: nothing converted).
+    revision : str, optional
+        A branch, tag or commit of a Hub id (default ``main``).
+    download : bool, default False
+        Fetch a Hub id into the Hugging Face cache first (configuration, tokenizer and
+        safetensors weights; never pickles or code).
+    log : callable
+        Where progress messages go (default: stderr).
+
+    Returns
+    -------
+    ModelAdapter
+        The model and its tokenizer, seen through TransformerLens hook names.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Nothing at ``spec`` (a missing bundled model, path or cached Hub id).
+
+    Examples
+    --------
+    >>> model = sr.load("smollm2-135m")  # doctest: +SKIP
+    >>> model = sr.load("Qwen/Qwen2.5-0.5B-Instruct", device="cuda")  # from your HF cache  # doctest: +SKIP
     """
     where = resolve_device(device)
     # "stored": the checkpoint's own dtype (transformers' "auto"): nothing is converted, the
@@ -94,7 +146,7 @@ def load(
             )
         return _load_directory(path, spec, where, dtype)
     if not path.exists():
-        raise StableRegionsError(
+        raise ModelNotFoundError(
             f"model {spec!r} not found: give a bundled name ({', '.join(BUNDLED)}), "
             f"a local model directory, a .gguf file or a Hub id (org/name) in {hub_cache()}"
         )

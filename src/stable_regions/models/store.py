@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelNotInstalledError, StableRegionsError, one_line
+from ..errors import InvalidParameterError, ModelNotInstalledError, StableRegionsError, one_line
 
 MARKER = "stable_regions.json"
 DEFAULT_MODEL = "smollm2-135m"
@@ -121,7 +121,9 @@ def install_command(name: str) -> str:
 
 def bundled(name: str) -> BundledModel:
     if name not in BUNDLED:
-        raise StableRegionsError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+        raise InvalidParameterError(
+            f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}"
+        )
     return BUNDLED[name]
 
 

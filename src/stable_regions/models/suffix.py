@@ -23,6 +23,7 @@ AD.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
@@ -32,6 +33,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from ..budget import rows_within
+from ..errors import StableRegionsWarning
 from .adapter import ModelAdapter
 from .attention import derivatives_explained
 from .taylor import NotJettable, taylor_derivatives
@@ -321,7 +323,15 @@ class SuffixBatch:
             with torch.no_grad(), self.adapter.frozen():
                 return taylor_derivatives(fn, v, order)
         except NotJettable as missing:
+            # the model has this operation in every pass: remembered for the adapter, said once
             self.adapter.taylor_mode, self.adapter.taylor_mode_off = False, str(missing)
+            warnings.warn(
+                f"{self.adapter.name}: {missing}; higher derivatives use nested forward mode "
+                "for this model from now on (the same numbers, slower; "
+                "`adapter.taylor_mode = True` tries Taylor mode again)",
+                StableRegionsWarning,
+                stacklevel=2,
+            )
             return None
 
     def linearization(self, target: str | None = None):

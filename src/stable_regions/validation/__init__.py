@@ -6,6 +6,7 @@ holds what every layer shares (settings, families, rows).
 """
 
 from ..metrics import relative_error
+from ..models.layers import check_layers
 from .final import FinalLayerStudy
 from .fitting import (
     apply_calibration,
@@ -33,7 +34,6 @@ from .study import (
     PositionRays,
     StudySettings,
     check_families,
-    check_layers,
     study_positions,
 )
 

@@ -58,7 +58,7 @@ class FinalLayerStudy:
             from ..steering import mean_difference
 
             positive, negative = sentiment_prompts()
-            self._steering = mean_difference(self.adapter, positive, negative, "final")
+            self._steering = mean_difference(self.adapter, positive, negative, layer="final")
         return self._steering
 
     def rays(self, prompt: Prompt, partner: Prompt | None) -> list[PositionRays]:
@@ -122,18 +122,18 @@ class FinalLayerStudy:
                 c2, c3, c4 = direction_cumulants(self.head.weight, u0[0], v)
             else:  # through the softcap's real nonlinearity
                 c2, c3, c4 = curve.coefficients()
-            corrected = pade_radii(c2, c3, c4, s.eps)
+            pade = pade_radii(c2, c3, c4, s.eps)
             scale = np.full(len(v), max(float(h.norm()), 1e-6))
             t_start = 1e-3 * scale
             if self.head.is_linear:
                 # With a linear head the KL along a ray, K(t) - t K'(0), is increasing for t > 0
                 # (K is convex), so its only crossing is the first: the scan may start near the
                 # prediction instead of far below it (the search walks down if it starts above).
-                first = np.where(np.isfinite(corrected), corrected, np.inf).min(1)
+                first = np.where(np.isfinite(pade), pade, np.inf).min(1)
                 t_start = np.where(np.isfinite(first), 0.5 * first, t_start)
             measured = measure_boundaries(
-                curve, s.eps, guesses=corrected, t_start=t_start, t_max=1e6 * scale, rtol=s.rtol
+                curve, s.eps, guesses=pade, t_start=t_start, t_max=1e6 * scale, rtol=s.rtol
             )
-            predicted = {"corrected": corrected, "taylor": measured}
+            predicted = {"pade": pade, "curve": measured}
             rows += ray_rows(prompt, "final", pr, s.eps, c2.cpu().numpy(), predicted, measured)
         return rows_frame(rows)

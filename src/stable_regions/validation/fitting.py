@@ -24,7 +24,7 @@ from ..metrics import THRESHOLDS, relative_error
 from ..models import ModelAdapter
 from .study import FAMILIES, PREDICTORS, seed_of
 
-RAW_FEATURES = ("quadratic", "corrected", "taylor")  # closed forms a band may use unmapped
+RAW_FEATURES = ("quadratic", "pade", "curve")  # closed forms a band may use unmapped
 
 
 def split_prompts(digests: Sequence[str], train_fraction: float, seed: int) -> set[str]:
@@ -58,12 +58,15 @@ def _score(predicted: np.ndarray, empirical: np.ndarray, quantile: float = 0.5) 
 
 def _calibration_columns(rows: pd.DataFrame) -> tuple[np.ndarray, ...]:
     return tuple(
-        rows[c].to_numpy() for c in ("quadratic", "corrected", "entropy", "empirical", "taylor")
+        rows[c].to_numpy()
+        for c in ("radius_quadratic", "radius_pade", "entropy", "radius_exact", "radius_curve")
     )
 
 
 def _predict(band: Band, rows: pd.DataFrame) -> np.ndarray:
-    return band.predict(rows["quadratic"], rows["corrected"], rows["entropy"], rows["taylor"])
+    return band.predict(
+        rows["radius_quadratic"], rows["radius_pade"], rows["entropy"], rows["radius_curve"]
+    )
 
 
 def fit_calibration(
@@ -89,19 +92,19 @@ def fit_calibration(
         scores = {}
         a, b = rows[at & is_train & is_inner], rows[at & is_train & ~is_inner]
         for feature in FEATURES:
-            if a.empty or b.empty:  # too few training prompts to choose: the corrected form
-                scores[feature] = 0.0 if feature == "corrected" else np.inf
+            if a.empty or b.empty:  # too few training prompts to choose: the Pade form
+                scores[feature] = 0.0 if feature == "pade" else np.inf
                 continue
             band = Band.fit(e, lo, hi, feature, *_calibration_columns(a))
             scores[feature] = _score(
-                _predict(band, b), b["empirical"].to_numpy(), selection_quantile
+                _predict(band, b), b["radius_exact"].to_numpy(), selection_quantile
             )
         # A closed form as it is competes too: a map fitted on half the training prompts can
         # be worse on the other half than no map (inside the network at eps 1 it was)
-        raw = {f"{f} (as is)": f for f in RAW_FEATURES if f in rows and not b.empty}
-        for name, column in raw.items():
+        raw = {f"{f} (as is)": f for f in RAW_FEATURES if f"radius_{f}" in rows and not b.empty}
+        for name, form in raw.items():
             scores[name] = _score(
-                b[column].to_numpy(), b["empirical"].to_numpy(), selection_quantile
+                b[f"radius_{form}"].to_numpy(), b["radius_exact"].to_numpy(), selection_quantile
             )
         choice = min(scores, key=lambda f: scores[f])
         fit_rows, test_rows = rows[at & is_train], rows[at & ~is_train]
@@ -110,7 +113,7 @@ def fit_calibration(
         else:
             band = Band.fit(e, lo, hi, choice, *_calibration_columns(fit_rows))
         predicted = _predict(band, test_rows)
-        err = relative_error(predicted, test_rows["empirical"])
+        err = relative_error(predicted, test_rows["radius_exact"])
         band.heldout = {
             "n": int(len(test_rows)),
             "as_is": choice in raw,  # the closed form itself won the selection
@@ -124,18 +127,24 @@ def fit_calibration(
 
 
 def apply_calibration(frame: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
-    """Fill ``calibrated``; rows of prompts the calibration was fitted on become ``split=train``."""
+    """Fill ``radius_calibrated``; rows of prompts the calibration was fitted on become ``split=train``."""
     frame = frame.copy()
     rows = frame["layer"] == cal.layer
     for e in frame.loc[rows, "eps"].unique():
         at = rows & (frame["eps"] == e)
-        frame.loc[at, "calibrated"] = cal.predict(
+        frame.loc[at, "radius_calibrated"] = cal.predict(
             float(e),
-            frame.loc[at, "quadratic"].to_numpy(),
-            frame.loc[at, "corrected"].to_numpy(),
+            frame.loc[at, "radius_quadratic"].to_numpy(),
+            frame.loc[at, "radius_pade"].to_numpy(),
             frame.loc[at, "entropy"].to_numpy(),
-            frame.loc[at, "taylor"].to_numpy(),
+            frame.loc[at, "radius_curve"].to_numpy(),
         )
+    # never smaller at a larger eps along one ray (``Calibration.predict_grid``)
+    ray = ["prompt_id", "layer", "position", "family", "direction_index", "sign"]
+    ordered = frame.loc[rows].sort_values("eps", kind="stable")
+    frame.loc[ordered.index, "radius_calibrated"] = ordered.groupby(ray, sort=False)[
+        "radius_calibrated"
+    ].cummax()
     trained = set(cal.train_prompts)
     frame.loc[rows, "split"] = np.where(
         frame.loc[rows, "prompt_digest"].isin(trained), "train", "test"
@@ -152,10 +161,10 @@ def summarize(frame: pd.DataFrame, model: str) -> list[dict]:
         for family in families:
             g = group if family == "all" else group[group["family"] == family]
             for predictor in PREDICTORS:
-                pred = g[predictor].to_numpy()
+                pred = g[f"radius_{predictor}"].to_numpy()
                 if predictor == "calibrated" and np.isnan(pred).all():
                     continue
-                err = relative_error(pred, g["empirical"].to_numpy())
+                err = relative_error(pred, g["radius_exact"].to_numpy())
                 out.append(
                     dict(
                         model=model,

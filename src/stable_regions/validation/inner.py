@@ -66,7 +66,7 @@ class InnerLayerStudy:
             from ..steering import mean_difference
 
             positive, negative = sentiment_prompts()
-            self._steering = mean_difference(self.adapter, positive, negative, self.layer)
+            self._steering = mean_difference(self.adapter, positive, negative, layer=self.layer)
         return self._steering
 
     def last_activation(self, text: str) -> Tensor:
@@ -136,9 +136,9 @@ class InnerLayerStudy:
         v = torch.cat([pr.v[0::2] for pr in position_rays])  # (N, d): the +v of each direction
         N = len(v)
         c2 = np.empty(N)
-        corrected = np.empty((2 * N, len(s.eps)))
-        taylor = np.empty_like(corrected)
-        measured = np.empty_like(corrected)
+        pade_all = np.empty((2 * N, len(s.eps)))
+        taylor = np.empty_like(pade_all)
+        measured = np.empty_like(pade_all)
         # rows of one chunk: the recorded budget, and the derivatives' (rows, V) arrays
         block = min(
             positions_per_recorded_block(self.adapter, self.hook, N, ids.shape[1]),
@@ -159,7 +159,7 @@ class InnerLayerStudy:
                 self.adapter, batch, v[rows], p[chunk], s.eps, s.rtol, logp=logp, origin=chunk
             )
             c2[rows] = k2.cpu().numpy()
-            corrected[ray_rows_], taylor[ray_rows_] = pade, path
+            pade_all[ray_rows_], taylor[ray_rows_] = pade, path
             guess = taylor[ray_rows_]
             measured[ray_rows_] = measure_from_suffix(
                 batch,
@@ -175,7 +175,7 @@ class InnerLayerStudy:
         for pr in position_rays:
             R = len(pr.labels)
             sl = slice(r0, r0 + R)
-            predicted = {"corrected": corrected[sl], "taylor": taylor[sl]}
+            predicted = {"pade": pade_all[sl], "curve": taylor[sl]}
             curvature = np.repeat(c2[r0 // 2 : (r0 + R) // 2], 2)
             out += ray_rows(prompt, self.layer, pr, s.eps, curvature, predicted, measured[sl])
             r0 += R

@@ -2,11 +2,11 @@
 
 For each prompt, a few positions (evenly spread, the last included), each layer asked for and
 each direction family (``study.FAMILIES``), both signs ``+v`` and ``-v`` of every direction are
-rays; along each ray and for each eps we record the published closed form (``quadratic``), the
-[2/2] Pade form of the KL series (``corrected``), the exact KL root along the logits' Taylor
-path (``taylor``), the boundary measured on the model (``empirical``) and, once the run is
-calibrated, the isotonic calibration of the chosen closed form (``calibrated``), one per
-layer. ``final.FinalLayerStudy`` measures at the pre-logit vector through the head,
+rays; along each ray and for each eps we record the published closed form
+(``radius_quadratic``), the [2/2] Pade form of the KL series (``radius_pade``), the exact KL
+root along the logits' Taylor path (``radius_curve``), the boundary measured on the model
+(``radius_exact``) and, once the run is calibrated, the isotonic calibration of the chosen
+closed form (``radius_calibrated``), one per layer (``vocabulary`` defines every column). ``final.FinalLayerStudy`` measures at the pre-logit vector through the head,
 ``inner.InnerLayerStudy`` at ``embed`` or a block through the rest of the network.
 
 The run is written as it goes: ``DIR/parts/NNNNN.parquet`` per prompt, every layer (atomic), so
@@ -19,22 +19,28 @@ finished files (``results.parquet``, ``summary.json``, ``report.html``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..calibration import Calibration, model_fingerprint, resolve_calibration
-from ..errors import StableRegionsError
-from ..files import RunDirectory, write_json, write_parquet
+from ..errors import InvalidParameterError, StableRegionsError
+from ..files import MemoryRun, RunDirectory, write_json, write_parquet
 from ..inputs import as_adapter, check_eps
+from ..metrics import relative_error
+from ..models.layers import check_layers
 from ..models.precision import full_float32_products
+from ..plotting import axes_or_new
 from ..prompts import Prompt, as_prompts, corpus, corpus_digest
 from ..report import write_report
+from ..results import Result
+from ..vocabulary import describe
 from .final import FinalLayerStudy
 from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
 from .inner import InnerLayerStudy
-from .study import StudySettings, check_families, check_layers
+from .study import PREDICTORS, StudySettings, check_families
 
 
 def calibration_file(layer: str) -> str:
@@ -53,7 +59,7 @@ def resolve_calibrations(spec, adapter, layers: list[str], eps: list[float]):
             if not path.is_file():
                 raise StableRegionsError(
                     f"{spec} holds no calibration of layer {layer} ({path.name}): fit one with "
-                    "'validate --calibration fit' at that layer"
+                    "validate(..., `calibration='fit'`) at that layer"
                 )
             out[layer] = resolve_calibration(path, adapter, layer)
     elif str(spec) == "bundled":
@@ -74,17 +80,53 @@ def resolve_calibrations(spec, adapter, layers: list[str], eps: list[float]):
 
 
 @dataclass
-class ValidationRun:
-    """A finished run: the rows, the summary, where the files are, the calibration of each
-    layer (empty without one)."""
+class ValidationRun(Result):
+    """A finished run: one row per (prompt, layer, ray, eps) (``to_frame``; ``vocabulary``
+    defines every column), the held-out summary (``summary``), the calibration of each
+    layer (empty without one), and the directory holding the files (None in memory)."""
 
-    out: Path
-    frame: pd.DataFrame
-    summary: list[dict]
+    study = "validate"
+    model: str
+    out: Path | None
+    frame: pd.DataFrame = field(repr=False)
+    summary_rows: list[dict]
     calibrations: dict[str, Calibration]
 
-    def summary_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.summary)
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def summary(self) -> pd.DataFrame:
+        """Per layer, family, eps and radius form (``predictor``) over the held-out prompts:
+        the median and 90th-percentile relative error and the share within 1%, 8%, 50%."""
+        return describe(pd.DataFrame(self.summary_rows))
+
+    def context(self) -> dict:
+        return {"model": self.model, "layers": sorted(self.frame.layer.unique().tolist())}
+
+    def draw(self, ax=None, *, eps: float | None = None, layer: str | None = None):
+        """Error CDFs of each radius form over the held-out rays at ``eps`` and ``layer``
+        (default the first of each)."""
+        test = self.frame[self.frame.split == "test"]
+        e = float(sorted(test.eps.unique())[0]) if eps is None else check_eps(eps)[0]
+        where = str(test.layer.iloc[0]) if layer is None else str(layer)
+        rows = test[(test.eps == e) & (test.layer == where)]
+        if rows.empty:
+            raise InvalidParameterError(f"no held-out rows at eps {e:g}, layer {where!r}")
+        fig, ax = axes_or_new(ax, figsize=(6.0, 4.0))
+        for predictor in PREDICTORS:
+            column = f"radius_{predictor}"
+            err = np.sort(relative_error(rows[column], rows["radius_exact"]))
+            if np.isfinite(err).any():
+                y = np.arange(1, len(err) + 1) / len(err)
+                ax.step(np.clip(err, 1e-7, 1e2), y, where="post", label=predictor)
+        for t in (0.01, 0.08, 0.5):
+            ax.axvline(t, color="0.8", lw=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel("|predicted / measured - 1|")
+        ax.set_ylabel("fraction of held-out rays")
+        ax.set_title(f"{self.model}, layer '{where}', eps {e:g}", fontsize=9)
+        ax.legend(fontsize=7)
+        return fig
 
 
 def study_settings(
@@ -103,7 +145,7 @@ def study_settings(
         seed=int(seed),
     )
     if settings.positions_per_prompt < 1:
-        raise StableRegionsError("positions_per_prompt must be at least 1")
+        raise InvalidParameterError("positions_per_prompt must be at least 1")
     return settings
 
 
@@ -166,7 +208,7 @@ class ValidationPlan:
                 raise StableRegionsError(
                     f"the steering family is undefined at layer {study.layer}: the shipped "
                     "sentiment prompts' last-token activations there are identical (their mean "
-                    "difference is zero); leave it out with --families"
+                    "difference is zero); leave it out of `families`"
                 )
         return studies
 
@@ -186,22 +228,25 @@ def finish_validation(adapter, run: RunDirectory, plan: ValidationPlan) -> Valid
     """Join the parts, fit (or apply) the calibrations, write the finished files, mark the
     run complete."""
     settings, out = plan.settings, run.out
-    frame = run.frame(len(plan.prompts))
+    frame = run.frame(len(plan.prompts), "validate")
     used = plan.fixed
     if plan.fitting:
         train = split_prompts(frame["prompt_digest"], settings.train_fraction, settings.seed)
         used = {layer: fit_calibration(frame, adapter, layer, train) for layer in settings.layers}
-        for layer, cal in used.items():
-            cal.save(out / calibration_file(layer))
+        if out is not None:
+            for layer, cal in used.items():
+                cal.save(out / calibration_file(layer))
     frame["split"] = "test"
     for cal in used.values():
         frame = apply_calibration(frame, cal)
+    frame = describe(frame)
     summary = summarize(frame, adapter.name)
-    write_parquet(frame, out / "results.parquet")
-    write_json(out / "summary.json", summary)
-    write_report(out / "report.html", frame, summary, plan.record, used)
+    if out is not None:
+        write_parquet(frame, out / "results.parquet")
+        write_json(out / "summary.json", summary)
+        write_report(out / "report.html", frame, summary, plan.record, used)
     run.finish()
-    return ValidationRun(out, frame, summary, used)
+    return ValidationRun(adapter.name, out, frame, summary, used)
 
 
 @full_float32_products()
@@ -209,8 +254,8 @@ def validate(
     model,
     prompts: Sequence[Prompt] | None = None,
     *,
-    out: str | Path,
-    eps: Sequence[float] = (0.01, 0.1, 1.0),
+    out: str | Path | None = None,
+    eps: float | Sequence[float] = (0.01, 0.1, 1.0),
     layers: Sequence[str | int] | None = None,
     families: Sequence[str] | None = None,
     calibration: str | Path | Calibration | None = "fit",
@@ -220,29 +265,64 @@ def validate(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationRun:
-    """Run the validation study and write ``out/{results.parquet, summary.json, report.html}``.
+    """Run the validation study: closed-form radii against measured boundaries over a
+    corpus, with a calibration per layer.
 
-    Args:
-        model: a bundled name / path / ``ModelAdapter`` / a model ``wrap`` takes.
-        prompts: the corpus (default: the shipped one, ``prompts.corpus()``): strings or
-            ``Prompt`` objects.
-        eps: KL thresholds (nats).
-        layers: any of ``"embed"``, block indices and ``"final"`` (default ``["final"]``),
-            each once; all are measured on the same prompts, positions and families.
-        families: a subset of ``FAMILIES`` (default all).
-        calibration: ``"fit"`` (per layer, fit on a seeded half of the prompts, evaluate on
-            the other half, write ``calibration-LAYER.json``), ``"bundled"``, a calibration
-            file (a one-layer run), a finished run's folder, or ``None``.
-        resume: continue the unfinished run in ``out`` (same settings required).
-        overwrite: replace the validation run already in ``out``.
-        progress: ``progress(done, total)`` after each prompt.
+    For a few positions of every prompt, at each layer and for six families of directions
+    (``FAMILIES``), both signs of every direction are rays; along each, every radius form and
+    the boundary measured on the model.
+
+    Parameters
+    ----------
+    model : str, ModelAdapter or transformers model
+        As for :func:`analyze`.
+    prompts : list of str or Prompt, optional
+        The corpus (default: the shipped one, ``prompts.corpus()``).
+    out : path, optional
+        A run directory, written as it goes (``results.parquet``, ``summary.json``,
+        ``report.html``, ``calibration-LAYER.json``); without, the run stays in memory.
+    eps : float or list of float, default (0.01, 0.1, 1.0)
+        KL thresholds (nats).
+    layers : list, optional
+        Any of ``"embed"``, block indices, hook names and ``"final"`` (default ``["final"]``).
+    families : list of str, optional
+        A subset of ``FAMILIES`` (default all).
+    calibration : "fit", "bundled", path, Calibration or None, default "fit"
+        ``"fit"``: per layer, fitted on a seeded half of the prompts and judged on the
+        other half; ``"bundled"``; a calibration file (one layer); a finished run's folder.
+    resume, overwrite : bool
+        Continue the unfinished run in ``out`` (same settings), or replace it.
+    positions_per_prompt : int, default 3
+        Positions per prompt, evenly spread, the last included.
+    seed : int, default 0
+        Seeds the directions and the split.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each prompt.
+
+    Returns
+    -------
+    ValidationRun
+        ``summary()``: per layer, family, eps and form, the held-out errors.
+
+    Examples
+    --------
+    >>> run = sr.validate(model, corpus()[:8], positions_per_prompt=1)  # doctest: +SKIP
+    >>> run.summary()  # doctest: +SKIP
     """
     settings = study_settings(eps, layers, families, positions_per_prompt, seed)
     prompts = study_prompts(prompts)
     adapter = as_adapter(model)
     plan = ValidationPlan.make(adapter, settings, prompts, calibration)
     studies = plan.studies(adapter)
-    run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
+    if out is None:
+        if resume or overwrite:
+            raise InvalidParameterError(
+                "resume=True and overwrite=True continue or replace a run in a directory: "
+                "give `out`"
+            )
+        run = MemoryRun()
+    else:
+        run = RunDirectory(out, plan.record, "validation run", resume=resume, overwrite=overwrite)
     total = len(plan.prompts)
     done = sum(run.done(i) for i in range(total))
     if progress is not None:

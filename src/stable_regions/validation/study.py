@@ -26,14 +26,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..errors import StableRegionsError
+from ..errors import InvalidParameterError, StableRegionsError
 from ..geometry import radius_quadratic
 from ..prompts import Prompt
+from ..vocabulary import describe
 
 FAMILIES = ("top", "random", "eigenspace", "token", "interpolation", "steering")
-#: Closed forms (``taylor``: the exact KL root along the logits' cubic Taylor path, see
-#: ``geometry.TaylorPathKL``) and the calibration of the chosen one.
-PREDICTORS = ("quadratic", "corrected", "taylor", "calibrated")
+#: The radius forms a validation judges (``vocabulary.FORMS``; ``curve``: the exact KL root
+#: along the logits' cubic Taylor path, see ``geometry.TaylorPathKL``), each in the column
+#: ``radius_<form>``, against ``radius_exact``.
+PREDICTORS = ("quadratic", "pade", "curve", "calibrated")
 RESULT_COLUMNS = [
     "prompt_id",
     "prompt_digest",
@@ -46,14 +48,14 @@ RESULT_COLUMNS = [
     "eps",
     "entropy",
     "next_prob",
-    "norm",
+    "activation_norm",
     "curvature",
-    "empirical",
-    "quadratic",
-    "corrected",
-    "taylor",
+    "radius_exact",
+    "radius_quadratic",
+    "radius_pade",
+    "radius_curve",
     "radius_relative",
-    "calibrated",
+    "radius_calibrated",
     "split",
 ]
 
@@ -92,44 +94,12 @@ def check_families(families: Sequence[str] | None) -> list[str]:
     out = [str(f) for f in families]
     for f in out:
         if f not in FAMILIES:
-            raise StableRegionsError(
+            raise InvalidParameterError(
                 f"unknown direction family {f!r}: choose from {', '.join(FAMILIES)}"
             )
     if not out:
         raise StableRegionsError(f"no families given: choose from {', '.join(FAMILIES)}")
     return list(dict.fromkeys(out))
-
-
-def layer_label(layer: str | int) -> str:
-    """The study's name of a layer: ``final``, ``embed`` or a block index as text."""
-    text = str(layer).strip()
-    if text in ("final", "prelogit", "ln_final.hook_normalized"):
-        return "final"
-    if text == "embed":
-        return "embed"
-    if text.isdigit():
-        return str(int(text))
-    raise StableRegionsError(
-        f"unknown layer {text!r}: use 'embed', a block index or 'final' (e.g. --layers embed 7 final)"
-    )
-
-
-def check_layers(layers: Sequence[str | int] | None, n_layers: int | None = None) -> list[str]:
-    """Layer names, in the order given; each once, and inside the model when ``n_layers`` is
-    known (before anything is loaded the names alone are checked)."""
-    out = ["final"] if layers is None else [layer_label(x) for x in layers]
-    if not out:
-        raise StableRegionsError("no layers given: use e.g. --layers embed 7 final")
-    repeated = sorted({x for x in out if out.count(x) > 1})
-    if repeated:
-        raise StableRegionsError(f"layer {repeated[0]} is given twice: name each layer once")
-    if n_layers is not None:
-        for x in out:
-            if x.isdigit() and int(x) >= n_layers:
-                raise StableRegionsError(
-                    f"layer {x} is out of range: this model has blocks 0..{n_layers - 1}"
-                )
-    return out
 
 
 def study_positions(n_tokens: int, count: int) -> list[int]:
@@ -233,7 +203,7 @@ def ray_rows(
     measured: np.ndarray,
 ) -> list[dict]:
     """Table rows of one position's rays: one per (ray, eps). ``curvature`` (R,) is ``v^T G v``;
-    ``predicted`` maps ``corrected`` and ``taylor`` to (R, E) radii; ``measured`` is (R, E)."""
+    ``predicted`` maps ``pade`` and ``curve`` to (R, E) radii; ``measured`` is (R, E)."""
     quadratic = np.stack(
         [radius_quadratic(torch.as_tensor(curvature), e).cpu().numpy() for e in eps], 1
     )
@@ -254,16 +224,16 @@ def ray_rows(
                     eps=e,
                     entropy=rays.entropy,
                     next_prob=rays.next_prob,
-                    norm=norm,
+                    activation_norm=norm,
                     curvature=float(curvature[r]),
-                    empirical=float(measured[r, e_idx]),
-                    quadratic=float(quadratic[r, e_idx]),
-                    corrected=float(predicted["corrected"][r, e_idx]),
-                    taylor=float(predicted["taylor"][r, e_idx]),
+                    radius_exact=float(measured[r, e_idx]),
+                    radius_quadratic=float(quadratic[r, e_idx]),
+                    radius_pade=float(predicted["pade"][r, e_idx]),
+                    radius_curve=float(predicted["curve"][r, e_idx]),
                     # the best closed form's move relative to the activation (comparable
                     # across layers of different activation scales)
-                    radius_relative=float(predicted["taylor"][r, e_idx]) / max(norm, 1e-300),
-                    calibrated=np.nan,
+                    radius_relative=float(predicted["curve"][r, e_idx]) / max(norm, 1e-300),
+                    radius_calibrated=np.nan,
                     split="",
                 )
             )
@@ -271,4 +241,4 @@ def ray_rows(
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return describe(pd.DataFrame(rows, columns=RESULT_COLUMNS))

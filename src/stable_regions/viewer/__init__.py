@@ -28,11 +28,9 @@ from ..inputs import json_value
 
 
 def check_html_path(path: str | os.PathLike) -> Path:
-    """The output path, refused (before any work) where its directory does not exist."""
-    out = Path(path)
-    if out.is_dir():
-        raise StableRegionsError(f"{str(out)!r} is a directory: give a file name ending in .html")
-    return check_output_file(out)
+    """The page's path, refused before any work where it does not end in ``.html``, is a
+    directory, or cannot be written."""
+    return check_output_file(path, ".html", "--html")
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ViewerSpec:
     group: str
     order: str
     text: str = "token"
-    radius_columns: Sequence[str] = ("radius_corrected",)
+    radius_columns: Sequence[str] = ("radius_curve",)
     fields: Sequence[tuple[str, str]] = ()
     alternatives: tuple[str, str] | None = None
     alternatives_label: str = "top alternatives"
