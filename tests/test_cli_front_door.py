@@ -181,3 +181,43 @@ def test_a_prompt_file_for_analyze_and_certify(model_dir, tmp_path, capsys):
     assert code == 0 and frame.columns[0] == "prompt_id" and set(frame.prompt_id) == {0, 1}
     code, _, err = run(capsys, "analyze", "--model", model_dir)
     assert code == 2 and "--prompts FILE" in err
+
+
+TEMPLATE = (
+    "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
+def test_chat_puts_the_prompt_in_the_template(tmp_path, capsys):
+    """``chat=True`` (``--chat``) analyses the templated tokens, assistant turn opened, as
+    the tokenizer's own ``apply_chat_template`` gives them; a tokenizer without a template
+    is one line."""
+    import torch
+    from conftest import char_tokenizer, tiny_model
+
+    import stable_regions as sr
+    from stable_regions.errors import InvalidParameterError
+
+    tokenizer = char_tokenizer()
+    model = tiny_model("llama", seed=2, dtype=torch.float32)
+    plain = sr.wrap(model, tokenizer)
+    with pytest.raises(InvalidParameterError, match="no chat template"):
+        sr.analyze(plain, "Hi", eps=0.1, chat=True)
+    tokenizer.chat_template = TEMPLATE
+    adapter = sr.wrap(model, tokenizer)
+    result = sr.analyze(adapter, "Hi", eps=0.1, chat=True, exact=False)
+    assert "".join(result.to_frame().token) == "Q: Hi\nA:"
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True
+    )
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert adapter.tokenize("Hi", chat=True)[0].tolist() == list(expected)
+    generated = sr.generate(adapter, "Hi", max_new_tokens=2, chat=True)
+    assert len(generated.frame.step.unique()) == 2
+    folder = tmp_path / "chat-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["analyze", "Hi", "--model", folder, "--eps", "0.1", "--no-exact", "--chat", "--json"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "".join(r["token"] for r in json.loads(out)["rows"]) == "Q: Hi\nA:"

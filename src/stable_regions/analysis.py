@@ -145,6 +145,7 @@ def analyze(
     eig_tol: float = 1e-8,
     trace: str | None = None,
     calibration=None,
+    chat: bool = False,
     progress: Callable[[int, int], None] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> AnalysisResult:
@@ -187,6 +188,10 @@ def analyze(
     calibration : "bundled", path or Calibration, optional
         A calibration of this model and layer (``"bundled"``, or a
         ``calibration-LAYER.json`` from :func:`validate`): fills ``radius_calibrated``.
+    chat : bool, default False
+        Put the prompt in the tokenizer's chat template as a user message, the assistant's
+        turn opened: what an instruct model expects (positions then count the template's
+        tokens too).
     progress : callable, optional
         Called as ``progress(done, total)`` after each block of positions.
     stage : callable, optional
@@ -214,7 +219,7 @@ def analyze(
     if cal is not None:
         for e in eps_list:
             cal.band_for(e)  # an eps outside the calibrated bands fails before any work
-    ids = adapter.tokenize(prompt)
+    ids = adapter.tokenize(prompt, chat=chat)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
     if hook == PRELOGIT:

@@ -207,6 +207,7 @@ def certify(
     rounds: int = 1,
     steps: int = 4,
     rtol: float = 1e-6,
+    chat: bool = False,
     progress: Callable[[int, int], None] | None = None,
     stage: Stage | None = None,
 ) -> CertifyResult:
@@ -242,6 +243,10 @@ def certify(
         Search rounds, and gradient steps per round.
     rtol : float, default 1e-6
         Relative tolerance of the measured exits.
+    chat : bool, default False
+        Put the prompt in the tokenizer's chat template as a user message, the assistant's
+        turn opened: what an instruct model expects (positions then count the template's
+        tokens too).
     progress, stage : callable, optional
         As for :func:`analyze`.
 
@@ -264,7 +269,7 @@ def certify(
             f"substitutions must be a whole number K >= 1 of nearest tokens (0: none), got {substitutions!r}"
         )
     hook = adapter.hook_for_layer(layer)
-    ids = adapter.tokenize(prompt)
+    ids = adapter.tokenize(prompt, chat=chat)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
     stage = stage or (lambda _: None)

@@ -103,6 +103,7 @@ def generate(
     mode: str = "fast",
     greedy: bool = True,
     seed: int | None = None,
+    chat: bool = False,
     **monitor_options,
 ) -> GenerationResult:
     """Generate from one prompt or several and record stability per generated token.
@@ -125,6 +126,9 @@ def generate(
         Greedy decoding; ``False`` samples.
     seed : int, optional
         Makes sampling repeatable without touching the caller's random state.
+    chat : bool, default False
+        Put each prompt in the tokenizer's chat template as a user message, the
+        assistant's turn opened: what an instruct model expects.
     **monitor_options
         ``threshold``, ``directions``, ``certified``, ``callback``, ``eig_tol`` (see
         :class:`StabilityMonitor`).
@@ -147,7 +151,7 @@ def generate(
     texts = [prompts] if single else list(prompts)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise InvalidParameterError("give one or more non-empty prompts")
-    ids, mask = _batch(adapter, texts)
+    ids, mask = _batch(adapter, texts, chat)
     eos = adapter.model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     pad = adapter.tokenizer.pad_token_id if adapter.tokenizer is not None else None
@@ -180,9 +184,9 @@ def generate(
     return GenerationResult(adapter.name, texts, text, mode, eps_list, frame)
 
 
-def _batch(adapter, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(adapter, texts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask (each prompt checked as ``tokenize`` checks it)."""
-    rows = [adapter.tokenize(t)[0] for t in texts]
+    rows = [adapter.tokenize(t, chat=chat)[0] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=adapter.device)
     mask = torch.zeros_like(ids)

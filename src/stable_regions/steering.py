@@ -191,6 +191,7 @@ def steering_budget(
     exact: bool = True,
     rtol: float = 1e-6,
     calibration=None,
+    chat: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SteeringResult:
     """Largest steering coefficient before the next-token KL reaches ``eps``, per prompt
@@ -221,6 +222,10 @@ def steering_budget(
         Relative tolerance of the measured coefficient.
     calibration : "bundled", path or Calibration, optional
         Fills ``coef_calibrated``.
+    chat : bool, default False
+        Put the prompt in the tokenizer's chat template as a user message, the assistant's
+        turn opened: what an instruct model expects (positions then count the template's
+        tokens too).
     progress : callable, optional
         Called as ``progress(done, total)`` after each position.
 
@@ -254,7 +259,7 @@ def steering_budget(
     u = vector / norm
     jobs = []
     for prompt_id, prompt in enumerate(prompts):
-        ids = adapter.tokenize(prompt)
+        ids = adapter.tokenize(prompt, chat=chat)
         jobs += [(prompt_id, ids, p) for p in check_positions(positions, ids.shape[1])]
     rows = []
     for done, (prompt_id, ids, position) in enumerate(jobs, start=1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import InvalidParameterError
 from .console import (
+    add_chat,
     add_eps,
     add_model,
     add_positions,
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
         ),
     )
     add_prompt(a, "the text to analyze")
+    add_chat(a)
     add_model(a)
     add_eps(a, [0.01, 0.1, 1.0])
     add_positions(a)
@@ -98,6 +100,7 @@ def run(args) -> int:
                     exact=not args.no_exact,
                     trace=args.trace,
                     calibration=args.calibration,
+                    chat=args.chat,
                     progress=tick,
                     stage=stage,
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .console import (
+    add_chat,
     add_eps,
     add_model,
     add_positions,
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
         ),
     )
     add_prompt(a, "the text to certify")
+    add_chat(a)
     add_model(a)
     add_eps(a, [0.01, 0.1, 1.0])
     a.add_argument(
@@ -108,6 +110,7 @@ def run(args) -> int:
                     norm=norm,
                     positions=positions,
                     substitutions=substitutions,
+                    chat=args.chat,
                     progress=tick,
                     stage=stage,
                 )

@@ -63,6 +63,15 @@ def add_prompt(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="put each prompt in the model's chat template as a user message, the assistant's "
+        "turn opened (instruct models: without it their continuations are often noise)",
+    )
+
+
 def prompts_of(args) -> list[str]:
     """The prompts a command runs: the argument, then those of ``--prompts FILE``."""
     from ..prompts import read_prompt_file

@@ -7,7 +7,7 @@ import math
 import sys
 from contextlib import nullcontext
 
-from .console import add_eps, add_model, console, load_with_status
+from .console import add_chat, add_eps, add_model, console, load_with_status
 from .tables import print_frame, write_csv
 
 # terminal colours for the radius, fragile (small) to stable (large), on a log scale
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     )
     a.add_argument("prompt", help="the text to continue")
     add_model(a)
+    add_chat(a)
     a.add_argument(
         "--max-new-tokens", default="32", metavar="N", help="tokens to generate (default 32)"
     )
@@ -94,6 +95,7 @@ def run(args) -> int:
             mode=args.mode,
             greedy=args.greedy,
             seed=args.seed,
+            chat=args.chat,
             threshold=args.threshold,
             directions=directions or None,
         )

@@ -8,6 +8,7 @@ import sys
 from ..errors import StableRegionsError
 from ..results import frame_records
 from .console import (
+    add_chat,
     add_eps,
     add_model,
     add_positions,
@@ -53,6 +54,7 @@ def add_parser(sub) -> None:
         help="write the vector used (handy with --positive/--negative)",
     )
     add_model(st)
+    add_chat(st)
     add_eps(st, [0.1])
     add_positions(st, default="last")
     st.add_argument("--no-exact", action="store_true", help="closed form only, no measurement")
@@ -108,6 +110,7 @@ def run(args) -> int:
             positions=positions,
             exact=not args.no_exact,
             calibration=args.calibration,
+            chat=args.chat,
             progress=tick,
         )
     if args.json:

@@ -218,9 +218,11 @@ class ModelAdapter:
         return layer_name(layer, self.n_layers)
 
     # ------------------------------------------------------------ tokens
-    def tokenize(self, prompt: str, *, any_length: bool = False) -> Tensor:
+    def tokenize(self, prompt: str, *, any_length: bool = False, chat: bool = False) -> Tensor:
         """Token ids (1, n) as the model would see the prompt (special tokens included);
-        longer than the model's context only with ``any_length`` (documents cut in windows)."""
+        longer than the model's context only with ``any_length`` (documents cut in windows).
+        ``chat``: the prompt as one user message in the tokenizer's chat template, with the
+        assistant's turn opened (what an instruct model expects before it answers)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidParameterError("the prompt is empty: give some text to analyze")
         try:
@@ -234,13 +236,30 @@ class ModelAdapter:
             raise StableRegionsError(
                 "this model has no tokenizer: pass one to stable_regions.wrap(model, tokenizer)"
             )
-        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        if chat:
+            ids = self._chat_ids(prompt)
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         limit = self.context_length
         if limit is not None and ids.shape[1] > limit and not any_length:
             raise StableRegionsError(
                 f"the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}: shorten it"
             )
         return ids.to(self.device)
+
+    def _chat_ids(self, prompt: str) -> Tensor:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidParameterError(
+                f"{self.name}'s tokenizer has no chat template: drop `chat=True` (a base model "
+                "reads the prompt as it is)"
+            )
+        messages = [{"role": "user", "content": prompt}]
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
 
     def token_strings(self, ids: Tensor | Sequence[int]) -> list[str]:
         ids = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else list(ids)
