@@ -9,9 +9,9 @@ from .console import (
     add_model,
     add_positions,
     add_prompt,
+    each_prompt,
     load_with_status,
     parse_positions,
-    progress,
     prompts_of,
 )
 from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_results
@@ -86,25 +86,24 @@ def run(args) -> int:
         if len(prompts) > 1:
             raise InvalidParameterError("--html writes the page of one prompt: give one prompt")
     err, adapter = load_with_status(args)
-    results = []
-    for i, prompt in enumerate(prompts):
-        label = "analyzing positions" + (f" (prompt {i + 1}/{len(prompts)})" if i else "")
-        with progress(err, label) as (tick, stage):
-            results.append(
-                analyze(
-                    adapter,
-                    prompt,
-                    eps=eps,
-                    positions=positions,
-                    layer=args.layer,
-                    exact=not args.no_exact,
-                    trace=args.trace,
-                    calibration=args.calibration,
-                    chat=args.chat,
-                    progress=tick,
-                    stage=stage,
-                )
-            )
+    results = each_prompt(
+        err,
+        prompts,
+        "analyzing positions",
+        lambda prompt, tick, stage: analyze(
+            adapter,
+            prompt,
+            eps=eps,
+            positions=positions,
+            layer=args.layer,
+            exact=not args.no_exact,
+            trace=args.trace,
+            calibration=args.calibration,
+            chat=args.chat,
+            progress=tick,
+            stage=stage,
+        ),
+    )
     if args.html:
         write_page(args.html, results[0], adapter)
         err.print(f"wrote {args.html}")

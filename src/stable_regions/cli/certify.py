@@ -9,10 +9,10 @@ from .console import (
     add_positions,
     add_prompt,
     console,
+    each_prompt,
     load_with_status,
     parse_layer,
     parse_positions,
-    progress,
     prompts_of,
 )
 from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_results
@@ -97,24 +97,23 @@ def run(args) -> int:
     layer = parse_layer(args.layer)
     err, adapter = load_with_status(args)
     adapter.hook_for_layer(layer)  # a bad layer fails before any work
-    results = []
-    for i, prompt in enumerate(prompts):
-        label = "certifying positions" + (f" (prompt {i + 1}/{len(prompts)})" if i else "")
-        with progress(err, label) as (tick, stage):
-            results.append(
-                certify(
-                    adapter,
-                    prompt,
-                    eps=eps,
-                    layer=layer,
-                    norm=norm,
-                    positions=positions,
-                    substitutions=substitutions,
-                    chat=args.chat,
-                    progress=tick,
-                    stage=stage,
-                )
-            )
+    results = each_prompt(
+        err,
+        prompts,
+        "certifying positions",
+        lambda prompt, tick, stage: certify(
+            adapter,
+            prompt,
+            eps=eps,
+            layer=layer,
+            norm=norm,
+            positions=positions,
+            substitutions=substitutions,
+            chat=args.chat,
+            progress=tick,
+            stage=stage,
+        ),
+    )
     if args.plot:
         err.print(f"wrote {save(results[0].plot(), args.plot)}")
     write_results(results, args, print_tables)

@@ -279,6 +279,16 @@ def progress(err, label: str):
         yield tick, stage
 
 
+def each_prompt(err, prompts: list[str], label: str, study) -> list:
+    """``study(prompt, tick, stage)`` for each prompt in turn, each with its progress."""
+    results = []
+    for i, prompt in enumerate(prompts):
+        name = label + (f" (prompt {i + 1}/{len(prompts)})" if len(prompts) > 1 else "")
+        with progress(err, name) as (tick, stage):
+            results.append(study(prompt, tick, stage))
+    return results
+
+
 RIGHT = dict(justify="right", no_wrap=True)
 
 
