@@ -130,6 +130,9 @@ _COLUMNS = [
     Column("output_s<j>", "j-th singular value of the map from the layer to the pre-logit vector"),
     Column("median_rel_err", "median of |predicted / radius_exact - 1|"),
     Column("p90_rel_err", "90th percentile of |predicted / radius_exact - 1|"),
+    Column("within_1pct", "share of rows within 1% of radius_exact", "fraction"),
+    Column("within_8pct", "share of rows within 8% of radius_exact", "fraction"),
+    Column("within_50pct", "share of rows within 50% of radius_exact", "fraction"),
 ]
 
 #: Every column by name.

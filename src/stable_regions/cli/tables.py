@@ -18,7 +18,17 @@ from ..errors import InvalidParameterError
 from ..vocabulary import meanings
 from .console import console
 
-TEXT = ("token", "next_token", "chosen_token", "substitute", "doc_id", "layer", "certified_by")
+TEXT = (
+    "token",
+    "next_token",
+    "chosen_token",
+    "substitute",
+    "doc_id",
+    "layer",
+    "certified_by",
+    "predictor",
+    "family",
+)
 
 
 def add_table_options(parser: argparse.ArgumentParser, default: list[str]) -> None:
@@ -82,6 +92,7 @@ def print_frame(
     title: str,
     group: str | None = "position",
     note: str = "",
+    stderr: bool = False,
 ) -> None:
     """``columns`` of ``frame`` as a table; consecutive rows of one ``group`` value are one
     section, the group's own columns printed once. ``note`` follows in dim text, with the
@@ -90,7 +101,7 @@ def print_frame(
     from rich.markup import escape
     from rich.table import Table
 
-    out = console()
+    out = console(stderr=stderr)
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in columns:
         if name in TEXT:
