@@ -86,7 +86,9 @@ _COLUMNS = [
     Column("split", "train or test (calibration fitting)"),
     # the distribution and the geometry
     Column("entropy", "entropy of the next-token distribution", "nats"),
-    Column("activation_norm", "|h|: the norm of the activation at the perturbed layer"),
+    Column(
+        "activation_norm", "|h|: the norm of the activation at the perturbed layer", LAYER_UNITS
+    ),
     Column("vector_norm", "the steering vector's norm", LAYER_UNITS),
     Column("lambda_max", "top eigenvalue of the curvature G (H at the pre-logit vector)"),
     Column("lambda_lower", "a lower bound on lambda_max"),
@@ -96,7 +98,7 @@ _COLUMNS = [
     Column("residual", "the eigen-search's relative residual"),
     # radii
     *(Column(f"radius_{form}", f"radius: {_FORM_MEANING[form]}", LAYER_UNITS) for form in FORMS),
-    Column("radius_relative", "the best closed-form radius divided by activation_norm"),
+    Column("radius_relative", "the best closed-form radius divided by activation_norm", "fraction"),
     Column("radius_flip", "least L2 move of the pre-logit vector that changes the top token"),
     Column("radius_certified", "a ball on which the KL provably stays below eps", LAYER_UNITS),
     Column("radius_attack", "the nearest exit found by gradient ascent (an upper bound)"),
@@ -123,7 +125,7 @@ _COLUMNS = [
     Column("predictor", "the radius form evaluated: quadratic, pade, curve or calibrated"),
     Column("n", "rows summarised"),
     Column("positions", "positions scanned in the document"),
-    Column("min_position", "the position of the document's smallest radius_pade"),
+    Column("min_position", "the position of the smallest radius_pade (in a document or a layer)"),
     Column("min_token", "the token at min_position"),
     # Jacobian spectra (numbered: block_s1, block_s2, ...)
     Column("block_s<j>", "j-th singular value of the block's own Jacobian"),
