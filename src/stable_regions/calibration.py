@@ -271,13 +271,6 @@ class Calibration:
         ``*_by_entropy`` bands need."""
         return self.band_for(eps).predict(quadratic, pade, entropy, curve)
 
-    def predict_one(
-        self, eps: float, quadratic: float, pade: float, entropy: float, curve: float
-    ) -> float:
-        """``predict`` for one row (one position or ray): a float."""
-        q, c, h, t = (np.array([float(x)]) for x in (quadratic, pade, entropy, curve))
-        return float(self.predict(eps, q, c, h, t)[0])
-
     def predict_grid(
         self,
         eps: list[float],

@@ -269,6 +269,7 @@ def certify(
             f"substitutions must be a whole number K >= 1 of nearest tokens (0: none), got {substitutions!r}"
         )
     hook = adapter.hook_for_layer(layer)
+    label = adapter.layer_name(layer)
     ids = adapter.tokenize(prompt, chat=chat)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
@@ -294,7 +295,7 @@ def certify(
                         next_token=next_tokens[j],
                         next_prob=float(b["top_p"][j]),
                         eps=e,
-                        layer=str(layer),
+                        layer=label,
                         norm=norm,
                         entropy=float(b["entropy"][j]),
                         lambda_max=float(b["lam"][j]),
@@ -314,7 +315,7 @@ def certify(
     if substitutions:
         stage("substitutions")
         swaps = token_substitutions(adapter, ids, pos, eps_list, substitutions, rtol)
-    return CertifyResult(adapter.name, prompt, str(layer), norm, eps_list, rows, swaps)
+    return CertifyResult(adapter.name, prompt, label, norm, eps_list, rows, swaps)
 
 
 def _quadratic(lam: Tensor, top: Tensor, eps_list: list[float], norm: str) -> np.ndarray:

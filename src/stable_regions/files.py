@@ -134,6 +134,13 @@ def check_run_directory(
     work (the commands call it before loading a model): ``out`` must be writable and hold
     nothing, a run of ``tool`` to continue (``resume``) or replace (``overwrite``)."""
     out = check_output_dir(out)
+    _check_previous(out, tool, kind, resume, overwrite)
+    return out
+
+
+def _check_previous(out: Path, tool: str, kind: str, resume: bool, overwrite: bool) -> dict | None:
+    """The record of the run in ``out`` (None where there is none), refused where
+    ``check_run_directory`` says so."""
     previous = _previous_run(out, out / "manifest.json", kind)
     if previous is not None:
         if previous.get("tool") != tool:
@@ -152,7 +159,7 @@ def check_run_directory(
             f"`resume=True`: {out} holds no run to continue; drop `resume=True` to start one "
             "there, or give the directory of the run to continue"
         )
-    return out
+    return previous
 
 
 def _previous_run(out: Path, manifest_path: Path, kind: str) -> dict | None:
@@ -172,8 +179,8 @@ def _previous_run(out: Path, manifest_path: Path, kind: str) -> dict | None:
 def _start_or_resume(
     out: Path, manifest_path: Path, record: dict, resume: bool, kind: str, overwrite: bool
 ) -> None:
-    check_run_directory(out, record.get("tool"), kind, resume=resume, overwrite=overwrite)
-    previous = _previous_run(out, manifest_path, kind)
+    check_output_dir(out)
+    previous = _check_previous(out, record.get("tool"), kind, resume, overwrite)
     if previous is not None:
         if overwrite:
             shutil.rmtree(out)

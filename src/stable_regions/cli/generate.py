@@ -179,11 +179,6 @@ def write_page(path: str, frame, model: str, prompt: str, mode: str) -> None:
     )
 
 
-def visible(token: str) -> str:
-    """A token for a table cell: spaces as middle dots, newlines and tabs escaped."""
-    return repr(token)[1:-1].replace(" ", "\u00b7")
-
-
 def shade(radius: float, lo: float, hi: float) -> str:
     if not (isinstance(radius, float) and math.isfinite(radius) and radius > 0):
         return "dim"

@@ -10,7 +10,6 @@ Hook points use TransformerLens names:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -22,7 +21,7 @@ from ..errors import InvalidParameterError, StableRegionsError, UnsupportedModel
 from ..geometry import LogitHead, WideRows
 from .architectures import ArchSpec, arch_for, get_path
 from .attention import derivatives_explained, eager_attention, switchable_configs
-from .layers import PRELOGIT, hook_of, layer_name
+from .layers import BLOCK_HOOK, PRELOGIT, hook_of, layer_name
 from .precision import exact_numerics
 from .wrappers import cache_handoff, component, old_name_cache_readers
 
@@ -39,9 +38,6 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for p in thawed:
             p.requires_grad_(True)
-
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 class ModelAdapter:
@@ -455,14 +451,14 @@ class ModelAdapter:
         if hook == PRELOGIT:
             return []
         self._resolve(hook)
-        m = _BLOCK_HOOK.match(hook)
+        m = BLOCK_HOOK.match(hook)
         start = int(m.group(1)) + (m.group(2) == "post")
         return list(self.layers)[start:]
 
     def _resolve(self, hook: str) -> tuple[nn.Module, str]:
         if hook == PRELOGIT:
             return self._head_module, "pre"
-        m = _BLOCK_HOOK.match(hook)
+        m = BLOCK_HOOK.match(hook)
         if m is None:
             raise InvalidParameterError(
                 f"unknown hook point {hook!r}: use one of blocks.{{i}}.hook_resid_pre/post or {PRELOGIT}"

@@ -16,7 +16,8 @@ from ..errors import InvalidParameterError
 
 PRELOGIT = "ln_final.hook_normalized"
 EMBED_HOOK = "blocks.0.hook_resid_pre"
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+# a residual-stream hook: its block index, and pre or post
+BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 def layer_name(layer: str | int, n_layers: int | None = None) -> str:
@@ -27,7 +28,7 @@ def layer_name(layer: str | int, n_layers: int | None = None) -> str:
         return "final"
     if text == "embed":
         return "embed"
-    match = _BLOCK_HOOK.match(text)
+    match = BLOCK_HOOK.match(text)
     if match:
         index = int(match.group(1)) - (match.group(2) == "pre")
         label = "embed" if index < 0 else str(index)
