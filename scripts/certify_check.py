@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import stable_regions as sr
-from stable_regions.certify import certify
 from stable_regions.prompts import corpus as load_corpus
+from stable_regions.studies.certify import certify
 
 f64 = torch.float64
 

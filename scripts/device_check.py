@@ -392,7 +392,7 @@ def certify_task(adapter, n: int, device) -> dict:
 
 def scan_task(adapter, n: int, device) -> dict:
     from stable_regions.errors import StableRegionsError
-    from stable_regions.scan import Scanner
+    from stable_regions.studies.scan import Scanner
 
     if adapter.logit_softcap is not None:
         try:

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import stable_regions as sr
-from stable_regions.certify import certify
 from stable_regions.prompts import corpus
+from stable_regions.studies.certify import certify
 
 
 def main() -> None:

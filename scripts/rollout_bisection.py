@@ -24,7 +24,7 @@ import torch
 
 import stable_regions as sr
 from stable_regions.prompts import sentiment_prompts
-from stable_regions.validation import held_out_corpus
+from stable_regions.studies.validation import held_out_corpus
 
 
 def continuation(adapter, ids: torch.Tensor, tokens: int) -> list[int]:

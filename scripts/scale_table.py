@@ -34,7 +34,7 @@ def build(name: str):
 
     if name in ("smollm2-135m", "gemma3-270m"):
         return sr.load(name, device="cpu", dtype="float32")
-    from stable_regions.bench_scale import ScaleShape, build_model
+    from stable_regions.bench.scale import ScaleShape, build_model
 
     tokenizer = sr.load("smollm2-135m").tokenizer  # its ids fit both vocabularies
     if name == "llama3-1b-shape":  # the bench's own 1B model
@@ -58,8 +58,8 @@ def build(name: str):
 
 def one(name: str, task: str) -> dict:
     import stable_regions as sr
-    from stable_regions.scan import Scanner
-    from stable_regions.timing import peak_rss_mb, reset_peak_rss
+    from stable_regions.bench.timing import peak_rss_mb, reset_peak_rss
+    from stable_regions.studies.scan import Scanner
 
     adapter = build(name)
     weights_mb = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 2**20

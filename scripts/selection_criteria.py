@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 import stable_regions as sr
-from stable_regions.metrics import relative_error
-from stable_regions.validation.fitting import apply_calibration, fit_calibration
+from stable_regions._support.metrics import relative_error
+from stable_regions.studies.validation.fitting import apply_calibration, fit_calibration
 from stable_regions.vocabulary import upgrade
 
 TARGET = {0.01: 0.01, 0.1: 0.08, 1.0: 0.5}  # issue 16's thresholds per eps

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import stable_regions as sr
-from stable_regions.files import write_json
+from stable_regions._support.files import write_json
 from stable_regions.prompts import corpus
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 import stable_regions as sr
 from stable_regions.prompts import sentiment_prompts
-from stable_regions.validation import held_out_corpus
+from stable_regions.studies.validation import held_out_corpus
 
 FORMS = ["coef_quadratic", "coef_pade", "coef_curve", "coef_calibrated"]
 

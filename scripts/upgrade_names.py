@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from stable_regions.files import write_json
+from stable_regions._support.files import write_json
 from stable_regions.vocabulary import RENAMED, upgrade_name
 
 

@@ -62,7 +62,7 @@ def by_entropy(run: Path) -> str:
     import numpy as np
     import pandas as pd
 
-    from stable_regions.validation import relative_error
+    from stable_regions.studies.validation import relative_error
     from stable_regions.vocabulary import upgrade
 
     frame = upgrade(pd.read_parquet(run / "results.parquet"), "validate", str(run))

@@ -101,8 +101,8 @@ def one(path: Path, dtype: str, task: str) -> dict:
     import torch
 
     import stable_regions as sr
-    from stable_regions.scan import Scanner
-    from stable_regions.timing import peak_rss_mb, reset_peak_rss
+    from stable_regions.bench.timing import peak_rss_mb, reset_peak_rss
+    from stable_regions.studies.scan import Scanner
 
     start = time.perf_counter()
     adapter = sr.load(str(path), device="cpu", dtype=dtype)

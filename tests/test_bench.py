@@ -25,7 +25,7 @@ def test_compare_times_a_short_call_back_to_back(monkeypatch):
     """A call shorter than min_s is repeated within its round and the round's time is the
     mean of the repeats, so a slow first call after the other contender does not count.
     The contenders advance a fake clock: no real time passes, and the answer is exact."""
-    from stable_regions import timing
+    from stable_regions.bench import timing
 
     now = [0.0]
     monkeypatch.setattr(timing, "clock", lambda: now[0])
@@ -108,7 +108,7 @@ def test_cli_bench_refuses_a_directory(tmp_path, capsys):
 def test_scale_rows_on_a_small_shape(monkeypatch):
     """The scale rows build their model, run the three commands' paths on it and time a
     forward pass beside each (here a small Llama shape instead of the 1B one)."""
-    from stable_regions import bench_scale
+    from stable_regions.bench import scale as bench_scale
 
     small = bench_scale.ScaleShape(
         name="small",

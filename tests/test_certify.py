@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import ARCH_NAMES, tiny_model
 
-from stable_regions.certify import certify
 from stable_regions.cli import main
 from stable_regions.geometry import FisherOperator, LogitHead
 from stable_regions.geometry.certificate import (
@@ -27,6 +26,7 @@ from stable_regions.geometry.certificate import (
 )
 from stable_regions.models import wrap
 from stable_regions.models.norms import describe_norm
+from stable_regions.studies.certify import certify
 
 EPS = [0.01, 0.1, 1.0]
 
@@ -300,7 +300,7 @@ def test_cli_certify_json_and_bad_input(capsys, tokenizer, monkeypatch):
 
 
 def test_nearest_tokens_a_chunk_at_a_time_equal_the_dense_distances():
-    from stable_regions.substitutions import nearest_tokens
+    from stable_regions.studies.substitutions import nearest_tokens
 
     g = torch.Generator().manual_seed(0)
     embedding = torch.randn(103, 16, generator=g).to(torch.bfloat16)

@@ -13,7 +13,7 @@ from simulated_device import DEVICE, SimulatedDevice
 import stable_regions as sr
 from stable_regions.budget import GRAPH_BYTES, graph_bytes, rows_recordable
 from stable_regions.geometry import lanczos
-from stable_regions.scan import Scanner
+from stable_regions.studies.scan import Scanner
 
 pytestmark = pytest.mark.low_end  # CI runs these at both ends of the ranges
 

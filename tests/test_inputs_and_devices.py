@@ -16,13 +16,13 @@ import transformers as T
 from conftest import CONFIGS, char_tokenizer, saved_tiny_model, tiny_model
 
 import stable_regions as sr
+from stable_regions._support.inputs import EPS_FLOOR, check_eps, check_positions
 from stable_regions.cli import main
 from stable_regions.errors import StableRegionsError, UnsupportedModelError
-from stable_regions.inputs import EPS_FLOOR, check_eps, check_positions
 from stable_regions.models import store
 from stable_regions.models.device import check_dtype, resolve_device, resolve_dtype
-from stable_regions.scan import scan_corpus
-from stable_regions.steering import SteeringResult
+from stable_regions.studies.scan import scan_corpus
+from stable_regions.studies.steering import SteeringResult
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from conftest import requires, saved_tiny_model
 
 import stable_regions as sr
 from stable_regions.prompts import Prompt
-from stable_regions.scan import scan_corpus
+from stable_regions.studies.scan import scan_corpus
 
 ray = requires("ray", "ray")
-from stable_regions.distributed import scan_corpus_ray, validate_ray  # noqa: E402
+from stable_regions.studies.distributed import scan_corpus_ray, validate_ray  # noqa: E402
 
 NUMERIC = [
     "position",

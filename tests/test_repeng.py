@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from conftest import char_tokenizer, tiny_model
 
     import stable_regions as sr
-    from stable_regions.vectors import read_vector_file
+    from stable_regions.studies.vectors import read_vector_file
 
     model = tiny_model("llama", seed=7, dtype=torch.float32)
     adapter = sr.wrap(model, char_tokenizer())

@@ -14,7 +14,7 @@ import stable_regions as sr
 from stable_regions.cli import main
 from stable_regions.geometry import FisherOperator, RayCurve, radius_pade
 from stable_regions.prompts import Prompt, read_documents
-from stable_regions.scan import document_windows, scan_corpus
+from stable_regions.studies.scan import document_windows, scan_corpus
 
 DOCS = [
     Prompt("a", "the quick brown fox jumps over the lazy dog"),

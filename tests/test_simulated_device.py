@@ -19,8 +19,8 @@ from simulated_device import DEVICE, DeviceMixingError, OnDevice, SimulatedDevic
 
 import stable_regions as sr
 from stable_regions.prompts import Prompt
-from stable_regions.scan import scan_corpus
-from stable_regions.steering import load_vector
+from stable_regions.studies.scan import scan_corpus
+from stable_regions.studies.steering import load_vector
 
 pytestmark = pytest.mark.low_end  # CI runs these at both ends of the ranges
 

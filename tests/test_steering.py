@@ -17,7 +17,7 @@ import stable_regions as sr
 from stable_regions.cli import main
 from stable_regions.errors import StableRegionsError
 from stable_regions.models.precision import exact_numerics
-from stable_regions.steering import load_vector, mean_difference, steering_budget
+from stable_regions.studies.steering import load_vector, mean_difference, steering_budget
 
 
 @pytest.fixture(scope="module")

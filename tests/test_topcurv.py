@@ -16,7 +16,7 @@ from stable_regions.geometry import (
     top_curvature,
     top_eigenpair_float64,
 )
-from stable_regions.scan import Scanner
+from stable_regions.studies.scan import Scanner
 
 
 def _problem(V=400, d=24, P=6, seed=0):

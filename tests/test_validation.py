@@ -24,7 +24,7 @@ from stable_regions.errors import StableRegionsError
 from stable_regions.geometry import FisherOperator
 from stable_regions.models import PRELOGIT
 from stable_regions.prompts import corpus, package_path, read_prompt_file
-from stable_regions.validation import (
+from stable_regions.studies.validation import (
     FAMILIES,
     RESULT_COLUMNS,
     FinalLayerStudy,
@@ -260,7 +260,7 @@ def test_a_band_keeps_the_closed_form_as_is_where_no_map_beats_it(adapter, biase
     """Where the Taylor radius already is the measured one, the band uses it as it is (an
     isotonic map fitted on half the training prompts only adds noise); where it is off by a
     factor, a fitted map wins. Either way the held-out error is at most the raw form's."""
-    from stable_regions.validation import fit_calibration
+    from stable_regions.studies.validation import fit_calibration
 
     relation = (lambda t: 0.5 * t) if biased else (lambda t: t)
     frame = _synthetic_rows(relation)
@@ -558,7 +558,7 @@ def test_bundled_inner_calibration_of_the_nearest_block():
 
 def test_held_out_corpus_is_the_other_half_of_the_split():
     """held_out_corpus: the shipped corpus minus the split's training prompts, in order."""
-    from stable_regions.validation import held_out_corpus, split_prompts
+    from stable_regions.studies.validation import held_out_corpus, split_prompts
 
     prompts = corpus()
     train = split_prompts([p.digest for p in prompts], 0.5, 0)

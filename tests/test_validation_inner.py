@@ -15,7 +15,7 @@ import stable_regions as sr
 from stable_regions.errors import StableRegionsError
 from stable_regions.geometry import TaylorPathKL, first_crossings, series_coefficients
 from stable_regions.models.precision import exact_numerics
-from stable_regions.validation import (
+from stable_regions.studies.validation import (
     FAMILIES,
     InnerLayerStudy,
     StudySettings,

@@ -17,8 +17,8 @@ from conftest import char_tokenizer, saved_tiny_model, tiny_model
 import stable_regions as sr
 from stable_regions.calibration import Calibration
 from stable_regions.cli import main
-from stable_regions.scan import scan_corpus
-from stable_regions.validation import RESULT_COLUMNS
+from stable_regions.studies.scan import scan_corpus
+from stable_regions.studies.validation import RESULT_COLUMNS
 from stable_regions.vocabulary import (
     COLUMNS,
     FORMS,

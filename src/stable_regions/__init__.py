@@ -2,10 +2,8 @@
 
 from importlib import metadata as _metadata
 
-from .analysis import AnalysisResult, analyze
 from .budget import memory_budget
 from .calibration import Calibration, load_calibration
-from .certify import CertifyResult, certify
 from .errors import (
     InvalidParameterError,
     ModelNotFoundError,
@@ -13,14 +11,27 @@ from .errors import (
     StableRegionsError,
     StableRegionsWarning,
 )
-from .generation import GenerationResult, generate
-from .jacobian import JacobianProfile, jacobian_profile
-from .maps import StabilityMap, stability_map
 from .models import DEFAULT_MODEL, ModelAdapter, load, wrap
-from .monitor import StabilityMonitor
-from .scan import CorpusScan, scan_corpus
-from .steering import SteeringResult, mean_difference, steering_budget
-from .validation import ValidationRun, validate
+from .studies import (
+    AnalysisResult,
+    CertifyResult,
+    CorpusScan,
+    GenerationResult,
+    JacobianProfile,
+    StabilityMap,
+    StabilityMonitor,
+    SteeringResult,
+    ValidationRun,
+    analyze,
+    certify,
+    generate,
+    jacobian_profile,
+    mean_difference,
+    scan_corpus,
+    stability_map,
+    steering_budget,
+    validate,
+)
 
 try:  # the one source of the version is pyproject.toml, read from the installed metadata
     __version__ = _metadata.version("stable-regions")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._support.files import write_json
 from .errors import StableRegionsError
-from .files import write_json
 from .vocabulary import OldNamesWarning, upgrade_name
 
 FORMAT = "stable-regions-calibration"

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .files import write_text
-from .metrics import SUMMARY_COLUMNS, relative_error
+from ._support.files import write_text
+from ._support.metrics import SUMMARY_COLUMNS, relative_error
 from .plotting import new_figure
 
 PUBLISHED = (

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._support.files import write_json, write_parquet
+from ._support.inputs import json_value
 from .errors import StableRegionsError
-from .files import write_json, write_parquet
-from .inputs import json_value
 
 
 class Result:

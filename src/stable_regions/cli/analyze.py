@@ -71,9 +71,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..analysis import COLUMNS as ALL_COLUMNS
-    from ..analysis import analyze
-    from ..inputs import check_eps
+    from .._support.inputs import check_eps
+    from ..studies.analysis import COLUMNS as ALL_COLUMNS
+    from ..studies.analysis import analyze
 
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)  # fail fast, before loading a model

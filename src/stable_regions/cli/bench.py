@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.table import Table
 
-    from ..bench import ROWS, run_bench, write_bench
+    from ..bench.rows import ROWS, run_bench, write_bench
 
     unknown = sorted(set(args.rows or []) - set(ROWS))
     if unknown:

@@ -69,11 +69,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..certify import COLUMNS as ALL_COLUMNS
-    from ..certify import certify, check_norm
+    from .._support.inputs import check_eps
     from ..errors import InvalidParameterError
-    from ..inputs import check_eps
     from ..plotting import save
+    from ..studies.certify import COLUMNS as ALL_COLUMNS
+    from ..studies.certify import certify, check_norm
 
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)  # fail fast, before loading a model
@@ -88,7 +88,7 @@ def run(args) -> int:
         substitutions = int(text)
     prompts = prompts_of(args)
     if args.plot:
-        from ..files import check_output_file
+        from .._support.files import check_output_file
 
         check_output_file(args.plot, ".png", "--plot")
         if len(prompts) > 1:

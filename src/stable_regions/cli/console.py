@@ -138,7 +138,7 @@ def ray_options(args) -> dict:
     """The cluster and worker keywords of ``distributed.*_ray`` from ``--ray``, ``--workers``,
     ``--gpus-per-worker``, ``--device`` and ``--dtype``; the cluster is checked here, before
     any model is loaded or file written."""
-    from ..distributed import check_cluster
+    from ..studies.distributed import check_cluster
 
     address = None if args.ray == "local" else args.ray
     check_cluster(address, args.workers, args.gpus_per_worker)
@@ -217,7 +217,7 @@ def run_directory(args, kind: str, tool: str, what: str) -> str:
     holding nothing, or a run of ``tool`` that ``--resume`` continues or ``--overwrite``
     replaces."""
     from .. import models
-    from ..files import check_run_directory
+    from .._support.files import check_run_directory
 
     out = args.out or default_out(kind, args.model or models.DEFAULT_MODEL)
     check_run_directory(out, tool, what, resume=args.resume, overwrite=args.overwrite)

@@ -73,9 +73,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..generation import check_new_tokens, generate
-    from ..inputs import check_eps
-    from ..monitor import check_mode
+    from .._support.inputs import check_eps
+    from ..studies.generation import check_new_tokens, generate
+    from ..studies.monitor import check_mode
     from ..viewer import check_html_path
 
     n = str(args.max_new_tokens)

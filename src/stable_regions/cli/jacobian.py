@@ -32,11 +32,11 @@ def run(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..jacobian import jacobian_profile
     from ..plotting import save
+    from ..studies.jacobian import jacobian_profile
 
     if args.plot:
-        from ..files import check_output_file
+        from .._support.files import check_output_file
 
         check_output_file(args.plot, ".png", "--plot")
     err, adapter = load_with_status(args)

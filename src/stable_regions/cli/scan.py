@@ -72,9 +72,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
 
-    from ..inputs import check_eps
+    from .._support.inputs import check_eps
     from ..prompts import read_documents
-    from ..scan import document_windows, scan_corpus
+    from ..studies.scan import document_windows, scan_corpus
 
     # Everything that can be wrong with the input fails here, before a model is loaded.
     eps = check_eps(args.eps)
@@ -123,7 +123,7 @@ def _scan_on_ray(args, documents, settings: dict, out: str):
     """``distributed.scan_corpus_ray`` with the command's options; the cluster is checked
     before anything is loaded or written."""
     from .. import models
-    from ..distributed import scan_corpus_ray
+    from ..studies.distributed import scan_corpus_ray
 
     err = console(stderr=True)
     cluster = ray_options(args)

@@ -41,9 +41,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..files import check_output_dir
-    from ..inputs import check_eps
-    from ..maps import stability_map
+    from .._support.files import check_output_dir
+    from .._support.inputs import check_eps
+    from ..studies.maps import stability_map
 
     check_eps([args.eps])
     positions = parse_positions(args.positions)

@@ -85,16 +85,16 @@ DEFAULT_COLUMNS = [
 
 
 def run(args) -> int:
-    from ..inputs import check_eps
-    from ..steering import STEER_COLUMNS as ALL_COLUMNS
-    from ..steering import steering_budget
+    from .._support.inputs import check_eps
+    from ..studies.steering import STEER_COLUMNS as ALL_COLUMNS
+    from ..studies.steering import steering_budget
 
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)
     positions = parse_positions(args.positions)
     prompts, positive, negative = _inputs(args)
     if args.save_vector:
-        from ..files import check_output_file
+        from .._support.files import check_output_file
 
         check_output_file(args.save_vector, ".npy", "--save-vector")
     err, adapter = load_with_status(args)
@@ -125,7 +125,7 @@ def run(args) -> int:
 
 def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
     """The prompts, and the two prompt sets of a mean-difference vector, checked."""
-    from ..steering import read_prompts
+    from ..studies.steering import read_prompts
 
     prompts = list(args.prompts) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
@@ -145,7 +145,7 @@ def _vector(args, adapter, layer, positive, negative):
     """The steering vector from ``--vector``, or the mean difference; saved if asked."""
     import numpy as np
 
-    from ..steering import load_vector, mean_difference
+    from ..studies.steering import load_vector, mean_difference
 
     hook = adapter.hook_for_layer(layer)
     if args.vector:

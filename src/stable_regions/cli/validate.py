@@ -75,9 +75,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..inputs import check_eps
+    from .._support.inputs import check_eps
     from ..prompts import read_prompt_file
-    from ..validation import check_families, check_layers, validate
+    from ..studies.validation import check_families, check_layers, validate
 
     # Everything that can be wrong with the input fails here, before a model is loaded.
     check_eps(args.eps)
@@ -103,7 +103,7 @@ def run(args) -> int:
     out = run_directory(args, "validation", "stable-regions validate", "validation run")
     if args.ray is not None:
         from .. import models
-        from ..distributed import validate_ray
+        from ..studies.distributed import validate_ray
 
         err = console(stderr=True)
         cluster = ray_options(args)
@@ -122,7 +122,7 @@ def run(args) -> int:
         with progress(err, "validating prompts") as (tick, _):
             run = validate(adapter, prompts, out=out, progress=tick, **options)
     print_summary(run)
-    from ..validation import calibration_file
+    from ..studies.validation import calibration_file
 
     names = ["results.parquet", "summary.json", "report.html"]
     for name in names + [calibration_file(layer) for layer in run.calibrations]:

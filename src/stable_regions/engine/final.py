@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._support.heap import return_freed_memory
 from ..geometry import (
     FisherOperator,
     RayCurve,
@@ -17,7 +18,6 @@ from ..geometry import (
     curvature_trace,
     effective_rank,
 )
-from ..heap import return_freed_memory
 from ..models import ModelAdapter
 from ..probes import LinearRayKL, RayKL, measure_boundaries
 from .common import (

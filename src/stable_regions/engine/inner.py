@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._support.heap import return_freed_memory
 from ..geometry import (
     PullbackOperator,
     effective_rank,
 )
-from ..heap import return_freed_memory
 from ..models import ModelAdapter
 from ..models.suffix import SuffixBatch
 from ..probes import measure_from_suffix

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .._support.files import check_output_file
+from .._support.inputs import json_value
 from ..errors import StableRegionsError
-from ..files import check_output_file
-from ..inputs import json_value
 
 
 def check_html_path(path: str | os.PathLike) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputPathError, StableRegionsError
+from ..errors import OutputPathError, StableRegionsError
 
 
 @contextmanager
@@ -225,7 +225,7 @@ class RunDirectory:
         earlier version of ``study`` wrote are renamed, with a warning)."""
         import pandas as pd
 
-        from .vocabulary import upgrade
+        from ..vocabulary import upgrade
 
         parts = [upgrade(pd.read_parquet(self.part(i)), study, str(self.out)) for i in range(n)]
         return pd.concat(parts, ignore_index=True)

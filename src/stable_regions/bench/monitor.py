@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .monitor import StabilityMonitor
-from .prompts import corpus
+from ..prompts import corpus
+from ..studies.monitor import StabilityMonitor
 from .timing import compare, peak_rss_of, result_row
 
 BATCHES = (1, 8)

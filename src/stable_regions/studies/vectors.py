@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidParameterError, StableRegionsError, one_line
+from ..errors import InvalidParameterError, StableRegionsError, one_line
 
 _LAYER_KEY = re.compile(r"^(?:(?:layers?|direction|blocks)\.)?(-?\d+)(?:\.hook_resid_post)?$")
 

@@ -26,10 +26,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..errors import InvalidParameterError, StableRegionsError
-from ..geometry import radius_quadratic
-from ..prompts import Prompt
-from ..vocabulary import describe
+from ...errors import InvalidParameterError, StableRegionsError
+from ...geometry import radius_quadratic
+from ...prompts import Prompt
+from ...vocabulary import describe
 
 FAMILIES = ("top", "random", "eigenspace", "token", "interpolation", "steering")
 #: The radius forms a validation judges (``vocabulary.FORMS``; ``curve``: the exact KL root

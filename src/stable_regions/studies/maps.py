@@ -32,19 +32,19 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .engine import inner_blocks, prelogit_blocks
-from .errors import InvalidParameterError
-from .geometry import curvature_trace, effective_rank, radius_quadratic
-from .heap import return_freed_memory
-from .inputs import as_adapter, check_eps, check_positions, json_value
-from .models import PRELOGIT, ModelAdapter
-from .models.layers import check_layers
-from .models.precision import full_float32_products
-from .models.suffix import SuffixBatch
-from .plotting import new_figure
-from .results import Result
+from .._support.heap import return_freed_memory
+from .._support.inputs import as_adapter, check_eps, check_positions, json_value
+from ..engine import inner_blocks, prelogit_blocks
+from ..errors import InvalidParameterError
+from ..geometry import curvature_trace, effective_rank, radius_quadratic
+from ..models import PRELOGIT, ModelAdapter
+from ..models.layers import check_layers
+from ..models.precision import full_float32_products
+from ..models.suffix import SuffixBatch
+from ..plotting import new_figure
+from ..results import Result
+from ..vocabulary import describe
 from .scan import Scanner, position_block
-from .vocabulary import describe
 
 QUANTITIES = ("radius_pade", "lambda_max", "effective_rank")
 

@@ -26,19 +26,19 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .budget import rows_within
-from .calibration import model_fingerprint
-from .errors import InvalidParameterError, StableRegionsError
-from .files import MemoryRun, RunDirectory, write_json, write_parquet
-from .geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
-from .heap import return_freed_memory
-from .inputs import as_adapter, check_eps
-from .models import ModelAdapter
-from .models.precision import full_float32_products
-from .plotting import axes_or_new, save
-from .prompts import Prompt, as_prompts, corpus_digest
-from .results import Result
-from .vocabulary import describe
+from .._support.files import MemoryRun, RunDirectory, write_json, write_parquet
+from .._support.heap import return_freed_memory
+from .._support.inputs import as_adapter, check_eps
+from ..budget import rows_within
+from ..calibration import model_fingerprint
+from ..errors import InvalidParameterError, StableRegionsError
+from ..geometry import radius_pade, radius_quadratic, search_dtype, top_curvature
+from ..models import ModelAdapter
+from ..models.precision import full_float32_products
+from ..plotting import axes_or_new, save
+from ..prompts import Prompt, as_prompts, corpus_digest
+from ..results import Result
+from ..vocabulary import describe
 
 DEFAULT_WINDOW = 1024  # tokens per forward pass of a corpus scan
 ALTERNATIVES = 5  # likeliest next tokens kept per position (the viewer's tooltip)

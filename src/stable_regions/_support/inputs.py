@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InvalidParameterError, StableRegionsError
-from .models import ModelAdapter, load, wrap
+from ..errors import InvalidParameterError, StableRegionsError
+from ..models import ModelAdapter, load, wrap
 
 
 def as_adapter(model) -> ModelAdapter:

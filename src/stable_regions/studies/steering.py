@@ -23,20 +23,20 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .calibration import resolve_calibration
-from .engine import entropy, logit_derivatives, reliability, taylor_radii
-from .errors import InvalidParameterError, StableRegionsError
-from .geometry import radius_pade, radius_quadratic, series_coefficients
-from .inputs import as_adapter, check_eps, check_positions, json_value
-from .models import PRELOGIT, ModelAdapter
-from .models.precision import full_float32_products
-from .models.suffix import PositionSuffix
-from .plotting import axes_or_new
-from .probes import measure_from_suffix
-from .prompts import read_prompt_file
-from .results import Result
+from .._support.inputs import as_adapter, check_eps, check_positions, json_value
+from ..calibration import resolve_calibration
+from ..engine import entropy, logit_derivatives, reliability, taylor_radii
+from ..errors import InvalidParameterError, StableRegionsError
+from ..geometry import radius_pade, radius_quadratic, series_coefficients
+from ..models import PRELOGIT, ModelAdapter
+from ..models.precision import full_float32_products
+from ..models.suffix import PositionSuffix
+from ..plotting import axes_or_new
+from ..probes import measure_from_suffix
+from ..prompts import read_prompt_file
+from ..results import Result
+from ..vocabulary import describe
 from .vectors import as_vector, read_vector_file
-from .vocabulary import describe
 
 STEER_COLUMNS = [
     "prompt_id",

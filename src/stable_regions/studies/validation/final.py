@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..engine import entropy, pade_radii
-from ..geometry import FisherOperator, RayCurve, direction_cumulants
-from ..models import ModelAdapter
-from ..probes import measure_boundaries
-from ..prompts import Prompt, sentiment_prompts
+from ...engine import entropy, pade_radii
+from ...geometry import FisherOperator, RayCurve, direction_cumulants
+from ...models import ModelAdapter
+from ...probes import measure_boundaries
+from ...prompts import Prompt, sentiment_prompts
 from .study import (
     PositionRays,
     StudySettings,

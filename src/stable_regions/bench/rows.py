@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench_monitor import rows_monitor
-from .bench_scale import rows_scale
-from .engine import eig_tolerance
-from .errors import StableRegionsError
-from .files import write_json
-from .geometry import (
+from .._support.files import write_json
+from .._support.inputs import as_adapter
+from ..engine import eig_tolerance
+from ..errors import StableRegionsError
+from ..geometry import (
     FisherOperator,
     PullbackOperator,
     RayCurve,
@@ -34,10 +33,11 @@ from .geometry import (
     radius_pade,
     top_eigenpair_float64,
 )
-from .inputs import as_adapter
-from .models import ModelAdapter
-from .probes import RayKL, measure_boundaries
-from .prompts import corpus
+from ..models import ModelAdapter
+from ..probes import RayKL, measure_boundaries
+from ..prompts import corpus
+from .monitor import rows_monitor
+from .scale import rows_scale
 from .timing import compare, peak_rss_mb, peak_rss_of, reset_peak_rss, result_row, timed
 
 
@@ -279,7 +279,7 @@ def row_predict_vs_measure(adapter: ModelAdapter, s: BenchSettings) -> list[dict
 
 
 def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
-    from .models.suffix import SuffixBatch
+    from ..models.suffix import SuffixBatch
 
     model = adapter  # the model's own precision, as the maps run (no float64 twin: ~1 GB)
     ids = _prompt_ids(model, s.hvp_tokens)
@@ -327,7 +327,7 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
 
 
 def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
-    from .scan import Scanner
+    from ..studies.scan import Scanner
 
     ids = _prompt_ids(adapter, s.document_tokens)
     eps = [0.1]
@@ -367,8 +367,8 @@ def row_map_prompt(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     """The stability map of one prompt, timed once (minutes in full), against one cell at a
     time (a block of one position: what the map did before positions were batched), timed
     on a sample of inner cells and scaled to the map's inner cells."""
-    from .maps import stability_map
-    from .models.layers import check_layers
+    from ..models.layers import check_layers
+    from ..studies.maps import stability_map
 
     text = _prompt_text(adapter, s.map_positions)
     n = min(s.map_positions, adapter.tokenize(text).shape[1])

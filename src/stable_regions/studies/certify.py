@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .budget import rows_within
-from .engine import Stage, entropy, positions_per_recorded_block, summing_head
-from .errors import InvalidParameterError
-from .geometry import (
+from .._support.inputs import as_adapter, check_eps, check_positions
+from ..budget import rows_within
+from ..engine import Stage, entropy, positions_per_recorded_block, summing_head
+from ..errors import InvalidParameterError
+from ..geometry import (
     LogitHead,
     PullbackOperator,
     WideRows,
@@ -38,17 +39,16 @@ from .geometry import (
     ritz_subspace,
     series_coefficients,
 )
-from .inputs import as_adapter, check_eps, check_positions
-from .models import PRELOGIT, ModelAdapter
-from .models.norms import NormSpec, describe_norm
-from .models.precision import full_float32_products
-from .models.suffix import SuffixBatch
-from .plotting import new_figure
-from .probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
-from .results import Result, frame_records
+from ..models import PRELOGIT, ModelAdapter
+from ..models.norms import NormSpec, describe_norm
+from ..models.precision import full_float32_products
+from ..models.suffix import SuffixBatch
+from ..plotting import new_figure
+from ..probes.attack import KLTarget, SubspaceKL, unit, worst_case_search
+from ..results import Result, frame_records
+from ..vocabulary import describe
 from .substitutions import COLUMNS as SUBSTITUTION_COLUMNS
 from .substitutions import token_substitutions
-from .vocabulary import describe
 
 NORMS = ("l2", "linf")
 SUBSPACE = 8  # the certificate's subspace: 6 Ritz vectors and 2 next-token directions
@@ -100,7 +100,7 @@ class CertifyResult(Result):
 
     def substitutions_frame(self) -> pd.DataFrame:
         """One row per (position, substitute, eps) with ``substitutions=K``; see
-        ``stable_regions.substitutions``."""
+        ``stable_regions.studies.substitutions``."""
         return describe(pd.DataFrame(self.substitutions, columns=SUBSTITUTION_COLUMNS))
 
     def summary(self) -> pd.DataFrame:

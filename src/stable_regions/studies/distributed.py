@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from .errors import InvalidParameterError, StableRegionsError, one_line
-from .files import RunDirectory
-from .models import load
-from .prompts import Prompt
+from .._support.files import RunDirectory
+from ..errors import InvalidParameterError, StableRegionsError, one_line
+from ..models import load
+from ..prompts import Prompt
 from .scan import CorpusScan, Scanner, ScanPlan, ScanSettings, finish_scan, scan_document
 from .validation import (
     ValidationPlan,

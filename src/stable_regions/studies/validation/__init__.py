@@ -5,8 +5,8 @@ measure one prompt at one layer; ``fitting`` calibrates and summarizes per layer
 holds what every layer shares (settings, families, rows).
 """
 
-from ..metrics import relative_error
-from ..models.layers import check_layers
+from ..._support.metrics import relative_error
+from ...models.layers import check_layers
 from .final import FinalLayerStudy
 from .fitting import (
     apply_calibration,

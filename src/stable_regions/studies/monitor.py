@@ -54,9 +54,10 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .engine import summing_head
-from .errors import InvalidParameterError, StableRegionsError
-from .geometry import (
+from .._support.inputs import as_adapter, check_eps, json_value
+from ..engine import summing_head
+from ..errors import InvalidParameterError, StableRegionsError
+from ..geometry import (
     BallBound,
     HeadSpread,
     cumulants,
@@ -67,9 +68,8 @@ from .geometry import (
     search_dtype,
     top_curvature,
 )
-from .inputs import as_adapter, check_eps, json_value
-from .models.precision import full_float32_products
-from .vocabulary import COLUMNS, describe
+from ..models.precision import full_float32_products
+from ..vocabulary import COLUMNS, describe
 
 MODES = ("fast", "exact")
 ALTERNATIVES = 5  # top tokens kept per step for the viewer's tooltip

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..budget import rows_within
-from ..engine import (
+from ...budget import rows_within
+from ...engine import (
     closed_forms_along,
     eig_tolerance,
     entropy,
@@ -34,11 +34,11 @@ from ..engine import (
     rays,
     scan_start,
 )
-from ..geometry import PullbackOperator
-from ..models import ModelAdapter
-from ..models.suffix import SuffixBatch
-from ..probes import measure_from_suffix
-from ..prompts import Prompt, sentiment_prompts
+from ...geometry import PullbackOperator
+from ...models import ModelAdapter
+from ...models.suffix import SuffixBatch
+from ...probes import measure_from_suffix
+from ...prompts import Prompt, sentiment_prompts
 from .study import (
     PositionRays,
     StudySettings,

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..calibration import (
+from ..._support.metrics import THRESHOLDS, relative_error
+from ...calibration import (
     FEATURES,
     Band,
     Calibration,
@@ -20,8 +21,7 @@ from ..calibration import (
     band_edges,
     model_fingerprint,
 )
-from ..metrics import THRESHOLDS, relative_error
-from ..models import ModelAdapter
+from ...models import ModelAdapter
 from .study import FAMILIES, PREDICTORS, seed_of
 
 RAW_FEATURES = ("quadratic", "pade", "curve")  # closed forms a band may use unmapped
@@ -40,7 +40,7 @@ def held_out_corpus(
 ) -> list[str]:
     """The texts of the shipped corpus that a ``validate`` run with these settings (the
     defaults: half, seed 0) holds out, in corpus order; the first ``count`` of them."""
-    from ..prompts import corpus
+    from ...prompts import corpus
 
     prompts = corpus()
     train = split_prompts([p.digest for p in prompts], train_fraction, seed)

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .engine import eig_tolerance
-from .errors import InvalidParameterError
-from .geometry import JacobianGram
-from .inputs import as_adapter, check_positions
-from .models import PRELOGIT
-from .models.precision import full_float32_products
-from .models.suffix import SuffixBatch
-from .plotting import axes_or_new
-from .results import Result
-from .vocabulary import describe
+from .._support.inputs import as_adapter, check_positions
+from ..engine import eig_tolerance
+from ..errors import InvalidParameterError
+from ..geometry import JacobianGram
+from ..models import PRELOGIT
+from ..models.precision import full_float32_products
+from ..models.suffix import SuffixBatch
+from ..plotting import axes_or_new
+from ..results import Result
+from ..vocabulary import describe
 
 
 @dataclass

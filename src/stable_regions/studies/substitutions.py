@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .budget import rows_within
-from .engine import closed_forms_along, scan_start
-from .models import ModelAdapter
-from .models.suffix import SuffixBatch
-from .probes import measure_from_suffix
+from ..budget import rows_within
+from ..engine import closed_forms_along, scan_start
+from ..models import ModelAdapter
+from ..models.suffix import SuffixBatch
+from ..probes import measure_from_suffix
 
 COLUMNS = [
     "position",

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import analyze
-from .models import ModelAdapter, wrap
-from .scan import Scanner
+from ..models import ModelAdapter, wrap
+from ..studies.analysis import analyze
+from ..studies.scan import Scanner
 from .timing import compare, peak_rss_mb, reset_peak_rss, result_row, timed
 
 

@@ -25,18 +25,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..calibration import Calibration, model_fingerprint, resolve_calibration
-from ..errors import InvalidParameterError, StableRegionsError
-from ..files import MemoryRun, RunDirectory, write_json, write_parquet
-from ..inputs import as_adapter, check_eps
-from ..metrics import relative_error
-from ..models.layers import check_layers
-from ..models.precision import full_float32_products
-from ..plotting import axes_or_new
-from ..prompts import Prompt, as_prompts, corpus, corpus_digest
-from ..report import write_report
-from ..results import Result
-from ..vocabulary import describe
+from ..._support.files import MemoryRun, RunDirectory, write_json, write_parquet
+from ..._support.inputs import as_adapter, check_eps
+from ..._support.metrics import relative_error
+from ...calibration import Calibration, model_fingerprint, resolve_calibration
+from ...errors import InvalidParameterError, StableRegionsError
+from ...models.layers import check_layers
+from ...models.precision import full_float32_products
+from ...plotting import axes_or_new
+from ...prompts import Prompt, as_prompts, corpus, corpus_digest
+from ...report import write_report
+from ...results import Result
+from ...vocabulary import describe
 from .final import FinalLayerStudy
 from .fitting import apply_calibration, fit_calibration, split_prompts, summarize
 from .inner import InnerLayerStudy

@@ -11,17 +11,17 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .calibration import resolve_calibration
-from .engine import inner_blocks, prelogit_blocks, reliability
-from .errors import InvalidParameterError
-from .geometry import radius_quadratic
-from .inputs import as_adapter, check_eps, check_positions
-from .metrics import relative_error
-from .models import PRELOGIT
-from .models.precision import full_float32_products
-from .plotting import axes_or_new
-from .results import Result
-from .vocabulary import describe
+from .._support.inputs import as_adapter, check_eps, check_positions
+from .._support.metrics import relative_error
+from ..calibration import resolve_calibration
+from ..engine import inner_blocks, prelogit_blocks, reliability
+from ..errors import InvalidParameterError
+from ..geometry import radius_quadratic
+from ..models import PRELOGIT
+from ..models.precision import full_float32_products
+from ..plotting import axes_or_new
+from ..results import Result
+from ..vocabulary import describe
 
 COLUMNS = [
     "position",

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .heap import return_freed_memory
+from .._support.heap import return_freed_memory
 
 MIN_ROUND_S = 0.2  # a call shorter than this is repeated back to back within its round
 

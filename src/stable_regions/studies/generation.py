@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .errors import InvalidParameterError
-from .inputs import as_adapter, check_eps
-from .models.precision import full_float32_products
+from .._support.inputs import as_adapter, check_eps
+from ..errors import InvalidParameterError
+from ..models.precision import full_float32_products
+from ..plotting import axes_or_new
+from ..results import Result
+from ..vocabulary import describe
 from .monitor import StabilityMonitor, check_mode
-from .plotting import axes_or_new
-from .results import Result
-from .vocabulary import describe
 
 
 def check_new_tokens(n) -> int:
