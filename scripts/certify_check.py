@@ -28,7 +28,7 @@ import torch
 
 import stable_regions as sr
 from stable_regions.prompts import corpus as load_corpus
-from stable_regions.studies.certify import certify
+from stable_regions import certify
 
 f64 = torch.float64
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 import stable_regions as sr
 from stable_regions.prompts import corpus as load_corpus
-from stable_regions.studies.certify import certify
+from stable_regions import certify
 
 
 def main() -> None:

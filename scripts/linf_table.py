@@ -14,7 +14,7 @@ from pathlib import Path
 
 import stable_regions as sr
 from stable_regions.prompts import corpus
-from stable_regions.studies.certify import certify
+from stable_regions import certify
 
 
 def main() -> None:

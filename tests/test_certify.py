@@ -26,7 +26,7 @@ from stable_regions.geometry.certificate import (
 )
 from stable_regions.models import wrap
 from stable_regions.models.norms import describe_norm
-from stable_regions.studies.certify import certify
+from stable_regions import certify
 
 EPS = [0.01, 0.1, 1.0]
 

@@ -37,11 +37,13 @@ from .common import (
 )
 from .final import prelogit_blocks
 from .inner import inner_blocks
+from .layer import blocks_at
 
 __all__ = [
     "RELIABLE_AGREEMENT",
     "RELIABLE_RELATIVE",
     "Block",
+    "blocks_at",
     "Stage",
     "closed_forms_along",
     "eig_tolerance",

@@ -20,6 +20,12 @@ EMBED_HOOK = "blocks.0.hook_resid_pre"
 BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
+def is_final(hook: str) -> bool:
+    """Whether ``hook`` is the pre-logit vector, where the head alone maps the activation to
+    the logits (and everything is exact from ``p`` and ``W``); every study asks this here."""
+    return hook == PRELOGIT
+
+
 def layer_name(layer: str | int, n_layers: int | None = None) -> str:
     """The study's label of ``layer``: ``"final"``, ``"embed"`` or a block index as text;
     checked against ``n_layers`` blocks where it is given."""

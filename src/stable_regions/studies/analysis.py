@@ -14,10 +14,10 @@ from torch import Tensor
 from .._support.inputs import as_adapter, check_eps, check_positions
 from .._support.metrics import relative_error
 from ..calibration import resolve_calibration
-from ..engine import inner_blocks, prelogit_blocks, reliability
+from ..engine import blocks_at, reliability
 from ..errors import InvalidParameterError
 from ..geometry import radius_quadratic
-from ..models import PRELOGIT
+from ..models import is_final
 from ..models.precision import full_float32_products
 from ..plotting import axes_or_new
 from ..results import Result
@@ -222,13 +222,18 @@ def analyze(
     ids = adapter.tokenize(prompt, chat=chat)
     pos = check_positions(positions, ids.shape[1])
     tokens = adapter.token_strings(ids[0])
-    if hook == PRELOGIT:
-        blocks = prelogit_blocks(adapter, ids, pos, eps_list, exact, rtol, stage)
-    else:
-        if trace is None:
-            trace = "exact" if hook == adapter.hook_for_layer("embed") else "estimate"
-        blocks = inner_blocks(adapter, ids, hook, pos, eps_list, exact, rtol, eig_tol, trace, stage)
-
+    blocks = blocks_at(
+        adapter,
+        ids,
+        hook,
+        pos,
+        eps_list,
+        exact=exact,
+        rtol=rtol,
+        eig_tol=eig_tol,
+        trace=trace,
+        stage=stage,
+    )
     rows: list[dict] = []
     directions: list[Tensor] = []
     done = 0
@@ -242,7 +247,7 @@ def analyze(
         # the best closed form of each row: the exact curve at the pre-logit vector, the
         # Taylor path inside the network (the Pade form where no curve was computed)
         best = np.where(np.isnan(b.curve), b.pade, b.curve)
-        reliable, reason = reliability(best, norm[:, None], hook != PRELOGIT, b.pade)
+        reliable, reason = reliability(best, norm[:, None], not is_final(hook), b.pade)
         quadratic = np.stack([radius_quadratic(lam, e) for e in eps_list], axis=1)
         calibrated = np.full_like(quadratic, math.nan)
         if cal is not None:  # the nearer sign's forms: the maps are increasing

@@ -37,7 +37,7 @@ from .._support.inputs import as_adapter, check_eps, check_positions, json_value
 from ..engine import inner_blocks, prelogit_blocks
 from ..errors import InvalidParameterError
 from ..geometry import curvature_trace, effective_rank, radius_quadratic
-from ..models import PRELOGIT, ModelAdapter
+from ..models import ModelAdapter, is_final
 from ..models.layers import check_layers
 from ..models.precision import full_float32_products
 from ..models.suffix import SuffixBatch
@@ -248,13 +248,13 @@ def stability_map(
     }
     total, done = shape[0] * shape[1], 0
     cache = None  # the prompt's keys and values, computed once for every inner layer
-    inner = [hook for hook in hooks if hook != PRELOGIT]
+    inner = [hook for hook in hooks if not is_final(hook)]
     if inner and max(pos) > 0:
         cache = SuffixBatch(adapter, ids, inner[0], [max(pos)])
     for i, hook in enumerate(hooks):
-        if hook == PRELOGIT and adapter.logit_softcap is None:
+        if is_final(hook) and adapter.logit_softcap is None:
             blocks = _final_layer_cells(adapter, ids, pos, e, min(eig_tol, 1e-4))
-        elif hook == PRELOGIT:  # softcapped logits: the float64 head's exact operator
+        elif is_final(hook):  # softcapped logits: the float64 head's exact operator
             blocks = prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
         else:
             blocks = inner_blocks(

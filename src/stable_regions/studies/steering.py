@@ -28,7 +28,7 @@ from ..calibration import resolve_calibration
 from ..engine import entropy, logit_derivatives, reliability, taylor_radii
 from ..errors import InvalidParameterError, StableRegionsError
 from ..geometry import radius_pade, radius_quadratic, series_coefficients
-from ..models import PRELOGIT, ModelAdapter
+from ..models import ModelAdapter, is_final
 from ..models.precision import full_float32_products
 from ..models.suffix import PositionSuffix
 from ..plotting import axes_or_new
@@ -273,7 +273,7 @@ def steering_budget(
         scale = np.full(2, max(norm_h, 1e-6))
         curve = taylor_radii(logp, derivs, torch.zeros(1, dtype=torch.long), eps_list, scale)
         curve = curve[:1]
-        reliable, reason = reliability(curve[0], norm_h, hook != PRELOGIT, pade[0])
+        reliable, reason = reliability(curve[0], norm_h, not is_final(hook), pade[0])
         if exact:
             measured = measure_from_suffix(suffix, u[None], eps_list, guesses=curve, rtol=rtol)[0]
         else:
