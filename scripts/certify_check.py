@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import stable_regions as sr
-from stable_regions.prompts import corpus as load_corpus
 from stable_regions import certify
+from stable_regions.prompts import corpus as load_corpus
 
 f64 = torch.float64
 

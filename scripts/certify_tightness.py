@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 import stable_regions as sr
-from stable_regions.prompts import corpus as load_corpus
 from stable_regions import certify
+from stable_regions.prompts import corpus as load_corpus
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import stable_regions as sr
-from stable_regions.prompts import corpus
 from stable_regions import certify
+from stable_regions.prompts import corpus
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ARCH_NAMES, tiny_model
 
+from stable_regions import certify
 from stable_regions.cli import main
 from stable_regions.geometry import FisherOperator, LogitHead
 from stable_regions.geometry.certificate import (
@@ -26,7 +27,6 @@ from stable_regions.geometry.certificate import (
 )
 from stable_regions.models import wrap
 from stable_regions.models.norms import describe_norm
-from stable_regions import certify
 
 EPS = [0.01, 0.1, 1.0]
 

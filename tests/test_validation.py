@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -278,6 +279,13 @@ def test_a_band_keeps_the_closed_form_as_is_where_no_map_beats_it(adapter, biase
     err = np.median(relative_error(predicted, test.radius_exact.to_numpy()))
     raw = np.median(relative_error(test.radius_curve.to_numpy(), test.radius_exact.to_numpy()))
     assert err <= raw + 1e-12 if not biased else err < 0.05 < raw
+    # the record the studies read: the map's median error and the closed forms' on the
+    # same held-out rows, per family (here one, "top", and "all")
+    for family in ("all", "top"):
+        record = band.heldout["median_rel_err"][family]
+        assert record["calibrated"] == pytest.approx(err, abs=1e-6)
+        assert record["curve"] == pytest.approx(raw, abs=1e-6)
+    assert band.map_is_worse("curve", "top") is False
     cal.save(tmp_path / "c.json")  # the identity map survives a round trip through JSON
     again = load_calibration(tmp_path / "c.json")
     np.testing.assert_array_equal(
@@ -666,9 +674,54 @@ def test_calibrated_radii_never_shrink_as_eps_grows():
         [cal.predict(e, pade[:, k], pade[:, k]) for k, e in enumerate([0.1, 1.0])]
     )
     assert raw[0, 1] < raw[0, 0]  # the maps cross for the first ray
-    got = cal.predict_grid([0.1, 1.0], pade, pade, np.zeros(2), pade)
+    got, forms = cal.predict_grid([0.1, 1.0], pade, pade, np.zeros(2), pade)
     np.testing.assert_allclose(got[0], [2.0, 2.0])
     np.testing.assert_allclose(got[1], [0.2, 1.5])  # where the maps agree, nothing changes
+    assert set(forms.ravel()) == {"pade mapped"}
     # the eps order given does not matter
-    flipped = cal.predict_grid([1.0, 0.1], pade[:, ::-1], pade[:, ::-1], np.zeros(2), pade[:, ::-1])
+    flipped, _ = cal.predict_grid(
+        [1.0, 0.1], pade[:, ::-1], pade[:, ::-1], np.zeros(2), pade[:, ::-1]
+    )
     np.testing.assert_allclose(flipped[:, ::-1], got)
+
+
+def test_a_map_worse_than_the_closed_form_on_held_out_prompts_is_not_applied():
+    """A band whose map was further from the measurement than the closed form the row shows,
+    on held-out prompts along that family of directions, gives the closed form as is, and
+    says so; along another family, or with no record, the map applies."""
+    from stable_regions.calibration import Band, Calibration
+
+    doubles = IsotonicRadius(np.array([-5.0, 5.0]), np.array([-5.0, 5.0]) + np.log(2.0))
+    record = {"median_rel_err": {"top": {"calibrated": 0.4, "curve": 0.3, "pade": 0.5}}}
+    band = Band(1.0, 0.3, 3.0, "pade", [doubles], heldout=record)
+    cal = Calibration("m", {}, "12", [band])
+    pade = np.array([[1.0], [1.0]])
+    curve = np.array([[1.2], [np.nan]])  # the second row has no curve: pade is what it shows
+    values, forms = cal.predict_grid([1.0], pade, pade, np.zeros(2), curve, family="top")
+    np.testing.assert_allclose(values[:, 0], [1.2, 2.0])  # curve as is; pade's map (0.4 < 0.5)
+    assert list(forms[:, 0]) == ["curve as is", "pade mapped"]
+    for family in ("steering", None):
+        values, forms = cal.predict_grid([1.0], pade, pade, np.zeros(2), curve, family=family)
+        np.testing.assert_allclose(values[:, 0], [2.0, 2.0])
+        assert set(forms[:, 0]) == {"pade mapped"}
+    assert not Band(1.0, 0.3, 3.0, "pade", [doubles]).map_is_worse("curve", "top")
+
+
+def test_bundled_block_12_at_eps_1_keeps_the_curve_along_the_top_direction():
+    """The issue's case: SmolLM2's bundled block-12 map at eps 1 was worse than radius_curve
+    on held-out top directions (the published summary: 40% against 30% median error), so
+    the bundled calibrator says so and is not applied there; at eps 0.01 it is."""
+    from stable_regions.calibration import load_calibration
+
+    path = Path(sr.__file__).parent / "calibrators" / "smollm2-135m-12.json"
+    cal = load_calibration(path)
+    assert cal.band_for(1.0).map_is_worse("curve", "top")
+    assert not cal.band_for(0.01).map_is_worse("pade", "top")
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    summary = json.loads((docs / "validation/smollm2-135m-layers/summary.json").read_text())
+    top = {
+        r["predictor"]: r["median_rel_err"]
+        for r in summary
+        if str(r["layer"]) == "12" and r["eps"] == 1.0 and r["family"] == "top"
+    }
+    assert top["calibrated"] > top["curve"]

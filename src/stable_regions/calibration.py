@@ -152,6 +152,16 @@ class Band:
     entropy_edges: list[float] = field(default_factory=lambda: [0.0, math.inf])
     heldout: dict = field(default_factory=dict)  # what the fit achieved on held-out prompts
 
+    def map_is_worse(self, form: str, family: str) -> bool:
+        """Whether this band's map was further from the measured radii than the closed form
+        ``form`` as it is, on the held-out prompts of the validation run that produced it,
+        along directions of ``family`` (``"top"``: the top eigenvector, as ``analyze``;
+        ``"steering"``: a steering vector), by the median relative error. False where the run
+        recorded no such comparison (a calibration fitted before it was recorded)."""
+        table = self.heldout.get("median_rel_err", {}).get(family, {})
+        mapped, plain = table.get("calibrated"), table.get(form)
+        return mapped is not None and plain is not None and mapped > plain
+
     @classmethod
     def fit(
         cls,
@@ -278,22 +288,36 @@ class Calibration:
         pade: np.ndarray,
         entropy: np.ndarray,
         curve: np.ndarray,
-    ) -> np.ndarray:
+        *,
+        family: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated radii (R, E) of R rays at each of ``eps`` from their closed forms (R, E)
-        and entropies (R,), never smaller at a larger eps: each eps band has its own map, and
-        two maps can cross where one ray's forms are unusual, but the true radius grows with
-        eps, so a ray keeps the largest calibrated radius of every eps up to its own."""
+        and entropies (R,), and what each one is (``calibrated_form``).
+
+        Where ``family`` is given and the band's map was worse on held-out prompts along such
+        directions than the closed form the row shows (``radius_curve`` where it has one,
+        else ``radius_pade``: ``Band.map_is_worse``), the radius is that form as it is
+        (``"curve as is"``); elsewhere the map's (``"pade mapped"``). The result never
+        shrinks as eps grows: each eps band has its own map and two maps can cross where a
+        ray's forms are unusual, but the true radius grows with eps, so a ray keeps the
+        largest radius of every eps up to its own."""
         quadratic, pade, curve = (np.asarray(x, dtype=float) for x in (quadratic, pade, curve))
-        out = np.column_stack(
-            [
-                self.predict(e, quadratic[:, k], pade[:, k], entropy, curve[:, k])
-                for k, e in enumerate(eps)
-            ]
-        )
+        out = np.empty(quadratic.shape)
+        forms = np.empty(quadratic.shape, dtype=object)
+        shown = np.where(np.isfinite(curve), "curve", "pade")
+        for k, e in enumerate(eps):
+            band = self.band_for(e)
+            out[:, k] = band.predict(quadratic[:, k], pade[:, k], entropy, curve[:, k])
+            forms[:, k] = f"{band.feature} mapped"
+            for form, values in (("curve", curve[:, k]), ("pade", pade[:, k])):
+                if family is not None and band.map_is_worse(form, family):
+                    as_is = shown[:, k] == form
+                    out[as_is, k] = values[as_is]
+                    forms[as_is, k] = f"{form} as is"
         order = np.argsort(eps, kind="stable")
         rising = np.fmax.accumulate(out[:, order], axis=1)  # NaN (no radius) passes through
         out[:, order] = np.where(np.isnan(out[:, order]), np.nan, rising)
-        return out
+        return out, forms
 
     def check(self, adapter, layer: str) -> None:
         """Refuse a calibration that belongs to another model or layer."""

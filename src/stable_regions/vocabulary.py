@@ -98,6 +98,12 @@ _COLUMNS = [
     Column("residual", "the eigen-search's relative residual"),
     # radii
     *(Column(f"radius_{form}", f"radius: {_FORM_MEANING[form]}", LAYER_UNITS) for form in FORMS),
+    Column(
+        "calibrated_form",
+        "what radius_calibrated (coef_calibrated) is: the calibrator's feature mapped ('pade "
+        "mapped'), or a closed form as is ('curve as is') where the map was worse on held-out "
+        "prompts along such directions",
+    ),
     Column("radius_relative", "the best closed-form radius divided by activation_norm", "fraction"),
     Column("radius_flip", "least L2 move of the pre-logit vector that changes the top token"),
     Column("radius_certified", "a ball on which the KL provably stays below eps", LAYER_UNITS),

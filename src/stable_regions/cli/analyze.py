@@ -14,7 +14,14 @@ from .console import (
     parse_positions,
     prompts_of,
 )
-from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_results
+from .tables import (
+    add_table_options,
+    calibrated_note,
+    check_columns,
+    chosen_columns,
+    print_frame,
+    write_results,
+)
 
 
 def add_parser(sub) -> None:
@@ -192,5 +199,6 @@ def print_table(result, args) -> None:
         "direction (nearest exit over +-v)",
         note="A radius is how far (L2, in the layer's units) the activation moves before "
         "KL(p || p_t) reaches eps; compare it with activation_norm (radius_relative). inf: "
-        "the KL never reaches eps that way. --columns all shows every column.",
+        "the KL never reaches eps that way. --columns all shows every column. "
+        + calibrated_note(frame),
     )

@@ -17,7 +17,14 @@ from .console import (
     parse_positions,
     progress,
 )
-from .tables import add_table_options, check_columns, chosen_columns, print_frame, write_csv
+from .tables import (
+    add_table_options,
+    calibrated_note,
+    check_columns,
+    chosen_columns,
+    print_frame,
+    write_csv,
+)
 
 
 def add_parser(sub) -> None:
@@ -169,13 +176,17 @@ SUMMARY_COLUMNS = [
 
 def print_tables(result, args) -> None:
     frame = result.to_frame()
+    default = list(DEFAULT_COLUMNS)
+    if frame["coef_calibrated"].notna().any():
+        default.insert(default.index("coef_curve") + 1, "coef_calibrated")
     print_frame(
         frame,
-        chosen_columns(frame, args.columns, DEFAULT_COLUMNS),
+        chosen_columns(frame, args.columns, default),
         title=f"{result.model}: steering budget at layer '{result.layer}' "
         f"(vector_norm = {result.vector_norm:.4g})",
         group=None,
-        note="A coefficient c of c * vector before KL(p || p_c) reaches eps at that position.",
+        note="A coefficient c of c * vector before KL(p || p_c) reaches eps at that position. "
+        + calibrated_note(frame),
     )
     print_frame(
         result.summary(),

@@ -144,6 +144,20 @@ def _constant_within(frame: pd.DataFrame, group: str, column: str) -> bool:
         return False
 
 
+def calibrated_note(frame: pd.DataFrame) -> str:
+    """Which form the calibrated column holds at each eps, where a calibration was used."""
+    if "calibrated_form" not in frame or not frame["calibrated_form"].astype(bool).any():
+        return ""
+    forms = frame.groupby("eps", sort=True)["calibrated_form"].agg(
+        lambda s: " or ".join(sorted(set(s)))
+    )
+    said = "; ".join(f"{text} at eps {e:g}" for e, text in forms.items())
+    return (
+        f"Calibrated: {said} ('as is': the calibrator's map was worse than that closed form "
+        "on held-out prompts, so it is not applied)."
+    )
+
+
 def write_csv(frame: pd.DataFrame) -> None:
     frame.to_csv(sys.stdout, index=False)
 

@@ -36,6 +36,7 @@ COLUMNS = [
     "radius_quadratic",
     "radius_pade",
     "radius_calibrated",
+    "calibrated_form",
     "radius_curve",
     "radius_exact",
     "radius_linf_lower",
@@ -250,8 +251,11 @@ def analyze(
         reliable, reason = reliability(best, norm[:, None], not is_final(hook), b.pade)
         quadratic = np.stack([radius_quadratic(lam, e) for e in eps_list], axis=1)
         calibrated = np.full_like(quadratic, math.nan)
+        calibrated_form = np.full(quadratic.shape, "", dtype=object)
         if cal is not None:  # the nearer sign's forms: the maps are increasing
-            calibrated = cal.predict_grid(eps_list, quadratic, b.pade, entropy, b.curve)
+            calibrated, calibrated_form = cal.predict_grid(
+                eps_list, quadratic, b.pade, entropy, b.curve, family="top"
+            )
         for j, position in enumerate(b.positions):
             for e_idx, e in enumerate(eps_list):
                 rows.append(
@@ -268,6 +272,7 @@ def analyze(
                         radius_quadratic=float(quadratic[j, e_idx]),
                         radius_pade=float(b.pade[j, e_idx]),
                         radius_calibrated=float(calibrated[j, e_idx]),
+                        calibrated_form=str(calibrated_form[j, e_idx]),
                         radius_curve=float(b.curve[j, e_idx]),
                         radius_exact=float(b.exact[j, e_idx]),
                         radius_linf_lower=float(b.linf_lower[j, e_idx]),

@@ -49,6 +49,7 @@ STEER_COLUMNS = [
     "coef_pade",
     "coef_curve",
     "coef_calibrated",
+    "calibrated_form",
     "coef_exact",
     "radius_relative",
     "reliable",
@@ -282,8 +283,11 @@ def steering_budget(
         h_p = float(entropy(logp.exp())[0])
         quadratic_all = np.array([[float(radius_quadratic(c2[0], e)) for e in eps_list]])
         calibrated_all = np.full_like(quadratic_all, math.nan)
+        calibrated_form = np.full(quadratic_all.shape, "", dtype=object)
         if cal is not None:
-            calibrated_all = cal.predict_grid(eps_list, quadratic_all, pade, np.array([h_p]), curve)
+            calibrated_all, calibrated_form = cal.predict_grid(
+                eps_list, quadratic_all, pade, np.array([h_p]), curve, family="steering"
+            )
         for e_idx, e in enumerate(eps_list):
             quadratic = float(quadratic_all[0, e_idx])
             calibrated = float(calibrated_all[0, e_idx])
@@ -299,6 +303,7 @@ def steering_budget(
                     coef_pade=float(pade[0, e_idx]) / norm,
                     coef_curve=float(curve[0, e_idx]) / norm,
                     coef_calibrated=calibrated / norm,
+                    calibrated_form=str(calibrated_form[0, e_idx]),
                     coef_exact=float(measured[e_idx]) / norm,
                     radius_relative=float(curve[0, e_idx]) / max(norm_h, 1e-300),
                     reliable=bool(reliable[e_idx]),

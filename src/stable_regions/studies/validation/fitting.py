@@ -121,9 +121,36 @@ def fit_calibration(
                 f: (float(v) if np.isfinite(v) else None) for f, v in scores.items()
             },
             **{k: float(np.mean(err <= t)) if len(err) else None for k, t in THRESHOLDS.items()},
+            "median_rel_err": heldout_comparison(test_rows, err),
         }
         bands.append(band)
     return Calibration(adapter.name, model_fingerprint(adapter), layer, bands, sorted(train), None)
+
+
+def heldout_comparison(test_rows: pd.DataFrame, calibrated_err: np.ndarray) -> dict:
+    """{family: {predictor: median relative error}} on the held-out rows: the map's
+    (``calibrated``) against each closed form as is, for every direction family and ``all``
+    (what ``Band.map_is_worse`` reads)."""
+    measured = test_rows["radius_exact"].to_numpy()
+    errors = {"calibrated": np.asarray(calibrated_err, dtype=float)}
+    for form in RAW_FEATURES:
+        if f"radius_{form}" in test_rows:
+            errors[form] = relative_error(test_rows[f"radius_{form}"].to_numpy(), measured)
+    families = ["all"]
+    if "family" in test_rows:
+        families += sorted(test_rows["family"].unique())
+    out = {}
+    for family in families:
+        at = np.ones(len(test_rows), bool) if family == "all" else (test_rows["family"] == family)
+        at = np.asarray(at)
+        table = {}
+        for name, err in errors.items():
+            finite = err[at][np.isfinite(err[at])]
+            if finite.size:
+                table[name] = round(float(np.median(finite)), 6)
+        if table:
+            out[family] = table
+    return out
 
 
 def apply_calibration(frame: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
