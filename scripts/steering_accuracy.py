@@ -28,6 +28,33 @@ from stable_regions.studies.validation import held_out_corpus
 FORMS = ["coef_quadratic", "coef_pade", "coef_curve", "coef_calibrated"]
 
 
+def buckets(frame) -> list[dict]:
+    """The curve's error by how far apart its Pade and Taylor-path forms are and by the
+    radius relative to |h|: what a reliability mark for steering rows can rest on."""
+    apart = (frame["coef_pade"] / frame["coef_curve"] - 1).abs()
+    err = (frame["coef_curve"] / frame["coef_exact"] - 1).abs()
+    out = []
+    for eps, at in frame.groupby("eps").groups.items():
+        for lo, hi in ((0.0, 0.02), (0.02, 0.1), (0.1, np.inf)):
+            for r_lo, r_hi in ((0.0, 0.1), (0.1, 0.5), (0.5, np.inf)):
+                rel = frame.loc[at, "radius_relative"]
+                sel = at[(apart[at] >= lo) & (apart[at] < hi) & (rel >= r_lo) & (rel < r_hi)]
+                e = err[sel].dropna()
+                if len(e):
+                    out.append(
+                        {
+                            "eps": float(eps),
+                            "pade_vs_curve": [lo, hi],
+                            "radius_relative": [r_lo, r_hi],
+                            "n": int(len(e)),
+                            "median": float(np.median(e)),
+                            "within_8pct": float(np.mean(e <= 0.08)),
+                            "within_25pct": float(np.mean(e <= 0.25)),
+                        }
+                    )
+    return [{k: (str(v) if isinstance(v, list) else v) for k, v in d.items()} for d in out]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -36,6 +63,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.5])
     ap.add_argument("--calibration", default=None, help="e.g. bundled")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", type=Path, default=None, help="also write every row (parquet)")
     args = ap.parse_args()
 
     adapter = sr.load(args.model)
@@ -74,6 +102,9 @@ def main() -> None:
                         "p90": float(np.quantile(err, 0.9)),
                     }
             summary.append(entry)
+    out_buckets = buckets(frame)
+    if args.rows is not None:
+        frame.to_parquet(args.rows, index=False)
     out = {
         "model": args.model,
         "layer": args.layer,
@@ -83,6 +114,7 @@ def main() -> None:
         "seconds": seconds,
         "seconds_closed_forms": seconds_closed_forms,
         "summary": summary,
+        "by_agreement": out_buckets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

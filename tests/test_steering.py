@@ -329,3 +329,34 @@ def test_added_steers_every_position(adapter):
         moved = adapter.forward(ids, use_cache=False).logits
     assert torch.allclose(steered[0], plain[0] + delta, atol=1e-12)
     assert not torch.allclose(moved, base)
+
+
+def test_cli_analyze_along_a_direction_of_ones_own(model_dir, tmp_path, capsys):
+    """``analyze --direction FILE``: the radii along +u at an inner layer, checked against the
+    model run with the perturbation added (KL below eps just inside radius_exact, at eps just
+    outside), and the table on screen names the direction."""
+    model = sr.load(str(model_dir))
+    hook = model.hook_for_layer(1)
+    vec = np.random.default_rng(4).normal(size=model.hook_dim(hook)) * 2.0
+    np.save(tmp_path / "u.npy", vec)
+    args = ["analyze", "Hello world", "--model", str(model_dir), "--layer", "1"]
+    args += ["--direction", str(tmp_path / "u.npy"), "--eps", "0.05", "--positions", "2,5"]
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["direction"] == str(tmp_path / "u.npy") and len(doc["rows"]) == 2
+    u = torch.as_tensor(vec / np.linalg.norm(vec))
+    ids = model.tokenize("Hello world")
+    for row in doc["rows"]:
+        r = row["radius_exact"]
+        assert "coef_exact" not in row and math.isfinite(r) and r > 0
+        steps = torch.tensor([0.0, 0.999, 1.001], dtype=torch.float64) * r  # row 0: p itself
+        logits = model.perturbed_logits(ids, hook, row["position"], steps[:, None] * u[None])
+        logq = torch.log_softmax(logits.to(torch.float64), -1)
+        kl = (logq[0].exp() * (logq[0] - logq)).sum(-1)
+        assert kl[1] < 0.05 <= kl[2]
+        assert row["radius_curve"] == pytest.approx(r, rel=0.2)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "radius along +u" in out and "u.npy" in out
+    assert main([*args, "--trace", "exact"]) == 2
+    assert "leave them out with --direction" in capsys.readouterr().err

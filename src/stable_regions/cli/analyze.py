@@ -45,6 +45,13 @@ def add_parser(sub) -> None:
         "block 0, or a block index i = the residual stream after block i (blocks.{i}.hook_resid_post)",
     )
     a.add_argument(
+        "--direction",
+        metavar="FILE",
+        help="a direction of your own instead of the top curvature direction: a vector file "
+        "(.npy, .safetensors, repeng .gguf) of the layer's width; the radii are along +u, "
+        "u = the vector / its norm (the steering coefficient times the vector's norm)",
+    )
+    a.add_argument(
         "--trace",
         choices=["exact", "estimate"],
         default=None,
@@ -82,7 +89,8 @@ def run(args) -> int:
     from ..studies.analysis import COLUMNS as ALL_COLUMNS
     from ..studies.analysis import analyze
 
-    check_columns(args.columns, ALL_COLUMNS)
+    if not args.direction:
+        check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)  # fail fast, before loading a model
     positions = parse_positions(args.positions)
     prompts = prompts_of(args)
@@ -92,6 +100,8 @@ def run(args) -> int:
         check_html_path(args.html)
         if len(prompts) > 1:
             raise InvalidParameterError("--html writes the page of one prompt: give one prompt")
+    if args.direction:
+        return along_direction(args, eps, positions, prompts)
     err, adapter = load_with_status(args)
     results = each_prompt(
         err,
@@ -115,6 +125,71 @@ def run(args) -> int:
         write_page(args.html, results[0], adapter)
         err.print(f"wrote {args.html}")
     write_results(results, args, print_table)
+    return 0
+
+
+DIRECTION_COLUMNS = [
+    "prompt_id",
+    "position",
+    "token",
+    "eps",
+    "radius_curve",
+    "radius_exact",
+    "reliable",
+]
+
+
+def along_direction(args, eps, positions, prompts) -> int:
+    """``--direction``: the radii along the user's unit direction ``+u`` at the layer, from
+    ``steering_budget`` (a coefficient of the vector times its norm is a distance along u)."""
+    import json
+    import sys
+
+    from ..results import frame_records
+    from ..studies.steering import load_vector, steering_budget
+    from ..vocabulary import FORMS, describe
+    from .console import progress
+    from .tables import write_csv
+
+    if args.html or args.trace:
+        raise InvalidParameterError(
+            "--html and --trace describe the top curvature direction: leave them out with --direction"
+        )
+    err, adapter = load_with_status(args)
+    dim = adapter.hook_dim(adapter.hook_for_layer(args.layer))
+    vector = load_vector(args.direction, dim, adapter.layer_name(args.layer))
+    with progress(err, "analyzing positions") as (tick, _):
+        result = steering_budget(
+            adapter,
+            prompts,
+            vector=vector,
+            layer=args.layer,
+            eps=eps,
+            positions=positions,
+            exact=not args.no_exact,
+            calibration=args.calibration,
+            chat=args.chat,
+            progress=tick,
+        )
+    frame = result.to_frame()
+    for form in FORMS:
+        frame[f"radius_{form}"] = frame.pop(f"coef_{form}") * result.vector_norm
+    frame = describe(frame.drop(columns=["vector_norm"]))
+    if args.json:
+        doc = {**result.to_json(), "direction": str(args.direction), "rows": frame_records(frame)}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif args.csv:
+        write_csv(frame)
+    else:
+        print_frame(
+            frame,
+            chosen_columns(frame, args.columns, DIRECTION_COLUMNS),
+            title=f"{result.model}, layer '{result.layer}': radius along +u, u = "
+            f"{args.direction} / {result.vector_norm:.4g}",
+            group=None,
+            note="A radius is how far (L2) the activation moves along +u before KL(p || p_u) "
+            "reaches eps. " + calibrated_note(frame),
+        )
     return 0
 
 
