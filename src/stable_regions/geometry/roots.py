@@ -62,13 +62,23 @@ def first_crossings(
         by ``t_max``.
     """
     levels = np.atleast_2d(np.asarray(levels, dtype=np.float64))
-    R, E = levels.shape
+    R, _ = levels.shape
     if not np.all(np.isfinite(levels) & (levels > 0)):
         raise ValueError("levels must be positive and finite")
     t0 = np.broadcast_to(np.asarray(t_start, dtype=np.float64), (R,)).copy()
     tmax = np.broadcast_to(np.asarray(t_max, dtype=np.float64), (R,))
-    all_rays = np.arange(R)
+    ts, fs = _scan(f, levels, t0, tmax, growth, scan_chunk)
+    brackets = _Brackets(f, levels, ts, fs, tmax)
+    brackets.refine(guesses, rtol, max_iter, rows_per_call)
+    return brackets.roots()
 
+
+def _scan(
+    f: RowFn, levels: np.ndarray, t0: np.ndarray, tmax: np.ndarray, growth: float, chunk: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Steps 1 and 2: each ray's points ``(ts[r], fs[r])``, from below its smallest level
+    up past its largest one (or ``tmax``)."""
+    all_rays = np.arange(len(t0))
     # 1. walk down until the first point is below every level of its ray
     f0 = f(all_rays, t0)
     low = levels.min(1)
@@ -87,35 +97,44 @@ def first_crossings(
     step = 0
     while active.any():
         rays = all_rays[active]
-        k = np.arange(1, scan_chunk + 1)
+        k = np.arange(1, chunk + 1)
         grid = t0[rays, None] * growth ** (step + k)[None, :]
-        vals = f(np.repeat(rays, scan_chunk), grid.ravel()).reshape(len(rays), scan_chunk)
+        vals = f(np.repeat(rays, chunk), grid.ravel()).reshape(len(rays), chunk)
         for i, r in enumerate(rays):
             ts[r].extend(grid[i])
             fs[r].extend(vals[i])
-        step += scan_chunk
+        step += chunk
         active[rays] = (vals.max(1) < top[rays]) & (grid[:, -1] < tmax[rays])
+    return ts, fs
 
-    out = np.full((R, E), np.inf)
-    lo = np.zeros((R, E))
-    hi = np.zeros((R, E))
-    flo = np.zeros((R, E))
-    fhi = np.zeros((R, E))
-    todo = np.zeros((R, E), dtype=bool)
-    for r in range(R):
-        tr, fr = np.asarray(ts[r]), np.asarray(fs[r])
-        for e in range(E):
-            above = np.nonzero(fr >= levels[r, e])[0]
-            if above.size == 0 or tr[above[0]] > tmax[r]:
-                continue  # not reached: inf
-            j = above[0]
-            if j == 0:  # only when t_start underflowed to zero
-                out[r, e] = tr[0]
-                continue
-            lo[r, e], hi[r, e], flo[r, e], fhi[r, e] = tr[j - 1], tr[j], fr[j - 1], fr[j]
-            todo[r, e] = True
 
-    def evaluate(rr: np.ndarray, ee: np.ndarray, grid: np.ndarray) -> np.ndarray:
+class _Brackets:
+    """Step 3: every (ray, level) problem's bracket ``[lo, hi]`` around its first crossing
+    (with ``f`` at both ends), from the scan's first grid step over the level, narrowed in
+    lockstep."""
+
+    def __init__(self, f: RowFn, levels: np.ndarray, ts, fs, tmax: np.ndarray):
+        R, E = levels.shape
+        self.f, self.levels = f, levels
+        self.out = np.full((R, E), np.inf)
+        self.lo, self.hi = np.zeros((R, E)), np.zeros((R, E))
+        self.flo, self.fhi = np.zeros((R, E)), np.zeros((R, E))
+        self.todo = np.zeros((R, E), dtype=bool)
+        for r in range(R):
+            tr, fr = np.asarray(ts[r]), np.asarray(fs[r])
+            for e in range(E):
+                above = np.nonzero(fr >= levels[r, e])[0]
+                if above.size == 0 or tr[above[0]] > tmax[r]:
+                    continue  # not reached: inf
+                j = above[0]
+                if j == 0:  # only when t_start underflowed to zero
+                    self.out[r, e] = tr[0]
+                    continue
+                self.lo[r, e], self.hi[r, e] = tr[j - 1], tr[j]
+                self.flo[r, e], self.fhi[r, e] = fr[j - 1], fr[j]
+                self.todo[r, e] = True
+
+    def evaluate(self, rr: np.ndarray, ee: np.ndarray, grid: np.ndarray) -> np.ndarray:
         """Evaluate problem ``(rr[i], ee[i])`` at the points ``grid[i]`` (n, k: increasing,
         nan for none), all in one call, and shrink each bracket to the first crossing its
         points show; the values (n, k), nan where no point was."""
@@ -123,97 +142,111 @@ def first_crossings(
         n, k = grid.shape
         vals = np.full((n, k), np.nan)
         row = np.broadcast_to(np.arange(n)[:, None], (n, k))
-        vals[finite] = f(rr[row[finite]], grid[finite])
-        above = finite & (vals >= levels[rr, ee][:, None])
+        vals[finite] = self.f(rr[row[finite]], grid[finite])
+        above = finite & (vals >= self.levels[rr, ee][:, None])
         col = np.arange(k)[None, :]
         first = np.where(above.any(1), above.argmax(1), k)  # the first point at or above
         under = finite & ~above & (col < first[:, None])
         last = np.where(under, col, -1).max(1)  # the last point below before it
         h = first < k
         r, e, c = rr[h], ee[h], first[h]
-        hi[r, e], fhi[r, e] = grid[h, c], vals[h, c]
+        self.hi[r, e], self.fhi[r, e] = grid[h, c], vals[h, c]
         u = last >= 0
         r, e, c = rr[u], ee[u], last[u]
-        lo[r, e], flo[r, e] = grid[u, c], vals[u, c]
+        self.lo[r, e], self.flo[r, e] = grid[u, c], vals[u, c]
         return vals
 
-    # 3. refinement, all problems in lockstep. A problem with a guess inside its bracket is
-    # evaluated at a pair ``g (1 +- delta)``. Where the pair straddles the crossing, the bracket
-    # is 2 delta wide; where it lands on one side, the secant through the pair (a Newton step)
-    # is the next guess. Either way the next guess's error is of order the square of that
-    # width or step, and delta follows it. The predictions are the first guesses (delta 1e-3).
-    # A bracket without a guess takes its secant as one once it is within 3% (the secant's
-    # error is then of order its width squared); wider ones take Illinois regula falsi steps,
-    # and bisection where three steps did not halve them. Regula falsi alone moves one end at
-    # a time and took many calls to close even a narrow bracket. When few problems are left,
-    # ``rows_per_call`` adds evenly spaced points inside the wide brackets.
-    def pair_width(error: np.ndarray) -> np.ndarray:
-        """delta for a guess whose relative error is about ``error``: 4 error^2, down to
-        rtol / 4, where a straddling pair closes the bracket, and up to 1e-3."""
-        wide = np.clip(4 * error**2, rtol / 4, 1e-3)
-        return np.where(4 * error**2 < rtol, rtol / 4, wide)
+    # A problem with a guess inside its bracket is evaluated at a pair ``g (1 +- delta)``.
+    # Where the pair straddles the crossing, the bracket is 2 delta wide; where it lands on one
+    # side, the secant through the pair (a Newton step) is the next guess. Either way the next
+    # guess's error is of order the square of that width or step, and delta follows it. The
+    # predictions are the first guesses (delta 1e-3). A bracket without a guess takes its
+    # secant as one once it is within 3% (the secant's error is then of order its width
+    # squared); wider ones take Illinois regula falsi steps, and bisection where three steps
+    # did not halve them. Regula falsi alone moves one end at a time and took many calls to
+    # close even a narrow bracket. When few problems are left, ``rows_per_call`` adds evenly
+    # spaced points inside the wide brackets.
+    def refine(self, guesses, rtol: float, max_iter: int, rows_per_call: int) -> None:
+        """Narrow every bracket to ``hi - lo <= rtol * lo``, all problems in lockstep."""
+        lo, hi, flo, fhi, levels, todo = (
+            self.lo,
+            self.hi,
+            self.flo,
+            self.fhi,
+            self.levels,
+            self.todo,
+        )
 
-    g = np.full((R, E), np.nan)
-    delta = np.full((R, E), 1e-3)
-    if guesses is not None:
-        g = np.where(todo, np.asarray(guesses, dtype=np.float64), np.nan)
-    side = np.zeros((R, E), dtype=np.int8)  # which end was kept last time (+1 hi, -1 lo)
-    width_before = hi - lo
-    for it in range(max_iter):
-        todo &= (hi - lo) > rtol * lo
-        if not todo.any():
-            break
-        rr, ee = np.nonzero(todo)
-        L, H = lo[rr, ee], hi[rr, ee]
-        span = H - L
-        gl = flo[rr, ee] - levels[rr, ee]
-        gh = fhi[rr, ee] - levels[rr, ee]
-        stalled = np.zeros(len(rr), dtype=bool)
-        if it % 3 == 2:  # every third step, bisect where the last three did not halve the bracket
-            stalled = span > 0.5 * width_before[rr, ee]
-            width_before[rr, ee] = span
-        guess, d = g[rr, ee], delta[rr, ee]
-        guess = np.where((guess > L) & (guess < H), guess, np.nan)
-        closing = np.isnan(guess) & (span <= 0.03 * L)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            guess = np.where(closing, H - gh * span / (gh - gl), guess)
-        d = np.where(closing, pair_width(span / L), d)
-        guess = np.where(stalled, np.nan, guess)
-        paired = np.isfinite(guess)
-        # Illinois: halve the weight of the end that stayed twice in a row
-        gl = np.where(side[rr, ee] == -1, gl / 2, gl)
-        gh = np.where(side[rr, ee] == 1, gh / 2, gh)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = H - gh * span / (gh - gl)
-        x = np.where(stalled | ~np.isfinite(x), 0.5 * (L + H), x)
-        x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
-        points = np.stack([np.where(paired, guess * (1 - d), x), guess * (1 + d)], 1)
-        spaced = max(0, rows_per_call // len(rr) - 1)
-        if spaced:
-            even = L[:, None] + span[:, None] * np.arange(1, spaced + 1) / (spaced + 1)
-            even[paired] = np.nan
-            points = np.sort(np.concatenate([points, even], 1), 1)  # nan sorts last
-        inner = (L + 1e-3 * span)[:, None], (H - 1e-3 * span)[:, None]
-        points = np.clip(points, *inner)
-        vals = evaluate(rr, ee, points)
-        # the next guesses: the secant through each pair
-        fa, fb = vals[:, 0] - levels[rr, ee], vals[:, 1] - levels[rr, ee]
-        pa, pb = points[:, 0], points[:, 1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = pb - fb * (pb - pa) / (fb - fa)
-            error = np.where((fa < 0) == (fb < 0), np.abs(step / guess - 1), d)
-        ok = paired & np.isfinite(step) & (step > 0)
-        g[rr, ee] = np.where(ok, step, np.nan)
-        delta[rr, ee] = np.where(ok, pair_width(error), 1e-3)
-        moved_lo = lo[rr, ee] >= x
-        side[rr, ee] = np.where(paired | (spaced > 0), 0, np.where(moved_lo, 1, -1))
+        def pair_width(error: np.ndarray) -> np.ndarray:
+            """delta for a guess whose relative error is about ``error``: 4 error^2, down to
+            rtol / 4, where a straddling pair closes the bracket, and up to 1e-3."""
+            wide = np.clip(4 * error**2, rtol / 4, 1e-3)
+            return np.where(4 * error**2 < rtol, rtol / 4, wide)
 
-    done = np.isinf(out) & (hi > 0)
-    # final linear interpolation inside the tiny bracket
-    span = np.where(fhi > flo, fhi - flo, 1.0)
-    interp = lo + (levels - flo) / span * (hi - lo)
-    out[done] = np.clip(interp, lo, hi)[done]
-    return out
+        g = np.full(levels.shape, np.nan)
+        delta = np.full(levels.shape, 1e-3)
+        if guesses is not None:
+            g = np.where(todo, np.asarray(guesses, dtype=np.float64), np.nan)
+        side = np.zeros(levels.shape, dtype=np.int8)  # which end was kept last (+1 hi, -1 lo)
+        width_before = hi - lo
+        for it in range(max_iter):
+            todo &= (hi - lo) > rtol * lo
+            if not todo.any():
+                break
+            rr, ee = np.nonzero(todo)
+            L, H = lo[rr, ee], hi[rr, ee]
+            span = H - L
+            gl = flo[rr, ee] - levels[rr, ee]
+            gh = fhi[rr, ee] - levels[rr, ee]
+            stalled = np.zeros(len(rr), dtype=bool)
+            if it % 3 == 2:  # every third step, bisect where the last three did not halve it
+                stalled = span > 0.5 * width_before[rr, ee]
+                width_before[rr, ee] = span
+            guess, d = g[rr, ee], delta[rr, ee]
+            guess = np.where((guess > L) & (guess < H), guess, np.nan)
+            closing = np.isnan(guess) & (span <= 0.03 * L)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                guess = np.where(closing, H - gh * span / (gh - gl), guess)
+            d = np.where(closing, pair_width(span / L), d)
+            guess = np.where(stalled, np.nan, guess)
+            paired = np.isfinite(guess)
+            # Illinois: halve the weight of the end that stayed twice in a row
+            gl = np.where(side[rr, ee] == -1, gl / 2, gl)
+            gh = np.where(side[rr, ee] == 1, gh / 2, gh)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = H - gh * span / (gh - gl)
+            x = np.where(stalled | ~np.isfinite(x), 0.5 * (L + H), x)
+            x = np.clip(x, L + 1e-3 * span, H - 1e-3 * span)
+            points = np.stack([np.where(paired, guess * (1 - d), x), guess * (1 + d)], 1)
+            spaced = max(0, rows_per_call // len(rr) - 1)
+            if spaced:
+                even = L[:, None] + span[:, None] * np.arange(1, spaced + 1) / (spaced + 1)
+                even[paired] = np.nan
+                points = np.sort(np.concatenate([points, even], 1), 1)  # nan sorts last
+            inner = (L + 1e-3 * span)[:, None], (H - 1e-3 * span)[:, None]
+            points = np.clip(points, *inner)
+            vals = self.evaluate(rr, ee, points)
+            # the next guesses: the secant through each pair
+            fa, fb = vals[:, 0] - levels[rr, ee], vals[:, 1] - levels[rr, ee]
+            pa, pb = points[:, 0], points[:, 1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                step = pb - fb * (pb - pa) / (fb - fa)
+                error = np.where((fa < 0) == (fb < 0), np.abs(step / guess - 1), d)
+            ok = paired & np.isfinite(step) & (step > 0)
+            g[rr, ee] = np.where(ok, step, np.nan)
+            delta[rr, ee] = np.where(ok, pair_width(error), 1e-3)
+            moved_lo = lo[rr, ee] >= x
+            side[rr, ee] = np.where(paired | (spaced > 0), 0, np.where(moved_lo, 1, -1))
+
+    def roots(self) -> np.ndarray:
+        """The crossings: linear interpolation inside each (now tiny) bracket; ``inf`` where
+        the level was not reached."""
+        out, lo, hi, flo, fhi = self.out, self.lo, self.hi, self.flo, self.fhi
+        done = np.isinf(out) & (hi > 0)
+        span = np.where(fhi > flo, fhi - flo, 1.0)
+        interp = lo + (self.levels - flo) / span * (hi - lo)
+        out[done] = np.clip(interp, lo, hi)[done]
+        return out
 
 
 KLSlope = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
