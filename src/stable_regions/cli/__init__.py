@@ -26,6 +26,7 @@ from . import (
     steer,
     validate,
 )
+from .threads import fitted_threads
 
 COMMANDS = {
     "analyze": analyze,
@@ -39,6 +40,7 @@ COMMANDS = {
     "bench": bench,
     "models": models,
 }
+LIGHT_COMMANDS = {"models"}  # no computing: the thread count stays as it is
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
-        return COMMANDS[args.command].run(args)
+        if args.command in LIGHT_COMMANDS:
+            return COMMANDS[args.command].run(args)
+        with fitted_threads(lambda text: print(f"note: {text}", file=sys.stderr)):
+            return COMMANDS[args.command].run(args)
     except StableRegionsError as exc:
         print(f"error: {as_flags(str(exc), _subparser(parser, args.command))}", file=sys.stderr)
         return 2
