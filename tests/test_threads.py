@@ -66,3 +66,28 @@ def test_a_busy_machine_gets_fewer_threads_for_the_command_and_the_setting_back(
     assert seen == []  # the user's OpenMP setting decides
     monkeypatch.undo()
     assert torch.get_num_threads() == before
+
+
+def test_progress_off_a_terminal_speaks_while_a_stage_runs_and_estimates_the_rest(monkeypatch):
+    """A log gets a line at least every HEARTBEAT_S even inside one long stage, and counted
+    work says how long the rest should take."""
+    import io
+    import time as clock
+
+    from rich.console import Console
+
+    from stable_regions.cli import console
+
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0.2)
+    out = io.StringIO()
+    err = Console(file=out, force_terminal=False, width=200)
+    with console.progress(err, "mapping") as (tick, stage):
+        tick(1, 4)
+        stage("curvature")
+        clock.sleep(1.3)  # one long stage: heartbeats, no tick
+        tick(4, 4)
+    lines = out.getvalue().splitlines()
+    beats = [x for x in lines if x.startswith("mapping (curvature): 1/4")]
+    assert len(beats) >= 4, lines  # the stage's own line, then one every 0.2-0.3 s
+    assert "s left" in beats[0]
+    assert lines[-1].startswith("mapping (curvature): 4/4") and "left" not in lines[-1]

@@ -14,6 +14,7 @@ from ..errors import InvalidParameterError
 # Off a terminal (a pipe, a file, CI) nothing is ever cut: rich lays tables out at their
 # natural width when the console is this wide.
 UNLIMITED = 100_000
+HEARTBEAT_S = 10.0  # off a terminal, a progress line at least this often
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:
@@ -245,19 +246,56 @@ def load_with_status(args):
 
 @contextmanager
 def progress(err, label: str):
-    """Yields ``(tick, stage)``: ``tick(done, total)`` moves a progress bar on a terminal and
-    elsewhere (logs, CI) prints ``label: done/total (N s)`` at most every 30 s and at the end;
-    ``stage(name)`` names what the work is doing now (in the bar, or as a line off a terminal),
-    so that a long stage of one block still shows life."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Yields ``(tick, stage)``: ``tick(done, total)`` moves a progress bar on a terminal (with
+    the time elapsed and an estimate of the time left); elsewhere (logs, CI) it prints
+    ``label: done/total (N s, ~M s left)`` at most every ``HEARTBEAT_S`` and at the end.
+    ``stage(name)`` names what the work is doing now (in the bar, or as a line off a
+    terminal). Off a terminal a line also comes every ``HEARTBEAT_S`` while nothing else
+    did, so a long stage of one block still shows life."""
+    import threading
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     started = time.monotonic()
-    last = [started]
+    state = {"said": started, "stage": "", "done": 0, "total": 0}
+    lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with lock:
+            state["said"] = time.monotonic()
+            err.print(text)
+
+    def status(now: float) -> str:
+        done, total = state["done"], state["total"]
+        elapsed = now - started
+        counted = f"{done}/{total}, " if total else ""
+        left = ""
+        if 0 < done < total:
+            left = f", ~{elapsed / done * (total - done):.0f} s left"
+        where = f" ({state['stage']})" if state["stage"] else ""
+        return f"{label}{where}: {counted}{elapsed:.0f} s{left}"
+
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(min(1.0, HEARTBEAT_S / 2)):
+            now = time.monotonic()
+            if now - state["said"] >= HEARTBEAT_S:
+                say(status(now))
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err,
         transient=True,
         disable=not err.is_terminal,
@@ -266,17 +304,27 @@ def progress(err, label: str):
 
         def tick(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
+            state["done"], state["total"] = done, total
             now = time.monotonic()
-            if not err.is_terminal and (now - last[0] >= 30 or done == total):
-                last[0] = now
-                err.print(f"{label}: {done}/{total} ({now - started:.0f} s)")
+            if not err.is_terminal and (now - state["said"] >= HEARTBEAT_S or done == total):
+                say(status(now))
 
         def stage(name: str) -> None:
             bar.update(task, description=f"{label} ({name})")
+            state["stage"] = name
             if not err.is_terminal:
-                err.print(f"{label}: {name} ({time.monotonic() - started:.0f} s)")
+                say(status(time.monotonic()))
 
-        yield tick, stage
+        beat = None
+        if not err.is_terminal:
+            beat = threading.Thread(target=heartbeat, name="stable-regions-progress", daemon=True)
+            beat.start()
+        try:
+            yield tick, stage
+        finally:
+            stop.set()
+            if beat is not None:
+                beat.join()
 
 
 def each_prompt(err, prompts: list[str], label: str, study) -> list:
