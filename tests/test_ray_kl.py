@@ -47,3 +47,35 @@ def test_ray_kl_matches_the_direct_formula_with_large_and_masked_logits():
     assert float((got[~far] - want[~far]).abs().max()) < 1e-12
     small = torch.as_tensor(ts) == 1e-4
     assert float(((got[small] - want[small]) / want[small]).abs().max()) < 1e-6
+
+
+def test_measure_near_confirms_good_roots_in_one_call_and_measures_the_rest():
+    """Along rays of a linear head (logits u0 + t b) the curve's roots are confirmed by one
+    call and agree with the full search; a wrong root, or an 'inf' that is reached, is
+    measured from scratch; the answers match a brute-force scan of the KL either way."""
+    from stable_regions.probes.boundary import LinearRayKL, measure_boundaries, measure_near
+
+    g = torch.Generator().manual_seed(3)
+    u0 = 3.0 * torch.randn(6, 500, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 500, generator=g, dtype=torch.float64)
+    b[5] = 0.0  # a ray along which nothing changes: never reaches eps
+    kl = LinearRayKL(u0, b)
+    eps = [0.01, 0.5]
+    search = dict(t_start=np.full(6, 1e-3), t_max=np.full(6, 1e3), rtol=1e-8)
+    full = measure_boundaries(kl, eps, **search)
+    assert np.isinf(full[5]).all() and np.isfinite(full[:5]).all()
+    calls = kl.calls
+    near = measure_near(kl, eps, full, **search)
+    assert kl.calls == calls + 1  # one call confirmed every root
+    np.testing.assert_allclose(near, full, rtol=1e-8)
+    wrong = full.copy()
+    wrong[1, 0] *= 1.01  # off by 1%: not confirmed
+    wrong[2, 1] = np.inf  # claimed never reached: it is
+    again = measure_near(kl, eps, wrong, **search)
+    np.testing.assert_allclose(again, full, rtol=1e-8)
+    # an independent check: the KL just below and above each answer
+    for r in range(5):
+        for e, level in enumerate(eps):
+            t = again[r, e]
+            below, above = kl(np.array([r, r]), np.array([t * (1 - 1e-7), t * (1 + 1e-7)]))
+            assert below < level <= above

@@ -13,13 +13,12 @@ from .._support.heap import return_freed_memory
 from ..geometry import (
     FisherOperator,
     RayCurve,
-    cumulants_along,
-    curvature_diagonal,
-    curvature_trace,
+    curvature_trace_and_diagonal,
     effective_rank,
+    series_coefficients,
 )
 from ..models import ModelAdapter
-from ..probes import LinearRayKL, RayKL, measure_boundaries
+from ..probes import LinearRayKL, RayKL, measure_boundaries, measure_near
 from .common import (
     Block,
     Stage,
@@ -51,7 +50,8 @@ def prelogit_blocks(
     The head is the model's own (``stored_head``: no float64 copy of W): every product with W
     runs in the weight's dtype, the probabilities, cumulants, KL values and sums in float64.
     A linear head takes the batched search from the logits (``top_curvature``: vocabulary
-    chunks, pivoted at the top token; ``curvature_trace``, ``curvature_diagonal``); a
+    chunks, pivoted at the top token; ``curvature_trace_and_diagonal``); the measured
+    boundary confirms the exact curve's root where the head is linear (``measure_near``); a
     softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
     stage = stage or quiet
     head = summing_head(adapter)
@@ -59,7 +59,10 @@ def prelogit_blocks(
     tol = eig_tolerance(eig_tol, weight.dtype)
     f64 = torch.float64
     h_all = adapter.prelogits(ids, dtype=None)[pos]
-    block = positions_per_block(head.vocab_size)
+    cap = positions_per_block(head.vocab_size)
+    # blocks of equal size: a block of one position left over takes the one-position search
+    # (Gemma-3, 64 positions at a cap of 21: 1.5 s of 14 s for that last position alone)
+    block = -(-len(pos) // -(-len(pos) // cap))
     for start in range(0, len(pos), block):
         h = h_all[start : start + block].to(f64)
         P = h.shape[0]
@@ -67,17 +70,7 @@ def prelogit_blocks(
         stage("curvature")
         u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
         if head.is_linear:
-            vecs = top_vectors_linear(head, h, u0, tol)
-            c2, c3, c4 = cumulants_along(weight, u0, vecs)  # float64 p: c2 = lambda_max
-            lam, vecs = c2, vecs.to(f64)
-            rank = effective_rank(curvature_trace(weight, u0), lam)
-            return_freed_memory()
-            diagonal = curvature_diagonal(weight, u0)
-            corner = cumulants_along(weight, u0, torch.sign(vecs))[0]
-            # the series along +v and -v: c3 flips with the sign, c2 and c4 do not
-            c2, c3, c4 = (
-                rays(c[:, None], sg)[:, 0] for c, sg in ((c2, 1.0), (c3, -1.0), (c4, 1.0))
-            )
+            lam, vecs, rank, diagonal, corner, ray_b = _linear_head(head, h, u0, tol)
         else:
             op = FisherOperator.from_head(head, h)
             lam, vecs = op.top_eigenpairs(k=1, tol=tol)
@@ -85,8 +78,8 @@ def prelogit_blocks(
             rank = effective_rank(op.trace(), lam)
             diagonal = op.diagonal()
             corner = op.quadratic_form(torch.sign(vecs)[:, None])[:, 0]
-            c2 = None
             del op
+            ray_b = head.direction_float64(rays(vecs, -1.0))
         linf = linf_radii(eps_list, lam, diagonal, corner)
         p = torch.softmax(head.squash(u0), dim=-1)
         top_p, top_i = p.max(-1)
@@ -95,33 +88,36 @@ def prelogit_blocks(
 
         # Rays 2j and 2j+1 are +v and -v at position j: eigenvectors have no sign.
         ray_h = h.repeat_interleave(2, dim=0)
-        ray_v = rays(vecs, -1.0)
-        curve = RayCurve(head, u0.repeat_interleave(2, dim=0), head.direction_float64(ray_v))
-        del u0
-        if c2 is None:
-            c2, c3, c4 = curve.coefficients()
-        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
+        curve = RayCurve(head, u0.repeat_interleave(2, dim=0), ray_b)
+        del u0, ray_b
+        predicted = pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
         # The closed forms only seed the search brackets; they never decide the answer.
-        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
+        curve_search = dict(search)
+        if head.is_linear:
+            # the KL along a ray of a linear head increases for t > 0 (below): its only
+            # crossing is the first, so the scan may start at half the Pade root (it walks
+            # down where it starts above); the root to a tenth of rtol, so that a bracket of
+            # width rtol about it holds the measured crossing
+            first = np.where(np.isfinite(predicted) & (predicted > 0), predicted, np.inf).min(1)
+            curve_search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
+            curve_search["rtol"] = 0.1 * rtol
+        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **curve_search)
+        measured = np.full_like(from_curve, np.nan)
         if exact:
             stage("measuring")
             if head.is_linear:
-                # The KL along a ray of a linear head, K(t) - t K'(0), increases for t > 0 (K
-                # is convex): its only crossing is the first, so the scan may start at half the
-                # curve's root instead of far below it (it walks down if it starts above).
-                first = np.where(np.isfinite(from_curve), from_curve, np.inf).min(1)
-                search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
-            along = (
-                LinearRayKL(curve.u0, curve.b)
-                if head.is_linear
-                else RayKL(head.logits_float64, ray_h, ray_v)
-            )
-            measured = measure_boundaries(along, eps_list, guesses=from_curve, **search)
+                # Along a ray of a linear head the logits are u0 + t b: the KL is the curve's
+                # function, evaluated here by the head's own formula, and it increases for
+                # t > 0 (K(t) - t K'(0), K convex), so a bracket about the curve's root that
+                # straddles eps holds the only crossing: one call confirms every root.
+                along = LinearRayKL(curve.u0, curve.b)
+                measured = measure_near(along, eps_list, from_curve, **search)
+            else:
+                along = RayKL(head.logits_float64, ray_h, rays(vecs, -1.0))
+                measured = measure_boundaries(along, eps_list, guesses=from_curve, **search)
             del along
-        else:
-            measured = np.full_like(from_curve, np.nan)
         del curve
         yield Block(
             positions=pos[start : start + P],
@@ -138,3 +134,23 @@ def prelogit_blocks(
             linf_upper=linf[1],
             activation_norm=h.norm(dim=-1),
         )
+
+
+def _linear_head(head, h: Tensor, u0: Tensor, tol: float):
+    """A linear head's geometry at pre-logit vectors ``h`` (P, d) with float64 logits ``u0``:
+    ``lambda_max``, the top directions (P, d), the effective rank, ``diag H``, the L-inf
+    corner ``s^T H s`` (``s = sign(v)``), and the rays' logit rates ``W (+-v)`` (2P, V),
+    float64. The directions and their sign vectors share one float64 product with ``W``;
+    ``v^T H v`` and the series come from it (centred: ``series_coefficients``); the trace
+    and the diagonal share one pass."""
+    f64 = torch.float64
+    P = len(h)
+    vecs = top_vectors_linear(head, h, u0, tol).to(f64)
+    b = head.direction_float64(torch.cat([vecs, torch.sign(vecs)]))
+    p = torch.softmax(u0, dim=-1)
+    lam = series_coefficients(p, [b[:P]])[0]  # v^T H v, centred, float64
+    corner = series_coefficients(p, [b[P:]])[0]
+    del p
+    trace, diagonal = curvature_trace_and_diagonal(head.weight, u0)
+    ray_b = rays(b[:P], -1.0)
+    return lam, vecs, effective_rank(trace, lam), diagonal, corner, ray_b

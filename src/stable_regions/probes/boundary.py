@@ -124,6 +124,52 @@ def measure_boundaries(
     )
 
 
+def measure_near(
+    kl: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    eps: list[float],
+    roots: np.ndarray,
+    *,
+    t_start: np.ndarray,
+    t_max: np.ndarray,
+    rtol: float = 1e-6,
+) -> np.ndarray:
+    """First crossings (R, E) of ``eps`` along rays whose KL increases for ``t > 0`` (a
+    linear head's: ``K(t) - t K'(0)`` with ``K`` convex), where ``roots`` (R, E) are expected
+    to be the answer (the exact curve's): each is confirmed by one call at
+    ``root (1 -+ rtol / 2)`` (below ``eps``, then at or above it: a bracket of relative width
+    ``rtol`` that holds the only crossing; the answer is the linear interpolation inside it),
+    an ``inf`` by the KL at ``t_max`` staying below ``eps``. Rays with any root unconfirmed
+    are measured from scratch (``measure_boundaries``, the roots as guesses)."""
+    R, E = roots.shape
+    levels = np.broadcast_to(np.asarray(eps, dtype=np.float64), (R, E))
+    t_max = np.broadcast_to(np.asarray(t_max, dtype=np.float64), (R,))
+    finite = np.isfinite(roots) & (roots > 0)
+    rays = np.repeat(np.arange(R), E)
+    ts = np.where(finite, roots, t_max[:, None]).ravel()
+    lo_t = np.where(finite.ravel(), ts * (1.0 - 0.5 * rtol), ts)
+    hi_t = np.where(finite.ravel(), ts * (1.0 + 0.5 * rtol), ts)
+    values = kl(np.concatenate([rays, rays]), np.concatenate([lo_t, hi_t]))
+    lo_f, hi_f = (values[: R * E].reshape(R, E), values[R * E :].reshape(R, E))
+    lo_t, hi_t = lo_t.reshape(R, E), hi_t.reshape(R, E)
+    below = lo_f < levels
+    confirmed = np.where(finite, below & (hi_f >= levels), below)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = lo_t + (levels - lo_f) / (hi_f - lo_f) * (hi_t - lo_t)
+    out = np.where(finite, np.clip(inside, lo_t, hi_t), np.inf)
+    redo = np.nonzero(~confirmed.all(1))[0]
+    if redo.size:
+        again = measure_boundaries(
+            lambda r, t: kl(redo[r], t),
+            eps,
+            t_start=np.asarray(t_start, dtype=np.float64)[redo],
+            t_max=t_max[redo],
+            rtol=rtol,
+            guesses=np.where(finite[redo], roots[redo], np.nan),
+        )
+        out[redo] = again
+    return out
+
+
 # A pass through the suffix costs about as much as 40 of its rows (SmolLM2, block 15 of 30),
 # so a call of few rows is filled up to this many points.
 SUFFIX_ROWS_PER_CALL = 64
