@@ -13,6 +13,7 @@ from .._support.heap import return_freed_memory
 from ..geometry import (
     FisherOperator,
     RayCurve,
+    cgf_crossings,
     curvature_trace_and_diagonal,
     effective_rank,
     series_coefficients,
@@ -90,20 +91,17 @@ def prelogit_blocks(
         ray_h = h.repeat_interleave(2, dim=0)
         curve = RayCurve(head, u0.repeat_interleave(2, dim=0), ray_b)
         del u0, ray_b
-        predicted = pade_radii(*curve.coefficients(), eps_list)  # (2P, E)
+        c2, c3, c4 = curve.coefficients()
+        predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
-        # The closed forms only seed the search brackets; they never decide the answer.
-        curve_search = dict(search)
+        # The closed forms only seed the searches; they never decide the answer.
         if head.is_linear:
-            # the KL along a ray of a linear head increases for t > 0 (below): its only
-            # crossing is the first, so the scan may start at half the Pade root (it walks
-            # down where it starts above); the root to a tenth of rtol, so that a bracket of
-            # width rtol about it holds the measured crossing
-            first = np.where(np.isfinite(predicted) & (predicted > 0), predicted, np.inf).min(1)
-            curve_search["t_start"] = np.where(np.isfinite(first), 0.5 * first, search["t_start"])
-            curve_search["rtol"] = 0.1 * rtol
-        from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **curve_search)
+            # a tenth of the measurement's rtol, so that a bracket of the measurement's width
+            # about each root holds the measured crossing (measure_near)
+            from_curve = _curve_roots(curve, c2, predicted, eps_list, search["t_max"], 0.1 * rtol)
+        else:
+            from_curve = measure_boundaries(curve, eps_list, guesses=predicted, **search)
         measured = np.full_like(from_curve, np.nan)
         if exact:
             stage("measuring")
@@ -154,3 +152,21 @@ def _linear_head(head, h: Tensor, u0: Tensor, tol: float):
     trace, diagonal = curvature_trace_and_diagonal(head.weight, u0)
     ray_b = rays(b[:P], -1.0)
     return lam, vecs, effective_rank(trace, lam), diagonal, corner, ray_b
+
+
+def _curve_roots(curve: RayCurve, c2: Tensor, guesses: np.ndarray, eps_list, t_max, rtol: float):
+    """The exact curve's first crossings (2P, E) along a linear head's rays: Newton's method
+    from above on the CGF (``cgf_crossings``: the KL and its slope from one exp over the
+    vocabulary per step), started at the Pade roots ``guesses`` (the quadratic ones, from the
+    variance ``c2``, where Pade gives none), given up at ``t_max``, to ``rtol``."""
+    f64 = torch.float64
+    device = curve.b.device
+    levels = torch.tensor(eps_list, dtype=f64, device=device).expand(len(curve.b), -1)
+    start = torch.as_tensor(guesses, dtype=f64).to(device)
+    quadratic = torch.sqrt(2.0 * levels / c2.to(f64).clamp_min(1e-300)[:, None])
+    start = torch.where(torch.isfinite(start) & (start > 0), start, quadratic)
+    cap = torch.as_tensor(np.asarray(t_max, dtype=np.float64)).to(device)[:, None]
+    roots = cgf_crossings(
+        curve.logp, curve.b, levels.contiguous(), start, rtol, cap=cap.expand_as(levels)
+    )
+    return roots.cpu().numpy()
