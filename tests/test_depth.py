@@ -198,9 +198,10 @@ def test_analyze_embed_linf_radii(tokenizer):
 
 @pytest.mark.parametrize("graph_bytes", [None, 1])
 def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, graph_bytes):
-    """``graph_bytes=1``: a recorded block holds one position, and the map's series comes
-    from one pass of derivatives over all of them (``engine.inner._map_chunks``)."""
-    import stable_regions.engine.inner as engine
+    """The cells of every inner layer share the passes (``engine.cells.map_cells``).
+    ``graph_bytes=1``: a recorded chunk holds one cell, and the series still comes from one
+    pass of derivatives over all of them."""
+    import stable_regions.engine.cells as engine
 
     nests = []
     if graph_bytes is not None:
@@ -218,8 +219,8 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, gra
     # block runs until all have converged): a tighter one keeps the directions comparable
     tol = {} if graph_bytes is None else {"eig_tol": 1e-9}
     m = sr.stability_map(adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17], **tol)
-    if graph_bytes is not None:  # one nest of all 3 positions per inner layer
-        assert nests == [(True, 3), (True, 3)]
+    if graph_bytes is not None:  # one nest of the 3 positions of both inner layers
+        assert nests == [(True, 6)]
         monkeypatch.undo()
     assert m.radius_pade.shape == (3, 3)
     for i, layer in enumerate(layers):

@@ -12,6 +12,7 @@ model): the forward and tangent passes in the weights' dtype, the probabilities,
 cumulants, Lanczos tridiagonal and vocabulary sums in float64.
 """
 
+from .cells import map_cells
 from .common import (
     RELIABLE_AGREEMENT,
     RELIABLE_RELATIVE,
@@ -51,6 +52,7 @@ __all__ = [
     "inner_blocks",
     "linf_radii",
     "logit_derivatives",
+    "map_cells",
     "nearest",
     "pade_radii",
     "positions_per_block",

@@ -14,7 +14,9 @@ from torch import Tensor
 from ..budget import graph_bytes, rows_recordable, rows_within
 from ..geometry import (
     LogitHead,
+    PullbackOperator,
     TaylorPathKL,
+    effective_rank,
     linf_radius_bounds,
     radius_pade,
     series_coefficients,
@@ -305,3 +307,10 @@ def closed_forms_along(
         scale = suffix.x0.norm(dim=-1).clamp_min(1e-6).repeat_interleave(2).cpu().numpy()
         taylor = taylor_radii(logp, derivs, origin, eps_list, scale, pade, rtol)
     return c2, pade, taylor
+
+
+def top_and_rank_estimate(op: PullbackOperator, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lambda_max (P,), effective rank (P,), top eigenvector (P, d))`` with ``tr G`` the
+    Krylov space's trace plus 16 Hutchinson probes (what maps and ``analyze`` at blocks use)."""
+    lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
+    return lam[:, 0], effective_rank(trace_g, lam[:, 0]), vecs[:, 0]

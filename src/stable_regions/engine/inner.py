@@ -26,11 +26,11 @@ from .common import (
     entropy,
     linf_radii,
     nearest,
-    positions_per_block,
     positions_per_recorded_block,
     quiet,
     rays,
     scan_start,
+    top_and_rank_estimate,
 )
 
 
@@ -45,8 +45,6 @@ def inner_blocks(
     eig_tol: float,
     trace: str = "exact",
     stage: Stage | None = None,
-    shared_cache: SuffixBatch | None = None,
-    curve: bool = True,
 ) -> Iterator[Block]:
     """A hook inside the network: pullback curvature J^T F J by JVP/VJP through the suffix only.
 
@@ -54,33 +52,21 @@ def inner_blocks(
     keys/values of the prompt, one batch row each), so the Lanczos products, derivatives and
     boundary searches of the block are batched passes. ``trace="exact"``: d forward-mode
     products give the diagonal (the effective rank and the L-inf radii). ``trace="estimate"``
-    (stability maps, ``analyze`` at blocks): the trace from the Krylov space of the Lanczos run (free) plus 16
-    Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage begins.
-    ``shared_cache``: a suffix of the same prompt whose cached keys and values reach the
-    last position (several layers of one prompt then share one pass over the prompt).
-    ``curve``: the radius along the logits' cubic Taylor path (``taylor_radii``; its
-    derivatives ``a1..a3`` also give the Pade form), else only the Pade form from the cheaper
-    ``series_along`` (stability maps, where the model is not in Taylor mode), or, where the
-    positions need several recorded blocks, from one pass of derivatives over all of them
-    (``_map_chunks``).
+    (``analyze`` at blocks): the trace from the Krylov space of the Lanczos run (free) plus
+    16 Hutchinson probes, and no L-inf radii. ``stage(name)`` is called as each stage
+    begins. The radius along the logits' cubic Taylor path (``taylor_radii``) comes from the
+    derivatives ``a1..a3``, which also give the Pade form. (Stability maps take every layer
+    at once: ``engine.cells``.)
     """
     stage = stage or quiet
     E = len(eps_list)
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
     block = positions_per_recorded_block(adapter, hook, len(pos), ids.shape[1])
-    # maps whose positions the graph budget splits: the series of several blocks together
-    cap = positions_per_block(adapter.vocab_size, inner=True)
-    span = -(-len(pos) // -(-len(pos) // cap))  # equal chunks of at most cap positions
-    if block < span and not (curve or exact) and trace == "estimate":
-        yield from _map_chunks(
-            adapter, ids, hook, pos, eps_list, tol, block, span, stage, shared_cache
-        )
-        return
     for start in range(0, len(pos), block):
         chunk = pos[start : start + block]
         P = len(chunk)
         stage("suffix")
-        suffix = SuffixBatch(adapter, ids, hook, chunk, shared_cache=shared_cache)
+        suffix = SuffixBatch(adapter, ids, hook, chunk)
         op = PullbackOperator.from_suffix(suffix)
         return_freed_memory()  # each stage's transients, not their sum with fragments
         if trace == "exact":
@@ -94,14 +80,14 @@ def inner_blocks(
             lam, v = lam[:, 0], vecs[:, 0]
         else:
             stage("curvature and trace estimate")
-            lam, rank, v = _top_and_rank_estimate(op, tol)
+            lam, rank, v = top_and_rank_estimate(op, tol)
             linf = (np.full((P, E), np.nan), np.full((P, E), np.nan))
         p = op.p
         del op  # its recorded passes: the series records its own
         return_freed_memory()
         stage("derivatives")
         norm = suffix.x0.norm(dim=-1)
-        logp = torch.log_softmax(suffix.logits0, -1) if curve else None
+        logp = torch.log_softmax(suffix.logits0, -1)
         _, predicted, on_path = closed_forms_along(
             adapter,
             suffix,
@@ -114,7 +100,7 @@ def inner_blocks(
         )
         if exact:
             stage("measuring")
-            guess = on_path if curve else predicted
+            guess = on_path
             measured = measure_from_suffix(
                 suffix,
                 rays(v, -1.0),
@@ -145,70 +131,3 @@ def inner_blocks(
             linf_upper=linf[1],
             activation_norm=norm,
         )
-
-
-def _map_chunks(
-    adapter: ModelAdapter,
-    ids: Tensor,
-    hook: str,
-    pos: list[int],
-    eps_list: list[float],
-    tol: float,
-    block: int,
-    span: int,
-    stage: Stage,
-    shared_cache: SuffixBatch | None,
-) -> Iterator[Block]:
-    """``inner_blocks`` for stability maps (the trace estimated, no Taylor path, nothing
-    measured) where the graph budget cuts a layer's positions into several recorded blocks:
-    each block's Lanczos and trace as usual, then the series of ``span`` positions (several
-    blocks) at once from the logits' derivatives (``logit_derivatives``), which record no
-    graph and so are not cut: one pass of jets has a fixed cost (SmolLM2 from the embedding:
-    0.14 s for one row, 0.43 s for 64), and without Taylor mode the three-level nest took
-    3.3-3.7 s for 64 positions against 3 x 1.6-1.8 s for the series by blocks of 22."""
-    E = len(eps_list)
-    for start in range(0, len(pos), span):
-        chunk = pos[start : start + span]
-        whole = SuffixBatch(adapter, ids, hook, chunk, shared_cache=shared_cache)
-        parts = []
-        size = -(-len(chunk) // -(-len(chunk) // block))  # equal recorded blocks
-        for first in range(0, len(chunk), size):
-            stage("suffix")
-            suffix = SuffixBatch(
-                adapter, ids, hook, chunk[first : first + size], shared_cache=whole
-            )
-            op = PullbackOperator.from_suffix(suffix)
-            stage("curvature and trace estimate")
-            parts.append((*_top_and_rank_estimate(op, tol), op.p))
-            del op, suffix  # their recorded passes
-            return_freed_memory()
-        lam, rank, v, p = (torch.cat(part) for part in zip(*parts, strict=True))
-        del parts
-        stage("derivatives")
-        _, predicted, _ = closed_forms_along(adapter, whole, v, p, eps_list, 0.0, graph_free=True)
-        top_p, top_i = p.max(-1)
-        none = np.full((len(chunk), E), np.nan)
-        norm = whole.x0.norm(dim=-1)
-        del whole
-        yield Block(
-            positions=chunk,
-            next_token_id=top_i,
-            next_prob=top_p,
-            entropy=entropy(p),
-            lambda_max=lam,
-            effective_rank=rank,
-            directions=v,
-            pade=nearest(predicted),
-            curve=none,
-            exact=none,
-            linf_lower=none,
-            linf_upper=none,
-            activation_norm=norm,
-        )
-
-
-def _top_and_rank_estimate(op: PullbackOperator, tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(lambda_max (P,), effective rank (P,), top eigenvector (P, d))`` with ``tr G`` the
-    Krylov space's trace plus 16 Hutchinson probes (what maps and ``analyze`` at blocks use)."""
-    lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
-    return lam[:, 0], effective_rank(trace_g, lam[:, 0]), vecs[:, 0]

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .._support.heap import return_freed_memory
 from .._support.inputs import as_adapter, check_eps, check_positions, json_value
-from ..engine import inner_blocks, prelogit_blocks
+from ..engine import map_cells, prelogit_blocks
 from ..errors import InvalidParameterError
 from ..geometry import curvature_trace, effective_rank, radius_quadratic
 from ..models import ModelAdapter, is_final
@@ -251,25 +251,26 @@ def stability_map(
     inner = [hook for hook in hooks if not is_final(hook)]
     if inner and max(pos) > 0:
         cache = SuffixBatch(adapter, ids, inner[0], [max(pos)])
+
+    def cells_done(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    # every layer inside the network at once: the cells share each pass (engine.cells)
+    inside = {}
+    if inner:
+        inside = map_cells(
+            adapter, ids, inner, pos, e, eig_tol, shared_cache=cache, progress=cells_done
+        )
     for i, hook in enumerate(hooks):
         if is_final(hook) and adapter.logit_softcap is None:
             blocks = _final_layer_cells(adapter, ids, pos, e, min(eig_tol, 1e-4))
         elif is_final(hook):  # softcapped logits: the float64 head's exact operator
             blocks = prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
         else:
-            blocks = inner_blocks(
-                adapter,
-                ids,
-                hook,
-                pos,
-                [e],
-                False,
-                1e-6,
-                eig_tol,
-                trace="estimate",
-                shared_cache=cache,
-                curve=False,
-            )
+            blocks = [inside[hook]]
         for b in blocks:
             cols = [pos.index(p) for p in b.positions]
             grids["lambda_max"][i, cols] = b.lambda_max.cpu().numpy()
@@ -277,10 +278,9 @@ def stability_map(
             grids["radius_pade"][i, cols] = b.pade[:, 0]
             grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
             grids["activation_norm"][i, cols] = b.activation_norm.cpu().numpy()
-            done += len(cols)
             return_freed_memory()  # else the resident set creeps block after block
-            if progress is not None:
-                progress(done, total)
+            if is_final(hook):
+                cells_done(len(cols))
     tokens = adapter.token_strings(ids[0])
     return StabilityMap(
         adapter.name,

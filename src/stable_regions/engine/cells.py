@@ -1,0 +1,111 @@
+"""The cells of a stability map inside the network, every layer at once.
+
+A map asks, at each of several hooks and positions, for ``lambda_max``, the effective rank
+(estimated) and the Pade radius: the same pullback operator and series as ``inner_blocks``
+with ``trace="estimate"``. A ``SuffixBatch`` row may be perturbed at its own hook (it runs
+the network from the shallowest hook of its batch, and its activation is replaced at its own
+hook), so the cells of all layers share every Lanczos pass instead of one pass per layer:
+fewer passes through the network, each with more rows. The recorded passes are cut into
+chunks of rows that fit the graph budget (the budget of a suffix from the shallowest hook),
+the series into chunks of ``positions_per_block`` rows (they record no graph).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._support.heap import return_freed_memory
+from ..geometry import PullbackOperator
+from ..models import ModelAdapter
+from ..models.suffix import SuffixBatch
+from .common import (
+    Block,
+    Stage,
+    closed_forms_along,
+    eig_tolerance,
+    entropy,
+    nearest,
+    positions_per_block,
+    positions_per_recorded_block,
+    quiet,
+    top_and_rank_estimate,
+)
+
+
+def map_cells(
+    adapter: ModelAdapter,
+    ids: Tensor,
+    hooks: list[str],
+    pos: list[int],
+    eps: float,
+    eig_tol: float,
+    *,
+    stage: Stage | None = None,
+    shared_cache: SuffixBatch | None = None,
+    progress=None,
+) -> dict[str, Block]:
+    """One ``Block`` per hook inside the network (all of ``pos``): ``lambda_max``, the
+    effective rank from the Krylov space's trace and 16 Hutchinson probes, the top direction,
+    and the Pade radius at ``eps`` (the nearer of ``+-v``); nothing measured. ``progress(n)``
+    is called with the cells done after each recorded chunk."""
+    stage = stage or quiet
+    tol = eig_tolerance(eig_tol, adapter.compute_dtype)
+    order = sorted(hooks, key=adapter.hook_points().index)  # shallowest first
+    cells = [(hook, p) for hook in order for p in pos]
+    cap = positions_per_recorded_block(adapter, order[0], len(cells), ids.shape[1])
+    span = positions_per_block(adapter.vocab_size, inner=True)
+    found: list[tuple[Tensor, ...]] = []
+    for start in range(0, len(cells), cap):
+        chunk = cells[start : start + cap]
+        stage("suffix")
+        suffix = SuffixBatch(
+            adapter, ids, [h for h, _ in chunk], [p for _, p in chunk], shared_cache=shared_cache
+        )
+        op = PullbackOperator.from_suffix(suffix)
+        stage("curvature and trace estimate")
+        found.append((*top_and_rank_estimate(op, tol), op.p))
+        del op, suffix  # their recorded passes
+        return_freed_memory()
+        if progress is not None:
+            progress(len(chunk))
+    lam, rank, v, p = (torch.cat(part) for part in zip(*found, strict=True))
+    del found
+    stage("derivatives")
+    pade = np.empty((2 * len(cells), 1))
+    norm = torch.empty(len(cells), dtype=lam.dtype, device=lam.device)
+    for start in range(0, len(cells), span):
+        part = slice(start, start + span)
+        chunk = cells[part]
+        whole = SuffixBatch(
+            adapter, ids, [h for h, _ in chunk], [q for _, q in chunk], shared_cache=shared_cache
+        )
+        _, radii, _ = closed_forms_along(
+            adapter, whole, v[part], p[part], [eps], 0.0, graph_free=True
+        )
+        pade[2 * start : 2 * start + 2 * len(chunk)] = radii
+        norm[part] = whole.x0.norm(dim=-1).to(norm.dtype)
+        del whole
+    pade = nearest(pade)
+    out = {}
+    for i, hook in enumerate(order):
+        rows = slice(i * len(pos), (i + 1) * len(pos))
+        top_p, top_i = p[rows].max(-1)
+        none = np.full((len(pos), 1), np.nan)
+        out[hook] = Block(
+            positions=list(pos),
+            next_token_id=top_i,
+            next_prob=top_p,
+            entropy=entropy(p[rows]),
+            lambda_max=lam[rows],
+            effective_rank=rank[rows],
+            directions=v[rows],
+            pade=pade[rows],
+            curve=none,
+            exact=none,
+            linf_lower=none,
+            linf_upper=none,
+            activation_norm=norm[rows],
+        )
+    return out
