@@ -5,9 +5,10 @@ A map asks, at each of several hooks and positions, for ``lambda_max``, the effe
 with ``trace="estimate"``. A ``SuffixBatch`` row may be perturbed at its own hook (it runs
 the network from the shallowest hook of its batch, and its activation is replaced at its own
 hook), so the cells of all layers share every Lanczos pass instead of one pass per layer:
-fewer passes through the network, each with more rows. The recorded passes are cut into
-chunks of rows that fit the graph budget (the budget of a suffix from the shallowest hook),
-the series into chunks of ``positions_per_block`` rows (they record no graph).
+fewer passes through the network, each with more rows. The recorded passes are cut, in
+order of depth, into chunks of rows that fit the graph budget of a suffix from each chunk's
+shallowest hook; the series into chunks of ``positions_per_block`` rows (they record no
+graph).
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ def map_cells(
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
     order = sorted(hooks, key=adapter.hook_points().index)  # shallowest first
     cells = [(hook, p) for hook in order for p in pos]
-    cap = positions_per_recorded_block(adapter, order[0], len(cells), ids.shape[1])
     span = positions_per_block(adapter.vocab_size, inner=True)
     found: list[tuple[Tensor, ...]] = []
-    for start in range(0, len(cells), cap):
+    start = 0
+    while start < len(cells):
+        # a chunk runs from its shallowest hook: deeper chunks record less and hold more rows
+        cap = positions_per_recorded_block(
+            adapter, cells[start][0], len(cells) - start, ids.shape[1]
+        )
         chunk = cells[start : start + cap]
+        start += len(chunk)
         stage("suffix")
         suffix = SuffixBatch(
             adapter, ids, [h for h, _ in chunk], [p for _, p in chunk], shared_cache=shared_cache
