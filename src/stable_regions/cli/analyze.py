@@ -146,9 +146,9 @@ def along_direction(args, eps, positions, prompts) -> int:
     import sys
 
     from ..results import frame_records
-    from ..studies.steering import load_vector, steering_budget
+    from ..studies.steering import load_vector
     from ..vocabulary import FORMS, describe
-    from .console import progress
+    from .steer import budget_of
     from .tables import write_csv
 
     if args.html or args.trace:
@@ -158,19 +158,9 @@ def along_direction(args, eps, positions, prompts) -> int:
     err, adapter = load_with_status(args)
     dim = adapter.hook_dim(adapter.hook_for_layer(args.layer))
     vector = load_vector(args.direction, dim, adapter.layer_name(args.layer))
-    with progress(err, "analyzing positions") as (tick, _):
-        result = steering_budget(
-            adapter,
-            prompts,
-            vector=vector,
-            layer=args.layer,
-            eps=eps,
-            positions=positions,
-            exact=not args.no_exact,
-            calibration=args.calibration,
-            chat=args.chat,
-            progress=tick,
-        )
+    result = budget_of(
+        args, err, adapter, prompts, vector, args.layer, eps, positions, "analyzing positions"
+    )
     frame = result.to_frame()
     for form in FORMS:
         frame[f"radius_{form}"] = frame.pop(f"coef_{form}") * result.vector_norm

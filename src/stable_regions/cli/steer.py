@@ -94,7 +94,6 @@ DEFAULT_COLUMNS = [
 def run(args) -> int:
     from .._support.inputs import check_eps
     from ..studies.steering import STEER_COLUMNS as ALL_COLUMNS
-    from ..studies.steering import steering_budget
 
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)
@@ -107,8 +106,24 @@ def run(args) -> int:
     err, adapter = load_with_status(args)
     layer = parse_layer(args.layer)
     vector = _vector(args, adapter, layer, positive, negative)
-    with progress(err, "steering") as (tick, _):
-        result = steering_budget(
+    result = budget_of(args, err, adapter, prompts, vector, layer, eps, positions, "steering")
+    if args.json:
+        doc = {**result.to_json(), "summary": frame_records(result.summary())}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif args.csv:
+        write_csv(result.to_frame())
+    else:
+        print_tables(result, args)
+    return 0
+
+
+def budget_of(args, err, adapter, prompts, vector, layer, eps, positions, label: str):
+    """``steering_budget`` with the command's options (``--no-exact``, ``--calibration``,
+    ``--chat``) and a progress bar: ``steer`` and ``analyze --direction``."""
+    from ..studies.steering import steering_budget
+
+    with progress(err, label) as (tick, _):
+        return steering_budget(
             adapter,
             prompts,
             vector=vector,
@@ -120,14 +135,6 @@ def run(args) -> int:
             chat=args.chat,
             progress=tick,
         )
-    if args.json:
-        doc = {**result.to_json(), "summary": frame_records(result.summary())}
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    elif args.csv:
-        write_csv(result.to_frame())
-    else:
-        print_tables(result, args)
-    return 0
 
 
 def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
