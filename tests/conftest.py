@@ -13,6 +13,9 @@ import transformers as T
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the command line keeps torch's thread count in the tests (test_threads checks its choice):
+# how busy the machine is must not change what a test sees
+os.environ.setdefault("STABLE_REGIONS_THREADS", str(torch.get_num_threads()))
 T.logging.set_verbosity_error()
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n", "é", "ü", "ß"]

@@ -52,10 +52,17 @@ def test_a_busy_machine_gets_fewer_threads_for_the_command_and_the_setting_back(
     monkeypatch.setattr(threads, "idle_cores", lambda cpus: 0.2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    # a command that fails on its input still runs inside the fitted threads
+    # a command that fails on its input still runs inside the fitted threads, and its error
+    # stays one line: the note comes only after long work
     assert main(["analyze", "x", "--eps", "-1"]) == 2
     assert seen == [1, 2]  # one thread for the command, then torch's own setting back
-    assert "the machine is busy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "busy" not in err and err.count("\n") == 1
+    monkeypatch.setattr(threads, "NOTE_AFTER_S", 0.0)
+    seen.clear()
+    assert main(["analyze", "x", "--eps", "-1"]) == 2
+    assert seen == [1, 2] and "the machine was busy" in capsys.readouterr().err
+    monkeypatch.setattr(threads, "NOTE_AFTER_S", 10.0)
     seen.clear()
     monkeypatch.setenv("STABLE_REGIONS_THREADS", "2")
     assert main(["analyze", "x", "--eps", "-1"]) == 2

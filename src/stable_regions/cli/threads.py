@@ -6,7 +6,8 @@ suffix, a Lanczos step of one position) then take several times longer: on the 2
 machine with two other busy processes, ``jacobian "hello" -k 1`` took 101 s with 2 threads
 against 21 s with one (12 s with 2 threads on the idle machine). The command line counts the
 idle cores it may run on (``/proc/stat`` over a tenth of a second) and, where fewer are idle
-than torch would use, uses that many for the command and gives the setting back after.
+than torch would use, uses that many for the command and gives the setting back after (a
+command that ran 10 s or more says so in one ``note:`` line at its end).
 ``OMP_NUM_THREADS`` or ``STABLE_REGIONS_THREADS`` (a number, or ``auto``) decide instead.
 The library itself never changes the thread count: it is process-wide.
 """
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 SAMPLE_S = 0.1
+NOTE_AFTER_S = 10.0  # a command this long says, at its end, that it ran on fewer threads
 
 CpuTimes = dict[int, tuple[int, int]]  # cpu -> (idle ticks, all ticks)
 
@@ -86,13 +88,16 @@ def fitted_threads(note: Callable[[str], None]) -> Iterator[None]:
     if requested == "auto" and current > 1:
         idle = idle_cores(set(os.sched_getaffinity(0)))
     chosen = threads_for(requested, current, idle)
-    if chosen != current and requested == "auto":
-        note(
-            f"the machine is busy ({idle:.1f} of {current} cores idle): computing on {chosen} "
-            "thread(s) (STABLE_REGIONS_THREADS=N to choose)"
-        )
     torch.set_num_threads(chosen)
+    started = time.monotonic()
     try:
         yield
     finally:
         torch.set_num_threads(current)
+        # said at the end, and only after long work: a one-line error stays one line
+        if chosen != current and requested == "auto":
+            if time.monotonic() - started >= NOTE_AFTER_S:
+                note(
+                    f"the machine was busy ({idle:.1f} of {current} cores idle): computed on "
+                    f"{chosen} thread(s) (STABLE_REGIONS_THREADS=N to choose)"
+                )
