@@ -13,6 +13,8 @@ graph).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -45,7 +47,7 @@ def map_cells(
     *,
     stage: Stage | None = None,
     shared_cache: SuffixBatch | None = None,
-    progress=None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Block]:
     """One ``Block`` per hook inside the network (all of ``pos``): ``lambda_max``, the
     effective rank from the Krylov space's trace and 16 Hutchinson probes, the top direction,
@@ -71,39 +73,44 @@ def map_cells(
         )
         op = PullbackOperator.from_suffix(suffix)
         stage("curvature and trace estimate")
-        found.append((*top_and_rank_estimate(op, tol), op.p))
+        found.append(top_and_rank_estimate(op, tol))
         del op, suffix  # their recorded passes
         return_freed_memory()
         if progress is not None:
             progress(len(chunk))
-    lam, rank, v, p = (torch.cat(part) for part in zip(*found, strict=True))
+    lam, rank, v = (torch.cat(part) for part in zip(*found, strict=True))
     del found
     stage("derivatives")
     pade = np.empty((2 * len(cells), 1))
-    norm = torch.empty(len(cells), dtype=lam.dtype, device=lam.device)
+    # per cell: |h|, the next token, its probability, the entropy (p itself is not kept: it
+    # is (cells x V) float64, 0.3 GB for Gemma-3's default map)
+    norm = torch.empty(len(cells), dtype=torch.float64)
+    top_p = torch.empty(len(cells), dtype=torch.float64)
+    ent = torch.empty(len(cells), dtype=torch.float64)
+    top_i = torch.empty(len(cells), dtype=torch.long)
     for start in range(0, len(cells), span):
         part = slice(start, start + span)
         chunk = cells[part]
         whole = SuffixBatch(
             adapter, ids, [h for h, _ in chunk], [q for _, q in chunk], shared_cache=shared_cache
         )
-        _, radii, _ = closed_forms_along(
-            adapter, whole, v[part], p[part], [eps], 0.0, graph_free=True
-        )
+        p = torch.softmax(whole.logits0, -1)
+        _, radii, _ = closed_forms_along(adapter, whole, v[part], p, [eps], 0.0, graph_free=True)
         pade[2 * start : 2 * start + 2 * len(chunk)] = radii
-        norm[part] = whole.x0.norm(dim=-1).to(norm.dtype)
-        del whole
+        norm[part] = whole.x0.norm(dim=-1).to(norm.dtype).cpu()
+        best, index = p.max(-1)
+        top_p[part], top_i[part], ent[part] = best.cpu(), index.cpu(), entropy(p).cpu()
+        del whole, p
     pade = nearest(pade)
     out = {}
     for i, hook in enumerate(order):
         rows = slice(i * len(pos), (i + 1) * len(pos))
-        top_p, top_i = p[rows].max(-1)
         none = np.full((len(pos), 1), np.nan)
         out[hook] = Block(
             positions=list(pos),
-            next_token_id=top_i,
-            next_prob=top_p,
-            entropy=entropy(p[rows]),
+            next_token_id=top_i[rows],
+            next_prob=top_p[rows],
+            entropy=ent[rows],
             lambda_max=lam[rows],
             effective_rank=rank[rows],
             directions=v[rows],
