@@ -51,9 +51,10 @@ def prelogit_blocks(
     The head is the model's own (``stored_head``: no float64 copy of W): every product with W
     runs in the weight's dtype, the probabilities, cumulants, KL values and sums in float64.
     A linear head takes the batched search from the logits (``top_curvature``: vocabulary
-    chunks, pivoted at the top token; ``curvature_trace_and_diagonal``); the measured
-    boundary confirms the exact curve's root where the head is linear (``measure_near``); a
-    softcapped one the operator through its real nonlinearity (``FisherOperator``)."""
+    chunks, pivoted at the top token; ``curvature_trace_and_diagonal``), the exact curve's
+    roots by Newton's method on the CGF, and a measured boundary that confirms each root in
+    one call (``measure_near``); a softcapped one takes the operator through its real
+    nonlinearity (``FisherOperator``) and searches both the curve and the boundary."""
     stage = stage or quiet
     head = summing_head(adapter)
     weight = head.weight
