@@ -2,9 +2,8 @@
 
 torch's CPU operators run on one OpenMP thread per core, and a thread that finds its core
 taken by another process waits on it at every operator. Small operators (a one-token
-suffix, a Lanczos step of one position) then take several times longer: on the 2-core
-machine with two other busy processes, ``jacobian "hello" -k 1`` took 101 s with 2 threads
-against 21 s with one (12 s with 2 threads on the idle machine). The command line counts the
+suffix, a Lanczos step of one position) then take several times longer (measured in
+docs/performance.md, "On a busy machine"). The command line counts the
 idle cores it may run on (``/proc/stat`` over a tenth of a second) and, where fewer are idle
 than torch would use, uses that many for the command and gives the setting back after (a
 command that ran 10 s or more says so in one ``note:`` line at its end).

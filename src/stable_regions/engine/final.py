@@ -62,8 +62,8 @@ def prelogit_blocks(
     f64 = torch.float64
     h_all = adapter.prelogits(ids, dtype=None)[pos]
     cap = positions_per_block(head.vocab_size)
-    # blocks of equal size: a block of one position left over takes the one-position search
-    # (Gemma-3, 64 positions at a cap of 21: 1.5 s of 14 s for that last position alone)
+    # blocks of equal size: a block of one position left over would take the slower
+    # one-position search (docs/performance.md)
     block = -(-len(pos) // -(-len(pos) // cap))
     for start in range(0, len(pos), block):
         h = h_all[start : start + block].to(f64)
