@@ -14,7 +14,7 @@ from ..geometry import (
     FisherOperator,
     RayCurve,
     cgf_crossings,
-    curvature_trace_and_diagonal,
+    curvature_diagonal,
     effective_rank,
     series_coefficients,
 )
@@ -51,7 +51,7 @@ def prelogit_blocks(
     The head is the model's own (``stored_head``: no float64 copy of W): every product with W
     runs in the weight's dtype, the probabilities, cumulants, KL values and sums in float64.
     A linear head takes the batched search from the logits (``top_curvature``: vocabulary
-    chunks, pivoted at the top token; ``curvature_trace_and_diagonal``), the exact curve's
+    chunks, pivoted at the top token; ``curvature_diagonal``, whose sum is the trace), the exact curve's
     roots by Newton's method on the CGF, and a measured boundary that confirms each root in
     one call (``measure_near``); a softcapped one takes the operator through its real
     nonlinearity (``FisherOperator``) and searches both the curve and the boundary."""
@@ -71,8 +71,10 @@ def prelogit_blocks(
         return_freed_memory()  # the last block's transients, not their sum with fragments
         stage("curvature")
         u0 = head.raw_float64(h)  # (P, V) exact logits, no float64 copy of W
+        series = None  # the KL series along +v, where the head's geometry gives it
         if head.is_linear:
-            lam, vecs, rank, diagonal, corner, ray_b = _linear_head(head, h, u0, tol)
+            series, vecs, rank, diagonal, corner, ray_b = _linear_head(head, h, u0, tol)
+            lam = series[0]
         else:
             op = FisherOperator.from_head(head, h)
             lam, vecs = op.top_eigenpairs(k=1, tol=tol)
@@ -92,7 +94,12 @@ def prelogit_blocks(
         ray_h = h.repeat_interleave(2, dim=0)
         curve = RayCurve(head, u0.repeat_interleave(2, dim=0), ray_b)
         del u0, ray_b
-        c2, c3, c4 = curve.coefficients()
+        if series is None:
+            c2, c3, c4 = curve.coefficients()
+        else:  # along -v the odd cumulant flips: c3 does, c2 and c4 do not
+            c2, c3, c4 = (
+                rays(c[:, None], sg)[:, 0] for c, sg in zip(series, (1.0, -1.0, 1.0), strict=True)
+            )
         predicted = pade_radii(c2, c3, c4, eps_list)  # (2P, E)
         scale = ray_h.norm(dim=-1).clamp_min(1e-6).cpu().numpy()
         search = dict(t_start=1e-3 * scale, t_max=1e6 * scale, rtol=rtol)
@@ -137,22 +144,23 @@ def prelogit_blocks(
 
 def _linear_head(head, h: Tensor, u0: Tensor, tol: float):
     """A linear head's geometry at pre-logit vectors ``h`` (P, d) with float64 logits ``u0``:
-    ``lambda_max``, the top directions (P, d), the effective rank, ``diag H``, the L-inf
-    corner ``s^T H s`` (``s = sign(v)``), and the rays' logit rates ``W (+-v)`` (2P, V),
-    float64. The directions and their sign vectors share one float64 product with ``W``;
-    ``v^T H v`` and the series come from it (centred: ``series_coefficients``); the trace
-    and the diagonal share one pass."""
+    the KL series ``(c2, c3, c4)`` along the top directions (``c2 = v^T H v = lambda_max``),
+    the directions (P, d), the effective rank, ``diag H``, the L-inf corner ``s^T H s``
+    (``s = sign(v)``), and the rays' logit rates ``W (+-v)`` (2P, V), float64. The
+    directions and their sign vectors share one float64 product with ``W``, and the series
+    come from it (centred: ``series_coefficients``); the trace is the diagonal's sum (one
+    pass over ``W``, no product of its own)."""
     f64 = torch.float64
     P = len(h)
     vecs = top_vectors_linear(head, h, u0, tol).to(f64)
     b = head.direction_float64(torch.cat([vecs, torch.sign(vecs)]))
     p = torch.softmax(u0, dim=-1)
-    lam = series_coefficients(p, [b[:P]])[0]  # v^T H v, centred, float64
+    series = series_coefficients(p, [b[:P]])  # centred, float64
     corner = series_coefficients(p, [b[P:]])[0]
     del p
-    trace, diagonal = curvature_trace_and_diagonal(head.weight, u0)
-    ray_b = rays(b[:P], -1.0)
-    return lam, vecs, effective_rank(trace, lam), diagonal, corner, ray_b
+    diagonal = curvature_diagonal(head.weight, u0)
+    rank = effective_rank(diagonal.sum(-1), series[0])
+    return series, vecs, rank, diagonal, corner, rays(b[:P], -1.0)
 
 
 def _curve_roots(curve: RayCurve, c2: Tensor, guesses: np.ndarray, eps_list, t_max, rtol: float):

@@ -269,14 +269,6 @@ def curvature_diagonal(weight: Tensor, logits: Tensor) -> Tensor:
     return (spread - mean**2).clamp_min(0.0)
 
 
-def curvature_trace_and_diagonal(weight: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-    """``(tr H, diag H)`` ((P,), (P, d) float64) at logits (P, V) of a linear head, from one
-    pass over ``weight``: the diagonal as ``curvature_diagonal`` computes it (centred at the
-    top token), and the trace as its sum, with no product of its own."""
-    diagonal = curvature_diagonal(weight, logits)
-    return diagonal.sum(-1), diagonal
-
-
 def _buffer_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
     """The first ``rows * cols`` entries of a flat reusable buffer as a (rows, cols) matrix."""
     return buffer[: rows * cols].view(rows, cols)
