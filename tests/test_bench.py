@@ -125,7 +125,12 @@ def test_scale_rows_on_a_small_shape(monkeypatch):
     adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
     doc = run_bench(adapter, settings=BenchSettings(quick=True), rows=["scale_llama3_1b"])
     rows = {r["name"]: r for r in doc["rows"]}
-    assert set(rows) == {"scale_final_analysis", "scale_inner_position", "scale_scan"}
+    assert set(rows) == {
+        "scale_final_analysis",
+        "scale_final_analysis_no_exact",
+        "scale_inner_position",
+        "scale_scan",
+    }
     for r in rows.values():
         assert not r["baseline"].startswith("failed"), r["baseline"]
         assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["peak_rss_mb"] > 0
@@ -146,3 +151,27 @@ def test_monitor_rows_on_a_tiny_model():
         assert not r["baseline"].startswith("failed"), r["baseline"]
         assert r["ratio"] == pytest.approx(r["baseline_s"] / r["ours_s"])
         assert r["max_rel_err"] == 0.0  # the monitor never changes the tokens
+
+
+def test_forward_multiples_on_a_tiny_model():
+    """The issue's cost targets as rows: final-layer analyze with and without the measured
+    boundary, jacobian on a one-word and a long prompt, each against a forward pass."""
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
+    doc = run_bench(
+        adapter, settings=BenchSettings(quick=True, repeats=1), rows=["forward_multiples"]
+    )
+    rows = doc["rows"]
+    assert [r["name"] for r in rows] == [
+        "final_analysis",
+        "final_analysis_no_exact",
+        "jacobian_per_layer",
+        "jacobian_per_layer",
+    ]
+    for r in rows:
+        assert not r["baseline"].startswith("failed"), r["baseline"]
+        assert r["ours_s"] > 0 and r["baseline_s"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_s"] / r["ours_s"])
+    assert '"hello"' in rows[2]["baseline"] and "token prompt" in rows[3]["baseline"]
+    assert (
+        "all logits" in rows[0]["baseline"] and "measured boundary included" in rows[0]["baseline"]
+    )

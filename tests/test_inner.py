@@ -501,3 +501,22 @@ def test_inner_analysis_inside_a_callers_no_grad(tokenizer):
     assert np.isfinite(got["radius_curve"])
     for key in ("lambda_max", "radius_pade", "radius_curve"):
         assert got[key] == pytest.approx(want[key], rel=1e-9)
+
+
+def test_blocks_of_positions_are_equal_and_within_their_caps():
+    """``equal_parts``: the fewest parts within the cap, of one size (no lone part of one
+    position, which would take the one-position search); the search batch of a linear head
+    holds its float32 probabilities within the array budget, at most 64."""
+    from stable_regions import memory_budget
+    from stable_regions.engine.common import equal_parts, positions_per_search
+
+    assert equal_parts(64, 40) == 32 and equal_parts(65, 64) == 33 and equal_parts(64, 13) == 13
+    assert equal_parts(1, 64) == 1 and equal_parts(10, 64) == 10 and equal_parts(5, 0) == 1
+    for n in range(1, 200):
+        for cap in (1, 7, 13, 32, 64):
+            size = equal_parts(n, cap)
+            parts = -(-n // size)
+            assert size <= cap and parts == -(-n // cap) and n - (parts - 1) * size >= 1
+    assert positions_per_search(49152) == 64 and positions_per_search(262144) == 64
+    with memory_budget(96):  # arrays get 16 MiB: 16 rows of 262144 float32
+        assert positions_per_search(262144) == 16

@@ -79,3 +79,23 @@ def test_measure_near_confirms_good_roots_in_one_call_and_measures_the_rest():
             t = again[r, e]
             below, above = kl(np.array([r, r]), np.array([t * (1 - 1e-7), t * (1 + 1e-7)]))
             assert below < level <= above
+
+
+def test_linear_ray_kl_rays_sharing_an_origin():
+    """Rays 2j and 2j + 1 at origin j (``origin``) give the KL of rays whose origin rows are
+    repeated, and the direct softmax KL of the logits u0[j] + t b[r]; in chunks of a few rows
+    (from cache) as in one."""
+    from stable_regions.probes.boundary import LinearRayKL
+
+    g = torch.Generator().manual_seed(5)
+    u0 = 2.0 * torch.randn(3, 40_000, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 40_000, generator=g, dtype=torch.float64)
+    origin = torch.arange(3).repeat_interleave(2)
+    shared, repeated = LinearRayKL(u0, b, origin), LinearRayKL(u0[origin], b)
+    rays = np.repeat(np.arange(6), 3)
+    ts = np.tile([1e-3, 0.05, 0.4], 6)
+    got = shared(rays, ts)
+    np.testing.assert_array_equal(got, repeated(rays, ts))
+    r = torch.as_tensor(rays)
+    want = _direct(u0[origin[r]], u0[origin[r]] + torch.as_tensor(ts)[:, None] * b[r])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-12)  # KL keeps ~1e-13

@@ -24,7 +24,6 @@ import torch
 from .._support.files import write_json
 from .._support.inputs import as_adapter
 from ..engine import eig_tolerance
-from ..errors import StableRegionsError
 from ..geometry import (
     FisherOperator,
     PullbackOperator,
@@ -35,9 +34,10 @@ from ..geometry import (
 )
 from ..models import ModelAdapter
 from ..probes import RayKL, measure_boundaries
-from ..prompts import corpus
 from .monitor import rows_monitor
+from .prompts import prompt_ids, prompt_text
 from .scale import rows_scale
+from .targets import rows_forward_multiples
 from .timing import compare, peak_rss_mb, peak_rss_of, reset_peak_rss, result_row, timed
 
 
@@ -66,39 +66,6 @@ class BenchSettings:
                 monitor_tokens=16,  # 32 took ~100 s of a 176 s run: the per-step cost shows in 16
             )
         return cls(quick=False)
-
-
-def _prompt_text(adapter: ModelAdapter, n_tokens: int) -> str:
-    """The shipped corpus concatenated until at least ``n_tokens`` tokens (or the context)."""
-    text = ""
-    for p in corpus():
-        longer = f"{text}\n\n{p.text}" if text else p.text
-        try:
-            ids = adapter.tokenize(longer)
-        except StableRegionsError:  # past the model's context: keep what fitted
-            return text or _longest_fitting(adapter, p.text)
-        text = longer
-        if ids.shape[1] >= n_tokens:
-            break
-    return text
-
-
-def _longest_fitting(adapter: ModelAdapter, text: str) -> str:
-    """The longest run of ``text``'s first words within the model's context."""
-    words = text.split()
-    while len(words) > 1:
-        words = words[: len(words) * 3 // 4]
-        try:
-            adapter.tokenize(" ".join(words))
-            break
-        except StableRegionsError:
-            continue
-    return " ".join(words)
-
-
-def _prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
-    """The shipped corpus concatenated until ``n_tokens`` tokens, then cut there."""
-    return adapter.tokenize(_prompt_text(adapter, n_tokens))[:, :n_tokens]
 
 
 def _example_prelogit(adapter: ModelAdapter) -> torch.Tensor:
@@ -282,7 +249,7 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     from ..models.suffix import SuffixBatch
 
     model = adapter  # the model's own precision, as the maps run (no float64 twin: ~1 GB)
-    ids = _prompt_ids(model, s.hvp_tokens)
+    ids = prompt_ids(model, s.hvp_tokens)
     n = ids.shape[1]
     hook = model.hook_for_layer(model.n_layers // 2)
     position = n - 1
@@ -329,7 +296,7 @@ def row_pullback_hvp_mid(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
 def row_scan_document_final(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     from ..studies.scan import Scanner
 
-    ids = _prompt_ids(adapter, s.document_tokens)
+    ids = prompt_ids(adapter, s.document_tokens)
     eps = [0.1]
     scanner = Scanner(adapter)
 
@@ -370,7 +337,7 @@ def row_map_prompt(adapter: ModelAdapter, s: BenchSettings) -> list[dict]:
     from ..models.layers import check_layers
     from ..studies.maps import stability_map
 
-    text = _prompt_text(adapter, s.map_positions)
+    text = prompt_text(adapter, s.map_positions)
     n = min(s.map_positions, adapter.tokenize(text).shape[1])
     positions = list(range(n))
     mid = adapter.n_layers // 2
@@ -410,6 +377,7 @@ ROWS = {
     "scan_document_final": row_scan_document_final,
     "predict_vs_measure": row_predict_vs_measure,
     "map_prompt": row_map_prompt,
+    "forward_multiples": rows_forward_multiples,
     "pullback_hvp_mid": row_pullback_hvp_mid,
     "scale_llama3_1b": rows_scale,
     "monitor_generate": rows_monitor,

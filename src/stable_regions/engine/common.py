@@ -130,8 +130,22 @@ def positions_per_recorded_block(
         keys=keys,
         budget=graph_bytes(adapter.device),
     )
-    count = -(-n_positions // cap)  # blocks needed
-    return max(1, -(-n_positions // count))
+    return equal_parts(n_positions, cap)
+
+
+def equal_parts(n: int, cap: int) -> int:
+    """The size of the fewest parts of at most ``cap`` that cover ``n``, all of one size but
+    the last (64 at a cap of 40: two parts of 32, not 40 + 24)."""
+    count = -(-n // max(1, cap))  # parts needed
+    return max(1, -(-n // max(1, count)))
+
+
+def positions_per_search(vocab_size: int) -> int:
+    """Positions whose top directions one Lanczos run finds at a linear head: their float32
+    probabilities within the array budget, at most 64. Its products with W are matrix
+    products of that many rows, which run several times faster per row than a block's
+    (``positions_per_block``) at large vocabularies (docs/performance.md)."""
+    return rows_within(vocab_size, 4, cap=64)
 
 
 def eig_tolerance(requested: float, dtype: torch.dtype) -> float:

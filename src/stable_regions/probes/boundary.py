@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..budget import rows_within
+from ..budget import rows_in_cache, rows_within
 from ..geometry import first_crossings
 
 
@@ -64,18 +64,28 @@ class RayKL:
         """The logits (n, V) of rays ``r`` (n,) at steps ``t`` (n,)."""
         return self._logits(self.h[r] + t[:, None] * self.v[r], r)
 
+    def _origin_of(self, r: Tensor) -> Tensor:
+        """The rows of ``p`` at the origins of rays ``r``: ray r starts at origin r."""
+        return r
+
+    def _rows_per_chunk(self, vocab: int) -> int:
+        """Rays evaluated together: as many float64 logit rows as the array budget holds,
+        so that each product with the head serves many."""
+        return rows_within(vocab)
+
     def __call__(self, rays: np.ndarray, ts: np.ndarray) -> np.ndarray:
         rays_t = torch.as_tensor(rays, dtype=torch.long, device=self.p.device)
         ts_t = torch.as_tensor(np.asarray(ts, dtype=np.float64), device=self.p.device)
-        chunk = rows_within(self.p.shape[-1])  # float64 logits per evaluation
+        chunk = self._rows_per_chunk(self.p.shape[-1])
         out = []
         for s in range(0, len(rays_t), chunk):
             r, t = rays_t[s : s + chunk], ts_t[s : s + chunk]
             z = self.logits_at(r, t).to(torch.float64)
-            p = self.p[r]
+            o = self._origin_of(r)
+            p = self.p[o]
             # KL = sum p log p - p . z + logsumexp z (as sum p = 1): no (rows, V) log q. The
             # terms are O(|z|), so the KL keeps ~1e-13 absolute in float64.
-            p_log_p = self.p_log_p[r]
+            p_log_p = self.p_log_p[o]
             kl = p_log_p - torch.einsum("rv,rv->r", p, z) + torch.logsumexp(z, -1)
             bad = torch.isnan(kl)  # 0 * inf: a logit of -inf where p is 0
             if bool(bad.any()):
@@ -88,17 +98,28 @@ class RayKL:
 
 
 class LinearRayKL(RayKL):
-    """``RayKL`` for a linear head: along ray ``r`` the logits are ``u0[r] + t b[r]`` exactly
-    (``u0`` the origin's logits, ``b = scale W v``, both (R, V) float64 from one product with
-    ``W``), so each step costs O(V) instead of a float64 product with the whole head (0.4
-    TFLOP a call at Llama-3-8B's vocabulary; 1/64-rate float64 on most GPUs)."""
+    """``RayKL`` for a linear head: along ray ``r`` the logits are ``u0[o] + t b[r]`` exactly
+    (``u0`` (P, V) the origins' logits, ``b = scale W v`` (R, V), both float64 from one product
+    with ``W``; ``origin`` (R,) each ray's origin ``o``, default ray r at origin r: the two
+    signs of a direction share one), so each step costs O(V) instead of a float64 product
+    with the whole head (0.4 TFLOP a call at Llama-3-8B's vocabulary; 1/64-rate float64 on
+    most GPUs)."""
 
-    def __init__(self, u0: Tensor, b: Tensor) -> None:
+    def __init__(self, u0: Tensor, b: Tensor, origin: Tensor | None = None) -> None:
         self.u0, self.b = u0.to(torch.float64), b.to(torch.float64)
+        self.origin = None if origin is None else origin.to(self.b.device)
         self._origins(self.u0)
 
+    def _origin_of(self, r: Tensor) -> Tensor:
+        return r if self.origin is None else self.origin[r]
+
     def logits_at(self, r: Tensor, t: Tensor) -> Tensor:
-        return torch.addcmul(self.u0[r], t[:, None], self.b[r])
+        return torch.addcmul(self.u0[self._origin_of(r)], t[:, None], self.b[r])
+
+    def _rows_per_chunk(self, vocab: int) -> int:
+        # no product to share: the passes over a row's logits (the dot product, the max, the
+        # exp) run from cache when few rows come at once (docs/performance.md)
+        return min(rows_in_cache(vocab, device=self.u0.device), rows_within(vocab))
 
 
 def measure_boundaries(
