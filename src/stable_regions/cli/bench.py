@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     )
     add_model(bn)
     bn.add_argument(
-        "--quick", action="store_true", help="smaller sizes (about two minutes on 2 cores)"
+        "--quick", action="store_true", help="smaller sizes (about four minutes on 2 cores)"
     )
     bn.add_argument(
         "--rows",
@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
         default=None,
         metavar="ROW",
         help="run only these rows (default all): top_eig_final, scan_document_final, "
-        "predict_vs_measure, map_prompt, pullback_hvp_mid, scale_llama3_1b, monitor_generate",
+        "predict_vs_measure, map_prompt, forward_multiples, pullback_hvp_mid, scale_llama3_1b, "
+        "monitor_generate",
     )
     bn.add_argument("--out", default="bench.json", metavar="FILE", help="default ./bench.json")
 
