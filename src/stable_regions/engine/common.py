@@ -95,14 +95,15 @@ def linf_radii(eps_list, lam: Tensor, diagonal: Tensor, corner: Tensor):
 def positions_per_block(vocab_size: int, inner: bool = False) -> int:
     """Positions handled together (at the pre-logit vector and inside the network).
 
-    The Lanczos products of a block and every (position, sign, eps) search advance in
-    lockstep, so each step reads W once for many rows (the products are memory-bound), and
-    inside the network each step is one batched pass. The block's (rays x V) float64 arrays
-    (two rays per position) stay within the shared budget; at most 32 positions.
+    Every (position, sign, eps) search of a block advances in lockstep, so each step is one
+    batched evaluation (inside the network, one batched pass). At the pre-logit vector the
+    block's (rays x V) float64 arrays (two rays per position) stay within the shared
+    budget, at most 32 positions; its top directions come from a search batch of several
+    blocks (``positions_per_search``).
 
     Inside the network (``inner=True``) at most 64: each pass there has a fixed cost (the
-    Python of the blocks, the nest of derivative passes) that more rows share. SmolLM2,
-    block 15, 64 positions: one block of 64 took 6.0 s, two blocks of 32 took 9.1 s."""
+    Python of the blocks, the nest of derivative passes) that more rows share
+    (docs/performance.md)."""
     return rows_within(2 * vocab_size, 8, cap=64 if inner else 32)
 
 
@@ -164,9 +165,8 @@ def top_vectors_linear(
     One position: ``top_eigenpair_float64`` (a Krylov space grown from the likely tokens'
     restricted problem, float64 where it decides the answer, stopped at relative accuracy
     ``rtol`` by a Kato-Temple estimate: 3-5 passes over W). Several: ``top_curvature``, all
-    positions' Lanczos products in lockstep over vocabulary chunks (residual ``tol``). On
-    SmolLM2 (same process, medians of 3): one position 27 vs 31 ms, 8 positions 258 vs 98 ms,
-    22 positions 649 vs 128 ms."""
+    positions' Lanczos products in lockstep over vocabulary chunks (residual ``tol``), the
+    faster from a few positions on (docs/performance.md)."""
     weight = head.weight
     if len(h) == 1:
         return top_eigenpair_float64(weight, h, bias=head.bias, rtol=rtol)[1]
