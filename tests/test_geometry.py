@@ -329,6 +329,36 @@ def test_first_crossings_close_narrow_brackets_in_few_calls(rtol, rows_per_call,
     assert len(calls) <= limit
 
 
+def test_first_scan_call_reaches_past_the_guesses():
+    """With guesses, the scan's first call holds each ray's start and as many grid points as
+    pass its largest guess (from a quarter of the smallest one, as the measurements inside
+    the network start), so the next call already refines; a start past a crossing still
+    walks down, and every answer is the true first crossing."""
+    from stable_regions.geometry.roots import first_points
+
+    t0 = np.array([1.0, 1.0, 1.0, 2.0, 1.0])
+    guesses = np.array([[3.0, 7.9], [1.5, np.nan], [np.inf, np.nan], [0.5, 1.0], [1e9, 1e9]])
+    # 2^3 = 8 passes 7.9; 2^1 passes 1.5; no finite guess: chunk; guesses below the start:
+    # chunk; far guesses: at most 3 chunks
+    assert first_points(t0, guesses, 2.0, 6).tolist() == [4, 2, 6, 6, 18]
+    assert first_points(t0, None, 2.0, 6).tolist() == [6] * 5
+
+    fns = [lambda t: t**2, lambda t: t**3, lambda t: np.where(t < 1.5, t, 3.0 - t)]
+    levels = np.array([[0.01, 1.0], [0.001, 1.0], [0.2, 1.0]])
+    truth = np.array([[0.1, 1.0], [0.1, 1.0], [0.2, 1.0]])
+    f, calls = _counted(fns)
+    got = first_crossings(
+        f, levels, t_start=0.25 * truth[:, 0], t_max=1e3, rtol=1e-8, guesses=truth * 1.02
+    )
+    np.testing.assert_allclose(got, truth, rtol=1e-7)
+    expected = first_points(0.25 * truth[:, 0], truth * 1.02, 2.0, 6)
+    assert calls[0] == len(fns) + expected.sum()  # the starts and their grids, one call
+    assert all(c <= 2 * levels.size for c in calls[1:])  # then pairs about each crossing
+    f, calls = _counted(fns)  # starts past the first crossings: walk down, then scan
+    got = first_crossings(f, levels, t_start=1.2, t_max=1e3, rtol=1e-8, guesses=truth * 1.02)
+    np.testing.assert_allclose(got, truth, rtol=1e-7)
+
+
 def test_first_crossings_never_reached():
     got = first_crossings(
         _rows([np.tanh, lambda t: t]), np.array([[2.0], [3.0]]), t_start=1e-3, t_max=1e4

@@ -67,45 +67,88 @@ def first_crossings(
         raise ValueError("levels must be positive and finite")
     t0 = np.broadcast_to(np.asarray(t_start, dtype=np.float64), (R,)).copy()
     tmax = np.broadcast_to(np.asarray(t_max, dtype=np.float64), (R,))
-    ts, fs = _scan(f, levels, t0, tmax, growth, scan_chunk)
+    ts, fs = _scan(f, levels, t0, tmax, growth, scan_chunk, guesses)
     brackets = _Brackets(f, levels, ts, fs, tmax)
     brackets.refine(guesses, rtol, max_iter, rows_per_call)
     return brackets.roots()
 
 
 def _scan(
-    f: RowFn, levels: np.ndarray, t0: np.ndarray, tmax: np.ndarray, growth: float, chunk: int
+    f: RowFn,
+    levels: np.ndarray,
+    t0: np.ndarray,
+    tmax: np.ndarray,
+    growth: float,
+    chunk: int,
+    guesses: np.ndarray | None = None,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Steps 1 and 2: each ray's points ``(ts[r], fs[r])``, from below its smallest level
-    up past its largest one (or ``tmax``)."""
-    all_rays = np.arange(len(t0))
-    # 1. walk down until the first point is below every level of its ray
-    f0 = f(all_rays, t0)
-    low = levels.min(1)
-    while True:
-        high = (f0 >= low) & (t0 > 1e-300)
-        if not high.any():
-            break
-        t0[high] /= growth
-        f0[high] = f(all_rays[high], t0[high])
+    up past its largest one (or ``tmax``).
 
-    # 2. geometric scan, shared by the levels of a ray
+    The first call evaluates each ray's start with its first grid points: as many as reach
+    past its largest guess (``first_points``), else ``chunk``. Where the start is already
+    above the smallest level, those points are dropped and the ray walks down first."""
+    all_rays = np.arange(len(t0))
+    low, top = levels.min(1), levels.max(1)
+    count = first_points(t0, guesses, growth, chunk)
+    exponent = [np.arange(1, n + 1) for n in count]
+    rays = np.concatenate([all_rays, np.repeat(all_rays, count)])
+    grid = [t0[r] * growth ** exponent[r] for r in all_rays]
+    values = f(rays, np.concatenate([t0, *grid]))
+    f0 = values[: len(t0)].copy()
     ts: list[list[float]] = [[t] for t in t0]
     fs: list[list[float]] = [[v] for v in f0]
-    top = levels.max(1)
-    active = (f0 < top) & (t0 < tmax)
-    step = 0
+    ends = np.cumsum(count) + len(t0)
+    done = np.zeros(len(t0), dtype=np.int64)  # grid points taken per ray
+    for r in all_rays:
+        if f0[r] < low[r] or t0[r] <= 1e-300:
+            ts[r].extend(grid[r])
+            fs[r].extend(values[ends[r] - count[r] : ends[r]])
+            done[r] = count[r]
+    # 1. walk down until the first point is below every level of its ray
+    high = (f0 >= low) & (t0 > 1e-300)
+    while high.any():
+        t0[high] /= growth
+        f0[high] = f(all_rays[high], t0[high])
+        for r in all_rays[high]:
+            ts[r], fs[r] = [t0[r]], [f0[r]]
+        high = (f0 >= low) & (t0 > 1e-300)
+
+    # 2. geometric scan, shared by the levels of a ray
+    peak = np.array([max(fr) for fr in fs])
+    reach = t0 * growth**done
+    active = (peak < top) & (reach < tmax)
     while active.any():
         rays = all_rays[active]
         k = np.arange(1, chunk + 1)
-        grid = t0[rays, None] * growth ** (step + k)[None, :]
+        grid = t0[rays, None] * growth ** (done[rays, None] + k[None, :])
         vals = f(np.repeat(rays, chunk), grid.ravel()).reshape(len(rays), chunk)
         for i, r in enumerate(rays):
             ts[r].extend(grid[i])
             fs[r].extend(vals[i])
-        step += chunk
+        done[rays] += chunk
         active[rays] = (vals.max(1) < top[rays]) & (grid[:, -1] < tmax[rays])
     return ts, fs
+
+
+def first_points(
+    t0: np.ndarray, guesses: np.ndarray | None, growth: float, chunk: int
+) -> np.ndarray:
+    """Grid points per ray in the scan's first call: enough to pass the ray's largest guess
+    (R, E) by one step (a guess is a prediction: the crossing may lie a little beyond it),
+    between 1 and ``3 * chunk``; ``chunk`` where the ray has no finite guess above its
+    start. Each call through a network has a price of its own, so one call that reaches the
+    crossings saves the calls a fixed chunk would need; rays whose crossings lie close
+    above the start spend fewer points."""
+    count = np.full(len(t0), chunk, dtype=np.int64)
+    if guesses is None:
+        return count
+    g = np.where(np.isfinite(guesses) & (guesses > 0), guesses, 0.0).max(1)
+    ok = (g > t0) & (t0 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps = np.ceil(np.log(np.where(ok, g / np.where(ok, t0, 1.0), 1.0)) / np.log(growth))
+    count[ok] = np.clip(steps[ok].astype(np.int64) + 1, 1, 3 * chunk)
+    return count
 
 
 class _Brackets:
