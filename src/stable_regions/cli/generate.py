@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .._support.inputs import check_eps
     from ..studies.generation import check_new_tokens, generate
-    from ..studies.monitor import check_mode
+    from ..studies.token_geometry import check_mode
     from ..viewer import check_html_path
 
     n = str(args.max_new_tokens)

@@ -19,7 +19,8 @@ from ..models.precision import full_float32_products
 from ..plotting import axes_or_new
 from ..results import Result
 from ..vocabulary import describe
-from .monitor import StabilityMonitor, check_mode
+from .monitor import StabilityMonitor
+from .token_geometry import check_mode
 
 
 def check_new_tokens(n) -> int:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,22 +58,12 @@ from .._support.inputs import as_adapter, check_eps, json_value
 from ..engine import summing_head
 from ..errors import InvalidParameterError, StableRegionsError
 from ..geometry import (
-    BallBound,
-    HeadSpread,
-    cumulants,
-    curvature_bracket,
-    flip_radius,
-    nearest_cgf_crossings,
-    radius_pade,
     search_dtype,
-    top_curvature,
 )
 from ..models.precision import full_float32_products
-from ..vocabulary import COLUMNS, describe
+from ..vocabulary import describe
+from .token_geometry import TokenGeometry, check_directions, check_mode
 
-MODES = ("fast", "exact")
-ALTERNATIVES = 5  # top tokens kept per step for the viewer's tooltip
-CERTIFY_RTOL = 1e-6  # the certified radius to this fraction of its bracket, from below
 _END = object()  # the stream's end marker
 MAX_PENDING = 16  # steps the background worker may fall behind before generate waits
 
@@ -86,47 +76,10 @@ class _Step:
     step: int
     values: dict[str, np.ndarray]
     radii: dict[str, np.ndarray]
-    top_ids: np.ndarray  # (B, ALTERNATIVES)
+    top_ids: np.ndarray  # (B, token_geometry.ALTERNATIVES)
     top_probs: np.ndarray
     token_id: np.ndarray  # (B,) -1 until known
     prob: np.ndarray
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidParameterError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    return mode
-
-
-def check_directions(directions, d: int) -> dict[str, Tensor]:
-    """Named unit directions (d,) from a tensor (k, d) or (d,), or a mapping name -> vector."""
-    if directions is None:
-        return {}
-    if isinstance(directions, Mapping):
-        items = list(directions.items())
-    else:
-        block = torch.as_tensor(directions)
-        block = block[None] if block.ndim == 1 else block
-        items = [(f"direction_{i}", v) for i, v in enumerate(block)]
-    out = {}
-    for name, v in items:
-        if f"radius_{name}" in COLUMNS:
-            raise StableRegionsError(
-                f"direction name {name!r} would write the column radius_{name}, which means "
-                "something else: choose another name"
-            )
-        v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-        if v.shape != (d,):
-            raise StableRegionsError(
-                f"direction {name!r} has shape {tuple(v.shape)}, expected ({d},): one value "
-                "per dimension of the pre-logit vector"
-            )
-        if not bool(torch.isfinite(v).all()):
-            raise StableRegionsError(f"direction {name!r} contains NaN or inf: give finite values")
-        if float(v.norm()) == 0.0:
-            raise StableRegionsError(f"direction {name!r} is zero: give a nonzero vector")
-        out[str(name)] = v / v.norm()
-    return out
 
 
 class StabilityMonitor(LogitsProcessor):
@@ -199,14 +152,23 @@ class StabilityMonitor(LogitsProcessor):
         self.threshold = threshold
         self.callback = callback
         self.certified = (mode == "exact") if certified is None else bool(certified)
-        self.tokens, self.support, self.tol = tokens, support, eig_tol
         self.weight = summing_head(self.adapter).weight  # float32 (or float64) products
-        self.search = self.weight  # exact mode's Lanczos: bfloat16 where it is native
+        search = None  # exact mode's Lanczos: bfloat16 where it is native
         dtype = search_dtype(self.weight.device)
         if mode == "exact" and dtype != self.weight.dtype:
-            self.search = self.adapter.head_in(dtype)  # the stored bfloat16 head, no copy
-        self.spread = HeadSpread.of(self.weight)
+            search = self.adapter.head_in(dtype)  # the stored bfloat16 head, no copy
         self.directions = check_directions(directions, self.weight.shape[1])
+        self.geometry = TokenGeometry(
+            self.weight,
+            eps=self.eps,
+            mode=mode,
+            tokens=tokens,
+            support=support,
+            eig_tol=eig_tol,
+            certified=self.certified,
+            directions=self.directions,
+            search=search,
+        )
         self._pending: list[Future] = []
         self._worker = (
             ThreadPoolExecutor(1, thread_name_prefix="stable-regions-monitor")
@@ -217,10 +179,6 @@ class StabilityMonitor(LogitsProcessor):
         # own kernels, not for the generation's queue on the default stream
         on_cuda = self.weight.device.type == "cuda" and self._worker is not None
         self._cuda_stream = torch.cuda.Stream(self.weight.device) if on_cuda else None
-        self._direction_logits = None  # (k, V) = U W^T, once
-        if self.directions:
-            U = torch.stack(list(self.directions.values())).to(self.weight)
-            self._direction_logits = (U.to(self.weight.device) @ self.weight.T).to(torch.float64)
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -293,7 +251,7 @@ class StabilityMonitor(LogitsProcessor):
             # a new call to generate: no row extends one of the last step's
             self._generation += 1
             self._prompt_len = L
-        values, radii, top_ids, top_probs, logp = self._geometry(scores)
+        values, radii, top_ids, top_probs, logp = self.geometry(scores)
         B = scores.shape[0]
         self._steps.append(
             _Step(
@@ -380,95 +338,6 @@ class StabilityMonitor(LogitsProcessor):
         for name, r in step.radii.items():
             out[name] = {e: json_value(r[row, j]) for j, e in enumerate(self.eps)}
         return out
-
-    # ------------------------------------------------------------- geometry
-    def _geometry(self, scores: Tensor):
-        f64 = torch.float64
-        z = scores.detach().to(self.weight.device, torch.float32)
-        # a row of NaN (eager attention over left padding, in some versions) or with every
-        # token masked has no distribution: computed as uniform, reported as NaN
-        broken = (torch.isnan(z).any(-1) | ~(z > -torch.inf).any(-1)).cpu().numpy()
-        if broken.any():
-            z = torch.where(torch.as_tensor(broken, device=z.device)[:, None], 0.0, z)
-        # exact mode: float64 from the softmax on; fast mode: float32 for the O(V) work, the
-        # bracket's margins widened to cover it (geometry.curvature_bracket)
-        work = f64 if self.mode == "exact" else torch.float32
-        logp = torch.log_softmax(z.to(work), dim=-1)
-        p = logp.exp()
-        ent = -(p * logp).nansum(-1)  # 0 log 0 = 0: masked tokens add nothing
-        wide = self.support if self.mode == "fast" else max(self.tokens, ALTERNATIVES)
-        pk, idx = p.topk(min(wide, p.shape[-1]), dim=-1)
-        top = idx[:, 0]
-        k = min(max(self.tokens, ALTERNATIVES), p.shape[-1])
-        # the rows of W the bracket, the flip radius and (fast) the direction's products read
-        rows = torch.stack([self.weight.index_select(0, i) for i in idx])  # (B, wide, d)
-        bracket = curvature_bracket(
-            self.weight, p, self.spread, likeliest=(pk[:, :k], idx[:, :k]), rows=rows[:, :k]
-        )
-        B = z.shape[0]
-        if self.mode == "exact":
-            found = top_curvature(
-                self.weight, z, tol=self.tol, search_weight=self.search, refine=False
-            )
-            # the exact roots want W v as exact as the head's own products
-            along = (found.vector.to(self.weight.dtype) @ self.weight.T).to(f64)
-            _, c2, c3, c4 = cumulants(p, along)
-            lower, ray_logp = bracket.lower, logp
-        else:  # no pass over W: the direction's products with the likeliest tokens' rows
-            vector = bracket.vector.to(self.weight.dtype)
-            along = torch.bmm(rows, vector[:, :, None])[..., 0].to(work)
-            mean, c2, c3, c4 = (c.to(f64) for c in cumulants(pk, along, lumped=True))
-            lower = torch.maximum(bracket.lower, c2 * (1 - 1e-5))  # a restricted variance too
-            # the ray's distribution: the likeliest tokens, and the rest lumped at their mean
-            rest = (1.0 - pk.to(f64).sum(-1, keepdim=True)).clamp_min(0.0)
-            ray_logp = torch.cat([pk.to(f64), rest], -1).log()
-            along = torch.cat([along.to(f64), mean[:, None]], -1)
-        values = {
-            "next_token_id": top.cpu().numpy(),
-            "next_prob": pk[:, 0].cpu().numpy(),
-            "entropy": ent.cpu().numpy(),
-            "lambda_max": c2.cpu().numpy(),
-            "lambda_lower": lower.cpu().numpy(),
-            "lambda_upper": bracket.upper.cpu().numpy(),
-            "radius_flip": flip_radius(z, idx, self.weight, self.spread, rows[:, :k]).cpu().numpy(),
-        }
-        radii = {
-            "radius_quadratic": torch.stack(
-                [torch.sqrt(2.0 * e / c2.clamp_min(1e-300)) for e in self.eps], -1
-            ),
-            "radius_curve": self._radius_along(ray_logp, along, c2, c3, c4),
-        }
-        if self.certified:  # |w_i - mu| <= |w_i - m0| + sum_j p_j |w_j - m0|
-            n = self.spread.radii
-            dual = n[None, :] + (p @ n)[:, None]
-            bound = BallBound(bracket.upper, p, dual, order=self.spread.order)
-            radii["radius_certified"] = bound.radius(self.eps, rtol=CERTIFY_RTOL)
-        if self._direction_logits is not None:
-            k = self._direction_logits.shape[0]
-            rep = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731  (row-major: b, k)
-            b = self._direction_logits.repeat(B, 1)
-            _, d2, d3, d4 = cumulants(rep(p), b)
-            per = self._radius_along(rep(logp), b, d2, d3, d4).reshape(B, k, -1)
-            for j, name in enumerate(self.directions):
-                radii[f"radius_{name}"] = per[:, j]
-        radii = {name: r.cpu().numpy() for name, r in radii.items()}
-        if broken.any():  # new arrays: some share memory with the returned top tokens
-            for arrays in (values, radii):
-                for name, array in arrays.items():
-                    mask = broken.reshape((-1,) + (1,) * (array.ndim - 1))
-                    arrays[name] = np.where(mask, np.nan if array.dtype.kind == "f" else -1, array)
-        k = min(ALTERNATIVES, pk.shape[-1])
-        return values, radii, idx[:, :k].cpu().numpy(), pk[:, :k].cpu().numpy(), logp
-
-    def _radius_along(self, logp: Tensor, b: Tensor, c2, c3, c4) -> Tensor:
-        """(R, E): the exact KL root along the nearer of ``+-b`` (R, V) under ``exp(logp)``
-        (R, V), Newton started at each sign's Pade radius (usually within a few percent)."""
-        R = b.shape[0]
-        # both signs in one call: -b flips the odd cumulant
-        both = [torch.cat([c2, c2]), torch.cat([c3, -c3]), torch.cat([c4, c4])]
-        pade = torch.stack([radius_pade(both[0], both[1], e, both[2]) for e in self.eps], -1)
-        levels = torch.tensor(self.eps, dtype=torch.float64, device=b.device).expand(R, -1)
-        return nearest_cgf_crossings(logp, b, levels, (pade[:R], pade[R:]))
 
     # ---------------------------------------------------------------- output
     def to_frame(self) -> pd.DataFrame:
