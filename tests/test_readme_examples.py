@@ -28,6 +28,8 @@ SUBSTITUTED = {"docs/wrappers.md": LOCAL_MODEL}
 NOT_RUN = {
     "docs/gpu.md": "it loads a 7B model on CUDA from the Hub",
     "docs/steering-libraries.md": "it saves a vector trained by another library",
+    "docs/vllm.md": "it needs vLLM, in its own environment: tests/serving_check.py makes the "
+    "same calls there (tests/test_vllm.py)",
 }
 
 

@@ -1,0 +1,92 @@
+"""Where the vLLM processor's records go: JSON lines under a directory, and back.
+
+The processor runs in vLLM's engine process, so its records leave it through files: one
+``records-<pid>.jsonl`` per engine process under the run's directory, one line per generated
+token and eps, written and flushed as each token's sampled id becomes known (JSON with
+``NaN`` and ``Infinity`` for radii that are not finite, as Python's ``json`` writes them). ``read`` gathers
+every file of a directory into one frame. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import StableRegionsError, StableRegionsWarning
+
+DEFAULT_DIR = "stable-regions-vllm"  # under the engine's working directory
+DIR_VARIABLE = "STABLE_REGIONS_VLLM_DIR"  # the engine's default directory, if set
+
+
+def default_dir() -> Path:
+    """``$STABLE_REGIONS_VLLM_DIR``, else ``./stable-regions-vllm``."""
+    return Path(os.environ.get(DIR_VARIABLE) or DEFAULT_DIR)
+
+
+class Sink:
+    """Appends records to ``<dir>/records-<pid>.jsonl``, one file per directory, opened on the
+    first record. A directory that cannot be written is reported once (a warning) and its
+    records are dropped: the engine keeps serving."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, object] = {}
+        self._failed: set[Path] = set()
+
+    def write(self, directory: Path, records: list[dict]) -> None:
+        if not records or directory in self._failed:
+            return
+        try:
+            handle = self._files.get(directory)
+            if handle is None:
+                directory.mkdir(parents=True, exist_ok=True)
+                handle = open(directory / f"records-{os.getpid()}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+                self._files[directory] = handle
+            handle.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+            handle.flush()
+        except OSError as exc:
+            self._failed.add(directory)
+            warnings.warn(
+                f"stable-regions: cannot write records under {directory} ({exc.strerror or exc}); "
+                "generation goes on without them: give a writable directory",
+                StableRegionsWarning,
+                stacklevel=2,
+            )
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+def read(directory: str | Path) -> pd.DataFrame:
+    """Every record under ``directory`` (written by ``StabilityProcessor``) as one frame: one
+    row per generated token and eps, ordered by request, step and eps.
+
+    Examples
+    --------
+    >>> frame = sr.vllm.read("stable-regions-vllm")  # doctest: +SKIP
+    >>> frame.groupby("request")["radius_curve"].min()  # doctest: +SKIP
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise StableRegionsError(
+            f"{path} is not a directory of records: give the directory the engine wrote "
+            f"(default ./{DEFAULT_DIR}, or ${DIR_VARIABLE})"
+        )
+    rows = []
+    for file in sorted(path.glob("records-*.jsonl")):
+        with open(file, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line cut short by a killed engine
+                        continue
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(["request", "step", "eps"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,116 @@
+"""The serving check, run by tests/test_vllm.py in the serving environment (.ci/serving-env)
+as a child process: vLLM's engine generates for a batch in which some requests ask for the
+stability processor and some do not, and the records are compared with the Hugging Face
+monitor on the same prompts. Prints one JSON line.
+
+    python tests/serving_check.py MODEL_DIR RECORDS_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(model_dir: str, out: str) -> None:
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    import stable_regions as sr
+    import stable_regions.vllm as srv
+    from stable_regions.prompts import corpus
+
+    prompts = [p.text for p in list(corpus())[:8]]
+    monitored = {f"p{i}": i for i in range(0, len(prompts), 2)}
+    tokens, eps = 32, [0.1, 1.0]
+    start = time.monotonic()
+    llm = LLM(
+        model=model_dir,
+        logits_processors=["stable_regions.vllm:StabilityProcessor"],
+        gpu_memory_utilization=0.15,  # on the CPU: this share of host memory
+        max_model_len=1024,
+        dtype="float32",
+        enforce_eager=True,
+    )
+    engine_s = time.monotonic() - start
+    params = [
+        SamplingParams(
+            max_tokens=tokens,  # no min_tokens: vLLM would mask EOS in the logits it shows us
+            temperature=0.0,
+            logprobs=1,
+            extra_args=(
+                {"stable_regions": {"eps": eps, "id": f"p{i}", "dir": out}} if i % 2 == 0 else None
+            ),
+        )
+        for i in range(len(prompts))
+    ]
+    start = time.monotonic()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    generate_s = time.monotonic() - start
+    expected = sum(len(outputs[i].outputs[0].token_ids) for i in monitored.values()) * len(eps)
+    deadline = time.monotonic() + 10.0  # the background flush writes the last tokens
+    frame = srv.read(out)
+    while len(frame) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        frame = srv.read(out)
+    served = {f"p{i}": list(o.outputs[0].token_ids) for i, o in enumerate(outputs)}
+    served_logprob = {
+        f"p{i}": [
+            lp[t].logprob
+            for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
+        ]
+        for i, o in enumerate(outputs)
+    }
+    model = sr.load(model_dir)
+    report = {
+        "engine_s": round(engine_s, 1),
+        "generate_s": round(generate_s, 2),
+        "records": len(frame),
+        "expected": expected,
+        "requests": sorted(frame.request.unique().tolist()) if len(frame) else [],
+        "same_tokens": True,
+        "records_tokens": True,
+        "max_rel_diff": {},
+        "chosen_logprob_vs_engine": 0.0,
+        "chosen_logprob_vs_hf": 0.0,
+    }
+    columns = (
+        "lambda_max",
+        "lambda_lower",
+        "lambda_upper",
+        "radius_flip",
+        "radius_quadratic",
+        "radius_curve",
+        "next_prob",
+        "entropy",
+    )
+    for rid, i in monitored.items():
+        hf = sr.generate(model, prompts[i], max_new_tokens=tokens, eps=eps, mode="fast")
+        hf = hf.to_frame().sort_values(["step", "eps"]).reset_index(drop=True)
+        mine = frame[frame.request == rid].sort_values(["step", "eps"]).reset_index(drop=True)
+        hf_ids = hf[hf.eps == eps[0]].chosen_token_id.tolist()
+        my_ids = mine[mine.eps == eps[0]].chosen_token_id.tolist()
+        report["same_tokens"] &= hf_ids == served[rid]
+        report["records_tokens"] &= my_ids == served[rid]
+        n = min(len(hf), len(mine))
+        for column in columns:
+            a, b = hf[column].to_numpy(float)[:n], mine[column].to_numpy(float)[:n]
+            ok = np.isfinite(a) & np.isfinite(b) & (a != 0)
+            worst = float(np.max(np.abs(b[ok] / a[ok] - 1))) if ok.any() else 0.0
+            report["max_rel_diff"][column] = max(report["max_rel_diff"].get(column, 0.0), worst)
+        mine_lp = np.log(mine[mine.eps == eps[0]].chosen_prob.to_numpy(float))
+        hf_lp = np.log(hf[hf.eps == eps[0]].chosen_prob.to_numpy(float))
+        engine_lp = np.array(served_logprob[rid][: len(mine_lp)])
+        report["chosen_logprob_vs_engine"] = max(
+            report["chosen_logprob_vs_engine"], float(np.max(np.abs(mine_lp - engine_lp)))
+        )
+        report["chosen_logprob_vs_hf"] = max(
+            report["chosen_logprob_vs_hf"],
+            float(np.max(np.abs(mine_lp[: len(hf_lp)] - hf_lp[: len(mine_lp)]))),
+        )
+    print("SERVING-CHECK " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":  # vLLM's engine core is a child process: the guard is needed
+    main(sys.argv[1], sys.argv[2])

