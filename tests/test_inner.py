@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import char_tokenizer, tiny_model
 
 import stable_regions as sr
 from stable_regions.geometry import PullbackOperator, series_coefficients
@@ -520,3 +520,37 @@ def test_blocks_of_positions_are_equal_and_within_their_caps():
     assert positions_per_search(49152) == 64 and positions_per_search(262144) == 64
     with memory_budget(96):  # arrays get 16 MiB: 16 rows of 262144 float32
         assert positions_per_search(262144) == 16
+
+
+def test_final_blocks_within_search_batches_cover_every_position_once(monkeypatch):
+    """With a budget that makes a search batch several blocks (20 positions: two batches of
+    10, each in blocks of 4, 4, 2), every block's arrays have one row per position it names,
+    and the blocks name each position once, in order."""
+    from stable_regions import budget
+    from stable_regions.engine import blocks_at
+
+    adapter = sr.wrap(tiny_model("llama", seed=1), char_tokenizer())
+    V = adapter.vocab_size
+    monkeypatch.setattr(budget, "ARRAY_BYTES", 2 * V * 8 * 4)  # blocks of 4; batches of 16
+    ids = adapter.tokenize("abcdefghijklmnopqrst")
+    pos = list(range(ids.shape[1]))
+    assert len(pos) == 20
+    seen = []
+    for b in blocks_at(
+        adapter,
+        ids,
+        adapter.hook_for_layer("final"),
+        pos,
+        [0.1],
+        exact=False,
+        rtol=1e-6,
+        eig_tol=1e-8,
+        trace=None,
+        stage=None,
+    ):
+        n = len(b.positions)
+        assert n <= 4
+        for x in (b.next_token_id, b.lambda_max, b.directions, b.pade, b.activation_norm):
+            assert len(x) == n
+        seen += b.positions
+    assert seen == pos

@@ -74,14 +74,14 @@ def prelogit_blocks(
         searched = _linear_search(head, h, u0, tol) if head.is_linear else None
         block = equal_parts(len(h), cap)  # the float64 arrays of rays, a block at a time
         for s in range(0, len(h), block):
-            part = slice(s, s + block)
+            part = slice(s, min(s + block, len(h)))  # a batch's last block may be shorter
             found = None if searched is None else tuple(x[part] for x in searched)
             yield _block(
                 head,
                 h[part],
                 u0[part],
                 found,
-                pos[first + s : first + s + block],
+                pos[first + part.start : first + part.stop],
                 eps_list,
                 exact,
                 rtol,
