@@ -170,6 +170,8 @@ class MonitorCore:
     def close(self) -> None:
         """Write every request's known tokens, stop the flush and close the files."""
         self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(timeout=5.0)  # before the lock: a flush may hold it
         with self._lock:
             for slot in list(self.slots):
                 self.remove(slot)
