@@ -140,7 +140,8 @@ class TokenGeometry:
         top = idx[:, 0]
         k = min(max(self.tokens, ALTERNATIVES), p.shape[-1])
         # the rows of W the bracket, the flip radius and (fast) the direction's products read
-        rows = torch.stack([self.weight.index_select(0, i) for i in idx])  # (B, wide, d)
+        # (B, wide, d) by one gather: a gather per row and a stack copied them twice
+        rows = self.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
         bracket = curvature_bracket(
             self.weight, p, self.spread, likeliest=(pk[:, :k], idx[:, :k]), rows=rows[:, :k]
         )
