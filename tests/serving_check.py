@@ -109,7 +109,61 @@ def main(model_dir: str, out: str) -> None:
             report["chosen_logprob_vs_hf"],
             float(np.max(np.abs(mine_lp[: len(hf_lp)] - hf_lp[: len(mine_lp)]))),
         )
+    report["mid_batch"] = mid_batch(llm, f"{out}-mid-batch", prompts, srv)
     print("SERVING-CHECK " + json.dumps(report), flush=True)
+
+
+def mid_batch(llm, out: str, prompts: list[str], srv) -> dict:
+    """Requests join and leave a running batch through the engine's own API: three start
+    (two monitored), one monitored request is aborted after a few steps, three more join
+    (two monitored) while the first ones run. Every monitored request's records must be its
+    own tokens, each once; the aborted one's agree with what it generated before the abort."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+
+    def params(rid: str, monitored: bool, tokens: int) -> SamplingParams:
+        extra = {"stable_regions": {"eps": [0.1], "id": rid, "dir": out}} if monitored else None
+        return SamplingParams(max_tokens=tokens, temperature=0.0, extra_args=extra)
+
+    plan = {"m0": (True, 24), "u1": (False, 24), "m2": (True, 24)}
+    joining = {"m3": (True, 12), "u4": (False, 12), "m5": (True, 16)}
+    for i, (rid, (watched, tokens)) in enumerate(plan.items()):
+        engine.add_request(rid, prompts[i], params(rid, watched, tokens))
+    outputs: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id] = list(output.outputs[0].token_ids)
+        steps += 1
+        if steps == 4:
+            engine.abort_request(["m2"])
+        if steps == 6:
+            for i, (rid, (watched, tokens)) in enumerate(joining.items()):
+                engine.add_request(rid, prompts[3 + i], params(rid, watched, tokens))
+    deadline = time.monotonic() + 10.0
+    monitored = [r for r, (w, _) in {**plan, **joining}.items() if w]
+    expected = sum(len(outputs[r]) for r in monitored if r != "m2")
+    frame = srv.read(out)
+    while len(frame[frame.request != "m2"]) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        frame = srv.read(out)
+    result = {"requests": sorted(frame.request.unique().tolist()), "complete": True}
+    for rid in monitored:
+        mine = frame[frame.request == rid].sort_values("step")
+        ids = mine.chosen_token_id.tolist()
+        if rid == "m2":  # aborted: its records agree with the tokens delivered before the
+            # abort; the engine may have sampled one more that was never delivered, and one
+            # step's geometry may have no sampled token at all (-1)
+            sampled = [t for t in ids if t >= 0]
+            delivered = outputs.get(rid, [])
+            n = min(len(sampled), len(delivered))
+            result["aborted_agrees"] = n > 0 and sampled[:n] == delivered[:n]
+            result["aborted_records"] = len(ids)
+            result["aborted_generated"] = len(outputs.get(rid, []))
+            continue
+        result["complete"] &= ids == outputs[rid] and mine.step.tolist() == list(range(len(ids)))
+    return result
 
 
 if __name__ == "__main__":  # vLLM's engine core is a child process: the guard is needed

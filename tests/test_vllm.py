@@ -229,7 +229,8 @@ def test_served_by_vllm_the_records_are_the_hugging_face_monitors(tmp_path):
     sampled token's probability as the engine's own logits give it, and ``lambda_max`` and
     the radii within 1e-4 of the Hugging Face monitor's (the engines' logits differ by
     ~1e-5 in log-probability; the flip radius and the bracket's upper end, which amplify
-    that, within 1e-3 and 1e-2)."""
+    that, within 1e-3 and 1e-2). Then, in the same engine, requests join and leave a running
+    batch and one is aborted: every record belongs to its own request, none is lost."""
     from stable_regions.models import store
 
     model_dir = store.model_dir("smollm2-135m")
@@ -252,3 +253,7 @@ def test_served_by_vllm_the_records_are_the_hugging_face_monitors(tmp_path):
     for column in ("lambda_max", "lambda_lower", "radius_quadratic", "radius_curve"):
         assert worst[column] < 1e-4, (column, worst)
     assert worst["radius_flip"] < 1e-3 and worst["lambda_upper"] < 1e-2, worst
+    # requests joining and leaving a running batch, one of them aborted
+    mid = report["mid_batch"]
+    assert mid["requests"] == ["m0", "m2", "m3", "m5"] and mid["complete"], mid
+    assert mid["aborted_agrees"] and mid["aborted_records"] <= mid["aborted_generated"] + 2, mid
