@@ -142,6 +142,10 @@ def test_records_are_the_hugging_face_monitors_on_the_same_scores(tmp_path):
     ):
         np.testing.assert_allclose(ours[column], hf[column], rtol=1e-6, err_msg=column)
     assert ours.fragile.tolist() == hf.fragile.tolist()
+    named = read(tmp_path / "rec", tokenizer=adapter.tokenizer)
+    assert named.chosen_token.tolist() == hf.chosen_token.tolist()
+    assert named.top_tokens.tolist() == hf.top_tokens.tolist()
+    assert set(named.attrs["columns"]) == set(named.columns)  # every column described
 
 
 def test_unembedding_from_a_checkpoint(tmp_path):

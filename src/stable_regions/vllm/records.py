@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import StableRegionsError, StableRegionsWarning
+from ..vocabulary import describe
 
 DEFAULT_DIR = "stable-regions-vllm"  # under the engine's working directory
 DIR_VARIABLE = "STABLE_REGIONS_VLLM_DIR"  # the engine's default directory, if set
@@ -62,13 +63,22 @@ class Sink:
         self._files.clear()
 
 
-def read(directory: str | Path) -> pd.DataFrame:
+def read(directory: str | Path, *, tokenizer=None) -> pd.DataFrame:
     """Every record under ``directory`` (written by ``StabilityProcessor``) as one frame: one
     row per generated token and eps, ordered by request, step and eps.
 
+    Parameters
+    ----------
+    directory : path
+        The records' directory.
+    tokenizer : tokenizer, optional
+        The served model's tokenizer (anything with ``decode``): adds ``chosen_token``,
+        ``next_token`` and ``top_tokens``, each id decoded alone as the Hugging Face monitor
+        does.
+
     Examples
     --------
-    >>> frame = sr.vllm.read("stable-regions-vllm")  # doctest: +SKIP
+    >>> frame = sr.vllm.read("stable-regions-vllm", tokenizer=llm.get_tokenizer())  # doctest: +SKIP
     >>> frame.groupby("request")["radius_curve"].min()  # doctest: +SKIP
     """
     path = Path(directory)
@@ -88,5 +98,31 @@ def read(directory: str | Path) -> pd.DataFrame:
                         continue
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return frame
-    return frame.sort_values(["request", "step", "eps"], kind="stable").reset_index(drop=True)
+        return describe(frame)
+    frame = frame.sort_values(["request", "step", "eps"], kind="stable").reset_index(drop=True)
+    if tokenizer is not None:
+        strings: dict[int, str] = {}
+
+        def text(i: int) -> str:
+            if i < 0:  # no token was sampled
+                return ""
+            if i not in strings:
+                strings[i] = tokenizer.decode([i])
+            return strings[i]
+
+        frame.insert(
+            frame.columns.get_loc("chosen_token_id"),
+            "chosen_token",
+            [text(int(i)) for i in frame.chosen_token_id],
+        )
+        frame.insert(
+            frame.columns.get_loc("next_token_id"),
+            "next_token",
+            [text(int(i)) for i in frame.next_token_id],
+        )
+        frame.insert(
+            frame.columns.get_loc("top_token_ids"),
+            "top_tokens",
+            [[text(int(i)) for i in ids] for ids in frame.top_token_ids],
+        )
+    return describe(frame)
