@@ -72,7 +72,7 @@ def request_options(extra_args: Mapping | None) -> RequestOptions | None:
     return RequestOptions(eps, record_id, directory)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Token:
     """A token whose geometry is known and whose sampled id is not yet."""
 
@@ -226,7 +226,7 @@ class MonitorCore:
         ready = [t for t in request.waiting if t.step < known or final]
         if not ready:
             return
-        request.waiting = [t for t in request.waiting if t not in ready]
+        request.waiting = [t for t in request.waiting if not (t.step < known or final)]
         records = []
         for token in ready:
             chosen = int(request.output_ids[token.step]) if token.step < known else -1
