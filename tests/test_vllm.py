@@ -208,6 +208,17 @@ def test_the_flush_writes_a_last_token_without_another_step(tmp_path):
     core.close()
 
 
+def test_read_waits_for_the_last_writes_to_settle(tmp_path):
+    """A records file written a moment ago is read once it has been quiet for ``settle_s``
+    (the engine's flush writes a request's last token just after ``generate`` returns)."""
+    (tmp_path / "records-1.jsonl").write_text('{"request": "a", "step": 0, "eps": 0.1}\n')
+    start = time.monotonic()
+    assert len(read(tmp_path, settle_s=0.4)) == 1
+    assert time.monotonic() - start >= 0.35
+    start = time.monotonic()
+    assert len(read(tmp_path, settle_s=0)) == 1 and time.monotonic() - start < 0.3
+
+
 def test_read_refuses_what_is_not_a_directory(tmp_path):
     with pytest.raises(StableRegionsError, match="is not a directory of records"):
         read(tmp_path / "nothing")

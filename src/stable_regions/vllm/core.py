@@ -33,7 +33,7 @@ from .records import Sink, default_dir
 OPTION = "stable_regions"  # the key of SamplingParams.extra_args
 KEYS = ("eps", "id", "dir")
 DEFAULT_EPS = (0.1,)
-FLUSH_S = 0.5  # how often sampled tokens are looked for between steps
+FLUSH_S = 0.1  # how often sampled tokens are looked for between steps (a lock, a len)
 
 
 @dataclass(frozen=True)

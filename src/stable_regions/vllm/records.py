@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class Sink:
         self._files.clear()
 
 
-def read(directory: str | Path, *, tokenizer=None) -> pd.DataFrame:
+def read(directory: str | Path, *, tokenizer=None, settle_s: float = 0.3) -> pd.DataFrame:
     """Every record under ``directory`` (written by ``StabilityProcessor``) as one frame: one
     row per generated token and eps, ordered by request, step and eps.
 
@@ -75,6 +76,10 @@ def read(directory: str | Path, *, tokenizer=None) -> pd.DataFrame:
         The served model's tokenizer (anything with ``decode``): adds ``chosen_token``,
         ``next_token`` and ``top_tokens``, each id decoded alone as the Hugging Face monitor
         does.
+    settle_s : float, default 0.3
+        Wait until no file has changed for this long (at most ten times as long) before
+        reading: a request's last token is written by the engine's background flush a moment
+        after ``generate`` returns. 0 reads at once.
 
     Examples
     --------
@@ -87,6 +92,7 @@ def read(directory: str | Path, *, tokenizer=None) -> pd.DataFrame:
             f"{path} is not a directory of records: give the directory the engine wrote "
             f"(default ./{DEFAULT_DIR}, or ${DIR_VARIABLE})"
         )
+    _settle(path, settle_s)
     rows = []
     for file in sorted(path.glob("records-*.jsonl")):
         with open(file, encoding="utf-8") as handle:
@@ -126,3 +132,16 @@ def read(directory: str | Path, *, tokenizer=None) -> pd.DataFrame:
             [[text(int(i)) for i in ids] for ids in frame.top_token_ids],
         )
     return describe(frame)
+
+
+def _settle(path: Path, settle_s: float) -> None:
+    """Until the newest records file is ``settle_s`` old, or ``10 * settle_s`` have passed."""
+    if settle_s <= 0:
+        return
+    deadline = time.monotonic() + 10 * settle_s
+    while time.monotonic() < deadline:
+        stamps = [f.stat().st_mtime for f in path.glob("records-*.jsonl")]
+        quiet = time.time() - max(stamps, default=0.0)
+        if quiet >= settle_s:
+            return
+        time.sleep(max(0.0, min(settle_s - quiet, deadline - time.monotonic())) + 1e-3)
