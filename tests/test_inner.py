@@ -508,7 +508,8 @@ def test_blocks_of_positions_are_equal_and_within_their_caps():
     position, which would take the one-position search); the search batch of a linear head
     holds its float32 probabilities within the array budget, at most 64."""
     from stable_regions import memory_budget
-    from stable_regions.engine.common import equal_parts, positions_per_search
+    from stable_regions.budget import equal_parts
+    from stable_regions.engine.common import positions_per_search
 
     assert equal_parts(64, 40) == 32 and equal_parts(65, 64) == 33 and equal_parts(64, 13) == 13
     assert equal_parts(1, 64) == 1 and equal_parts(10, 64) == 10 and equal_parts(5, 0) == 1

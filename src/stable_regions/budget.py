@@ -96,6 +96,13 @@ def rows_in_cache(width: int, itemsize: int = 8, device=None) -> int:
     return max(1, CACHE_BYTES // max(1, width * itemsize))
 
 
+def equal_parts(n: int, cap: int) -> int:
+    """The size of the fewest parts of at most ``cap`` that cover ``n``, all of one size but
+    the last (64 at a cap of 40: two parts of 32, not 40 + 24)."""
+    count = -(-n // max(1, cap))  # parts needed
+    return max(1, -(-n // max(1, count)))
+
+
 def rows_within(width: int, itemsize: int = 8, *, cap: int | None = None) -> int:
     """Rows of ``width`` elements of ``itemsize`` bytes that fit in ``ARRAY_BYTES`` (at least 1,
     at most ``cap``)."""

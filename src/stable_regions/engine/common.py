@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..budget import graph_bytes, rows_recordable, rows_within
+from ..budget import equal_parts, graph_bytes, rows_recordable, rows_within
 from ..geometry import (
     LogitHead,
     PullbackOperator,
@@ -132,13 +132,6 @@ def positions_per_recorded_block(
         budget=graph_bytes(adapter.device),
     )
     return equal_parts(n_positions, cap)
-
-
-def equal_parts(n: int, cap: int) -> int:
-    """The size of the fewest parts of at most ``cap`` that cover ``n``, all of one size but
-    the last (64 at a cap of 40: two parts of 32, not 40 + 24)."""
-    count = -(-n // max(1, cap))  # parts needed
-    return max(1, -(-n // max(1, count)))
 
 
 def positions_per_search(vocab_size: int) -> int:

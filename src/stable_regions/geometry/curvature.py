@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..budget import rows_within
+from ..budget import equal_parts, rows_within
 from .lanczos import LanczosRun, lanczos
 
 
@@ -75,7 +75,7 @@ class CurvatureOperator:
         P, k, _ = v.shape
         itemsize = torch.finfo(self.tangent_dtype()).bits // 8
         chunk = rows_within(P * self.p.shape[-1], itemsize)
-        chunk = -(-k // -(-k // chunk))  # equal chunks: 16 at a cap of 5 are 4 x 4
+        chunk = equal_parts(k, chunk)  # equal chunks: 16 at a cap of 5 are 4 x 4
         out = []
         p = self.p[:, :, None]  # (P, V, 1), cast once to the tangents' dtype
         for s in range(0, k, chunk):
