@@ -16,7 +16,6 @@ from .prompts import prompt_within
 from .timing import compare, peak_rss_of, result_row
 
 FINAL_TOKENS = 64  # the final-layer target's prompt: every position of 64 tokens
-JACOBIAN_PROMPTS = ("hello", FINAL_TOKENS)  # a one-word prompt and a long one
 
 
 def _forward(adapter: ModelAdapter, ids: torch.Tensor):
@@ -55,15 +54,14 @@ def rows_forward_multiples(adapter: ModelAdapter, s) -> list[dict]:
             )
         )
     layers = adapter.n_layers + 1  # the rows jacobian shows: the embedding and every block
-    for prompt in JACOBIAN_PROMPTS:
-        words = prompt if isinstance(prompt, str) else prompt_within(adapter, prompt)
+    for words in ("hello", text):  # a one-word prompt and the long one
         ids = adapter.tokenize(words)
 
         def ours(words=words):
             return jacobian_profile(adapter, words, k=1)
 
         times = compare({"ours": ours, "forward": _forward(adapter, ids)}, 1)
-        shown = f'"{prompt}"' if isinstance(prompt, str) else f"a {ids.shape[1]}-token prompt"
+        shown = f'"{words}"' if words == "hello" else f"a {ids.shape[1]}-token prompt"
         rows.append(
             result_row(
                 "jacobian_per_layer",
