@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from conftest import char_tokenizer, tiny_model
@@ -175,3 +176,20 @@ def test_forward_multiples_on_a_tiny_model():
     assert (
         "all logits" in rows[0]["baseline"] and "measured boundary included" in rows[0]["baseline"]
     )
+
+
+def test_vllm_row_says_where_vllm_is_missing(monkeypatch):
+    """Without vLLM here and without $STABLE_REGIONS_VLLM_PYTHON, the row says how to run it
+    instead of failing; with a Python that cannot run it, the row says that it failed."""
+    from stable_regions.bench import vllm_overhead
+
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer(), name="tiny")
+    settings = BenchSettings(quick=True, repeats=1, monitor_tokens=2)
+    monkeypatch.delenv(vllm_overhead.PYTHON_VARIABLE, raising=False)
+    monkeypatch.setattr(vllm_overhead.importlib.util, "find_spec", lambda name: None)
+    (row,) = run_bench(adapter, settings=settings, rows=["monitor_vllm"])["rows"]
+    assert row["name"] == "monitor_vllm_fast" and row["ours_s"] is None
+    assert row["baseline"].startswith("not run: no Python with vLLM here")
+    monkeypatch.setenv(vllm_overhead.PYTHON_VARIABLE, sys.executable)  # has no vLLM
+    (row,) = run_bench(adapter, settings=settings, rows=["monitor_vllm"])["rows"]
+    assert row["baseline"].startswith("failed: ") and "vllm" in row["baseline"].lower()

@@ -35,10 +35,14 @@ def results(tmp_path_factory):
         "generate": sr.generate(adapter, ["Hi", "The"], max_new_tokens=3),
         "scan": sr.scan_corpus(adapter, [PROMPT, "hello world"]),
         "validate": sr.validate(adapter, prompts, eps=[0.1], positions_per_prompt=1),
+        "iso_kl": sr.iso_kl(
+            adapter, prompts[:2], vector=vector, layer=1, target=0.01, stat="mean", tokens=3
+        ),
     }
 
 
 STUDIES = ["analyze", "certify", "steer", "map", "jacobian", "generate", "scan", "validate"]
+STUDIES += ["iso_kl"]
 
 
 @pytest.mark.parametrize("study", STUDIES)

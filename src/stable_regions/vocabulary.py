@@ -122,6 +122,50 @@ _COLUMNS = [
         Column(f"coef_{form}", f"steering coefficient: {_FORM_MEANING[form]}", COEF_UNITS)
         for form in FORMS
     ),
+    # the iso-KL coefficient (steering every position; studies.iso_kl)
+    Column("vector", "the steering vector's name"),
+    Column("kl_target", "the budget the statistic of per-token KL is solved for", "nats"),
+    Column("kl_stat", "the statistic of per-token KL: mean, p50, p90, p95 or max"),
+    Column("new_tokens", "greedy tokens per continuation"),
+    Column(
+        "coef_rollout",
+        "iso-KL coefficient by the rollout definition: steered greedy rollouts re-scored by "
+        "the base model, solved for the target",
+        COEF_UNITS,
+    ),
+    Column(
+        "coef_measured",
+        "iso-KL coefficient teacher forced along the base model's continuation, confirmed by "
+        "one rollout (one solver step from it where it missed)",
+        COEF_UNITS,
+    ),
+    Column(
+        "coef_predicted",
+        "iso-KL coefficient from every token's logits along the coefficient to third order "
+        "(one pass of Taylor-mode jets)",
+        COEF_UNITS,
+    ),
+    Column(
+        "kl_confirmed",
+        "the rollout definition's statistic at the teacher-forced answer (the confirming rollout)",
+        "nats",
+    ),
+    Column("reached", "whether the rollout definition reaches the target below 1e4 x the vector"),
+    *(
+        Column(f"evaluations_{form}", f"evaluations of the statistic by the {form} solver")
+        for form in ("rollout", "measured")
+    ),
+    *(
+        Column(
+            f"forward_tokens_{form}",
+            f"tokens through the model's forward pass for coef_{form} (a greedy step is one)",
+        )
+        for form in ("rollout", "measured", "predicted")
+    ),
+    *(
+        Column(f"seconds_{form}", f"wall time for coef_{form}", "s")
+        for form in ("rollout", "measured", "predicted")
+    ),
     # substitutions
     Column("substitute", "the nearby token substituted"),
     Column("substitute_id", "its id"),

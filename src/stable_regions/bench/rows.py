@@ -39,6 +39,7 @@ from .prompts import prompt_ids, prompt_text
 from .scale import rows_scale
 from .targets import rows_forward_multiples
 from .timing import compare, peak_rss_mb, peak_rss_of, reset_peak_rss, result_row, timed
+from .vllm_overhead import rows_monitor_vllm
 
 
 @dataclass
@@ -381,6 +382,7 @@ ROWS = {
     "pullback_hvp_mid": row_pullback_hvp_mid,
     "scale_llama3_1b": rows_scale,
     "monitor_generate": rows_monitor,
+    "monitor_vllm": rows_monitor_vllm,
 }
 
 

@@ -77,6 +77,25 @@ def add_parser(sub) -> None:
         action="store_true",
         help="print one JSON document {model, layer, eps, vector_norm, rows, summary}",
     )
+    st.add_argument(
+        "--iso-kl",
+        metavar="TARGET",
+        default=None,
+        help="instead of the per-position budget: the coefficient at which --stat of the "
+        "per-token KL(p_steer || p_base) over --tokens greedy tokens per prompt reaches TARGET "
+        "nats, the vector added at every position (coef_rollout, coef_measured, coef_predicted)",
+    )
+    st.add_argument(
+        "--stat",
+        default="p95",
+        help="with --iso-kl: mean, p50, p90, p95 (default) or max of the per-token KL",
+    )
+    st.add_argument(
+        "--tokens",
+        default="50",
+        metavar="T",
+        help="with --iso-kl: greedy tokens per continuation (default 50)",
+    )
     add_table_options(st, DEFAULT_COLUMNS)
 
 
@@ -95,17 +114,12 @@ def run(args) -> int:
     from .._support.inputs import check_eps
     from ..studies.steering import STEER_COLUMNS as ALL_COLUMNS
 
+    if args.iso_kl is not None:
+        return run_iso_kl(args)
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)
     positions = parse_positions(args.positions)
-    prompts, positive, negative = _inputs(args)
-    if args.save_vector:
-        from .._support.files import check_output_file
-
-        check_output_file(args.save_vector, ".npy", "--save-vector")
-    err, adapter = load_with_status(args)
-    layer = parse_layer(args.layer)
-    vector = _vector(args, adapter, layer, positive, negative)
+    err, adapter, prompts, vector, layer = _loaded(args)
     result = budget_of(args, err, adapter, prompts, vector, layer, eps, positions, "steering")
     if args.json:
         doc = {**result.to_json(), "summary": frame_records(result.summary())}
@@ -135,6 +149,20 @@ def budget_of(args, err, adapter, prompts, vector, layer, eps, positions, label:
             chat=args.chat,
             progress=tick,
         )
+
+
+def _loaded(args):
+    """``(stderr console, adapter, prompts, vector, layer)``: the inputs checked before the
+    model loads, then the vector (saved where asked)."""
+    prompts, positive, negative = _inputs(args)
+    if args.save_vector:
+        from .._support.files import check_output_file
+
+        check_output_file(args.save_vector, ".npy", "--save-vector")
+    err, adapter = load_with_status(args)
+    layer = parse_layer(args.layer)
+    vector = _vector(args, adapter, layer, positive, negative)
+    return err, adapter, prompts, vector, layer
 
 
 def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
@@ -169,6 +197,41 @@ def _vector(args, adapter, layer, positive, negative):
     if args.save_vector:
         np.save(args.save_vector, vector.cpu().numpy())
     return vector
+
+
+ISO_KL_TABLE = ["vector", "coef_rollout", "coef_measured", "coef_predicted", "reliable"]
+
+
+def run_iso_kl(args) -> int:
+    """``--iso-kl TARGET``: the coefficient for a KL budget over a continuation (``iso_kl``)."""
+    from ..studies.iso_kl import ISO_KL_COLUMNS, check_iso_kl_options, iso_kl
+
+    check_columns(args.columns, ISO_KL_COLUMNS)
+    target, stat, tokens = check_iso_kl_options(args.iso_kl, args.stat, args.tokens)
+    if args.calibration:
+        raise StableRegionsError("--calibration goes with the per-position budget, not --iso-kl")
+    err, adapter, prompts, vector, layer = _loaded(args)
+    result = iso_kl(
+        adapter, prompts, vector=vector, layer=layer, target=target, stat=stat, tokens=tokens,
+        chat=args.chat, progress=lambda line: err.print(line, highlight=False),
+    )  # fmt: skip
+    if args.json:
+        doc = {**result.to_json(), "summary": frame_records(result.summary())}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif args.csv:
+        write_csv(result.to_frame())
+    else:
+        frame = result.to_frame()
+        print_frame(
+            frame,
+            chosen_columns(frame, args.columns, ISO_KL_TABLE),
+            title=f"{result.model}: the coefficient at which the {stat} of per-token KL over "
+            f"{tokens} tokens reaches {target:g} nats, the vector at every position of layer "
+            f"'{result.layer}'",
+            group=None,
+            note="Costs: --columns forward_tokens_rollout,forward_tokens_measured,... or --json.",
+        )
+    return 0
 
 
 SUMMARY_COLUMNS = [

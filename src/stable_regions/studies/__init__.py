@@ -11,6 +11,7 @@ the per-block engine and write nothing but their results.
 from .analysis import AnalysisResult, analyze
 from .certify import CertifyResult, certify
 from .generation import GenerationResult, generate
+from .iso_kl import IsoKLResult, iso_kl
 from .jacobian import JacobianProfile, jacobian_profile
 from .maps import StabilityMap, stability_map
 from .monitor import StabilityMonitor
@@ -19,6 +20,8 @@ from .steering import SteeringResult, mean_difference, steering_budget
 from .validation import ValidationRun, validate
 
 __all__ = [
+    "IsoKLResult",
+    "iso_kl",
     "AnalysisResult",
     "CertifyResult",
     "CorpusScan",

@@ -366,10 +366,15 @@ class StabilityMonitor(LogitsProcessor):
         return describe(frame)
 
     def columns(self) -> list[str]:
-        names = ["generation", "sequence", "step", "chosen_token_id", "chosen_token"]
-        names += ["chosen_prob", "next_token_id", "next_prob", "entropy", "lambda_max"]
-        names += ["lambda_lower", "lambda_upper", "radius_flip", "top_tokens", "top_probs"]
-        names += ["eps", "radius_quadratic", "radius_curve"]
-        names += ["radius_certified"] if self.certified else []
-        names += [f"radius_{n}" for n in self.directions] + ["fragile"]
-        return names
+        return monitor_columns(certified=self.certified, directions=list(self.directions))
+
+
+def monitor_columns(*, certified: bool = False, directions: Sequence[str] = ()) -> list[str]:
+    """The monitor frame's columns, in order (the vLLM processor's records are put in it)."""
+    names = ["generation", "sequence", "step", "chosen_token_id", "chosen_token"]
+    names += ["chosen_prob", "next_token_id", "next_prob", "entropy", "lambda_max"]
+    names += ["lambda_lower", "lambda_upper", "radius_flip", "top_tokens", "top_probs"]
+    names += ["eps", "radius_quadratic", "radius_curve"]
+    names += ["radius_certified"] if certified else []
+    names += [f"radius_{n}" for n in directions] + ["fragile"]
+    return names

@@ -1,0 +1,96 @@
+"""The iso-KL coefficient's three forms against each other, with their costs, on held-out
+prompts (docs/iso-kl.md).
+
+    python scripts/iso_kl_check.py --model smollm2-135m --layers 15 5 --prompts 4 \
+        --tokens 12 --targets 0.1 1.0 --stats p95 --out docs/steering/iso-kl-smollm2-135m.json
+
+Vectors at each layer: the mean difference of the shipped sentiment sets, a seeded random
+direction of the same norm, and the mean difference between the corpus's code and prose
+prompts (the ones outside the held-out split), scaled to the sentiment vector's norm.
+Writes the rows as it goes (a rerun skips the ones already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stable_regions as sr
+from stable_regions._support.files import write_json
+from stable_regions.prompts import corpus, sentiment_prompts
+from stable_regions.studies.validation import held_out_corpus
+
+
+def vectors(adapter, layer: int) -> dict[str, torch.Tensor]:
+    positive, negative = sentiment_prompts()
+    sentiment = sr.mean_difference(adapter, positive, negative, layer=layer).float()
+    g = torch.Generator().manual_seed(1000 + layer)
+    random = torch.randn(sentiment.shape, generator=g)
+    held = set(held_out_corpus())
+    code = [p.text for p in corpus() if p.kind == "code" and p.text not in held][:16]
+    prose = [p.text for p in corpus() if p.kind == "prose" and p.text not in held][:16]
+    topic = sr.mean_difference(adapter, code, prose, layer=layer).float()
+    size = sentiment.norm()
+    return {
+        "sentiment": sentiment,
+        "random": random / random.norm() * size,
+        "code_minus_prose": topic / topic.norm() * size,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layers", type=int, nargs="+", default=[15, 5])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.1, 1.0])
+    ap.add_argument("--stats", nargs="+", default=["p95"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    adapter = sr.load(args.model)
+    held = set(held_out_corpus())
+    kinds = ("prose", "dialogue", "factual")
+    prompts = [p.text for p in corpus() if p.text in held and p.kind in kinds]
+    prompts = prompts[: args.prompts]
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    doc.update(model=adapter.name, prompts=len(prompts), tokens=args.tokens)
+    done = {(r["layer"], r["kl_target"], r["kl_stat"], r["vector"]) for r in doc["rows"]}
+    for layer in args.layers:
+        named = vectors(adapter, layer)
+        for stat in args.stats:
+            for target in args.targets:
+                todo = {k: v for k, v in named.items() if (str(layer), target, stat, k) not in done}
+                if not todo:
+                    continue
+                result = sr.iso_kl(
+                    adapter, prompts, vector=todo, layer=layer, target=target, stat=stat,
+                    tokens=args.tokens, progress=print,
+                )  # fmt: skip
+                for row in result.to_json()["rows"]:
+                    doc["rows"].append(row)
+                    print(json.dumps({k: row[k] for k in ("layer", "vector", "kl_stat",
+                          "kl_target", "coef_rollout", "coef_measured", "coef_predicted")}))  # fmt: skip
+                write_json(out, doc)
+    rows = [r for r in doc["rows"] if r["reached"]]
+    for form in ("measured", "predicted"):
+        ratio = np.array([r[f"coef_{form}"] / r["coef_rollout"] for r in rows])
+        err = np.abs(ratio - 1)
+        saved = np.array([r["forward_tokens_rollout"] / r[f"forward_tokens_{form}"] for r in rows])
+        doc[f"{form}_vs_rollout"] = {
+            "median_rel_err": float(np.median(err)),
+            "p90_rel_err": float(np.percentile(err, 90)),
+            "median_tokens_saved": float(np.median(saved)),
+            "rows": len(rows),
+        }
+    write_json(out, doc)
+    print(json.dumps({k: v for k, v in doc.items() if k.endswith("_vs_rollout")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Continuations with a steering vector at every position, and the per-token KL between the
+steered and the base model along them: the pieces of the iso-KL coefficient (``iso_kl``).
+
+The convention is the steering libraries' (repeng, steering-vectors, EasySteer,
+steering-lite): ``c * v`` is added to the residual stream at one hook at every position, the
+prompt's and the generated ones. The per-token KL is ``KL(p_steer || p_base)`` at each
+position that produced a generated token.
+
+Costs are counted in forward-pass tokens: a greedy continuation of ``T`` tokens after a
+prompt of ``P`` costs ``P + T - 1`` (the prompt's pass, then one token per step, the keys
+and values cached); a teacher-forced pass over the same sequence costs the same.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models import ModelAdapter
+from ..models.taylor import primal, taylor_derivatives
+
+
+@dataclass
+class Continuation:
+    """A prompt ``ids`` (1, P), the tokens generated after it (T,), and the logits (T, V)
+    that produced them (float32: the model's raw logits, before any sampling processor)."""
+
+    ids: Tensor
+    new: Tensor
+    logits: Tensor
+
+    @property
+    def cost(self) -> int:
+        """Forward-pass tokens of the continuation (or of one teacher-forced pass over it)."""
+        return self.ids.shape[1] + len(self.new) - 1
+
+    def sequence(self) -> Tensor:
+        """(1, P + T - 1): the prompt and every generated token but the last, whose logits
+        nothing needs."""
+        return torch.cat([self.ids, self.new[None, :-1].to(self.ids.device)], 1)
+
+
+def _steering(stack: ExitStack, adapter: ModelAdapter, hook: str, delta: Tensor | None) -> None:
+    if delta is not None:
+        stack.enter_context(adapter.added(hook, delta))
+
+
+def greedy(
+    adapter: ModelAdapter, ids: Tensor, tokens: int, hook: str, delta: Tensor | None = None
+) -> Continuation:
+    """Greedy continuation of ``tokens`` tokens (fewer where an end-of-sequence token comes
+    first: it is kept, nothing after it) with ``delta`` added at every position."""
+    eos = adapter.model.generation_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = next(iter(eos_ids), 0)
+    with ExitStack() as stack:
+        _steering(stack, adapter, hook, delta)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(adapter.running())
+        out = adapter.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+    new = out.sequences[0, ids.shape[1] :]
+    logits = torch.stack(out.logits, 1)[0].to(torch.float32)
+    ends = [i for i, t in enumerate(new.tolist()) if t in eos_ids]
+    n = ends[0] + 1 if ends else len(new)
+    return Continuation(ids, new[:n], logits[:n])
+
+
+def teacher_forced(
+    adapter: ModelAdapter, run: Continuation, hook: str, delta: Tensor | None = None
+) -> Tensor:
+    """The logits (T, V) float32 at the positions that produced ``run``'s tokens, with
+    ``delta`` added at every position: one pass over ``run.sequence()``."""
+    with ExitStack() as stack:
+        _steering(stack, adapter, hook, delta)
+        stack.enter_context(torch.no_grad())
+        logits = adapter.forward(run.sequence(), use_cache=False).logits[0]
+    return logits[run.ids.shape[1] - 1 :].to(torch.float32)
+
+
+def token_kl(q_logits: Tensor, p_logits: Tensor) -> np.ndarray:
+    """``KL(q || p)`` per row (T,), float64, from two sets of logits (T, V)."""
+    logq = torch.log_softmax(q_logits.to(torch.float64), -1)
+    logp = torch.log_softmax(p_logits.to(torch.float64).to(logq.device), -1)
+    return (logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0).cpu().numpy()
+
+
+@dataclass
+class CubicPaths:
+    """Every token's logits along the coefficient, to third order, from one pass of jets over
+    a continuation with the tangent ``v`` at every position: ``z(c) = z0 + c a1 + c^2 a2 / 2
+    + c^3 a3 / 6`` (T, V each, float32), and the activation norms at the hook (T,)."""
+
+    z0: Tensor
+    a1: Tensor
+    a2: Tensor
+    a3: Tensor
+    activation_norm: np.ndarray
+
+    def kl(self, c: float, chunk: int = 16) -> np.ndarray:
+        """``KL(p_c || p_0)`` per token along the cubic path (float64, a few rows at a time)."""
+        out = []
+        for s in range(0, self.z0.shape[0], chunk):
+            z0 = self.z0[s : s + chunk].to(torch.float64)
+            a1, a2, a3 = (a[s : s + chunk].to(torch.float64) for a in (self.a1, self.a2, self.a3))
+            zc = z0 + c * a1 + (c * c / 2) * a2 + (c**3 / 6) * a3
+            out.append(token_kl(zc, z0))
+        return np.concatenate(out)
+
+    def fisher(self) -> np.ndarray:
+        """``Var_p0(a1)`` per token: ``KL(p_c || p_0) = c^2 / 2 * fisher + O(c^3)``."""
+        p = torch.softmax(self.z0.to(torch.float64), -1)
+        a1 = self.a1.to(torch.float64)
+        mean = (p * a1).sum(-1, keepdim=True)
+        return (p * (a1 - mean) ** 2).sum(-1).cpu().numpy()  # centred: never E[u^2] - E[u]^2
+
+
+def cubic_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) -> CubicPaths:
+    """One pass of order-3 jets over ``run.sequence()``, the tangent ``v`` (d,) added at every
+    position of ``hook`` (``models.taylor``)."""
+    norms: list[Tensor] = []
+    start = run.ids.shape[1] - 1
+
+    def logits(delta: Tensor) -> Tensor:
+        with ExitStack() as stack:
+            stack.enter_context(adapter.capture(hook, norms))
+            stack.enter_context(adapter.added(hook, delta))
+            stack.enter_context(torch.no_grad())
+            return adapter.forward(run.sequence(), use_cache=False).logits[0, start:]
+
+    with adapter.frozen():
+        z0 = None
+
+        def traced(delta):
+            nonlocal z0
+            out = logits(delta)
+            z0 = primal(out).detach().to(torch.float32)
+            return out
+
+        a1, a2, a3 = taylor_derivatives(traced, v.to(adapter.device, torch.float32), 3)
+    h = primal(norms[0])[0, start:] if norms else None
+    norm = h.to(torch.float64).norm(dim=-1).cpu().numpy() if h is not None else np.array([])
+    return CubicPaths(z0, *(a.to(torch.float32) for a in (a1, a2, a3)), norm)

@@ -1,0 +1,236 @@
+"""The iso-KL coefficient (``sr.iso_kl``) on a tiny model, against statistics computed here
+from plain forward passes: the rollout coefficient is a crossing of the rollout statistic,
+the teacher-forced one is the rollout one where the steered tokens do not change, and the
+prediction from jets agrees with the teacher-forced statistic at a small budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import char_tokenizer, saved_tiny_model, tiny_model
+
+import stable_regions as sr
+from stable_regions.cli import main
+from stable_regions.errors import InvalidParameterError, StableRegionsError
+from stable_regions.geometry.log_log import solve_log_log
+
+PROMPTS = ["hello there", "the cat sat"]
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return sr.wrap(tiny_model("llama", seed=3, dtype=torch.float32), char_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def vector(adapter):
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(adapter.model.config.hidden_size, generator=g)
+
+
+def _continuation(model, ids: torch.Tensor, tokens: int) -> list[int]:
+    """Greedy tokens by a loop of full forward passes (no cache, no generate)."""
+    seq = ids.clone()
+    eos = model.generation_config.eos_token_id
+    for _ in range(tokens):
+        nxt = int(model(seq).logits[0, -1].argmax())
+        seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+        if nxt == eos:
+            break
+    return seq[0, ids.shape[1] :].tolist()
+
+
+def _kl_rows(q_logits: torch.Tensor, p_logits: torch.Tensor) -> np.ndarray:
+    logq = torch.log_softmax(q_logits.double(), -1)
+    logp = torch.log_softmax(p_logits.double(), -1)
+    return (logq.exp() * (logq - logp)).sum(-1).numpy()
+
+
+def _statistic(adapter, vector, c: float, tokens: int, stat: str, rollout: bool) -> float:
+    """Per-token KL(steered || base) pooled over PROMPTS: along the steered greedy tokens
+    (``rollout``) or along the base ones, each scored by two full passes."""
+    hook = adapter.hook_for_layer(LAYER)
+    kls = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = adapter.tokenize(text)
+            if rollout:
+                with adapter.added(hook, c * vector):
+                    new = _continuation(adapter.model, ids, tokens)
+            else:
+                new = _continuation(adapter.model, ids, tokens)
+            seq = torch.cat([ids, torch.tensor([new[:-1]], dtype=ids.dtype)], 1)
+            start = ids.shape[1] - 1
+            base = adapter.model(seq).logits[0, start:]
+            with adapter.added(hook, c * vector):
+                steered = adapter.model(seq).logits[0, start:]
+            kls.append(_kl_rows(steered, base))
+    kl = np.concatenate(kls)
+    return float(np.mean(kl) if stat == "mean" else np.percentile(kl, int(stat[1:])))
+
+
+def test_solver_finds_roots_jumps_and_says_when_a_target_is_out_of_reach():
+    calls = []
+
+    def power(c):
+        calls.append(c)
+        return 0.3 * c**2.4, np.array([c])
+
+    found = solve_log_log(power, 2.0, start=1.0, rtol=1e-3)
+    assert found.reached and abs(0.3 * found.coef**2.4 / 2.0 - 1) < 1e-3
+    assert found.evaluations <= 6 and found.evaluations == len(calls)
+
+    def jump(c):  # a greedy token changing at c = 3: the statistic leaps past the target
+        return (0.01 * c if c < 3.0 else 5.0), np.array([])
+
+    found = solve_log_log(jump, 1.0, start=1.0, rtol=1e-3, max_evaluations=60)
+    assert found.reached and abs(found.coef - 3.0) < 1e-4 and found.value == 5.0
+
+    def flat(c):  # saturates below the target
+        return 1.0 - math.exp(-c), np.array([])
+
+    found = solve_log_log(flat, 2.0, start=1.0)
+    assert not found.reached and math.isnan(found.coef) and found.value <= 1.0
+    assert found.evaluations <= 8
+
+
+@pytest.mark.parametrize("stat", ["p90", "mean"])
+def test_rollout_coefficient_is_a_crossing_of_the_rollout_statistic(adapter, vector, stat):
+    """coef_rollout meets the target as the statistic computed here defines it, or sits at a
+    jump of that statistic across the target (a greedy token changing)."""
+    target, tokens = 0.3, 5
+    result = sr.iso_kl(
+        adapter, PROMPTS, vector=vector, layer=LAYER, target=target, stat=stat,
+        tokens=tokens, forms=("rollout",), rtol=0.01,
+    )  # fmt: skip
+    row = result.to_frame().iloc[0]
+    c = float(row.coef_rollout)
+    assert row.reached and c > 0
+    at = _statistic(adapter, vector, c, tokens, stat, rollout=True)
+    below = _statistic(adapter, vector, c * 0.995, tokens, stat, rollout=True)
+    assert abs(at / target - 1) < 0.011 or (below < target <= at), (below, at)
+    assert row.forward_tokens_rollout > 0 and row.evaluations_rollout >= 1
+    assert row.forward_tokens_measured == 0 and math.isnan(row.coef_measured)
+
+
+def test_teacher_forced_is_the_rollout_definition_while_the_tokens_stay(adapter, vector):
+    """At a budget small enough that no greedy token changes, the teacher-forced statistic is
+    the rollout statistic: the two coefficients agree, the confirming rollout meets the target,
+    and it cost one steered generation (its tokens are the base ones: no second pass)."""
+    target, tokens = 2e-4, 4
+    result = sr.iso_kl(
+        adapter, PROMPTS, vector=vector, layer=LAYER, target=target, stat="p90",
+        tokens=tokens, forms=("rollout", "measured"), rtol=0.005,
+    )  # fmt: skip
+    row = result.to_frame().iloc[0]
+    assert abs(row.coef_measured / row.coef_rollout - 1) < 0.01, row
+    assert abs(row.kl_confirmed / target - 1) < 0.006
+    forced = _statistic(adapter, vector, row.coef_measured, tokens, "p90", rollout=False)
+    assert abs(forced / target - 1) < 0.006
+
+
+def test_prediction_agrees_with_the_teacher_forced_statistic_at_a_small_budget(adapter, vector):
+    """From one pass of jets: at 1e-3 nats the cubic paths are the model to a few parts in a
+    thousand, so the predicted coefficient meets the statistic computed here by passes."""
+    target, tokens = 1e-3, 4
+    result = sr.iso_kl(
+        adapter, PROMPTS, vector=vector, layer=LAYER, target=target, stat="mean",
+        tokens=tokens, forms=("predicted",), rtol=1e-3,
+    )  # fmt: skip
+    row = result.to_frame().iloc[0]
+    forced = _statistic(adapter, vector, row.coef_predicted, tokens, "mean", rollout=False)
+    assert abs(forced / target - 1) < 0.02, forced
+    assert row.forward_tokens_predicted > 0 and row.reliable in (True, False)
+
+
+def test_many_vectors_share_the_base_continuations(adapter, vector):
+    vectors = {"a": vector, "b": 2 * vector}
+    result = sr.iso_kl(
+        adapter, PROMPTS, vector=vectors, layer=LAYER, target=1e-3, stat="mean",
+        tokens=3, forms=("predicted",),
+    )  # fmt: skip
+    frame = result.to_frame()
+    assert frame.vector.tolist() == ["a", "b"]
+    # twice the vector: half the coefficient, to the solver's tolerance
+    a, b = frame.coef_predicted
+    assert abs(2 * b / a - 1) < 0.03
+    assert set(result.summary().columns) >= {"coef_predicted", "predicted_over_rollout"}
+
+
+def test_unreachable_target_is_a_result_not_a_crash(adapter, vector):
+    result = sr.iso_kl(
+        adapter, PROMPTS[:1], vector=vector, layer=LAYER, target=1e5, stat="mean",
+        tokens=2, forms=("rollout",), max_evaluations=8,
+    )  # fmt: skip
+    row = result.to_frame().iloc[0]
+    assert not row.reached and math.isnan(row.coef_rollout)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"target": 0.0}, "KL target must be a positive number"),
+        ({"target": float("nan")}, "KL target must be a positive number"),
+        ({"stat": "p99"}, "unknown statistic 'p99'"),
+        ({"tokens": 0}, "tokens must be a whole number >= 1"),
+        ({"vector": torch.ones(3)}, "has shape (3,), but the residual stream"),
+        ({"vector": torch.full((32,), float("nan"))}, "NaN"),
+        ({"layer": 99}, "out of range"),
+        ({"prompts": ["x" * 62]}, "with 5 more it would pass the model's context of 64"),
+    ],
+)
+def test_bad_input_is_one_line(adapter, vector, change, words):
+    options = dict(prompts=PROMPTS, vector=vector, layer=LAYER, target=0.1, tokens=5)
+    options.update(change)
+    prompts = options.pop("prompts")
+    with pytest.raises((InvalidParameterError, StableRegionsError)) as info:
+        sr.iso_kl(adapter, prompts, forms=("predicted",), **options)
+    message = str(info.value)
+    assert words in message and "\n" not in message, message
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = saved_tiny_model(tmp_path_factory.mktemp("iso") / "model")
+    path = folder / "v.npy"
+    g = torch.Generator().manual_seed(11)
+    np.save(path, torch.randn(32, generator=g).numpy())
+    return folder, path
+
+
+def test_cli_steer_iso_kl(saved, capsys):
+    folder, path = saved
+    args = ["steer", "hello there", "--model", str(folder), "--layer", str(LAYER)]
+    args += ["--vector", str(path), "--iso-kl", "0.01", "--stat", "mean", "--tokens", "3"]
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kl_target"] == 0.01 and doc["kl_stat"] == "mean" and doc["new_tokens"] == 3
+    (row,) = doc["rows"]
+    for form in ("rollout", "measured", "predicted"):
+        assert row[f"coef_{form}"] > 0 and row[f"forward_tokens_{form}"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "coef_rollout" in out and "coef_predicted" in out
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--iso-kl", "0"], "KL target must be a positive number"),
+        (["--iso-kl", "lots"], "KL target must be a positive number"),
+        (["--iso-kl", "1", "--stat", "p99"], "unknown statistic"),
+        (["--iso-kl", "1", "--tokens", "0"], "tokens must be a whole number >= 1"),
+    ],
+)
+def test_cli_iso_kl_bad_input_is_one_line(saved, capsys, extra, words):
+    folder, path = saved
+    args = ["steer", "hi", "--model", str(folder), "--layer", "1", "--vector", str(path)]
+    assert main([*args, *extra]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and words in lines[0], captured.err
