@@ -504,3 +504,39 @@ def test_generate_engine_vllm_is_the_same_document(serving_runs):
         a = np.array([r[column] for r in served["rows"]])
         b = np.array([r[column] for r in local["rows"]])
         np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=column)
+
+
+def test_live_counts_are_the_records_counts(tmp_path):
+    """The live file (a server's running view) holds what the records hold: tokens, fragile
+    tokens and a histogram of radius_curve per eps, and the requests seen; ``live`` adds up
+    every engine process's file."""
+    from stable_regions.vllm import live
+    from stable_regions.vllm.live import EDGES
+
+    core = MonitorCore(_weight(), flush_s=None)
+    outs: dict[int, list[int]] = {0: [], 1: []}
+    core.add(0, _options(tmp_path, "a", eps=(0.1, 1.0)), outs[0])
+    core.add(1, _options(tmp_path, "b", eps=(0.1, 1.0)), outs[1])
+    for step in range(5):
+        core.observe(_logits(2, seed=20 + step))
+        outs[0].append(step)
+        outs[1].append(step + 1)
+    core.close()
+    frame = read(tmp_path)
+    got = live(tmp_path)
+    assert got["requests"] == 2 and set(got["eps"]) == {"0.1", "1.0"}
+    for e, counts in got["eps"].items():
+        rows = frame[frame.eps == float(e)]
+        assert counts["tokens"] == len(rows) == 10
+        assert counts["fragile"] == int(rows.fragile.sum())
+        r = rows.radius_curve.to_numpy()
+        want = [int((r < EDGES[0]).sum())]
+        want += np.histogram(r, bins=EDGES)[0].tolist()[:-1]
+        want += [int(((r >= EDGES[-2]) & (r < EDGES[-1])).sum()), int((r >= EDGES[-1]).sum())]
+        assert counts["radius_curve_counts"] == want
+    # a second engine process's file adds up
+    (only,) = tmp_path.glob("live-*.json")
+    (tmp_path / "live-999999.json").write_text(only.read_text())
+    both = live(tmp_path)
+    assert both["requests"] == 4 and both["eps"]["0.1"]["tokens"] == 20
+    assert both["eps"]["0.1"]["fragile_share"] == got["eps"]["0.1"]["fragile_share"]

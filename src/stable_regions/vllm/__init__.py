@@ -16,9 +16,18 @@ logits processor). ``generate`` is ``stable_regions.generate`` served by vLLM::
 from __future__ import annotations
 
 from .core import OPTION, RequestOptions, request_options
+from .live import live
 from .records import read
 
-__all__ = ["OPTION", "RequestOptions", "StabilityProcessor", "generate", "read", "request_options"]
+__all__ = [
+    "OPTION",
+    "RequestOptions",
+    "StabilityProcessor",
+    "generate",
+    "live",
+    "read",
+    "request_options",
+]
 
 
 def __getattr__(name: str):

@@ -163,6 +163,7 @@ class MonitorCore:
                 self.before_flush()
             for request in self.slots.values():
                 self._write(request, final=False)
+            self.sink.tick()
 
     # ------------------------------------------------------------ the batch
     def add(self, slot: int, extra_args: Mapping | None, output_ids: Sequence[int]) -> None:

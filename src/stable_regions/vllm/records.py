@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import StableRegionsError, StableRegionsWarning
 from ..vocabulary import describe
+from .live import LiveCounts
 
 DEFAULT_DIR = "stable-regions-vllm"  # under the engine's working directory
 DIR_VARIABLE = "STABLE_REGIONS_VLLM_DIR"  # the engine's default directory, if set
@@ -37,6 +38,7 @@ class Sink:
     def __init__(self) -> None:
         self._files: dict[Path, object] = {}
         self._failed: set[Path] = set()
+        self._live: dict[Path, LiveCounts] = {}
 
     def write(self, directory: Path, records: list[dict]) -> None:
         if not records or directory in self._failed:
@@ -49,6 +51,9 @@ class Sink:
                 self._files[directory] = handle
             handle.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
             handle.flush()
+            live = self._live.setdefault(directory, LiveCounts(directory))
+            live.add(records)
+            live.write()
         except OSError as exc:
             self._failed.add(directory)
             warnings.warn(
@@ -58,7 +63,17 @@ class Sink:
                 stacklevel=2,
             )
 
+    def tick(self, force: bool = False) -> None:
+        """The live files whose counts changed since they were last written (``live``)."""
+        for directory, live in self._live.items():
+            if directory not in self._failed:
+                try:
+                    live.write(force)
+                except OSError:
+                    self._failed.add(directory)
+
     def close(self) -> None:
+        self.tick(force=True)
         for handle in self._files.values():
             handle.close()
         self._files.clear()
