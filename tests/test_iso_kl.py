@@ -234,3 +234,31 @@ def test_cli_iso_kl_bad_input_is_one_line(saved, capsys, extra, words):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and words in lines[0], captured.err
+
+
+def test_the_budget_travels_with_the_vector(saved, tmp_path, capsys):
+    """``steer --iso-kl --save-vector`` writes the vector with its coefficient where a library
+    reads it (.safetensors metadata, repeng's .gguf layout: tests/test_repeng.py reads that
+    one with repeng); ``steer --vector`` reads it back, says what it carries, and files
+    without a budget read as before."""
+    from stable_regions.studies.vectors import read_budget, read_vector_file, write_vector_file
+
+    folder, path = saved
+    base = ["steer", "hello there", "--model", str(folder), "--layer", str(LAYER)]
+    for suffix in (".safetensors", ".gguf"):
+        out = tmp_path / f"v{suffix}"
+        args = [*base, "--vector", str(path), "--iso-kl", "0.01", "--stat", "mean"]
+        assert main([*args, "--tokens", "3", "--json", "--save-vector", str(out)]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["rows"]
+        budget = read_budget(out)
+        assert float(budget["coefficient"]) == pytest.approx(row["coef_rollout"], rel=1e-12)
+        assert budget["kl_stat"] == "mean" and budget["layer"] == str(LAYER)
+        np.testing.assert_array_equal(read_vector_file(out, LAYER), np.load(path))
+        assert main([*base, "--vector", str(out), "--no-exact"]) == 0
+        assert f"carries coefficient {budget['coefficient']}" in capsys.readouterr().err
+    assert read_budget(path) == {}  # a .npy has none
+    plain = write_vector_file(tmp_path / "plain.safetensors", {LAYER: np.load(path)})
+    assert read_budget(plain) == {}
+    np.testing.assert_array_equal(read_vector_file(plain, LAYER), np.load(path))
+    with pytest.raises(InvalidParameterError, match="no metadata; save as .safetensors"):
+        write_vector_file(tmp_path / "x.npy", np.load(path), budget={"coefficient": 1.0})

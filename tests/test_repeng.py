@@ -1,6 +1,7 @@
 """repeng itself, not a stand-in: its ``ControlVector`` object and its ``export_gguf`` file give
-the raw vector's budget, and its ``ControlModel`` steers exactly as ``coeff * directions[i]``
-added at ``blocks.{i}.hook_resid_post``, our coefficient convention.
+the raw vector's budget, its ``ControlModel`` steers exactly as ``coeff * directions[i]``
+added at ``blocks.{i}.hook_resid_post``, our coefficient convention, and its ``import_gguf``
+reads the control vector files we write with a coefficient.
 
 repeng 0.4.0 (the current release) declares ``numpy < 2`` and names ``np.float_`` in its
 annotations, which numpy 2 removed: it is installed with ``--no-deps`` (the README's test
@@ -69,6 +70,18 @@ SCRIPT = textwrap.dedent(
         theirs = controlled(input_ids=ids).logits[0].double()
     assert (ours - plain).abs().max() > 1e-2  # the steering does something
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    # our control vector file with a budget: repeng's import_gguf reads it as its own, and
+    # the coefficient travels beside the directions
+    from stable_regions.studies.vectors import read_budget, write_vector_file
+
+    ours_path = sys.argv[2] + "/budget.gguf"
+    write_vector_file(ours_path, directions, budget={"coefficient": 1.25}, model_hint="llama")
+    back = repeng.ControlVector.import_gguf(ours_path)
+    assert back.model_type == "llama" and sorted(back.directions) == [0, 1, 2]
+    for layer, direction in directions.items():
+        assert np.array_equal(np.asarray(back.directions[layer]), direction), layer
+    assert read_budget(ours_path)["coefficient"] == "1.25" and read_budget(path) == {}
     print("ok")
     """
 )

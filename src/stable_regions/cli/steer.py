@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ..errors import StableRegionsError
 from ..results import frame_records
@@ -57,8 +58,9 @@ def add_parser(sub) -> None:
     st.add_argument("--negative", metavar="FILE", help="prompt file of the other side")
     st.add_argument(
         "--save-vector",
-        metavar="FILE.npy",
-        help="write the vector used (handy with --positive/--negative)",
+        metavar="FILE",
+        help="write the vector used (handy with --positive/--negative): .npy; with --iso-kl "
+        "also .safetensors or .gguf (repeng's layout), the coefficient in the file's metadata",
     )
     add_model(st)
     add_chat(st)
@@ -151,17 +153,34 @@ def budget_of(args, err, adapter, prompts, vector, layer, eps, positions, label:
         )
 
 
-def _loaded(args):
+def _loaded(args, formats: tuple[str, ...] = (".npy",)):
     """``(stderr console, adapter, prompts, vector, layer)``: the inputs checked before the
-    model loads, then the vector (saved where asked)."""
+    model loads, then the vector (saved as ``.npy`` where asked; other ``formats`` are the
+    caller's to write). A vector file that carries a budget says so."""
+    from .._support.files import check_output_file
+    from ..errors import OutputPathError
+    from ..studies.vectors import read_budget
+
     prompts, positive, negative = _inputs(args)
     if args.save_vector:
-        from .._support.files import check_output_file
-
-        check_output_file(args.save_vector, ".npy", "--save-vector")
+        suffix = Path(args.save_vector).suffix.lower()
+        if suffix not in formats:
+            raise OutputPathError(
+                f"--save-vector writes {', '.join(formats)} here, got {args.save_vector!r}"
+            )
+        check_output_file(args.save_vector, None, "--save-vector")
     err, adapter = load_with_status(args)
     layer = parse_layer(args.layer)
     vector = _vector(args, adapter, layer, positive, negative)
+    budget = read_budget(args.vector) if args.vector else {}
+    if budget.get("coefficient"):
+        err.print(
+            f"note: {args.vector} carries coefficient {budget['coefficient']} (the "
+            f"{budget.get('kl_stat', '?')} of per-token KL = {budget.get('kl_target', '?')} nats "
+            f"over {budget.get('new_tokens', '?')} tokens at layer {budget.get('layer', '?')}, "
+            f"{budget.get('model', '?')})",
+            highlight=False,
+        )
     return err, adapter, prompts, vector, layer
 
 
@@ -194,7 +213,7 @@ def _vector(args, adapter, layer, positive, negative):
         vector = load_vector(args.vector, adapter.hook_dim(hook), layer)
     else:
         vector = mean_difference(adapter, positive, negative, layer=layer)
-    if args.save_vector:
+    if args.save_vector and args.save_vector.lower().endswith(".npy"):
         np.save(args.save_vector, vector.cpu().numpy())
     return vector
 
@@ -210,11 +229,14 @@ def run_iso_kl(args) -> int:
     target, stat, tokens = check_iso_kl_options(args.iso_kl, args.stat, args.tokens)
     if args.calibration:
         raise StableRegionsError("--calibration goes with the per-position budget, not --iso-kl")
-    err, adapter, prompts, vector, layer = _loaded(args)
+    err, adapter, prompts, vector, layer = _loaded(args, (".npy", ".safetensors", ".gguf"))
     result = iso_kl(
         adapter, prompts, vector=vector, layer=layer, target=target, stat=stat, tokens=tokens,
         chat=args.chat, progress=lambda line: err.print(line, highlight=False),
     )  # fmt: skip
+    if args.save_vector and not args.save_vector.lower().endswith(".npy"):
+        _save_with_budget(args.save_vector, vector, result, adapter)
+        err.print(f"wrote {args.save_vector} with its coefficient", highlight=False)
     if args.json:
         doc = {**result.to_json(), "summary": frame_records(result.summary())}
         sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
@@ -232,6 +254,25 @@ def run_iso_kl(args) -> int:
             note="Costs: --columns forward_tokens_rollout,forward_tokens_measured,... or --json.",
         )
     return 0
+
+
+def _save_with_budget(path: str, vector, result, adapter) -> None:
+    """The vector with the coefficient found (``coef_rollout``, the reference; the other two
+    beside it) in the file's metadata (``vectors.write_vector_file``)."""
+    from ..studies.vectors import write_vector_file
+
+    row = result.rows[0]
+    budget = {
+        **({"coefficient": row["coef_rollout"]} if row["reached"] else {}),
+        **{f"coef_{f}": row[f"coef_{f}"] for f in ("rollout", "measured", "predicted")},
+        "kl_target": result.kl_target,
+        "kl_stat": result.kl_stat,
+        "new_tokens": result.new_tokens,
+        "layer": result.layer,
+        "model": result.model,
+    }
+    hint = getattr(adapter.model.config, "model_type", "")
+    write_vector_file(path, {result.layer: vector}, budget=budget, model_hint=hint)
 
 
 SUMMARY_COLUMNS = [

@@ -123,3 +123,102 @@ def _repeng_gguf(path: Path) -> dict[int, np.ndarray]:
         if tensor.name.startswith("direction.") and index is not None:
             out[index] = np.array(tensor.data, dtype=np.float64).reshape(-1)
     return out
+
+
+BUDGET_PREFIX = "stable_regions."  # metadata keys of a budget that travels with a vector
+
+
+def write_vector_file(
+    path: str | Path,
+    vectors: Mapping | Tensor | np.ndarray,
+    *,
+    budget: Mapping[str, object] | None = None,
+    model_hint: str = "",
+) -> Path:
+    """Write steering vectors, with the budget found for them where given, where the user's
+    library reads them.
+
+    - ``.safetensors``: ``{str(layer): vector}`` (or one tensor ``vector``), the budget in the
+      file's metadata under ``stable_regions.<key>`` (``coefficient``, ``kl_target``, ...);
+    - ``.gguf``: repeng's ``export_gguf`` layout (architecture ``controlvector``, tensors
+      ``direction.{layer}``, ``controlvector.model_hint``), the budget as extra keys that
+      repeng's ``import_gguf`` passes over;
+    - ``.npy``: one vector, no budget (the format has no metadata: asking for one is an error).
+
+    ``vectors``: ``{layer: vector}``, or one vector (then ``.gguf`` needs a layer in
+    ``budget["layer"]``). Files written without a budget read as before."""
+    path = Path(path)
+    budget = {str(k): v for k, v in (budget or {}).items()}
+    if isinstance(vectors, Mapping):
+        named = {
+            str(k): np.asarray(torch.as_tensor(v).detach().cpu(), np.float32)
+            for k, v in vectors.items()
+        }
+    else:
+        one = np.asarray(torch.as_tensor(vectors).detach().cpu(), np.float32).reshape(-1)
+        named = {str(budget["layer"]) if "layer" in budget else "vector": one}
+    if path.suffix == ".npy":
+        if budget or len(named) != 1:
+            raise InvalidParameterError(
+                f"{path}: a .npy file holds one vector and no metadata; save as .safetensors or "
+                ".gguf to keep the coefficient (or several layers)"
+            )
+        np.save(path, next(iter(named.values())))
+        return path
+    meta = {BUDGET_PREFIX + k: str(v) for k, v in budget.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(named, str(path), metadata=meta or None)
+        return path
+    if path.suffix == ".gguf":
+        _write_repeng_gguf(path, named, meta, model_hint)
+        return path
+    raise InvalidParameterError(f"{path}: write a .safetensors, .gguf or .npy file")
+
+
+def _write_repeng_gguf(path: Path, named: dict, meta: dict, model_hint: str) -> None:
+    import gguf
+
+    layers = {layer_of_key(k): v for k, v in named.items()}
+    if None in layers:
+        raise InvalidParameterError(
+            f"{path}: a control vector file names each vector by its layer; give {{layer: vector}}"
+        )
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model_hint)
+    writer.add_uint32("controlvector.layer_count", len(layers))
+    for key, value in meta.items():
+        writer.add_string(key, value)
+    for layer, v in sorted(layers.items()):
+        writer.add_tensor(f"direction.{layer}", v)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_budget(path: str | Path) -> dict[str, str]:
+    """The budget written with a vector (``write_vector_file``): ``{key: text}`` without the
+    ``stable_regions.`` prefix; ``{}`` for a file that has none (any ``.npy``, any file from
+    elsewhere)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = handle.metadata() or {}
+    elif path.suffix == ".gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        meta = {
+            name: bytes(field.parts[-1]).decode("utf-8", "replace")
+            for name, field in reader.fields.items()
+            if name.startswith(BUDGET_PREFIX) and field.parts
+        }
+    else:
+        return {}
+    return {
+        k.removeprefix(BUDGET_PREFIX): v for k, v in meta.items() if k.startswith(BUDGET_PREFIX)
+    }
