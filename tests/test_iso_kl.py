@@ -262,3 +262,53 @@ def test_the_budget_travels_with_the_vector(saved, tmp_path, capsys):
     np.testing.assert_array_equal(read_vector_file(plain, LAYER), np.load(path))
     with pytest.raises(InvalidParameterError, match="no metadata; save as .safetensors"):
         write_vector_file(tmp_path / "x.npy", np.load(path), budget={"coefficient": 1.0})
+
+
+def test_generation_with_steering_reports_each_tokens_drift(adapter, vector):
+    """``generate(steering=...)``: each step's KL between the steered and the base
+    distribution, against two plain passes over the same tokens; left padding changes
+    nothing (the short prompt's row in a batch equals its run alone); the running sum and
+    the spike flag follow."""
+    steering = {"vector": vector, "layer": LAYER, "coefficient": 0.05, "spike_kl": 0.01}
+    alone = sr.generate(adapter, "a", max_new_tokens=4, steering=steering).to_frame()
+    hook = adapter.hook_for_layer(LAYER)
+    ids = adapter.tokenize("a")
+    tokens = alone.sort_values("step").chosen_token_id.tolist()
+    with torch.no_grad():
+        for t, kl in zip(alone.step, alone.kl_steer, strict=True):
+            seq = torch.cat([ids, torch.tensor([tokens[:t]], dtype=ids.dtype)], 1)
+            base = adapter.model(seq).logits[0, -1]
+            with adapter.added(hook, 0.05 * vector):
+                steered = adapter.model(seq).logits[0, -1]
+            want = float(_kl_rows(steered[None], base[None])[0])
+            assert kl == pytest.approx(want, rel=1e-4, abs=1e-9), (t, kl, want)
+    assert alone.kl_steer.max() > 1e-4  # the steering does something
+    np.testing.assert_allclose(alone.kl_steer_cumulative, np.cumsum(alone.kl_steer))
+    assert (alone.kl_spike == (alone.kl_steer > 0.01)).all()
+    batch = sr.generate(adapter, ["hello there", "a"], max_new_tokens=4, steering=steering)
+    padded = batch.to_frame()
+    padded = padded[padded.sequence == 1].sort_values("step")
+    np.testing.assert_allclose(padded.kl_steer, alone.kl_steer, rtol=1e-4, atol=1e-9)
+    with pytest.raises(InvalidParameterError, match="unknown steering key"):
+        sr.generate(adapter, "a", max_new_tokens=2, steering={**steering, "coef": 1})
+
+
+def test_cli_generate_with_a_vector_that_carries_its_coefficient(saved, tmp_path, capsys):
+    """``generate --steer-vector FILE`` uses the coefficient the file carries (the same rows
+    as giving it with --steer-coef), and says what it saw."""
+    from stable_regions.studies.vectors import write_vector_file
+
+    folder, path = saved
+    carried = write_vector_file(
+        tmp_path / "v.safetensors", {LAYER: np.load(path)}, budget={"coefficient": 0.03}
+    )
+    base = ["generate", "hello", "--model", str(folder), "--max-new-tokens", "3", "--json"]
+    base += ["--steer-layer", str(LAYER)]
+    assert main([*base, "--steer-vector", str(carried)]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert main([*base, "--steer-vector", str(path), "--steer-coef", "0.03"]) == 0
+    explicit = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["kl_steer"] for r in rows] == pytest.approx([r["kl_steer"] for r in explicit])
+    assert all(r["kl_steer"] > 0 for r in rows)
+    assert main([*base, "--steer-vector", str(path), "--steer-coef", "x"]) == 2
+    assert "--steer-coef must be a number" in capsys.readouterr().err

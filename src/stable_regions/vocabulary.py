@@ -166,6 +166,9 @@ _COLUMNS = [
         Column(f"seconds_{form}", f"wall time for coef_{form}", "s")
         for form in ("rollout", "measured", "predicted")
     ),
+    Column("kl_steer", "KL(p_steer || p_base) of this generated token's distribution", "nats"),
+    Column("kl_steer_cumulative", "kl_steer summed over the continuation so far", "nats"),
+    Column("kl_spike", "kl_steer above the spike threshold (steering's spike_kl)"),
     # substitutions
     Column("substitute", "the nearby token substituted"),
     Column("substitute_id", "its id"),

@@ -72,6 +72,27 @@ def add_parser(sub) -> None:
     )
     a.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     a.add_argument(
+        "--steer-vector",
+        metavar="FILE",
+        help="generate with this steering vector added at every position of --steer-layer "
+        "(a file as for steer --vector) and record each token's KL from the base model "
+        "(kl_steer, kl_steer_cumulative, kl_spike; one more pass per token)",
+    )
+    a.add_argument("--steer-layer", metavar="L", help="with --steer-vector: the block index")
+    a.add_argument(
+        "--steer-coef",
+        default=None,
+        metavar="C",
+        help="with --steer-vector: the coefficient (default: the one the file carries, else 1)",
+    )
+    a.add_argument(
+        "--spike-kl",
+        default=None,
+        metavar="NATS",
+        help="with --steer-vector: flag tokens whose KL from the base model exceeds this "
+        "(default 1)",
+    )
+    a.add_argument(
         "--engine",
         default="hf",
         metavar="ENGINE",
@@ -100,6 +121,7 @@ def run(args) -> int:
         check_html_path(args.html)
     directions = load_directions(args.direction)
     err, adapter = load_with_status(args)
+    steering = steering_of(args, adapter)
     with err.status("generating", spinner="dots") if err.is_terminal else nullcontext():
         result = generate(
             adapter,
@@ -112,8 +134,49 @@ def run(args) -> int:
             chat=args.chat,
             threshold=args.threshold,
             directions=directions or None,
+            steering=steering,
         )
     return show(args, result, err)
+
+
+def steering_of(args, adapter) -> dict | None:
+    """``generate``'s ``steering`` from --steer-vector, --steer-layer, --steer-coef and
+    --spike-kl; the coefficient a vector file carries (``steer --iso-kl --save-vector``)
+    where --steer-coef is not given."""
+    from ..errors import InvalidParameterError
+    from ..studies.steering import load_vector
+    from ..studies.vectors import read_budget
+    from .console import parse_layer
+
+    if not args.steer_vector:
+        if args.steer_layer or args.steer_coef or args.spike_kl:
+            raise InvalidParameterError(
+                "--steer-layer, --steer-coef and --spike-kl go with --steer-vector"
+            )
+        return None
+    if args.steer_layer is None:
+        raise InvalidParameterError("--steer-vector needs --steer-layer (the block it is added to)")
+    layer = parse_layer(args.steer_layer)
+    hook = adapter.hook_for_layer(layer)
+    vector = load_vector(args.steer_vector, adapter.hook_dim(hook), layer)
+    coefficient = args.steer_coef or read_budget(args.steer_vector).get("coefficient") or 1.0
+    steering = {
+        "vector": vector,
+        "layer": layer,
+        "coefficient": _number(coefficient, "--steer-coef"),
+    }
+    if args.spike_kl is not None:
+        steering["spike_kl"] = _number(args.spike_kl, "--spike-kl")
+    return steering
+
+
+def _number(text, flag: str) -> float:
+    from ..errors import InvalidParameterError
+
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{flag} must be a number, got {text!r}") from None
 
 
 def run_served(args) -> int:
@@ -142,6 +205,10 @@ def run_served(args) -> int:
         )
     if args.download:
         raise InvalidParameterError("--download needs --engine hf; vLLM serves what is local")
+    if args.steer_vector:
+        raise InvalidParameterError(
+            "--steer-vector needs --engine hf: it adds the vector inside the model"
+        )
     if args.html:
         check_html_path(args.html)
     # stdout carries the results: vLLM logs there unless told otherwise
@@ -190,7 +257,20 @@ def show(args, result, err) -> int:
     else:
         print_text(args.prompt, frame, result.eps[0])
         print_fragile(frame, result.eps[0])
+        if "kl_steer" in frame:
+            print_drift(frame[frame.eps == result.eps[0]])
     return 0
+
+
+def print_drift(rows) -> None:
+    """One line: how far the steered tokens were from the base model's."""
+    spikes = int(rows.kl_spike.sum())
+    console().print(
+        f"steering: KL(p_steer || p_base) per token median {rows.kl_steer.median():.3g}, "
+        f"max {rows.kl_steer.max():.3g} nats; {rows.groupby('sequence').kl_steer.sum().max():.3g} "
+        f"nats over the continuation; {spikes} token(s) flagged kl_spike",
+        highlight=False,
+    )
 
 
 def load_directions(paths: list[str]) -> dict:

@@ -7,7 +7,8 @@ at its first end-of-sequence token (after it ``generate`` only pads).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -20,6 +21,7 @@ from ..plotting import axes_or_new
 from ..results import Result
 from ..vocabulary import describe
 from .monitor import StabilityMonitor
+from .steering_drift import SteeringDrift, check_steering
 from .token_geometry import check_mode
 
 
@@ -105,6 +107,7 @@ def generate(
     greedy: bool = True,
     seed: int | None = None,
     chat: bool = False,
+    steering: Mapping | None = None,
     **monitor_options,
 ) -> GenerationResult:
     """Generate from one prompt or several and record stability per generated token.
@@ -130,6 +133,11 @@ def generate(
     chat : bool, default False
         Put each prompt in the tokenizer's chat template as a user message, the
         assistant's turn opened: what an instruct model expects.
+    steering : dict, optional
+        ``{"vector": v, "layer": L, "coefficient": c, "spike_kl": 1.0}``: generate with
+        ``c * v`` added at every position of ``blocks.{L}.hook_resid_post``, and record per
+        token ``kl_steer`` (``KL(p_steer || p_base)``, from one more pass of the base model
+        per step), ``kl_steer_cumulative`` and ``kl_spike`` (``kl_steer > spike_kl``).
     **monitor_options
         ``threshold``, ``directions``, ``certified``, ``callback``, ``eig_tol`` (see
         :class:`StabilityMonitor`).
@@ -160,8 +168,15 @@ def generate(
     # a seed reseeds every CUDA device too (torch.manual_seed): their states are restored
     # after, as the CPU's is, so the user's random streams continue as if we had not run
     cuda = list(range(torch.cuda.device_count())) if seed is not None else []
+    spec = check_steering(adapter, steering)
+    drift = SteeringDrift(adapter, spec, mask) if spec is not None else None
     with StabilityMonitor(adapter, eps=eps_list, mode=mode, **monitor_options) as monitor:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), adapter.running():
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda))
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(adapter.running())
+            if spec is not None:
+                stack.enter_context(adapter.added(spec.hook, spec.delta))
             if seed is not None:
                 torch.manual_seed(seed)
             out = adapter.model.generate(
@@ -169,11 +184,13 @@ def generate(
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=not greedy,
-                logits_processor=[monitor],
+                logits_processor=[monitor] + ([drift] if drift is not None else []),
                 pad_token_id=pad,
             )
         monitor.finish(out)
         frame = _trim(monitor.to_frame(), eos_ids)
+        if drift is not None:
+            frame = drift.columns(frame)
     new = out[:, ids.shape[1] :]
     decoded = []
     for row in range(len(texts)):
