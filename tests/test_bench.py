@@ -193,3 +193,17 @@ def test_vllm_row_says_where_vllm_is_missing(monkeypatch):
     monkeypatch.setenv(vllm_overhead.PYTHON_VARIABLE, sys.executable)  # has no vLLM
     (row,) = run_bench(adapter, settings=settings, rows=["monitor_vllm"])["rows"]
     assert row["baseline"].startswith("failed: ") and "vllm" in row["baseline"].lower()
+
+
+def test_iso_kl_rows_on_a_tiny_model():
+    """The teacher-forced measurement and the prediction against the rollout definition in
+    one call: each row's error is its coefficient against coef_rollout, its ratio the
+    rollout's seconds over its own."""
+    adapter = sr.wrap(tiny_model("llama", seed=2), char_tokenizer())
+    doc = run_bench(adapter, settings=BenchSettings(quick=True, repeats=1), rows=["iso_kl"])
+    rows = doc["rows"]
+    assert [r["name"] for r in rows] == ["iso_kl_measured", "iso_kl_predicted"]
+    for r in rows:
+        assert not r["baseline"].startswith("failed"), r["baseline"]
+        assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["max_rel_err"] >= 0
+        assert "forward-pass tokens" in r["baseline"]

@@ -34,6 +34,7 @@ from ..geometry import (
 )
 from ..models import ModelAdapter
 from ..probes import RayKL, measure_boundaries
+from .iso_kl import rows_iso_kl
 from .monitor import rows_monitor
 from .prompts import prompt_ids, prompt_text
 from .scale import rows_scale
@@ -383,6 +384,7 @@ ROWS = {
     "scale_llama3_1b": rows_scale,
     "monitor_generate": rows_monitor,
     "monitor_vllm": rows_monitor_vllm,
+    "iso_kl": rows_iso_kl,
 }
 
 

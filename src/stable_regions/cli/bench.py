@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
         metavar="ROW",
         help="run only these rows (default all): top_eig_final, scan_document_final, "
         "predict_vs_measure, map_prompt, forward_multiples, pullback_hvp_mid, scale_llama3_1b, "
-        "monitor_generate, monitor_vllm (vLLM in its own environment: $STABLE_REGIONS_VLLM_PYTHON)",
+        "monitor_generate, monitor_vllm (vLLM in its own environment: $STABLE_REGIONS_VLLM_PYTHON), "
+        "iso_kl",
     )
     bn.add_argument("--out", default="bench.json", metavar="FILE", help="default ./bench.json")
 
