@@ -20,6 +20,7 @@ PAGES = [
     "docs/how-to/scan.md",
     "docs/monitor.md",
     "docs/certify.md",
+    "docs/iso-kl.md",
 ]
 # pages whose blocks run with one line replaced: the local model directory they name
 LOCAL_MODEL = 'path = "/models/Llama-3.2-1B"                      # a local model directory'

@@ -77,8 +77,10 @@ def generate(
 
     Parameters are those of :func:`stable_regions.generate`, less what vLLM cannot give a
     logits processor (``mode="exact"``, ``directions`` at the pre-logit vector), plus
-    ``engine_options`` for ``vllm.LLM`` and ``progress`` (vLLM's progress bar on stderr). ``model`` is a bundled name, a model directory or a
-    Hub id in the local cache. The frame has the Hugging Face engine's columns.
+    ``engine_options`` for ``vllm.LLM`` and ``progress`` (vLLM's progress bar on stderr).
+    ``model`` is a bundled name, a model directory or a Hub id in the local cache. The frame
+    has the Hugging Face engine's columns. The engine is started for the call and shut down
+    after it (on a GPU it takes vLLM's default share of the device's memory while it runs).
 
     Examples
     --------
@@ -86,8 +88,7 @@ def generate(
     >>> result.summary()  # doctest: +SKIP
     """
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     max_new_tokens = check_new_tokens(max_new_tokens)
     eps_list = check_eps(eps)
@@ -104,26 +105,50 @@ def generate(
     if not torch.cuda.is_available():
         options["gpu_memory_utilization"] = CPU_MEMORY_SHARE
     llm = LLM(str(path), logits_processors=[PROCESSOR], **{**options, **(engine_options or {})})
+    try:
+        outputs, records = _run(
+            llm,
+            ids,
+            max_new_tokens=max_new_tokens,
+            eps=eps_list,
+            greedy=greedy,
+            seed=seed,
+            tokenizer=tokenizer,
+            progress=progress,
+        )
+    finally:  # the engine core is a child process: not left running after the call
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+    frame = _as_generation_frame(records, threshold)
+    text = [o.outputs[0].text for o in outputs]
+    name = model or "smollm2-135m"
+    return GenerationResult(name, texts, text[0] if single else text, "fast", eps_list, frame)
+
+
+def _run(llm, ids, *, max_new_tokens, eps, greedy, seed, tokenizer, progress):
+    """vLLM's outputs and the records of every request (each monitored, under a temporary
+    directory)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     with tempfile.TemporaryDirectory(prefix="stable-regions-vllm-") as folder:
         params = [
             SamplingParams(
                 max_tokens=max_new_tokens,
                 temperature=0.0 if greedy else 1.0,
                 seed=None if greedy or seed is None else seed + i,
-                extra_args={"stable_regions": {"eps": eps_list, "id": str(i), "dir": folder}},
+                extra_args={"stable_regions": {"eps": eps, "id": str(i), "dir": folder}},
             )
-            for i in range(len(texts))
+            for i in range(len(ids))
         ]
         prompts_in = [TokensPrompt(prompt_token_ids=r) for r in ids]
         outputs = llm.generate(prompts_in, params, use_tqdm=progress)
-        delivered = sum(len(o.outputs[0].token_ids) for o in outputs) * len(eps_list)
+        delivered = sum(len(o.outputs[0].token_ids) for o in outputs) * len(eps)
         records = read(folder, tokenizer=tokenizer, settle_s=0.3)
         if len(records) < delivered:  # the flush may lag a loaded machine: once more
             records = read(folder, tokenizer=tokenizer, settle_s=2.0)
-    frame = _as_generation_frame(records, threshold)
-    text = [o.outputs[0].text for o in outputs]
-    name = model or "smollm2-135m"
-    return GenerationResult(name, texts, text[0] if single else text, "fast", eps_list, frame)
+    return outputs, records
 
 
 def _prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
