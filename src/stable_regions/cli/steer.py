@@ -123,13 +123,18 @@ def run(args) -> int:
     positions = parse_positions(args.positions)
     err, adapter, prompts, vector, layer = _loaded(args)
     result = budget_of(args, err, adapter, prompts, vector, layer, eps, positions, "steering")
+    return _emit(args, result, lambda: print_tables(result, args))
+
+
+def _emit(args, result, tables) -> int:
+    """--json (the rows and the summary), --csv, or ``tables()`` on the terminal."""
     if args.json:
         doc = {**result.to_json(), "summary": frame_records(result.summary())}
         sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
     elif args.csv:
         write_csv(result.to_frame())
     else:
-        print_tables(result, args)
+        tables()
     return 0
 
 
@@ -237,12 +242,8 @@ def run_iso_kl(args) -> int:
     if args.save_vector and not args.save_vector.lower().endswith(".npy"):
         _save_with_budget(args.save_vector, vector, result, adapter)
         err.print(f"wrote {args.save_vector} with its coefficient", highlight=False)
-    if args.json:
-        doc = {**result.to_json(), "summary": frame_records(result.summary())}
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    elif args.csv:
-        write_csv(result.to_frame())
-    else:
+
+    def tables() -> None:
         frame = result.to_frame()
         print_frame(
             frame,
@@ -253,7 +254,8 @@ def run_iso_kl(args) -> int:
             group=None,
             note="Costs: --columns forward_tokens_rollout,forward_tokens_measured,... or --json.",
         )
-    return 0
+
+    return _emit(args, result, tables)
 
 
 def _save_with_budget(path: str, vector, result, adapter) -> None:
