@@ -16,20 +16,11 @@ from ..prompts import corpus, sentiment_prompts
 from ..studies.iso_kl import iso_kl
 from ..studies.steering import mean_difference
 from ..studies.validation import held_out_corpus
+from .prompts import words_within
 from .timing import result_row
 
 TARGET, STAT = 0.5, "p95"
 PROMPT_TOKENS = 24  # each prompt's first words up to this many tokens
-
-
-def _within(adapter, text: str, n_tokens: int) -> str:
-    """The longest run of ``text``'s first words that tokenizes to at most ``n_tokens``."""
-    words = text.split(" ")
-    for k in range(len(words), 0, -1):
-        cut = " ".join(words[:k])
-        if adapter.tokenize(cut, any_length=True).shape[1] <= n_tokens:
-            return cut
-    return words[0]
 
 
 def rows_iso_kl(adapter, s) -> list[dict]:
@@ -42,7 +33,7 @@ def rows_iso_kl(adapter, s) -> list[dict]:
     if adapter.context_length is not None:
         room = min(room, adapter.context_length - tokens - 1)
     texts = [p.text for p in corpus() if p.text in held and p.kind in ("prose", "dialogue")]
-    prompts = [_within(adapter, t, room) for t in texts[:count]]
+    prompts = [words_within(adapter, t, room) for t in texts[:count]]
     result = iso_kl(
         adapter, prompts, vector=vector, layer=layer, target=TARGET, stat=STAT,
         tokens=tokens,

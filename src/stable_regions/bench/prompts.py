@@ -45,7 +45,12 @@ def prompt_ids(adapter: ModelAdapter, n_tokens: int) -> torch.Tensor:
 def prompt_within(adapter: ModelAdapter, n_tokens: int) -> str:
     """The longest run of the corpus's first words that tokenizes to at most ``n_tokens``
     tokens (a text to pass to the commands, which take text, not ids)."""
-    words = prompt_text(adapter, n_tokens).split()
+    return words_within(adapter, prompt_text(adapter, n_tokens), n_tokens)
+
+
+def words_within(adapter: ModelAdapter, text: str, n_tokens: int) -> str:
+    """The longest run of ``text``'s first words that tokenizes to at most ``n_tokens``."""
+    words = text.split()
     lo, hi = 1, len(words)  # the most words that fit, by bisection
     while lo < hi:
         mid = (lo + hi + 1) // 2

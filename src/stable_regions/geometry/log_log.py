@@ -45,11 +45,10 @@ def solve_log_log(
     """The ``c > 0`` where ``evaluate(c)[0]`` (a statistic that grows with ``c``) meets
     ``target``, within ``rtol``: bracket from ``start`` by steps that assume the statistic
     grows as ``c^2`` (the KL's leading order; each step at most a factor of 16), then false
-    position
-    on ``(log c, log value - log target)`` with the Illinois halving (a retained end's value
-    halved when the same end is kept twice), which converges superlinearly where plain false
-    position stalls. A statistic that jumps across the target (a greedy token changing) is
-    located to the jump."""
+    position on ``(log c, log value - log target)`` with the Illinois halving (a retained
+    end's value halved when the same end is kept twice), which converges superlinearly where
+    plain false position stalls. A statistic that jumps across the target (a greedy token
+    changing) is located to the jump."""
     tol = math.log1p(rtol)
     seen: list[tuple[float, float, float, np.ndarray]] = []  # (c, g, value, per-token)
 

@@ -11,7 +11,6 @@ import torch
 
 from ..errors import (
     ModelNotFoundError,
-    ModelNotInstalledError,
     StableRegionsError,
     UnsupportedModelError,
     one_line,
@@ -23,10 +22,8 @@ from .hub import cached_snapshot, download_model, hub_cache, is_hub_id
 from .store import (
     BUNDLED,
     DEFAULT_MODEL,
-    conversion_state,
     convert_user_gguf,
-    install_command,
-    model_dir,
+    installed_dir,
 )
 from .wrappers import unwrap
 
@@ -133,18 +130,7 @@ def load(
         snapshot = download_model(spec, revision) if download else cached_snapshot(spec, revision)
         return _load_directory(snapshot, spec, where, dtype)
     if spec in BUNDLED:
-        path = model_dir(spec)
-        state = conversion_state(path)
-        if state == "damaged":
-            raise ModelNotInstalledError(
-                f"the converted weights of {spec!r} in {path} are damaged (cut short): run "
-                f"`{install_command(spec)} --force`"
-            )
-        if state != "converted":
-            raise ModelNotInstalledError(
-                f"bundled model {spec!r} is not installed: run `{install_command(spec)}`"
-            )
-        return _load_directory(path, spec, where, dtype)
+        return _load_directory(installed_dir(spec), spec, where, dtype)
     if not path.exists():
         raise ModelNotFoundError(
             f"model {spec!r} not found: give a bundled name ({', '.join(BUNDLED)}), "

@@ -119,6 +119,23 @@ def install_command(name: str) -> str:
     return f"stable-regions models install {name}"
 
 
+def installed_dir(name: str) -> Path:
+    """The converted folder of the bundled model ``name``; ``ModelNotInstalledError`` saying
+    how to install it where it is missing or damaged."""
+    path = model_dir(name)
+    state = conversion_state(path)
+    if state == "damaged":
+        raise ModelNotInstalledError(
+            f"the converted weights of {name!r} in {path} are damaged (cut short): run "
+            f"`{install_command(name)} --force`"
+        )
+    if state != "converted":
+        raise ModelNotInstalledError(
+            f"bundled model {name!r} is not installed: run `{install_command(name)}`"
+        )
+    return path
+
+
 def bundled(name: str) -> BundledModel:
     if name not in BUNDLED:
         raise InvalidParameterError(

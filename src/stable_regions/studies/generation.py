@@ -25,9 +25,10 @@ from .steering_drift import SteeringDrift, check_steering
 from .token_geometry import check_mode
 
 
-def check_new_tokens(n) -> int:
+def check_new_tokens(n, name: str = "max_new_tokens") -> int:
+    """A count of tokens to generate (``name`` says which parameter in the message)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidParameterError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
+        raise InvalidParameterError(f"{name} must be a whole number >= 1, got {n!r}")
     return n
 
 

@@ -41,6 +41,7 @@ from ..geometry.log_log import solve_log_log
 from ..plotting import axes_or_new
 from ..results import Result
 from ..vocabulary import describe
+from .generation import check_new_tokens
 from .rollouts import Continuation, cubic_paths, greedy, teacher_forced, token_kl
 from .steering import check_vector
 
@@ -264,7 +265,7 @@ def iso_kl(
     adapter = as_adapter(model)
     target = _check_target(target)
     stat = check_stat(stat)
-    tokens = _check_tokens(tokens)
+    tokens = check_new_tokens(tokens, "tokens")
     unknown = sorted(set(forms) - set(FORMS))
     if unknown:
         raise InvalidParameterError(f"unknown form(s) {', '.join(unknown)}: use {', '.join(FORMS)}")
@@ -395,7 +396,7 @@ def check_iso_kl_options(target, stat: str, tokens) -> tuple[float, str, int]:
     """The command line's ``--iso-kl``, ``--stat`` and ``--tokens`` (text), checked."""
     text = str(tokens)
     count = int(text) if text.lstrip("-").isdigit() else text
-    return _check_target(target), check_stat(stat), _check_tokens(count)
+    return _check_target(target), check_stat(stat), check_new_tokens(count, "tokens")
 
 
 def _check_target(target) -> float:
@@ -408,12 +409,6 @@ def _check_target(target) -> float:
             f"the KL target must be a positive number of nats, got {target!r}"
         )
     return value
-
-
-def _check_tokens(tokens) -> int:
-    if isinstance(tokens, bool) or not isinstance(tokens, int | np.integer) or tokens < 1:
-        raise InvalidParameterError(f"tokens must be a whole number >= 1, got {tokens!r}")
-    return int(tokens)
 
 
 def _room_for(adapter, text: str, tokens: int, index: int, chat: bool) -> Tensor:

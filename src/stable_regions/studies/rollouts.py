@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..geometry import cumulants
 from ..models import ModelAdapter
 from ..models.taylor import primal, taylor_derivatives
 
@@ -93,7 +94,8 @@ def token_kl(q_logits: Tensor, p_logits: Tensor) -> np.ndarray:
     """``KL(q || p)`` per row (T,), float64, from two sets of logits (T, V)."""
     logq = torch.log_softmax(q_logits.to(torch.float64), -1)
     logp = torch.log_softmax(p_logits.to(torch.float64).to(logq.device), -1)
-    return (logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0).cpu().numpy()
+    # a token both distributions mask (-inf logits) adds 0 log 0 = 0, not NaN
+    return (logq.exp() * (logq - logp)).nansum(-1).clamp_min(0.0).cpu().numpy()
 
 
 @dataclass
@@ -121,9 +123,7 @@ class CubicPaths:
     def fisher(self) -> np.ndarray:
         """``Var_p0(a1)`` per token: ``KL(p_c || p_0) = c^2 / 2 * fisher + O(c^3)``."""
         p = torch.softmax(self.z0.to(torch.float64), -1)
-        a1 = self.a1.to(torch.float64)
-        mean = (p * a1).sum(-1, keepdim=True)
-        return (p * (a1 - mean) ** 2).sum(-1).cpu().numpy()  # centred: never E[u^2] - E[u]^2
+        return cumulants(p, self.a1.to(torch.float64))[1].cpu().numpy()
 
 
 def cubic_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) -> CubicPaths:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import InvalidParameterError
 from ..models import ModelAdapter
+from .rollouts import token_kl
 from .steering import check_vector
 
 KEYS = ("vector", "layer", "coefficient", "spike_kl")
@@ -87,10 +88,7 @@ class SteeringDrift:
                 ).logits[:, -1]
         finally:
             self.spec.delta.copy_(saved)
-        logq = torch.log_softmax(scores.detach().to(torch.float64), -1)
-        logp = torch.log_softmax(base.to(torch.float64).to(logq.device), -1)
-        kl = (logq.exp() * (logq - logp)).nansum(-1).clamp_min(0.0)
-        self.steps.append(kl.cpu().numpy())
+        self.steps.append(token_kl(scores.detach(), base))
         return scores  # never changed
 
     def columns(self, frame: pd.DataFrame) -> pd.DataFrame:

@@ -58,8 +58,8 @@ def request_options(
     defaults), or flat keys, as vLLM's server takes them (its ``vllm_xargs`` holds no nested
     mappings): ``{"stable_regions": 1, "stable_regions_eps": [0.1], "stable_regions_id":
     "q17"}``. Direction names are checked against ``known_directions`` (default: the engine's
-    file, ``$STABLE_REGIONS_VLLM_DIRECTIONS``). Raises ``InvalidParameterError`` (a ``ValueError``: vLLM then fails the request)
-    for options it cannot use."""
+    file, ``$STABLE_REGIONS_VLLM_DIRECTIONS``). Raises ``InvalidParameterError`` (a
+    ``ValueError``: vLLM then fails the request) for options it cannot use."""
     if not extra_args or OPTION not in extra_args:
         return None
     raw = extra_args[OPTION]
@@ -213,8 +213,7 @@ class MonitorCore:
         if self._flusher is not None and self._flusher is not threading.current_thread():
             self._flusher.join(timeout=5.0)  # before the lock: a flush may hold it
         with self.lock:
-            if self.before_flush is not None and self.slots:
-                self.before_flush()
+            self.flush()  # the tokens sampled so far, then each request's last ones
             for slot in list(self.slots):
                 self.remove(slot)
             self.sink.close()

@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 
 from .._support.inputs import check_eps
-from ..errors import InvalidParameterError, StableRegionsError
-from ..models.store import BUNDLED, conversion_state, install_command, model_dir
+from ..errors import InvalidParameterError
+from ..models.device import resolve_device, resolve_dtype
+from ..models.store import BUNDLED, DEFAULT_MODEL, installed_dir
 from ..studies.generation import GenerationResult, check_new_tokens
 from ..studies.monitor import monitor_columns
 from ..vocabulary import describe
@@ -30,12 +31,9 @@ CPU_MEMORY_SHARE = 0.15  # vLLM's CPU backend reserves this share of host memory
 def served_checkpoint(model: str | None, revision: str | None = None) -> Path:
     """The directory vLLM serves: a bundled model's converted folder (installed), a model
     directory, or a Hub id's snapshot in the local cache. A GGUF file is refused."""
-    name = model or "smollm2-135m"
+    name = model or DEFAULT_MODEL
     if name in BUNDLED:
-        path = model_dir(name)
-        if conversion_state(path) != "converted":
-            raise StableRegionsError(f"{name} is not installed: run `{install_command(name)}`")
-        return path
+        return installed_dir(name)
     if name.endswith(".gguf"):
         raise InvalidParameterError(
             f"{name}: --engine vllm serves safetensors checkpoints; convert it first "
@@ -45,17 +43,12 @@ def served_checkpoint(model: str | None, revision: str | None = None) -> Path:
 
 
 def engine_dtype(dtype: str) -> str:
-    """Our ``--dtype`` words in vLLM's: ``auto`` is float32 on the CPU and bfloat16 on a GPU
-    (as for the Hugging Face engine); ``stored`` is vLLM's ``auto``."""
-    if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "float32"
+    """Our ``--dtype`` words in vLLM's, resolved as for the Hugging Face engine
+    (``models.device.resolve_dtype``: ``auto`` is float32 on the CPU, bfloat16 on a GPU that
+    has it); ``stored`` is vLLM's ``auto``."""
     if dtype == "stored":
         return "auto"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise InvalidParameterError(
-            f"unknown dtype {dtype!r}: use auto, float32, bfloat16, float16 or stored"
-        )
-    return dtype
+    return str(resolve_dtype(dtype, resolve_device("auto"))).removeprefix("torch.")
 
 
 def generate(
@@ -122,7 +115,7 @@ def generate(
             core.shutdown()
     frame = _as_generation_frame(records, threshold)
     text = [o.outputs[0].text for o in outputs]
-    name = model or "smollm2-135m"
+    name = model or DEFAULT_MODEL
     return GenerationResult(name, texts, text[0] if single else text, "fast", eps_list, frame)
 
 

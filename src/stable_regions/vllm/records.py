@@ -131,16 +131,8 @@ def read(directory: str | Path, *, tokenizer=None, settle_s: float = 0.3) -> pd.
                 strings[i] = tokenizer.decode([i])
             return strings[i]
 
-        frame.insert(
-            frame.columns.get_loc("chosen_token_id"),
-            "chosen_token",
-            [text(int(i)) for i in frame.chosen_token_id],
-        )
-        frame.insert(
-            frame.columns.get_loc("next_token_id"),
-            "next_token",
-            [text(int(i)) for i in frame.next_token_id],
-        )
+        for ids, name in (("chosen_token_id", "chosen_token"), ("next_token_id", "next_token")):
+            frame.insert(frame.columns.get_loc(ids), name, [text(int(i)) for i in frame[ids]])
         frame.insert(
             frame.columns.get_loc("top_token_ids"),
             "top_tokens",

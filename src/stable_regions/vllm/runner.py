@@ -39,8 +39,7 @@ class RunnerSlots:
     def add(self, slot: int, extra_args: Mapping | None) -> bool:
         """A request takes ``slot``; True where it is monitored."""
         with self.core.lock:
-            self.sync([slot])  # the slot's last occupant: its last tokens, then its records
-            self.core.remove(slot)
+            self.sync([slot])  # the slot's last occupant's last tokens (core.add writes them)
             self.lists[slot] = []
             self.prompt[slot] = int(self.states.prompt_len.np[slot])
             self.core.add(slot, extra_args, self.lists[slot])
