@@ -53,16 +53,20 @@ def test_measured_radius_matches_full_model_brute_force(loaded):
         for k, pos in enumerate(sorted(df.position.unique())):
             v = res.directions[k]
             fracs = np.array([0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.999, 1.001])
-            for e in EPS:
-                r = float(df[(df.position == pos) & (df.eps == e)].radius_exact.iloc[0])
-                assert np.isfinite(r) and r > 0
-                ts = torch.tensor(fracs * r, dtype=torch.float64)
-                deltas = torch.cat([ts[:, None] * v[None], -ts[:, None] * v[None]])
-                logits = reference.perturbed_logits(ids, PRELOGIT, int(pos), deltas)
-                logq = torch.log_softmax(logits, -1)
-                kl = (logp_all[pos].exp() * (logp_all[pos] - logq)).sum(-1).numpy().reshape(2, -1)
-                assert kl[:, :-1].max() < e, (name, prompt, pos, e, kl)
-                assert kl[:, -1].max() >= e, (name, prompt, pos, e, kl)
+            radii = [
+                float(df[(df.position == pos) & (df.eps == e)].radius_exact.iloc[0]) for e in EPS
+            ]
+            assert all(np.isfinite(r) and r > 0 for r in radii), (name, prompt, pos, radii)
+            # one whole-model pass per position: every eps, both signs, every fraction
+            ts = torch.tensor(np.outer(radii, fracs), dtype=torch.float64).reshape(-1)
+            deltas = torch.cat([ts[:, None] * v[None], -ts[:, None] * v[None]])
+            logits = reference.perturbed_logits(ids, PRELOGIT, int(pos), deltas)
+            logq = torch.log_softmax(logits, -1)
+            kl = (logp_all[pos].exp() * (logp_all[pos] - logq)).sum(-1).numpy()
+            kl = kl.reshape(2, len(EPS), len(fracs)).transpose(1, 0, 2)  # (eps, sign, fraction)
+            for e, kl_e in zip(EPS, kl, strict=True):
+                assert kl_e[:, :-1].max() < e, (name, prompt, pos, e, kl_e)
+                assert kl_e[:, -1].max() >= e, (name, prompt, pos, e, kl_e)
                 checked += 1
     assert checked >= 3 * 25
 

@@ -380,6 +380,8 @@ class ModelAdapter:
         def add(x: Tensor) -> Tensor:
             index = position if seq_len is None else position - (seq_len - x.shape[1])
             index = index % x.shape[1]
+            if x.shape[0] == 1 < deltas.shape[0]:  # one prompt, many deltas (perturbed_logits)
+                x = x.expand(deltas.shape[0], -1, -1)
             # Out of place, so that autograd and torch.func transforms (jvp, vjp) see through it.
             row = x[:, index : index + 1, :] + deltas.to(dtype=x.dtype, device=x.device)[:, None, :]
             return torch.cat([x[:, :index, :], row, x[:, index + 1 :, :]], dim=1)
@@ -434,9 +436,13 @@ class ModelAdapter:
         """Next-token logits (batch, V) at ``position`` after adding each delta at ``hook``.
 
         Runs the whole model on the prompt prefix up to ``position`` (causal: later tokens
-        cannot change it), one batch row per delta.
+        cannot change it), one batch row per delta. At the pre-logit vector the blocks run
+        once and the head's input is widened to one row per delta: nothing before the head
+        sees the deltas.
         """
-        prefix = ids[:, : position + 1].expand(deltas.shape[0], -1)
+        prefix = ids[:, : position + 1]
+        if hook != PRELOGIT:
+            prefix = prefix.expand(deltas.shape[0], -1)
         with self.perturbation(hook, position, deltas, seq_len=position + 1):
             out = self.forward(prefix, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].to(torch.float64)
