@@ -74,6 +74,9 @@ def generate(
     ``model`` is a bundled name, a model directory or a Hub id in the local cache. The frame
     has the Hugging Face engine's columns. The engine is started for the call and shut down
     after it (on a GPU it takes vLLM's default share of the device's memory while it runs).
+    It runs eager (``enforce_eager``: no compilation, no CUDA graphs), which starts sooner
+    than the compiled model would pay back in one call; ``engine_options={"enforce_eager":
+    False}`` compiles.
 
     Examples
     --------
@@ -92,8 +95,10 @@ def generate(
     path = served_checkpoint(model, revision)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ids = [_prompt_ids(tokenizer, t, chat) for t in texts]
-    # the KV cache vLLM reserves: for these prompts, not the model's whole context
+    # the KV cache vLLM reserves: for these prompts, not the model's whole context; eager:
+    # compiling the model (a minute for SmolLM2 on a CPU) does not pay back in one call
     options = {"dtype": engine_dtype(dtype), "seed": 0 if seed is None else seed}
+    options["enforce_eager"] = True
     options["max_model_len"] = max(len(r) for r in ids) + max_new_tokens
     if not torch.cuda.is_available():
         options["gpu_memory_utilization"] = CPU_MEMORY_SHARE
