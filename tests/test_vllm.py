@@ -99,11 +99,30 @@ def test_directions_by_name(tmp_path, monkeypatch):
     core.close()
 
 
-def test_core_follows_the_batch_and_resolves_each_sampled_token(tmp_path):
+@pytest.fixture(params=["as fast as it goes", "slower than the engine"])
+def geometry_pace(request, monkeypatch):
+    """The background thread at its own pace, or made slower than the engine's steps (its
+    queue fills, ``observe`` waits, requests leave with steps still queued)."""
+    if request.param == "slower than the engine":
+        from stable_regions.studies.token_geometry import TokenGeometry
+
+        compute = TokenGeometry.__call__
+
+        def slow(self, scores):
+            time.sleep(0.03)
+            return compute(self, scores)
+
+        monkeypatch.setattr(TokenGeometry, "__call__", slow)
+    return request.param
+
+
+def test_core_follows_the_batch_and_resolves_each_sampled_token(tmp_path, geometry_pace):
     """Slots as vLLM's BatchUpdate reports them (added, moved one way, swapped, removed):
     every record carries its own request's id, step and sampled token, with that token's
     probability under the step's logits; an unmonitored slot is never recorded; a request
-    aborted before its last token was sampled records -1 for it."""
+    aborted before its last token was sampled records -1 for it. The engine changes its
+    logits in place once ``observe`` returns (later processors, the next step): the records
+    are those of the logits as they were."""
     core = MonitorCore(_weight(), flush_s=None)
     outs = {"a": [], "b": [], "c": []}
     core.add(0, _options(tmp_path, "a"), outs["a"])
@@ -117,6 +136,7 @@ def test_core_follows_the_batch_and_resolves_each_sampled_token(tmp_path):
         for slot, rid in order.items():
             seen[(rid, step)] = torch.log_softmax(logits[slot].double(), -1)
             outs[rid].append(int(logits[slot].argmax()) if step % 2 else (7 * step + slot) % V)
+        logits.mul_(0.0)  # the engine's buffer, reused
         if step == 1:  # b moves from slot 2 to slot 1 (slot 1's request left first)
             core.remove(1)
             core.move(2, 1, swap=False)
@@ -145,6 +165,36 @@ def test_core_follows_the_batch_and_resolves_each_sampled_token(tmp_path):
             assert mine[mine.step == step].next_token_id.item() == int(seen[(rid, step)].argmax())
     aborted = frame[frame.request == "c"].iloc[0]
     assert aborted.chosen_token_id == -1 and np.isnan(aborted.chosen_prob)
+
+
+def test_the_engine_waits_when_the_geometry_falls_behind(tmp_path, monkeypatch):
+    """The background thread lags at most ``MAX_QUEUED`` steps: past that, ``observe``
+    waits for it (the queue, and its copies of the logits, stay bounded), and every step is
+    recorded."""
+    from stable_regions.studies.token_geometry import TokenGeometry
+    from stable_regions.vllm.core import MAX_QUEUED
+
+    compute, pause, longest = TokenGeometry.__call__, 0.1, []
+
+    def slow(self, scores):
+        longest.append(len(core._queue))
+        time.sleep(pause)
+        return compute(self, scores)
+
+    monkeypatch.setattr(TokenGeometry, "__call__", slow)
+    core = MonitorCore(_weight(), flush_s=None)
+    out: list[int] = []
+    core.add(0, _options(tmp_path, "a"), out)
+    steps = 6
+    start = time.monotonic()
+    for step in range(steps):
+        core.observe(_logits(1, seed=step))
+        out.append(step)
+    waited = time.monotonic() - start
+    core.close()
+    assert max(longest) <= MAX_QUEUED
+    assert waited >= (steps - MAX_QUEUED - 1) * pause * 0.9
+    assert read(tmp_path).step.tolist() == list(range(steps))
 
 
 def test_records_are_the_hugging_face_monitors_on_the_same_scores(tmp_path):
@@ -285,7 +335,7 @@ def test_nothing_is_done_for_a_batch_without_monitored_requests():
     core.add(0, None, [])
     core.observe(torch.full((1, V), float("nan")))  # would fail if it were looked at
     assert not core.slots
-    assert not any(t.name == "stable-regions-vllm-flush" for t in threading.enumerate())
+    assert not any(t.name == "stable-regions-vllm" for t in threading.enumerate())
 
 
 CLI_ARGS = ["generate", "Water boils at", "--max-new-tokens", "12", "--eps", "0.1", "1.0"]

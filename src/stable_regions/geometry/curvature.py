@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._support.matvec import matvecs
 from ..budget import equal_parts, rows_within
 from .lanczos import LanczosRun, lanczos
 
@@ -77,13 +78,13 @@ class CurvatureOperator:
         chunk = rows_within(P * self.p.shape[-1], itemsize)
         chunk = equal_parts(k, chunk)  # equal chunks: 16 at a cap of 5 are 4 x 4
         out = []
-        p = self.p[:, :, None]  # (P, V, 1), cast once to the tangents' dtype
+        p = self.p  # (P, V), cast once to the tangents' dtype
         for s in range(0, k, chunk):
             a = self.jvp(v[:, s : s + chunk])  # (P, c, V)
             if p.dtype != a.dtype:
                 p = p.to(a.dtype)
-            a.sub_(torch.bmm(a, p))  # centred at each direction's mean
-            out.append(torch.bmm(a.mul_(a), p)[..., 0].to(torch.float64))
+            a.sub_(matvecs(a, p)[..., None])  # centred at each direction's mean
+            out.append(matvecs(a.mul_(a), p).to(torch.float64))
             del a
         return torch.cat(out, dim=1)
 

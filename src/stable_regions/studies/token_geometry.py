@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._support.matvec import matvecs
 from ..errors import InvalidParameterError, StableRegionsError
 from ..geometry import (
     BallBound,
@@ -156,7 +157,7 @@ class TokenGeometry:
             lower, ray_logp = bracket.lower, logp
         else:  # no pass over W: the direction's products with the likeliest tokens' rows
             vector = bracket.vector.to(self.weight.dtype)
-            along = torch.bmm(rows, vector[:, :, None])[..., 0].to(work)
+            along = matvecs(rows, vector).to(work)
             mean, c2, c3, c4 = (c.to(f64) for c in cumulants(pk, along, lumped=True))
             lower = torch.maximum(bracket.lower, c2 * (1 - 1e-5))  # a restricted variance too
             # the ray's distribution: the likeliest tokens, and the rest lumped at their mean

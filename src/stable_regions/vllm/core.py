@@ -6,18 +6,28 @@ A request asks to be monitored through its sampling parameters::
     SamplingParams(extra_args={"stable_regions": {"eps": [0.1, 1.0], "id": "q17"}})
 
 (``True`` for the defaults: eps 0.1, a random id, the engine's directory). Its slot's row of
-logits goes through ``TokenGeometry`` in fast mode, the same code as ``StabilityMonitor``'s;
-the token sampled from that row is read from the request's own output ids on a later step,
-when the request leaves the batch, or by a background flush (``FLUSH_S``: the engine shows a
-processor nothing after a batch's last step, and a request's last token would otherwise wait
-for the next request), and the record is written then.
+logits is copied, and goes through ``TokenGeometry`` in fast mode (the same code as
+``StabilityMonitor``'s) on a background thread, overlapped with the engine's next step, as
+the Hugging Face monitor does it. The thread lags at most ``MAX_QUEUED`` steps behind; a
+request that leaves the batch waits for its own steps first. The token sampled from a row is
+read from the request's own output ids after the row's geometry, when the request leaves the
+batch, or by the thread between steps (``FLUSH_S``: the engine shows a processor nothing after
+a batch's last step, and a request's last token would otherwise wait for the next request),
+and the record is written then.
+
+vLLM's CPU backend binds its worker's threads to some CPUs and keeps the others for its
+scheduler; there the thread runs on those others at the lowest priority, beside the forward
+pass instead of taking turns with it (``SpareCpus``; ``docs/vllm.md``, the cost).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +46,7 @@ OPTION = "stable_regions"  # the key of SamplingParams.extra_args
 KEYS = ("eps", "id", "dir", "directions")
 DEFAULT_EPS = (0.1,)
 FLUSH_S = 0.1  # how often sampled tokens are looked for between steps (a lock, a len)
+MAX_QUEUED = 2  # steps the geometry may lag behind the engine before ``observe`` waits
 
 
 @dataclass(frozen=True)
@@ -100,11 +111,64 @@ class _Token:
     logp: Tensor  # (V,) the row's log-probabilities, for the sampled token's probability
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     options: RequestOptions
     output_ids: Sequence[int]  # the engine's live list: it grows as tokens are sampled
     waiting: list[_Token] = field(default_factory=list)
+    # the steps of its rows the background thread has not done yet: a token of such a step
+    # waits (a later chunk of a prefill replaces it)
+    queued: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Rows:
+    """One step's rows of the requests that share eps and directions: a copy of their logits,
+    each row's request and step, and (on a GPU) the event that marks the copy done."""
+
+    key: tuple
+    scores: Tensor
+    members: list[tuple[_Request, int]]
+    ready: object = None
+
+
+class SpareCpus:
+    """The background thread's place where the engine binds its worker to some CPUs (vLLM's
+    CPU backend, which keeps the others for its scheduler): the others. When the engine has
+    to wait for the thread (``widen``), the thread may also run on the worker's CPUs, idle
+    while it waits, until ``narrow``. Unbound (GPU hosts), nothing changes. Linux only:
+    elsewhere every method does nothing.
+
+    It keeps the engine's priority: at the lowest, beside a busy process on the spare CPU,
+    the starved thread held the engine up (docs/vllm.md, the cost)."""
+
+    def __init__(self) -> None:
+        self.thread_id: int | None = None
+        self.spare: set[int] = set()
+        self.every: set[int] = set()
+
+    def enter(self) -> None:
+        """In the background thread, once."""
+        try:
+            own = os.sched_getaffinity(0)  # Linux: 0 is the calling thread
+            self.spare = set(range(os.cpu_count() or 0)) - own
+            if not self.spare:
+                return
+            self.every, self.thread_id = own | self.spare, threading.get_native_id()
+            os.sched_setaffinity(0, self.spare)
+        except (AttributeError, OSError):  # not Linux, or CPUs a cgroup withholds
+            self.spare = set()
+
+    def widen(self) -> None:
+        self._bind(self.every)
+
+    def narrow(self) -> None:
+        self._bind(self.spare)
+
+    def _bind(self, cpus: set[int]) -> None:
+        if self.thread_id is not None:
+            with contextlib.suppress(OSError):  # the thread has ended
+                os.sched_setaffinity(self.thread_id, cpus)
 
 
 class MonitorCore:
@@ -136,34 +200,60 @@ class MonitorCore:
         self.support = support
         self.slots: dict[int, _Request] = {}
         self._geometry: dict[tuple, TokenGeometry] = {}
-        # the engine's thread and the flush share the slots
+        # the engine's thread and the background thread share the slots and the queue
         self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)
         self.before_flush = before_flush
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
+        self._queue: deque[_Rows] = deque()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._failed = False
         self._flush_s = flush_s
+        # on a GPU the thread computes on its own stream, after the engine's copies
+        on_cuda = weight.device.type == "cuda"
+        self._stream = torch.cuda.Stream(weight.device) if on_cuda else None
+        self._cpus = SpareCpus()
 
-    def _start_flusher(self) -> None:
-        if self._flush_s is None or self._flusher is not None:
+    def _start_thread(self) -> None:
+        if self._thread is not None or self._closing:
             return
-        self._flusher = threading.Thread(
-            target=self._flush_loop, name="stable-regions-vllm-flush", daemon=True
-        )
-        self._flusher.start()
+        self._thread = threading.Thread(target=self._work, name="stable-regions-vllm", daemon=True)
+        self._thread.start()
 
-    def _flush_loop(self) -> None:
-        while not self._stop.wait(self._flush_s):
-            self.flush()
+    def _work(self) -> None:
+        """The background thread: each queued step's geometry, then the records whose
+        sampled token is known; between steps, every ``flush_s``, the flush."""
+        self._cpus.enter()
+        while True:
+            with self._changed:
+                if not self._queue and not self._closing:
+                    self._changed.wait(self._flush_s)
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._flush_now()
+                    continue
+                rows = self._queue[0]
+            result = self._compute(rows)
+            with self._changed:
+                self._queue.popleft()
+                self._record(rows, result)
+                self._changed.notify_all()
 
     def flush(self) -> None:
         """Write the tokens sampled since the last step (the engine's output ids grow after
-        ``apply`` returns)."""
-        with self.lock:
-            if self.before_flush is not None and self.slots:
-                self.before_flush()
-            for request in self.slots.values():
-                self._write(request, final=False)
-            self.sink.tick()
+        ``apply`` returns), once the queued steps are done."""
+        with self._changed:
+            if threading.current_thread() is not self._thread:
+                self._wait_for(lambda: not self._queue)
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        if self.before_flush is not None and self.slots:
+            self.before_flush()
+        for request in self.slots.values():
+            self._write(request, final=False)
+        self.sink.tick()
 
     # ------------------------------------------------------------ the batch
     def add(self, slot: int, extra_args: Mapping | None, output_ids: Sequence[int]) -> None:
@@ -179,22 +269,38 @@ class MonitorCore:
                 stacklevel=2,
             )
             options = None
-        with self.lock:
+        with self._changed:
             self.remove(slot)
             if options is not None:
                 self.slots[slot] = _Request(options, output_ids)
-                self._start_flusher()
+                self._start_thread()
 
     def remove(self, slot: int) -> None:
-        """The request in ``slot`` leaves the batch: its last tokens are written."""
-        with self.lock:
+        """The request in ``slot`` leaves the batch: once its queued steps are done, its last
+        tokens are written."""
+        with self._changed:
             request = self.slots.pop(slot, None)
             if request is not None:
+                self._wait_for(lambda: not request.queued)
                 self._write(request, final=True)
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _wait_for(self, done: Callable[[], bool]) -> None:
+        """Wait (the lock released) until ``done()`` or the thread has ended; meanwhile the
+        thread may run on this one's CPUs too (``SpareCpus``), idle while it waits."""
+        if done() or not self._alive():
+            return
+        self._cpus.widen()
+        try:
+            self._changed.wait_for(lambda: done() or not self._alive())
+        finally:
+            self._cpus.narrow()
 
     def move(self, source: int, target: int, swap: bool) -> None:
         """The request in ``source`` goes to ``target`` (with ``swap``, the two exchange)."""
-        with self.lock:
+        with self._changed:
             if swap:
                 a, b = self.slots.pop(source, None), self.slots.pop(target, None)
                 if a is not None:
@@ -208,12 +314,20 @@ class MonitorCore:
                 self.slots[target] = moved
 
     def close(self) -> None:
-        """Write every request's known tokens, stop the flush and close the files."""
-        self._stop.set()
-        if self._flusher is not None and self._flusher is not threading.current_thread():
-            self._flusher.join(timeout=5.0)  # before the lock: a flush may hold it
-        with self.lock:
-            self.flush()  # the tokens sampled so far, then each request's last ones
+        """Finish the queued steps, stop the thread, write every request's known tokens and
+        close the files. Steps observed after it are done on the caller's thread."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            self._cpus.widen()
+            thread.join(timeout=60.0)  # it ends once the queue is empty
+        with self._changed:
+            while self._queue:  # the thread did not finish them (it is gone or stuck)
+                rows = self._queue.popleft()
+                self._record(rows, self._compute(rows))
+            self._flush_now()  # the tokens sampled so far, then each request's last ones
             for slot in list(self.slots):
                 self.remove(slot)
             self.sink.close()
@@ -221,15 +335,22 @@ class MonitorCore:
     # ------------------------------------------------------------ one step
     def observe(self, logits: Tensor, slot_of_row: Sequence[int] | None = None) -> None:
         """The logits (rows, V) of one step; row ``i`` belongs to slot ``slot_of_row[i]``
-        (default: slot ``i``). Never changes them."""
+        (default: slot ``i``). Never changes them: the monitored rows are copied and queued
+        for the background thread (after ``close``, done here)."""
         if not self.slots:  # no request asked: nothing is done (no lock either)
             return
-        with self.lock:
-            self._observe(logits, slot_of_row)
+        with self._changed:
+            queued = self._copy_rows(logits, slot_of_row)
+            if self._closing or not self._alive():
+                for rows in queued:
+                    self._record(rows, self._compute(rows))
+                return
+            # the engine outruns the geometry: it waits
+            self._wait_for(lambda: len(self._queue) < MAX_QUEUED)
+            self._queue.extend(queued)
+            self._changed.notify_all()
 
-    def _observe(self, logits: Tensor, slot_of_row: Sequence[int] | None) -> None:
-        for request in self.slots.values():  # tokens sampled since the last step
-            self._write(request, final=False)
+    def _copy_rows(self, logits: Tensor, slot_of_row: Sequence[int] | None) -> list[_Rows]:
         rows = range(logits.shape[0]) if slot_of_row is None else slot_of_row
         groups: dict[tuple, list[tuple[int, _Request]]] = {}
         for row, slot in enumerate(rows):
@@ -237,27 +358,67 @@ class MonitorCore:
             if request is not None:
                 key = (request.options.eps, request.options.directions)
                 groups.setdefault(key, []).append((row, request))
+        queued = []
         for key, members in groups.items():
             index = torch.tensor([row for row, _ in members], device=logits.device)
-            values, radii, top_ids, top_probs, logp = self._geometry_for(*key)(
-                logits.index_select(0, index)
-            )
-            for i, (_, request) in enumerate(members):
-                step = len(request.output_ids)
-                if request.waiting and request.waiting[-1].step == step:
-                    # a chunk of a prefill: its row's sample is discarded, and the next
-                    # row of this request is the one its first token comes from
-                    request.waiting.pop()
-                request.waiting.append(
-                    _Token(
-                        step=step,
-                        values={k: v[i].item() for k, v in values.items()},
-                        radii={k: r[i] for k, r in radii.items()},
-                        top_ids=top_ids[i],
-                        top_probs=top_probs[i],
-                        logp=logp[i],
-                    )
+            # a copy: the engine reuses its logits, and later processors change them in place
+            scores, ready = logits.index_select(0, index), None
+            if self._stream is not None:  # queued on the engine's stream: the thread waits
+                ready = torch.cuda.Event()
+                ready.record()
+                scores.record_stream(self._stream)
+            for _, request in members:
+                request.queued.append(len(request.output_ids))
+            queued.append(_Rows(key, scores, [(r, len(r.output_ids)) for _, r in members], ready))
+        return queued
+
+    def _compute(self, rows: _Rows):
+        """The geometry of queued rows; None where it failed (once warned: the engine keeps
+        serving, and those tokens get no records)."""
+        try:
+            geometry = self._geometry_for(*rows.key)
+            if self._stream is None:
+                return geometry(rows.scores)
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(rows.ready)
+                return geometry(rows.scores)
+        except Exception as exc:  # noqa: BLE001  (raising would stop the engine)
+            if not self._failed:
+                self._failed = True
+                warnings.warn(
+                    f"stable-regions: the geometry of a step failed, its tokens have no "
+                    f"records: {type(exc).__name__}: {exc}",
+                    StableRegionsWarning,
+                    stacklevel=2,
                 )
+            return None
+
+    def _record(self, rows: _Rows, result) -> None:
+        """The tokens of computed rows join their requests', whose records are written as
+        far as their sampled tokens are known."""
+        requests = []
+        for i, (request, step) in enumerate(rows.members):
+            request.queued.remove(step)
+            requests.append(request)
+            if result is None:
+                continue
+            values, radii, top_ids, top_probs, logp = result
+            if request.waiting and request.waiting[-1].step == step:
+                # a chunk of a prefill: its row's sample is discarded, and the next row of
+                # this request is the one its first token comes from
+                request.waiting.pop()
+            request.waiting.append(
+                _Token(
+                    step=step,
+                    values={k: v[i].item() for k, v in values.items()},
+                    radii={k: r[i] for k, r in radii.items()},
+                    top_ids=top_ids[i],
+                    top_probs=top_probs[i],
+                    logp=logp[i],
+                )
+            )
+        for request in dict.fromkeys(requests):
+            self._write(request, final=False)
 
     def _geometry_for(self, eps: tuple[float, ...], names: tuple[str, ...]) -> TokenGeometry:
         if (eps, names) not in self._geometry:
@@ -274,10 +435,11 @@ class MonitorCore:
         """Records of the waiting tokens whose sampled id is known (``final``: all of them,
         -1 where none was sampled: the request ended or was aborted first)."""
         known = len(request.output_ids)
-        ready = [t for t in request.waiting if t.step < known or final]
-        if not ready:
+        done = [t.step < known and t.step not in request.queued or final for t in request.waiting]
+        if not any(done):
             return
-        request.waiting = [t for t in request.waiting if not (t.step < known or final)]
+        ready = [t for t, d in zip(request.waiting, done, strict=True) if d]
+        request.waiting = [t for t, d in zip(request.waiting, done, strict=True) if not d]
         records = []
         for token in ready:
             chosen = int(request.output_ids[token.step]) if token.step < known else -1
