@@ -120,8 +120,10 @@ def test_rollout_coefficient_is_a_crossing_of_the_rollout_statistic(adapter, vec
 
 def test_teacher_forced_is_the_rollout_definition_while_the_tokens_stay(adapter, vector):
     """At a budget small enough that no greedy token changes, the teacher-forced statistic is
-    the rollout statistic: the two coefficients agree, the confirming rollout meets the target,
-    and it cost one steered generation (its tokens are the base ones: no second pass)."""
+    the rollout statistic: the two coefficients agree, and the rollout statistic computed here
+    at the answer is ``kl_confirmed``, which cost no rollout (the teacher-forced pass showed
+    every steered top token to be the base one): the base continuations, then one pass per
+    coefficient tried."""
     target, tokens = 2e-4, 4
     result = sr.iso_kl(
         adapter, PROMPTS, vector=vector, layer=LAYER, target=target, stat="p90",
@@ -132,6 +134,36 @@ def test_teacher_forced_is_the_rollout_definition_while_the_tokens_stay(adapter,
     assert abs(row.kl_confirmed / target - 1) < 0.006
     forced = _statistic(adapter, vector, row.coef_measured, tokens, "p90", rollout=False)
     assert abs(forced / target - 1) < 0.006
+    rolled = _statistic(adapter, vector, row.coef_measured, tokens, "p90", rollout=True)
+    # the library's base logits come from the cached generation, these from full passes:
+    # float32 roundoff, at a KL of 2e-4 a few parts in 1e5
+    assert abs(rolled / row.kl_confirmed - 1) < 1e-4
+    cost = 0
+    for text in PROMPTS:
+        ids = adapter.tokenize(text)
+        cost += ids.shape[1] + len(_continuation(adapter.model, ids, tokens)) - 1
+    assert row.forward_tokens_measured == cost * (1 + row.evaluations_measured)
+
+
+def test_a_rollout_is_skipped_only_where_no_steered_top_token_changes(adapter, vector):
+    """The teacher-forced pass says the steered greedy rollout is the base continuation
+    exactly where a rollout by full passes, run here, keeps the base tokens."""
+    from stable_regions.studies.iso_kl import _Clock, _forced_statistic
+    from stable_regions.studies.rollouts import greedy
+
+    hook = adapter.hook_for_layer(LAYER)
+    bases = [greedy(adapter, adapter.tokenize(t), 5, hook) for t in PROMPTS]
+    kept: dict[float, bool] = {}
+    evaluate = _forced_statistic(adapter, bases, hook, vector, "p90", _Clock(), kept)
+    changed = []
+    for c in (1e-3, 0.3, 3.0, 30.0):
+        evaluate(c)
+        with torch.no_grad(), adapter.added(hook, c * vector):
+            steered = [_continuation(adapter.model, b.ids, 5) for b in bases]
+        same = all(s == b.new.tolist() for s, b in zip(steered, bases, strict=True))
+        assert kept[c] == same, (c, steered, [b.new.tolist() for b in bases])
+        changed.append(not same)
+    assert not changed[0] and changed[-1]  # both cases occur
 
 
 def test_prediction_agrees_with_the_teacher_forced_statistic_at_a_small_budget(adapter, vector):

@@ -13,7 +13,8 @@ it meets the target. Three ways to that number, each with its cost:
   forced (one pass per coefficient tried, no generation), then one rollout at the answer to
   confirm it (``kl_confirmed``) and, where it misses the target, one step of the solver's
   log-log slope from it. Below the coefficient where the steered greedy tokens change, the
-  two definitions are the same sequence and agree exactly;
+  two definitions are the same sequence and agree exactly: where the teacher-forced pass at
+  the answer shows every steered top token to be the base one, no rollout is run;
 - ``coef_predicted``: from one pass of Taylor-mode jets over the base continuation with the
   tangent ``v`` at every position, every token's logits along ``c`` to third order
   (``rollouts.cubic_paths``); the statistic of the KL along those paths is solved in closed
@@ -187,14 +188,26 @@ def _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock, form, ba
     return evaluate
 
 
-def _forced_statistic(adapter, bases: list[Continuation], hook, v, stat, clock):
-    """The statistic along the base continuations, teacher forced at ``c``."""
+TIE_MARGIN = 1e-3  # logits: a steered top token kept by less is not trusted to stay in a rollout
+
+
+def _forced_statistic(adapter, bases: list[Continuation], hook, v, stat, clock, kept: dict):
+    """The statistic along the base continuations, teacher forced at ``c``. ``kept[c]``: at
+    every position the steered top token is the base continuation's, by more than
+    ``TIE_MARGIN``. Then, by induction over the positions, the steered greedy rollout is
+    the base continuation, and its statistic is this one."""
 
     def evaluate(c: float) -> tuple[float, np.ndarray]:
-        start = time.perf_counter()
-        kl = np.concatenate(
-            [token_kl(teacher_forced(adapter, b, hook, c * v), b.logits) for b in bases]
-        )
+        start, kls, same = time.perf_counter(), [], True
+        for b in bases:
+            steered = teacher_forced(adapter, b, hook, c * v)
+            top = steered.topk(min(2, steered.shape[-1]), dim=-1)
+            gap = top.values[:, 0] - top.values[:, -1]
+            held = (top.indices[:, 0].cpu() == b.new.cpu()) & (gap.cpu() > TIE_MARGIN)
+            same = same and bool(held.all())
+            kls.append(token_kl(steered, b.logits))
+        kl = np.concatenate(kls)
+        kept[c] = same
         clock.add("measured", sum(b.cost for b in bases), time.perf_counter() - start)
         return statistic(kl, stat), kl
 
@@ -332,11 +345,18 @@ def _one_vector(adapter, name, v, hook, ids_list, bases, forms, clock, say, **o)
         row.update(_predicted(adapter, v, hook, bases, clock, target, stat, solve))
     if "measured" in forms:
         say(f"{name}: teacher-forced along the base continuations")
+        kept: dict[float, bool] = {}
         forced = solve_log_log(
-            _forced_statistic(adapter, bases, hook, v, stat, clock), target, o["start"], **solve
+            _forced_statistic(adapter, bases, hook, v, stat, clock, kept),
+            target,
+            o["start"],
+            **solve,
         )
         row["evaluations_measured"] = forced.evaluations
-        if forced.reached:
+        if forced.reached and kept.get(forced.coef):
+            # the steered rollouts are the base continuations: nothing to confirm
+            row["kl_confirmed"], row["coef_measured"] = forced.value, forced.coef
+        elif forced.reached:
             say(f"{name}: one rollout to confirm c = {forced.coef:.4g}")
             check = _rollout_statistic(
                 adapter, ids_list, hook, v, stat, tokens, clock, "measured", bases
