@@ -16,8 +16,8 @@ a batch's last step, and a request's last token would otherwise wait for the nex
 and the record is written then.
 
 vLLM's CPU backend binds its worker's threads to some CPUs and keeps the others for its
-scheduler; there the thread runs on those others at the lowest priority, beside the forward
-pass instead of taking turns with it (``SpareCpus``; ``docs/vllm.md``, the cost).
+scheduler; there the thread runs on those others, beside the forward pass instead of taking
+turns with it (``SpareCpus``; ``docs/vllm.md``, the cost).
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ class MonitorCore:
     ``weight``: the unembedding (V, d), float32, on the device the logits come on.
     ``directions``: named vectors (d,) that requests may ask radii along (default: the file
     ``$STABLE_REGIONS_VLLM_DIRECTIONS`` names, if set).
+    ``flush_s``: how often the background thread looks for sampled tokens while no step is
+    queued (None: only at ``flush``, ``remove`` and ``close``).
     ``before_flush``: called (under ``lock``) before the flush and ``close`` look for sampled
     tokens, where the output lists need refreshing first (Model Runner V2).
     """
@@ -341,12 +343,12 @@ class MonitorCore:
             return
         with self._changed:
             queued = self._copy_rows(logits, slot_of_row)
+            # the engine outruns the geometry: it waits
+            self._wait_for(lambda: len(self._queue) < MAX_QUEUED)
             if self._closing or not self._alive():
                 for rows in queued:
                     self._record(rows, self._compute(rows))
                 return
-            # the engine outruns the geometry: it waits
-            self._wait_for(lambda: len(self._queue) < MAX_QUEUED)
             self._queue.extend(queued)
             self._changed.notify_all()
 
