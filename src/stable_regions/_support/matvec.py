@@ -14,9 +14,6 @@ from torch import Tensor
 
 def matvecs(a: Tensor, x: Tensor) -> Tensor:
     """``a[i] @ x[i]`` for every i: ``a`` (P, m, n), ``x`` (P, n) -> (P, m)."""
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or a.shape[0] == 0:
         return torch.bmm(a, x[:, :, None])[..., 0]
-    out = torch.empty(a.shape[:2], dtype=torch.result_type(a, x), device=a.device)
-    for i in range(a.shape[0]):
-        torch.mv(a[i], x[i], out=out[i])
-    return out
+    return torch.stack([torch.mv(a[i], x[i]) for i in range(a.shape[0])])  # autograd sees it
