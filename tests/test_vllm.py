@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -195,6 +196,52 @@ def test_the_engine_waits_when_the_geometry_falls_behind(tmp_path, monkeypatch):
     assert max(longest) <= MAX_QUEUED
     assert waited >= (steps - MAX_QUEUED - 1) * pause * 0.9
     assert read(tmp_path).step.tolist() == list(range(steps))
+
+
+def test_the_thread_runs_beside_a_worker_bound_to_some_cpus(tmp_path):
+    """Where the engine's thread is bound to some CPUs (as vLLM binds its CPU worker), the
+    background thread runs on the others, and on all of them while the engine waits for it;
+    where the engine's thread may use every CPU, the thread is left as it is."""
+
+    def started(rid: str) -> MonitorCore:
+        core = MonitorCore(_weight(), flush_s=None)
+        core.add(0, _options(tmp_path, rid), [])
+        core.observe(_logits(1, seed=0))
+        core.flush()  # the thread has placed itself
+        return core
+
+    if not hasattr(os, "sched_setaffinity"):  # not Linux: nothing is bound, nothing moves
+        core = started("a")
+        assert core._cpus.thread_id is None
+        return core.close()
+    own = os.sched_getaffinity(0)
+    first = min(own)
+    try:
+        os.sched_setaffinity(0, {first})  # this thread only
+        core = MonitorCore(_weight(), flush_s=None)
+        core.add(0, _options(tmp_path, "b"), [])  # starts the thread
+        spare = (set(range(os.cpu_count())) - {first}) & own
+        if spare:
+            deadline = time.monotonic() + 5.0
+            while core._cpus.thread_id is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # placed by the thread itself, before any wait of the engine's moves it
+            assert os.sched_getaffinity(core._cpus.thread_id) == spare
+            core.observe(_logits(1, seed=0))
+            core.flush()
+            core._cpus.widen()
+            assert os.sched_getaffinity(core._cpus.thread_id) == spare | {first}
+            core._cpus.narrow()
+            assert os.sched_getaffinity(core._cpus.thread_id) == spare
+        else:  # one CPU: nowhere else to go
+            assert core._cpus.thread_id is None
+        core.close()
+    finally:
+        os.sched_setaffinity(0, own)
+    if own == set(range(os.cpu_count())):
+        unbound = started("c")
+        assert unbound._cpus.thread_id is None
+        unbound.close()
 
 
 def test_records_are_the_hugging_face_monitors_on_the_same_scores(tmp_path):

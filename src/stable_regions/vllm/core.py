@@ -154,8 +154,8 @@ class SpareCpus:
             self.spare = set(range(os.cpu_count() or 0)) - own
             if not self.spare:
                 return
-            self.every, self.thread_id = own | self.spare, threading.get_native_id()
             os.sched_setaffinity(0, self.spare)
+            self.every, self.thread_id = own | self.spare, threading.get_native_id()
         except (AttributeError, OSError):  # not Linux, or CPUs a cgroup withholds
             self.spare = set()
 
