@@ -146,29 +146,76 @@ def test_teacher_forced_is_the_rollout_definition_while_the_tokens_stay(adapter,
 
 
 def test_a_rollout_is_skipped_only_where_no_steered_top_token_changes(adapter, vector):
-    """The teacher-forced pass says the steered greedy rollout is the base continuation
-    exactly where a rollout by full passes, run here, keeps the base tokens."""
+    """The teacher-forced pass's first changed position: before it, a rollout by full passes,
+    run here, keeps the base tokens; where it says none changed, the rollout is the base
+    continuation."""
     from stable_regions.studies.iso_kl import _Clock, _forced_statistic
     from stable_regions.studies.rollouts import greedy
 
     hook = adapter.hook_for_layer(LAYER)
     bases = [greedy(adapter, adapter.tokenize(t), 5, hook) for t in PROMPTS]
-    kept: dict[float, bool] = {}
-    evaluate = _forced_statistic(adapter, bases, hook, vector, "p90", _Clock(), kept)
+    passes: dict = {}
+    evaluate = _forced_statistic(adapter, bases, hook, vector, "p90", _Clock(), passes)
     changed = []
     for c in (1e-3, 0.3, 3.0, 30.0):
         evaluate(c)
         with torch.no_grad(), adapter.added(hook, c * vector):
             steered = [_continuation(adapter.model, b.ids, 5) for b in bases]
-        same = all(s == b.new.tolist() for s, b in zip(steered, bases, strict=True))
-        assert kept[c] == same, (c, steered, [b.new.tolist() for b in bases])
-        changed.append(not same)
+        for s, b, first in zip(steered, bases, passes[c].first_changed, strict=True):
+            base = b.new.tolist()
+            assert s[:first] == base[:first], (c, s, base, first)
+            if first == len(base):
+                assert s == base, (c, s, base)
+        changed.append(any(s != b.new.tolist() for s, b in zip(steered, bases, strict=True)))
     assert not changed[0] and changed[-1]  # both cases occur
 
 
+@pytest.mark.parametrize(
+    "arch, model_dtype",
+    [("llama", torch.float32), ("llama", torch.float64), ("gemma3", torch.float64)],
+)
+def test_confirmation_from_the_changed_token_is_the_rollout_statistic(vector, arch, model_dtype):
+    """The confirming rollout generates only from each prompt's first changed token, on the
+    teacher-forced pass's keys and values, and re-scores the new tokens on the base
+    continuation's: its statistic is the one computed here by full passes without a cache,
+    at coefficients where tokens change, for less than a rollout from the prompt costs.
+    Gemma-3's window of 4 tokens is shorter than these sequences: there the whole rollout
+    runs, and the statistic is the same."""
+    from stable_regions.studies.iso_kl import _Clock, _confirmed, _forced_statistic
+    from stable_regions.studies.rollouts import greedy, resumable
+
+    model = sr.wrap(tiny_model(arch, seed=3, dtype=model_dtype), char_tokenizer())
+    hook, tokens = model.hook_for_layer(LAYER), 6
+    reuse = resumable(model, len(PROMPTS[0]) + tokens)
+    assert reuse == (arch == "llama")
+    bases = [greedy(model, model.tokenize(t), tokens, hook, keep=True) for t in PROMPTS]
+    assert all(b.key_values is not None for b in bases)
+    passes: dict = {}
+    evaluate = _forced_statistic(model, bases, hook, vector, "mean", _Clock(), passes)
+    resumed = 0
+    for c in (0.5, 3.0, 30.0):
+        evaluate(c)
+        clock = _Clock()
+        value, kl = _confirmed(model, bases, passes[c], hook, c * vector, "mean", tokens, clock)
+        reference = _statistic(model, vector, c, tokens, "mean", rollout=True)
+        # the library keeps logits in float32: a few parts in 1e8 even for a float64 model
+        assert abs(value / reference - 1) < (1e-4 if model_dtype == torch.float32 else 1e-6)
+        full = sum(2 * b.cost for b in bases)
+        assert clock.tokens.get("measured", 0) < full or not reuse
+        resumed += any(f < len(b.new) for f, b in zip(passes[c].first_changed, bases, strict=True))
+    assert resumed  # a token changed somewhere: the resumed path ran
+    # the first pass's logits, keys and values were dropped after two newer passes: whole
+    # rollouts, the same statistic
+    assert not passes[0.5].logits
+    clock = _Clock()
+    value, _ = _confirmed(model, bases, passes[0.5], hook, 0.5 * vector, "mean", tokens, clock)
+    reference = _statistic(model, vector, 0.5, tokens, "mean", rollout=True)
+    assert abs(value / reference - 1) < (1e-4 if model_dtype == torch.float32 else 1e-6)
+
+
 def test_prediction_agrees_with_the_teacher_forced_statistic_at_a_small_budget(adapter, vector):
-    """From one pass of jets: at 1e-3 nats the cubic paths are the model to a few parts in a
-    thousand, so the predicted coefficient meets the statistic computed here by passes."""
+    """From one pass of jets: at 1e-3 nats the tangent paths are the model to a few parts in
+    a hundred, so the predicted coefficient meets the statistic computed here by passes."""
     target, tokens = 1e-3, 4
     result = sr.iso_kl(
         adapter, PROMPTS, vector=vector, layer=LAYER, target=target, stat="mean",
@@ -178,6 +225,34 @@ def test_prediction_agrees_with_the_teacher_forced_statistic_at_a_small_budget(a
     forced = _statistic(adapter, vector, row.coef_predicted, tokens, "mean", rollout=False)
     assert abs(forced / target - 1) < 0.02, forced
     assert row.forward_tokens_predicted > 0 and row.reliable in (True, False)
+
+
+def test_tangent_path_is_the_central_difference_of_the_model(adapter, vector):
+    """The prediction's logits path ``z0 + c a1``: ``z0`` the plain pass, ``a1`` the central
+    difference of two passes with ``+-h v`` at every position (no jets)."""
+    from stable_regions.studies.rollouts import greedy, tangent_paths
+
+    exact = sr.wrap(tiny_model("llama", seed=3, dtype=torch.float64), char_tokenizer())
+    hook = exact.hook_for_layer(LAYER)
+    run = greedy(exact, exact.tokenize(PROMPTS[0]), 4, hook)
+    paths = tangent_paths(exact, run, hook, vector)
+    start, h = run.ids.shape[1] - 1, 1e-6
+    adapter = exact
+    with torch.no_grad():
+        plain = adapter.model(run.sequence()).logits[0, start:]
+        ends = []
+        for sign in (1, -1):
+            with adapter.added(hook, sign * h * vector):
+                ends.append(adapter.model(run.sequence()).logits[0, start:].double())
+    difference = (ends[0] - ends[1]) / (2 * h)
+    assert torch.allclose(paths.z0.double(), plain, atol=1e-5)
+    scale = float(difference.abs().max())
+    assert scale > 1e-3  # the vector moves the logits: the comparison means something
+    assert float((paths.a1.double() - difference).abs().max()) < 1e-3 * scale
+    # the KL along the path: the quadratic form at small c, growing with |c|
+    kl = [paths.kl(c) for c in (1e-5, 1e-2, 1e-1)]
+    assert np.allclose(kl[0], 0.5e-10 * paths.fisher(), rtol=1e-3)
+    assert np.all(kl[0] <= kl[1]) and np.all(kl[1] <= kl[2])
 
 
 def test_many_vectors_share_the_base_continuations(adapter, vector):
@@ -203,6 +278,16 @@ def test_unreachable_target_is_a_result_not_a_crash(adapter, vector):
     assert not row.reached and math.isnan(row.coef_rollout)
 
 
+def test_a_numpy_integer_is_a_token_count(adapter, vector):
+    """A count read from an array or a frame is a numpy integer: taken as the int it is."""
+    result = sr.iso_kl(
+        adapter, PROMPTS[:1], vector=vector, layer=LAYER, target=1e-3, stat="mean",
+        tokens=np.int64(2), forms=("predicted",),
+    )  # fmt: skip
+    assert result.to_frame().new_tokens.iloc[0] == 2
+    assert type(result.to_json()["rows"][0]["new_tokens"]) is int
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -210,6 +295,8 @@ def test_unreachable_target_is_a_result_not_a_crash(adapter, vector):
         ({"target": float("nan")}, "KL target must be a positive number"),
         ({"stat": "p99"}, "unknown statistic 'p99'"),
         ({"tokens": 0}, "tokens must be a whole number >= 1"),
+        ({"tokens": True}, "tokens must be a whole number >= 1"),
+        ({"tokens": 2.0}, "tokens must be a whole number >= 1"),
         ({"vector": torch.ones(3)}, "has shape (3,), but the residual stream"),
         ({"vector": torch.full((32,), float("nan"))}, "NaN"),
         ({"layer": 99}, "out of range"),

@@ -165,6 +165,12 @@ def every_study(model, tokenizer=None) -> dict:
         adapter, PROMPT, eps=0.1, layers=["embed", 1, "final"], positions=[2, 6]
     )
     frames["map"] = stability.radius_pade
+    # the confirming rollout resumes from kept keys and values: the bridge's cache as well
+    iso = sr.iso_kl(
+        adapter, [PROMPT, "a dog ran"], vector=vector.float(), layer=1, target=0.5,
+        stat="mean", tokens=4,
+    ).to_frame()  # fmt: skip
+    frames["iso_kl"] = iso.drop(columns=[c for c in iso.columns if c.startswith("seconds_")])
     text, frames["monitor"] = sr.generate(
         adapter, PROMPT, max_new_tokens=4, eps=[0.1], mode="exact"
     )

@@ -141,8 +141,8 @@ _COLUMNS = [
     ),
     Column(
         "coef_predicted",
-        "iso-KL coefficient from every token's logits along the coefficient to third order "
-        "(one pass of Taylor-mode jets)",
+        "iso-KL coefficient from every token's logits along the coefficient to first order, "
+        "the softmax exact (one pass of first-order jets)",
         COEF_UNITS,
     ),
     Column(

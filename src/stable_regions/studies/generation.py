@@ -7,6 +7,7 @@ at its first end-of-sequence token (after it ``generate`` only pads).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from .token_geometry import check_mode
 
 def check_new_tokens(n, name: str = "max_new_tokens") -> int:
     """A count of tokens to generate (``name`` says which parameter in the message)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    # numpy's integers count (a value from an array or a frame), bools do not
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise InvalidParameterError(f"{name} must be a whole number >= 1, got {n!r}")
-    return n
+    return int(n)
 
 
 @dataclass

@@ -12,15 +12,16 @@ it meets the target. Three ways to that number, each with its cost:
 - ``coef_measured``: the same statistic along the base model's own continuation, teacher
   forced (one pass per coefficient tried, no generation), then one rollout at the answer to
   confirm it (``kl_confirmed``) and, where it misses the target, one step of the solver's
-  log-log slope from it. Below the coefficient where the steered greedy tokens change, the
-  two definitions are the same sequence and agree exactly: where the teacher-forced pass at
-  the answer shows every steered top token to be the base one, no rollout is run;
-- ``coef_predicted``: from one pass of Taylor-mode jets over the base continuation with the
-  tangent ``v`` at every position, every token's logits along ``c`` to third order
-  (``rollouts.cubic_paths``); the statistic of the KL along those paths is solved in closed
-  form per evaluation (no pass through the network). ``reliable`` says where it is inside the
-  range the cubic path was validated in (the engine's ``reliability``, against the quadratic
-  form ``sqrt(2 target / stat(Var_p(a1)))``).
+  log-log slope from it. Up to the first position where the teacher-forced pass shows a
+  steered top token other than the base one, the two definitions are the same sequence, so
+  the confirming rollout starts there, on the kept keys and values (``_confirmed``); where
+  no token changes, no rollout is run;
+- ``coef_predicted``: from one pass of first-order jets over the base continuation with the
+  tangent ``v`` at every position, every token's logits along ``c`` to first order
+  (``rollouts.tangent_paths``), the softmax kept exact; the statistic of the KL along those
+  paths is solved per evaluation without a pass through the network. ``reliable`` says
+  where it is inside the range closed forms were validated in (the engine's
+  ``reliability``, against the quadratic form ``sqrt(2 target / stat(Var_p(a1)))``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ from ..plotting import axes_or_new
 from ..results import Result
 from ..vocabulary import describe
 from .generation import check_new_tokens
-from .rollouts import Continuation, cubic_paths, greedy, teacher_forced, token_kl
+from .rollouts import (
+    Continuation,
+    forced_pass,
+    greedy,
+    resumable,
+    tangent_paths,
+    teacher_forced,
+    token_kl,
+)
 from .steering import check_vector
 
 STATS = ("mean", "p50", "p90", "p95", "max")
@@ -165,23 +174,18 @@ class _Clock:
         self.seconds[form] = self.seconds.get(form, 0.0) + seconds
 
 
-def _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock, form, bases=None):
-    """The rollout definition's statistic at ``c``, as a function for the solver. With
-    ``bases`` (the base continuations), a steered continuation that is the base one token for
-    token is scored with the base logits already known, without a second pass."""
+def _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock):
+    """The rollout definition's statistic at ``c``, as a function for the solver: per prompt
+    a steered greedy rollout and a base pass over it."""
 
     def evaluate(c: float) -> tuple[float, np.ndarray]:
         start, spent, kls = time.perf_counter(), 0, []
-        for i, ids in enumerate(ids_list):
+        for ids in ids_list:
             steered = greedy(adapter, ids, tokens, hook, c * v)
-            spent += steered.cost
-            if bases is not None and torch.equal(steered.new, bases[i].new):
-                base = bases[i].logits
-            else:
-                base = teacher_forced(adapter, steered, hook)
-                spent += steered.cost
+            base = teacher_forced(adapter, steered, hook)
+            spent += 2 * steered.cost
             kls.append(token_kl(steered.logits, base))
-        clock.add(form, spent, time.perf_counter() - start)
+        clock.add("rollout", spent, time.perf_counter() - start)
         kl = np.concatenate(kls)
         return statistic(kl, stat), kl
 
@@ -189,29 +193,96 @@ def _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock, form, ba
 
 
 TIE_MARGIN = 1e-3  # logits: a steered top token kept by less is not trusted to stay in a rollout
+KEPT_PASSES = 2  # teacher-forced passes whose logits, keys and values the confirmation may use
 
 
-def _forced_statistic(adapter, bases: list[Continuation], hook, v, stat, clock, kept: dict):
-    """The statistic along the base continuations, teacher forced at ``c``. ``kept[c]``: at
-    every position the steered top token is the base continuation's, by more than
-    ``TIE_MARGIN``. Then, by induction over the positions, the steered greedy rollout is
-    the base continuation, and its statistic is this one."""
+@dataclass
+class _ForcedPass:
+    """The teacher-forced pass at one coefficient, per prompt: the steered logits, the first
+    position whose steered top token is not trusted to be the base one (``len(new)`` where
+    none is), and the pass's keys and values. Once ``KEPT_PASSES`` newer passes ran, the
+    logits, keys and values are dropped (memory: T x V per prompt), and a confirmation at
+    this coefficient runs whole rollouts."""
+
+    logits: list[Tensor]
+    first_changed: list[int]
+    key_values: list
+
+    def drop(self) -> None:
+        self.logits = []
+        self.key_values = []
+
+    def per_prompt(self, n: int) -> list[tuple[int, Tensor | None, object]]:
+        """``(first changed position, logits, keys and values)`` per prompt; from the prompt
+        itself, with nothing kept, once dropped."""
+        if not self.logits:
+            return [(0, None, None)] * n
+        return list(zip(self.first_changed, self.logits, self.key_values, strict=True))
+
+
+def _forced_statistic(adapter, bases: list[Continuation], hook, v, stat, clock, passes: dict):
+    """The statistic along the base continuations, teacher forced at ``c``; ``passes[c]``
+    records the pass (``_ForcedPass``). Before its first changed position, by induction over
+    the positions, the steered greedy rollout is the base continuation."""
 
     def evaluate(c: float) -> tuple[float, np.ndarray]:
-        start, kls, same = time.perf_counter(), [], True
+        start, kls, record = time.perf_counter(), [], _ForcedPass([], [], [])
         for b in bases:
-            steered = teacher_forced(adapter, b, hook, c * v)
+            steered, kv = forced_pass(adapter, b, hook, c * v, keep=True)
             top = steered.topk(min(2, steered.shape[-1]), dim=-1)
             gap = top.values[:, 0] - top.values[:, -1]
             held = (top.indices[:, 0].cpu() == b.new.cpu()) & (gap.cpu() > TIE_MARGIN)
-            same = same and bool(held.all())
+            changed = (~held).nonzero()
+            record.first_changed.append(int(changed[0]) if len(changed) else len(b.new))
+            record.logits.append(steered)
+            record.key_values.append(kv)
             kls.append(token_kl(steered, b.logits))
+        for old in list(passes.values())[: max(len(passes) + 1 - KEPT_PASSES, 0)]:
+            old.drop()
+        passes[c] = record
         kl = np.concatenate(kls)
-        kept[c] = same
         clock.add("measured", sum(b.cost for b in bases), time.perf_counter() - start)
         return statistic(kl, stat), kl
 
     return evaluate
+
+
+def _confirmed(adapter, bases, forced: _ForcedPass, hook, delta, stat, tokens, clock):
+    """The rollout definition's statistic at the coefficient of ``forced``. Each prompt's
+    steered rollout is its base continuation up to the first changed position; from there it
+    is generated on the forced pass's keys and values, and re-scored by the base model on
+    the base continuation's, so only the tokens after that position pass through the model
+    (all of them where no keys and values were kept)."""
+    start, spent, kls = time.perf_counter(), 0, []
+    for b, (first, logits, kv) in zip(bases, forced.per_prompt(len(bases)), strict=True):
+        if first >= len(b.new):  # the rollout is the base continuation
+            kls.append(token_kl(logits, b.logits))
+            continue
+        prefix = torch.cat([b.ids, b.new[None, :first].to(b.ids.device)], 1)
+        resume = b.ids.shape[1] + first > 1 and kv is not None and b.key_values is not None
+        resume = resume and resumable(adapter, b.ids.shape[1] + tokens)
+        tail = greedy(
+            adapter, prefix, tokens - first, hook, delta, key_values=kv if resume else None
+        )
+        spent += len(tail.new) if resume else tail.cost
+        if first > 0:
+            tail.logits = torch.cat([logits[:first], tail.logits])
+        steered = Continuation(b.ids, torch.cat([b.new[:first], tail.new]), tail.logits)
+        if torch.equal(steered.new.cpu(), b.new.cpu()):
+            base = b.logits
+        else:  # up to the changed position the base model saw the base continuation's context
+            base = b.logits[: first + 1]
+            if first + 1 < len(steered.new):
+                rest, _ = forced_pass(
+                    adapter, steered, hook, start=first + 1,
+                    key_values=b.key_values if resume else None,
+                )  # fmt: skip
+                spent += len(rest) if resume else steered.cost
+                base = torch.cat([base, rest])
+        kls.append(token_kl(steered.logits, base))
+    clock.add("measured", spent, time.perf_counter() - start)
+    kl = np.concatenate(kls)
+    return statistic(kl, stat), kl
 
 
 def iso_kl(
@@ -296,7 +367,8 @@ def iso_kl(
     if {"measured", "predicted"} & set(forms):
         say(f"base continuations: {len(texts)} prompts x {tokens} tokens")
         begin = time.perf_counter()
-        bases = [greedy(adapter, ids, tokens, hook) for ids in ids_list]
+        keep = "measured" in forms
+        bases = [greedy(adapter, ids, tokens, hook, keep=keep) for ids in ids_list]
         shared.add("base", sum(b.cost for b in bases), time.perf_counter() - begin)
     rows, per_token = [], {}
     for name, v in vectors.items():
@@ -345,23 +417,28 @@ def _one_vector(adapter, name, v, hook, ids_list, bases, forms, clock, say, **o)
         row.update(_predicted(adapter, v, hook, bases, clock, target, stat, solve))
     if "measured" in forms:
         say(f"{name}: teacher-forced along the base continuations")
-        kept: dict[float, bool] = {}
+        passes: dict[float, _ForcedPass] = {}
         forced = solve_log_log(
-            _forced_statistic(adapter, bases, hook, v, stat, clock, kept),
+            _forced_statistic(adapter, bases, hook, v, stat, clock, passes),
             target,
             o["start"],
             **solve,
         )
         row["evaluations_measured"] = forced.evaluations
-        if forced.reached and kept.get(forced.coef):
+        record = passes.get(forced.coef)
+        unchanged = record is not None and all(
+            f >= len(b.new) for f, b in zip(record.first_changed, bases, strict=True)
+        )
+        if forced.reached and unchanged:
             # the steered rollouts are the base continuations: nothing to confirm
             row["kl_confirmed"], row["coef_measured"] = forced.value, forced.coef
-        elif forced.reached:
-            say(f"{name}: one rollout to confirm c = {forced.coef:.4g}")
-            check = _rollout_statistic(
-                adapter, ids_list, hook, v, stat, tokens, clock, "measured", bases
+        elif forced.reached and record is not None:
+            say(
+                f"{name}: one rollout to confirm c = {forced.coef:.4g}, from each first changed token"
             )
-            confirmed, _ = check(forced.coef)
+            confirmed, _ = _confirmed(
+                adapter, bases, record, hook, forced.coef * v, stat, tokens, clock
+            )
             row["kl_confirmed"] = confirmed
             row["evaluations_measured"] += 1
             coef = forced.coef
@@ -372,7 +449,7 @@ def _one_vector(adapter, name, v, hook, ids_list, bases, forms, clock, say, **o)
     if "rollout" in forms:
         say(f"{name}: rollouts, solved for the target")
         rolled = solve_log_log(
-            _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock, "rollout"),
+            _rollout_statistic(adapter, ids_list, hook, v, stat, tokens, clock),
             target,
             o["start"],
             **solve,
@@ -388,7 +465,7 @@ def _one_vector(adapter, name, v, hook, ids_list, bases, forms, clock, say, **o)
 
 def _predicted(adapter, v, hook, bases, clock, target, stat, solve) -> dict:
     begin = time.perf_counter()
-    paths = [cubic_paths(adapter, b, hook, v) for b in bases]
+    paths = [tangent_paths(adapter, b, hook, v) for b in bases]
     clock.add("predicted", sum(b.cost for b in bases), time.perf_counter() - begin)
     begin = time.perf_counter()
     fisher = statistic(np.concatenate([p.fisher() for p in paths]), stat)
@@ -408,7 +485,7 @@ def _predicted(adapter, v, hook, bases, clock, target, stat, solve) -> dict:
     return {
         "coef_predicted": found.coef,
         "reliable": bool(ok[0]) and found.reached,
-        "unreliable_reason": str(why[0]) if found.reached else "the cubic path never reaches it",
+        "unreliable_reason": str(why[0]) if found.reached else "the tangent path never reaches it",
     }
 
 

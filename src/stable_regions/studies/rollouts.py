@@ -14,7 +14,7 @@ and values cached); a teacher-forced pass over the same sequence costs the same.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,15 +24,20 @@ from ..geometry import cumulants
 from ..models import ModelAdapter
 from ..models.taylor import primal, taylor_derivatives
 
+KeyValues = list[tuple[Tensor, Tensor]]  # per layer: keys, values (1, heads, positions, dim)
+
 
 @dataclass
 class Continuation:
     """A prompt ``ids`` (1, P), the tokens generated after it (T,), and the logits (T, V)
-    that produced them (float32: the model's raw logits, before any sampling processor)."""
+    that produced them (float32: the model's raw logits, before any sampling processor).
+    ``key_values``, where kept: the keys and values of the pass that made them, at least the
+    ``P + T - 1`` positions of ``sequence()``."""
 
     ids: Tensor
     new: Tensor
     logits: Tensor
+    key_values: KeyValues | None = field(default=None, repr=False, compare=False)
 
     @property
     def cost(self) -> int:
@@ -50,14 +55,56 @@ def _steering(stack: ExitStack, adapter: ModelAdapter, hook: str, delta: Tensor 
         stack.enter_context(adapter.added(hook, delta))
 
 
+def _key_values(out) -> KeyValues | None:
+    """The keys and values a pass or ``generate`` returned, per layer; None where the model
+    returns no cache of that layout (then nothing is resumed from it)."""
+    try:
+        cache = out.get("cache")
+        if cache is None:
+            cache = out.get("past_key_values")  # transformers before 5.24
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+    except (AttributeError, TypeError):
+        return None
+    return kv if kv and all(isinstance(k, Tensor) for k, _ in kv) else None
+
+
+def _cache(adapter: ModelAdapter, key_values: KeyValues, positions: int) -> dict:
+    """The keyword argument that hands the first ``positions`` keys and values to the model
+    (a fresh cache: the one they came from is not changed)."""
+    from transformers import DynamicCache
+
+    data = [(k[:, :, :positions], v[:, :, :positions]) for k, v in key_values]
+    return adapter.cache_kwarg(DynamicCache(ddp_cache_data=data))
+
+
+def resumable(adapter: ModelAdapter, length: int) -> bool:
+    """Whether a sequence of ``length`` tokens can be resumed from kept keys and values: a
+    cache built from them keeps every key, so a model with a sliding window must not have
+    seen more than its window (past it, its own cache would have dropped keys)."""
+    window = getattr(adapter.config, "sliding_window", None)
+    return not isinstance(window, int) or length <= window
+
+
 def greedy(
-    adapter: ModelAdapter, ids: Tensor, tokens: int, hook: str, delta: Tensor | None = None
+    adapter: ModelAdapter,
+    ids: Tensor,
+    tokens: int,
+    hook: str,
+    delta: Tensor | None = None,
+    *,
+    key_values: KeyValues | None = None,
+    keep: bool = False,
 ) -> Continuation:
     """Greedy continuation of ``tokens`` tokens (fewer where an end-of-sequence token comes
-    first: it is kept, nothing after it) with ``delta`` added at every position."""
+    first: it is kept, nothing after it) with ``delta`` added at every position.
+
+    ``key_values``: those of ``ids`` but its last token, from a pass under the same steering;
+    then only the last token and the new ones pass through the model. ``keep``: keep the
+    continuation's own keys and values (``Continuation.key_values``)."""
     eos = adapter.model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     pad = next(iter(eos_ids), 0)
+    cached = {} if key_values is None else _cache(adapter, key_values, ids.shape[1] - 1)
     with ExitStack() as stack:
         _steering(stack, adapter, hook, delta)
         stack.enter_context(torch.no_grad())
@@ -70,12 +117,13 @@ def greedy(
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=pad,
+            **cached,
         )
     new = out.sequences[0, ids.shape[1] :]
     logits = torch.stack(out.logits, 1)[0].to(torch.float32)
     ends = [i for i, t in enumerate(new.tolist()) if t in eos_ids]
     n = ends[0] + 1 if ends else len(new)
-    return Continuation(ids, new[:n], logits[:n])
+    return Continuation(ids, new[:n], logits[:n], _key_values(out) if keep else None)
 
 
 def teacher_forced(
@@ -83,11 +131,35 @@ def teacher_forced(
 ) -> Tensor:
     """The logits (T, V) float32 at the positions that produced ``run``'s tokens, with
     ``delta`` added at every position: one pass over ``run.sequence()``."""
+    return forced_pass(adapter, run, hook, delta)[0]
+
+
+def forced_pass(
+    adapter: ModelAdapter,
+    run: Continuation,
+    hook: str,
+    delta: Tensor | None = None,
+    *,
+    start: int = 0,
+    key_values: KeyValues | None = None,
+    keep: bool = False,
+) -> tuple[Tensor, KeyValues | None]:
+    """The logits (T - start, V) float32 at the positions that produced ``run.new[start:]``,
+    with ``delta`` added at every position, and the pass's keys and values where ``keep``.
+    ``key_values``: those of the first ``P + start - 1`` positions under the same steering;
+    then only the positions after them pass through the model."""
+    skip = run.ids.shape[1] - 1 + start
+    seq = run.sequence()
+    kwargs: dict = {"use_cache": keep or key_values is not None}
+    if key_values is not None:
+        kwargs.update(_cache(adapter, key_values, skip))
+        seq = seq[:, skip:]
     with ExitStack() as stack:
         _steering(stack, adapter, hook, delta)
         stack.enter_context(torch.no_grad())
-        logits = adapter.forward(run.sequence(), use_cache=False).logits[0]
-    return logits[run.ids.shape[1] - 1 :].to(torch.float32)
+        out = adapter.forward(seq, **kwargs)
+    logits = out.logits[0, 0 if key_values is not None else skip :].to(torch.float32)
+    return logits, _key_values(out) if keep else None
 
 
 def token_kl(q_logits: Tensor, p_logits: Tensor) -> np.ndarray:
@@ -99,24 +171,24 @@ def token_kl(q_logits: Tensor, p_logits: Tensor) -> np.ndarray:
 
 
 @dataclass
-class CubicPaths:
-    """Every token's logits along the coefficient, to third order, from one pass of jets over
-    a continuation with the tangent ``v`` at every position: ``z(c) = z0 + c a1 + c^2 a2 / 2
-    + c^3 a3 / 6`` (T, V each, float32), and the activation norms at the hook (T,)."""
+class TangentPaths:
+    """Every token's logits along the coefficient to first order, from one pass of first-order
+    jets over a continuation with the tangent ``v`` at every position: ``z(c) = z0 + c a1``
+    (T, V each, float32), and the activation norms at the hook (T,). The softmax along the
+    path is exact: ``p_c`` is ``p_0`` tilted by ``exp(c a1)``, and each token's KL grows
+    monotonically in ``|c|`` (``d KL / dc = c Var_{p_c}(a1)``). Far from the base the higher
+    orders of the series overshoot the KL (docs/iso-kl.md); the tangent path does not."""
 
     z0: Tensor
     a1: Tensor
-    a2: Tensor
-    a3: Tensor
     activation_norm: np.ndarray
 
     def kl(self, c: float, chunk: int = 16) -> np.ndarray:
-        """``KL(p_c || p_0)`` per token along the cubic path (float64, a few rows at a time)."""
+        """``KL(p_c || p_0)`` per token along the tangent path (float64, a few rows at a time)."""
         out = []
         for s in range(0, self.z0.shape[0], chunk):
             z0 = self.z0[s : s + chunk].to(torch.float64)
-            a1, a2, a3 = (a[s : s + chunk].to(torch.float64) for a in (self.a1, self.a2, self.a3))
-            zc = z0 + c * a1 + (c * c / 2) * a2 + (c**3 / 6) * a3
+            zc = z0 + c * self.a1[s : s + chunk].to(torch.float64)
             out.append(token_kl(zc, z0))
         return np.concatenate(out)
 
@@ -126,9 +198,9 @@ class CubicPaths:
         return cumulants(p, self.a1.to(torch.float64))[1].cpu().numpy()
 
 
-def cubic_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) -> CubicPaths:
-    """One pass of order-3 jets over ``run.sequence()``, the tangent ``v`` (d,) added at every
-    position of ``hook`` (``models.taylor``)."""
+def tangent_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) -> TangentPaths:
+    """One pass of first-order jets over ``run.sequence()``, the tangent ``v`` (d,) added at
+    every position of ``hook`` (``models.taylor``)."""
     norms: list[Tensor] = []
     start = run.ids.shape[1] - 1
 
@@ -148,7 +220,7 @@ def cubic_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) 
             z0 = primal(out).detach().to(torch.float32)
             return out
 
-        a1, a2, a3 = taylor_derivatives(traced, v.to(adapter.device, torch.float32), 3)
+        (a1,) = taylor_derivatives(traced, v.to(adapter.device, torch.float32), 1)
     h = primal(norms[0])[0, start:] if norms else None
     norm = h.to(torch.float64).norm(dim=-1).cpu().numpy() if h is not None else np.array([])
-    return CubicPaths(z0, *(a.to(torch.float32) for a in (a1, a2, a3)), norm)
+    return TangentPaths(z0, a1.to(torch.float32), norm)
