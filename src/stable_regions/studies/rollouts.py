@@ -73,6 +73,8 @@ def _cache(adapter: ModelAdapter, key_values: KeyValues, positions: int) -> dict
     (a fresh cache: the one they came from is not changed)."""
     from transformers import DynamicCache
 
+    if any(k.shape[2] < positions for k, _ in key_values):  # a window dropped some: a bug here
+        raise ValueError(f"kept keys and values cover fewer than {positions} positions")
     data = [(k[:, :, :positions], v[:, :, :positions]) for k, v in key_values]
     return adapter.cache_kwarg(DynamicCache(ddp_cache_data=data))
 
