@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +23,12 @@ from iso_kl_check import vectors
 
 import stable_regions as sr
 from stable_regions.geometry.log_log import solve_log_log
-from stable_regions.models.taylor import primal, taylor_derivatives
 from stable_regions.prompts import corpus
 from stable_regions.studies.iso_kl import statistic
-from stable_regions.studies.rollouts import greedy, tangent_paths, token_kl
+from stable_regions.studies.rollouts import TangentPaths, greedy, logit_derivatives, token_kl
 from stable_regions.studies.validation import held_out_corpus
 
 ORDERS = {"tangent": 1, "quadratic": 2, "cubic": 3}
-
-
-def jets(adapter, run, hook: str, v: torch.Tensor) -> list[torch.Tensor]:
-    """``[z0, a1, a2, a3]`` (T, V) float64 along ``c v`` at every position."""
-    start = run.ids.shape[1] - 1
-    z0 = None
-
-    def traced(delta):
-        nonlocal z0
-        with ExitStack() as stack:
-            stack.enter_context(adapter.added(hook, delta))
-            stack.enter_context(torch.no_grad())
-            out = adapter.forward(run.sequence(), use_cache=False).logits[0, start:]
-        z0 = primal(out).detach()
-        return out
-
-    with adapter.frozen():
-        a = taylor_derivatives(traced, v.to(adapter.device, torch.float32), 3)
-    return [t.to(torch.float64) for t in (z0, *a)]
 
 
 def along(series: list[list[torch.Tensor]], order: int, stat: str):
@@ -85,8 +64,12 @@ def main() -> None:
         hook = adapter.hook_for_layer(layer)
         bases = [greedy(adapter, ids, tokens, hook) for ids in ids_list]
         for name, v in vectors(adapter, layer).items():
-            series = [jets(adapter, b, hook, v) for b in bases]
-            fisher = np.concatenate([tangent_paths(adapter, b, hook, v).fisher() for b in bases])
+            series, fisher = [], []
+            for b in bases:
+                z0, a, norm = logit_derivatives(adapter, b, hook, v, 3)
+                series.append([t.to(torch.float64) for t in (z0, *a)])
+                fisher.append(TangentPaths(z0, a[0], norm).fisher())
+            fisher = np.concatenate(fisher)
             for r in rows:
                 if int(r["layer"]) != layer or r["vector"] != name:
                     continue

@@ -203,6 +203,17 @@ class TangentPaths:
 def tangent_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor) -> TangentPaths:
     """One pass of first-order jets over ``run.sequence()``, the tangent ``v`` (d,) added at
     every position of ``hook`` (``models.taylor``)."""
+    z0, (a1,), norm = logit_derivatives(adapter, run, hook, v, 1)
+    return TangentPaths(z0, a1, norm)
+
+
+def logit_derivatives(
+    adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor, order: int
+) -> tuple[Tensor, list[Tensor], np.ndarray]:
+    """``(z0, [a1, ..., a_order], activation_norm)``: the logits (T, V) at the positions
+    that produced ``run``'s tokens, their derivatives along ``c`` with ``c v`` added at every
+    position of ``hook`` (float32 each), and the activation norms there (T,), from one pass
+    of jets of ``order`` over ``run.sequence()``."""
     norms: list[Tensor] = []
     start = run.ids.shape[1] - 1
 
@@ -222,7 +233,7 @@ def tangent_paths(adapter: ModelAdapter, run: Continuation, hook: str, v: Tensor
             z0 = primal(out).detach().to(torch.float32)
             return out
 
-        (a1,) = taylor_derivatives(traced, v.to(adapter.device, torch.float32), 1)
+        a = taylor_derivatives(traced, v.to(adapter.device, torch.float32), order)
     h = primal(norms[0])[0, start:] if norms else None
     norm = h.to(torch.float64).norm(dim=-1).cpu().numpy() if h is not None else np.array([])
-    return TangentPaths(z0, a1.to(torch.float32), norm)
+    return z0, [ak.to(torch.float32) for ak in a], norm
