@@ -7,7 +7,11 @@ of a file written by ``scripts/iso_kl_check.py`` (same prompts, tokens and vecto
     python scripts/iso_kl_path_orders.py --model smollm2-135m \
         docs/steering/iso-kl-smollm2-135m.json docs/steering/iso-kl-smollm2-135m-half-nat.json
 
-One pass of order-3 jets per layer, vector and prompt; no rollouts (docs/iso-kl.md).
+One pass of order-3 jets per layer, vector and prompt; no rollouts (docs/iso-kl.md). It
+also asks whether the second order's weight where the tangent path meets the target (the
+statistic along the quadratic path there, over the target: the "bend") picks out the rows
+where the tangent path misses: the rows sorted by it, and its rank correlation with the
+tangent path's error.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main() -> None:
     texts = [p.text for p in corpus() if p.text in held and p.kind in kinds]
     ids_list = [adapter.tokenize(t) for t in texts[args.first : args.first + n]]
     ratios: dict[str, list[float]] = {k: [] for k in (*ORDERS, "quadratic form")}
+    bends: list[float] = []
     for layer in sorted({int(r["layer"]) for r in rows}):
         hook = adapter.hook_for_layer(layer)
         bases = [greedy(adapter, ids, tokens, hook) for ids in ids_list]
@@ -74,13 +79,20 @@ def main() -> None:
                 if int(r["layer"]) != layer or r["vector"] != name:
                     continue
                 stat, target = r["kl_stat"], r["kl_target"]
+                coefs = {}
                 for label, order in ORDERS.items():
                     evaluate = along(series, order, stat)
                     found = solve_log_log(evaluate, target, 1.0, rtol=0.005)
+                    coefs[label] = found.coef
                     ratios[label].append(found.coef / r["coef_rollout"])
+                # the second order's weight where the tangent path meets the target: the
+                # statistic along the quadratic path there, over the target
+                bend = along(series, 2, stat)(coefs["tangent"])[0] / target
+                bends.append(bend)
                 form = math.sqrt(2 * target / statistic(fisher, stat))
                 ratios["quadratic form"].append(form / r["coef_rollout"])
-                print(layer, name, stat, target, {k: round(v[-1], 3) for k, v in ratios.items()})
+                shown = {k: round(v[-1], 3) for k, v in ratios.items()}
+                print(layer, name, stat, target, shown, "bend", round(bend, 3))
     print("| path | median relative error | 90th percentile | median ratio |")
     print("|---|---|---|---|")
     for label, values in ratios.items():
@@ -88,6 +100,19 @@ def main() -> None:
         print(
             f"| {label} | {np.median(err):.1%} | {np.percentile(err, 90):.1%} | {np.median(values):.2f} |"
         )
+    # does the bend pick out the tangent path's misses?
+    err = np.abs(np.array(ratios["tangent"]) - 1)
+    far = np.abs(np.log(np.array(bends)))
+    order = np.argsort(-far)
+    print("rows by |log bend|, largest first: |log bend|, tangent error")
+    for i in order:
+        print(f"  {far[i]:.3f}  {err[i]:.1%}")
+    print(f"rank correlation: {_spearman(far, err):.2f}")
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 if __name__ == "__main__":

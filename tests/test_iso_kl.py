@@ -382,24 +382,48 @@ def test_the_budget_travels_with_the_vector(saved, tmp_path, capsys):
         write_vector_file(tmp_path / "x.npy", np.load(path), budget={"coefficient": 1.0})
 
 
-def test_generation_with_steering_reports_each_tokens_drift(adapter, vector):
-    """``generate(steering=...)``: each step's KL between the steered and the base
-    distribution, against two plain passes over the same tokens; left padding changes
-    nothing (the short prompt's row in a batch equals its run alone); the running sum and
-    the spike flag follow."""
-    steering = {"vector": vector, "layer": LAYER, "coefficient": 0.05, "spike_kl": 0.01}
-    alone = sr.generate(adapter, "a", max_new_tokens=4, steering=steering).to_frame()
-    hook = adapter.hook_for_layer(LAYER)
-    ids = adapter.tokenize("a")
-    tokens = alone.sort_values("step").chosen_token_id.tolist()
+def _drift_passes(monkeypatch) -> list:
+    """The ``SteeringDrift`` processors ``generate`` makes, as it makes them."""
+    from stable_regions.studies.steering_drift import SteeringDrift
+
+    made, init = [], SteeringDrift.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SteeringDrift, "__init__", spy)
+    return made
+
+
+def _check_drift_by_full_passes(adapter, prompt, frame, vector, coefficient, layer):
+    """Each step's ``kl_steer`` against two plain passes (base, steered) over the prompt and
+    the tokens generated before it: no cache, no ``generate``."""
+    hook = adapter.hook_for_layer(layer)
+    ids = adapter.tokenize(prompt)
+    frame = frame.sort_values("step")
+    tokens = frame.chosen_token_id.tolist()
     with torch.no_grad():
-        for t, kl in zip(alone.step, alone.kl_steer, strict=True):
+        for t, kl in zip(frame.step, frame.kl_steer, strict=True):
             seq = torch.cat([ids, torch.tensor([tokens[:t]], dtype=ids.dtype)], 1)
             base = adapter.model(seq).logits[0, -1]
-            with adapter.added(hook, 0.05 * vector):
+            with adapter.added(hook, coefficient * vector):
                 steered = adapter.model(seq).logits[0, -1]
             want = float(_kl_rows(steered[None], base[None])[0])
             assert kl == pytest.approx(want, rel=1e-4, abs=1e-9), (t, kl, want)
+
+
+def test_generation_with_steering_reports_each_tokens_drift(adapter, vector, monkeypatch):
+    """``generate(steering=...)``: each step's KL between the steered and the base
+    distribution, against two plain passes over the same tokens; the base model runs on its
+    own cache (the prompt, then one token per step); left padding changes nothing (the
+    short prompt's row in a batch equals its run alone); the running sum and the spike flag
+    follow."""
+    made = _drift_passes(monkeypatch)
+    steering = {"vector": vector, "layer": LAYER, "coefficient": 0.05, "spike_kl": 0.01}
+    alone = sr.generate(adapter, "a", max_new_tokens=4, steering=steering).to_frame()
+    _check_drift_by_full_passes(adapter, "a", alone, vector, 0.05, LAYER)
+    assert len(alone) == 4 and made[-1].forward_tokens == adapter.tokenize("a").shape[1] + 3
     assert alone.kl_steer.max() > 1e-4  # the steering does something
     np.testing.assert_allclose(alone.kl_steer_cumulative, np.cumsum(alone.kl_steer))
     assert (alone.kl_spike == (alone.kl_steer > 0.01)).all()
@@ -409,6 +433,36 @@ def test_generation_with_steering_reports_each_tokens_drift(adapter, vector):
     np.testing.assert_allclose(padded.kl_steer, alone.kl_steer, rtol=1e-4, atol=1e-9)
     with pytest.raises(InvalidParameterError, match="unknown steering key"):
         sr.generate(adapter, "a", max_new_tokens=2, steering={**steering, "coef": 1})
+
+
+def test_steering_drift_past_a_sliding_window_and_after_a_rewrite():
+    """Gemma-3's sliding layers (a window of 4) on the base model's cache, for more steps
+    than the window, against full passes; a sequence that is not the last one plus a token
+    (a decoding strategy that rewrites it) is passed whole again, with the right value."""
+    from stable_regions.studies.steering_drift import SteeringDrift, check_steering
+
+    gemma = sr.wrap(tiny_model("gemma3", seed=5, dtype=torch.float32), char_tokenizer())
+    v = torch.randn(gemma.model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    steering = {"vector": v, "layer": 1, "coefficient": 0.5}
+    frame = sr.generate(gemma, "hello", max_new_tokens=8, steering=steering).to_frame()
+    assert len(frame) == 8
+    _check_drift_by_full_passes(gemma, "hello", frame, v, 0.5, 1)
+
+    spec = check_steering(gemma, steering)
+    ids = gemma.tokenize("hello")
+    drift = SteeringDrift(gemma, spec, torch.ones_like(ids))
+    longer = torch.cat([ids, torch.tensor([[7, 9]])], 1)
+    rewritten = torch.cat([ids, torch.tensor([[8, 9, 3]])], 1)  # longer, not an extension
+    hook = gemma.hook_for_layer(1)
+    with torch.no_grad(), gemma.added(hook, spec.delta):
+        for seq in (ids, longer, rewritten):
+            drift(seq, gemma.model(seq).logits[:, -1])
+    assert drift.forward_tokens == ids.shape[1] + 2 + rewritten.shape[1]
+    with torch.no_grad():
+        base = gemma.model(rewritten).logits[:, -1]
+        with gemma.added(hook, spec.delta):
+            steered = gemma.model(rewritten).logits[:, -1]
+    assert drift.steps[-1][0] == pytest.approx(_kl_rows(steered, base)[0], rel=1e-4)
 
 
 def test_cli_generate_with_a_vector_that_carries_its_coefficient(saved, tmp_path, capsys):

@@ -171,8 +171,10 @@ def every_study(model, tokenizer=None) -> dict:
         stat="mean", tokens=4,
     ).to_frame()  # fmt: skip
     frames["iso_kl"] = iso.drop(columns=[c for c in iso.columns if c.startswith("seconds_")])
+    # with a steering vector: the base model's pass per step runs on a cache of its own
+    steering = {"vector": vector, "layer": 1, "coefficient": 0.2}
     text, frames["monitor"] = sr.generate(
-        adapter, PROMPT, max_new_tokens=4, eps=[0.1], mode="exact"
+        adapter, PROMPT, max_new_tokens=4, eps=[0.1], mode="exact", steering=steering
     )
     frames["text"] = text
     return frames
@@ -196,7 +198,7 @@ def test_every_study_on_a_bridge_equals_the_plain_model(saved_tokenizer):
     wrapped = every_study(bridge)
     plain = every_study(twin, bridge.tokenizer)
     _assert_same_studies(wrapped, plain)
-    assert len(wrapped["monitor"]) == 4
+    assert len(wrapped["monitor"]) == 4 and (wrapped["monitor"].kl_steer > 0).all()
 
 
 def _nnsight_model(kind: str, model, tokenizer):

@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
     st.add_argument(
         "--vector",
         metavar="FILE",
-        help="steering vector: .npy, .safetensors (one tensor, or one per layer: {layer: vector}) "
-        "or a repeng control vector .gguf (the vector of --layer is used)",
+        help="steering vector: .npy, .safetensors (one tensor, one per layer: {layer: vector}, "
+        "or steering-lite's) or a repeng control vector .gguf (the vector of --layer is used)",
     )
     st.add_argument(
         "--positive", metavar="FILE", help="prompt file; with --negative: vector = mean difference"

@@ -5,8 +5,9 @@
 convention) and, at every step, runs the base model once more on the same tokens with the
 vector taken out, for ``KL(p_steer || p_base)`` of that step (``kl_steer``), its running sum
 over the continuation (``kl_steer_cumulative``) and a flag where one token's KL spikes above
-``spike_kl`` (``kl_spike``). The extra pass sees the whole sequence so far (no cache): it
-costs ``P + t`` tokens at step ``t``.
+``spike_kl`` (``kl_spike``). The base model keeps its own keys and values: the first step
+passes the prompt, every later step the one token generated since, so the base model costs
+what the steered generation costs (``P + T - 1`` tokens in all).
 """
 
 from __future__ import annotations
@@ -68,26 +69,50 @@ class SteeringDrift:
     for the same tokens (``spec.delta`` zeroed for that pass: the steering hook adds the
     same tensor) and the KL of the steered step's distribution from them.
 
+    The base model runs on its own key/value cache, fed the tokens it has not seen. Where
+    a step's sequence is not the last one plus new tokens (a decoding strategy that
+    rewrites it), the cache is dropped and the whole sequence passes again.
+    ``forward_tokens`` counts the tokens (per row) the base passes took.
+
     ``prompt_mask`` (B, P): the batch's left padding; positions follow it as ``generate``'s
     do."""
 
     def __init__(self, adapter: ModelAdapter, spec: SteeringSpec, prompt_mask: Tensor) -> None:
         self.adapter, self.spec, self.mask = adapter, spec, prompt_mask
         self.steps: list[np.ndarray] = []  # (B,) per step
+        self.forward_tokens = 0
+        self._seen: Tensor | None = None  # the tokens the cache holds
+        self._cache = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         extra = input_ids.shape[1] - self.mask.shape[1]
         mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], extra)], 1)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        seen = self._seen
+        if seen is None or seen.shape[1] >= input_ids.shape[1]:
+            seen = None
+        elif not torch.equal(input_ids[:, : seen.shape[1]], seen):
+            seen = None
+        if seen is None:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.adapter.config)
+        start = 0 if seen is None else seen.shape[1]
         saved = self.spec.delta.clone()
         try:
             self.spec.delta.zero_()  # the steering hook adds this tensor: the base model
             with torch.no_grad():
                 base = self.adapter.forward(
-                    input_ids, attention_mask=mask, position_ids=positions, use_cache=False
+                    input_ids[:, start:],
+                    attention_mask=mask,
+                    position_ids=positions[:, start:],
+                    use_cache=True,
+                    **self.adapter.cache_kwarg(self._cache),
                 ).logits[:, -1]
         finally:
             self.spec.delta.copy_(saved)
+        self._seen = input_ids.clone()
+        self.forward_tokens += input_ids.shape[1] - start
         self.steps.append(token_kl(scores.detach(), base))
         return scores  # never changed
 

@@ -2,19 +2,23 @@
 
 - ``.npy`` (no pickles) or ``.safetensors`` holding one tensor: the vector itself.
 - ``.safetensors`` holding one tensor per layer, ``{layer: vector}``: keys ``"12"``,
-  ``"layer.12"``, ``"layers.12"``, ``"direction.12"`` or ``"blocks.12.hook_resid_post"``;
-  the layer asked for picks one.
+  ``"layer.12"``, ``"layers.12"``, ``"direction.12"``, ``"blocks.12.hook_resid_post"`` or
+  steering-lite's ``"layer12.v"`` (its ``Vector.save`` layout, whose ``cfg`` metadata names
+  the method: only ``mean_diff``, an added vector, is read); the layer asked for picks one.
 - ``.gguf`` written by repeng's ``ControlVector.export_gguf`` (architecture
   ``controlvector``, tensors ``direction.{layer}``), read with ``gguf`` (no repeng needed).
 - In Python: an array or tensor, a mapping ``{layer: vector}``, or any object with a
   ``directions`` mapping (repeng's ``ControlVector``).
 
 Layer ``i`` is the output of block ``i`` (``blocks.{i}.hook_resid_post``), where repeng's
-``ControlModel`` adds ``coeff * directions[i]``: a coefficient here is repeng's ``coeff``.
+``ControlModel`` adds ``coeff * directions[i]``, steering-lite's ``mean_diff`` adds
+``cfg.coeff * v`` and vllm-lens' ``SteeringVector`` adds ``scale * activations[k]`` (its
+``layer_indices[k] == i``): a coefficient here is each one's ``coeff`` or ``scale``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,13 +29,16 @@ from torch import Tensor
 
 from ..errors import InvalidParameterError, StableRegionsError, one_line
 
-_LAYER_KEY = re.compile(r"^(?:(?:layers?|direction|blocks)\.)?(-?\d+)(?:\.hook_resid_post)?$")
+_LAYER_KEY = re.compile(
+    r"^(?:(?:layers?|direction|blocks)\.)?(-?\d+)(?:\.hook_resid_post)?$|^layer(-?\d+)\.v$"
+)
+STEERING_LITE_METHOD = "mean_diff"  # its additive method: the block's output + coeff * v
 
 
 def layer_of_key(key: str) -> int | None:
     """The block index a tensor's name stands for, or None."""
     found = _LAYER_KEY.match(str(key))
-    return int(found.group(1)) if found else None
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 def vector_at_layer(source, layer, name: str = "control vector") -> np.ndarray:
@@ -81,9 +88,14 @@ def read_vector_file(path: str | Path, layer=None) -> np.ndarray:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+            from safetensors.torch import load_file
 
-            tensors = load_file(str(path))
+            # torch reads bfloat16 (steering-lite's default dtype), which numpy cannot hold
+            tensors = {
+                k: (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+                for k, t in load_file(str(path)).items()
+            }
+            _check_steering_lite_method(path)
             if len(tensors) == 1 and layer_of_key(next(iter(tensors))) is None:
                 return next(iter(tensors.values()))
             if not any(layer_of_key(k) is not None for k in tensors):
@@ -138,8 +150,11 @@ def write_vector_file(
     """Write steering vectors, with the budget found for them where given, where the user's
     library reads them.
 
-    - ``.safetensors``: ``{str(layer): vector}`` (or one tensor ``vector``), the budget in the
-      file's metadata under ``stable_regions.<key>`` (``coefficient``, ``kl_target``, ...);
+    - ``.safetensors``: steering-lite's ``Vector.save`` layout, tensors ``layer{i}.v`` and a
+      ``cfg`` of its ``mean_diff`` method with ``coeff`` the coefficient (1 without one), so
+      that its ``Vector.load`` reads it; the budget in the file's metadata under
+      ``stable_regions.<key>`` (``coefficient``, ``kl_target``, ...). One vector without a
+      layer is the tensor ``vector`` alone;
     - ``.gguf``: repeng's ``export_gguf`` layout (architecture ``controlvector``, tensors
       ``direction.{layer}``, ``controlvector.model_hint``), the budget as extra keys that
       repeng's ``import_gguf`` passes over;
@@ -169,12 +184,57 @@ def write_vector_file(
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
+        layers = {layer_of_key(k): v for k, v in named.items()}
+        if None not in layers:
+            named = {f"layer{i}.v": v for i, v in layers.items()}
+            coefficient = float(budget.get("coefficient", 1.0))
+            meta["cfg"] = json.dumps(_steering_lite_cfg(sorted(layers), coefficient))
         save_file(named, str(path), metadata=meta or None)
         return path
     if path.suffix == ".gguf":
         _write_repeng_gguf(path, named, meta, model_hint)
         return path
     raise InvalidParameterError(f"{path}: write a .safetensors, .gguf or .npy file")
+
+
+def _steering_lite_cfg(layers: list, coefficient: float) -> dict:
+    """steering-lite's ``MeanDiffC`` as its ``to_dict`` writes it: every field, no other
+    (its ``from_dict`` passes them all to the dataclass). ``normalize`` only matters when it
+    extracts a vector; float32 keeps ours as written."""
+    return {
+        "method": STEERING_LITE_METHOD,
+        "layers": layers,
+        "target": "residual",
+        "target_submodule": None,
+        "coeff": coefficient,
+        "dtype": "float32",
+        "seed": 0,
+        "normalize": False,
+        "subtract_corpus_mean": False,
+    }
+
+
+def _steering_lite_coefficient(meta: Mapping[str, str], path) -> float | None:
+    """``cfg.coeff`` of a steering-lite file; None where the file has no ``cfg`` naming a
+    method (another program's metadata)."""
+    try:
+        cfg = json.loads(meta["cfg"])
+        method, coefficient = cfg["method"], float(cfg.get("coeff", 1.0))
+    except (KeyError, ValueError, TypeError):
+        return None
+    if method != STEERING_LITE_METHOD:
+        raise StableRegionsError(
+            f"{path} holds steering-lite method {method!r}, which does not add its vector; only "
+            f"{STEERING_LITE_METHOD!r} vectors can be read here"
+        )
+    return coefficient
+
+
+def _check_steering_lite_method(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        _steering_lite_coefficient(handle.metadata() or {}, path)
 
 
 def _write_repeng_gguf(path: Path, named: dict, meta: dict, model_hint: str) -> None:
@@ -200,14 +260,18 @@ def _write_repeng_gguf(path: Path, named: dict, meta: dict, model_hint: str) -> 
 
 def read_budget(path: str | Path) -> dict[str, str]:
     """The budget written with a vector (``write_vector_file``): ``{key: text}`` without the
-    ``stable_regions.`` prefix; ``{}`` for a file that has none (any ``.npy``, any file from
-    elsewhere)."""
+    ``stable_regions.`` prefix; for a steering-lite file without one, its calibrated
+    ``cfg.coeff`` as ``coefficient`` (where it is not its default, 1); ``{}`` for a file
+    that has none (any ``.npy``, any other file from elsewhere)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as handle:
             meta = handle.metadata() or {}
+        if not any(k.startswith(BUDGET_PREFIX) for k in meta):
+            coefficient = _steering_lite_coefficient(meta, path)
+            return {} if coefficient in (None, 1.0) else {"coefficient": repr(coefficient)}
     elif path.suffix == ".gguf":
         import gguf
 
