@@ -5,6 +5,7 @@ prediction from jets agrees with the teacher-forced statistic at a small budget.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -266,6 +267,44 @@ def test_many_vectors_share_the_base_continuations(adapter, vector):
     a, b = frame.coef_predicted
     assert abs(2 * b / a - 1) < 0.03
     assert set(result.summary().columns) >= {"coef_predicted", "predicted_over_rollout"}
+
+
+def test_several_layers_in_one_call(adapter, vector, monkeypatch):
+    """One vector at two layers, and a per-layer source (``{layer: vector}``): one row per
+    layer and vector, each as a call for that layer alone gives it, the base continuations
+    generated once for all; the plot labels each row with its layer."""
+    module = importlib.import_module("stable_regions.studies.iso_kl")
+    unsteered, greedy = [], module.greedy
+
+    def counted(*args, **kwargs):  # the base continuations: no vector added
+        delta = args[4] if len(args) > 4 else kwargs.get("delta")
+        unsteered.append(delta is None)
+        return greedy(*args, **kwargs)
+
+    monkeypatch.setattr(module, "greedy", counted)
+    options = dict(target=1e-3, stat="mean", tokens=3, forms=("predicted", "measured"))
+    other = torch.roll(vector, 5)
+    result = sr.iso_kl(
+        adapter, PROMPTS, vector={"v": vector, "per_layer": {0: other, LAYER: -vector}},
+        layer=[0, LAYER], **options,
+    )  # fmt: skip
+    assert sum(unsteered) == len(PROMPTS)
+    frame = result.to_frame()
+    assert list(zip(frame.layer, frame.vector, strict=True)) == [
+        ("0", "v"), ("0", "per_layer"), (str(LAYER), "v"), (str(LAYER), "per_layer"),
+    ]  # fmt: skip
+    assert result.layer == f"0, {LAYER}"
+    for lay, name, v in [(0, "v", vector), (0, "per_layer", other), (LAYER, "per_layer", -vector)]:
+        alone = sr.iso_kl(adapter, PROMPTS, vector=v, layer=lay, **options).to_frame().iloc[0]
+        row = frame[(frame.layer == str(lay)) & (frame.vector == name)].iloc[0]
+        for column in ("coef_predicted", "coef_measured", "forward_tokens_predicted"):
+            assert row[column] == pytest.approx(alone[column], rel=1e-9), (lay, name, column)
+    assert len(result.per_token) == 4
+    fig = result.plot()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[2].startswith(f"layer {LAYER}\nv\n")
+    with pytest.raises(InvalidParameterError, match="one or more layers"):
+        sr.iso_kl(adapter, PROMPTS, vector=vector, layer=[], **options)
 
 
 def test_unreachable_target_is_a_result_not_a_crash(adapter, vector):

@@ -54,6 +54,7 @@ from .rollouts import (
     token_kl,
 )
 from .steering import check_vector
+from .vectors import layer_of_key, vector_at_layer
 
 STATS = ("mean", "p50", "p90", "p95", "max")
 FORMS = ("rollout", "measured", "predicted")
@@ -101,8 +102,9 @@ def statistic(kl: np.ndarray, stat: str) -> float:
 
 @dataclass
 class IsoKLResult(Result):
-    """One row per vector (``to_frame``; ``vocabulary`` defines every column) and, per
-    vector, the per-token KL of the rollout definition at ``coef_rollout`` (``per_token``)."""
+    """One row per layer and vector (``to_frame``; ``vocabulary`` defines every column) and,
+    per ``(vector, layer)``, the per-token KL of the rollout definition at ``coef_rollout``
+    (``per_token``). ``layer``: the layer's name, or the names joined by ``", "``."""
 
     study = "iso_kl"
     model: str
@@ -111,16 +113,16 @@ class IsoKLResult(Result):
     kl_stat: str
     new_tokens: int
     rows: list[dict]
-    per_token: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    per_token: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         return describe(pd.DataFrame(self.rows, columns=ISO_KL_COLUMNS))
 
     def summary(self) -> pd.DataFrame:
-        """Per vector: the three coefficients, each against the rollout definition's, and the
-        cost of each in forward-pass tokens against the rollout solver's."""
+        """Per layer and vector: the three coefficients, each against the rollout definition's,
+        and the cost of each in forward-pass tokens against the rollout solver's."""
         f = self.to_frame()
-        out = pd.DataFrame({"vector": f.vector, "coef_rollout": f.coef_rollout})
+        out = pd.DataFrame({"layer": f.layer, "vector": f.vector, "coef_rollout": f.coef_rollout})
         for form in ("measured", "predicted"):
             out[f"coef_{form}"] = f[f"coef_{form}"]
             out[f"{form}_over_rollout"] = f[f"coef_{form}"] / f.coef_rollout
@@ -137,17 +139,19 @@ class IsoKLResult(Result):
         }
 
     def draw(self, ax=None):
-        """Per vector, the per-token KL at ``coef_rollout`` (the dots; the target as a line),
-        labelled with the three coefficients."""
+        """Per layer and vector, the per-token KL at ``coef_rollout`` (the dots; the target as
+        a line), labelled with the three coefficients."""
         fig, ax = axes_or_new(ax, figsize=(max(5.0, 1.6 * len(self.rows) + 2), 4.0))
+        several = len({r["layer"] for r in self.rows}) > 1
         for i, row in enumerate(self.rows):
-            kl = self.per_token.get(row["vector"], np.array([]))
+            kl = self.per_token.get((row["vector"], row["layer"]), np.array([]))
             jitter = np.linspace(-0.2, 0.2, len(kl)) if len(kl) else kl
             ax.plot(i + jitter, np.maximum(kl, 1e-6), ".", ms=3, alpha=0.6)
         ax.axhline(self.kl_target, color="k", lw=0.8, ls="--", label=f"target {self.kl_target:g}")
         ax.set_yscale("log")
         labels = [
-            f"{r['vector']}\nrollout {r['coef_rollout']:.3g}\nmeasured {r['coef_measured']:.3g}"
+            (f"layer {r['layer']}\n" if several else "")
+            + f"{r['vector']}\nrollout {r['coef_rollout']:.3g}\nmeasured {r['coef_measured']:.3g}"
             f"\npredicted {r['coef_predicted']:.3g}"
             for r in self.rows
         ]
@@ -289,8 +293,8 @@ def iso_kl(
     model,
     prompts: str | Sequence[str],
     *,
-    vector: Tensor | Mapping[str, Tensor],
-    layer: str | int,
+    vector,
+    layer: str | int | Sequence[str | int],
     target: float = 1.0,
     stat: str = "p95",
     tokens: int = 50,
@@ -311,10 +315,13 @@ def iso_kl(
         As for :func:`analyze`.
     prompts : str or list of str
         The prompts the continuations start from.
-    vector : Tensor (d,) or dict of str to Tensor
-        The steering vector, or several by name (their base continuations are shared).
-    layer : int or str
-        The block whose output is steered (a block index or a hook name).
+    vector : Tensor (d,), a per-layer source, or dict of str to either
+        The steering vector, or several by name. A per-layer source (a ``{layer: vector}``
+        mapping, a repeng ``ControlVector``) gives each layer its own vector; a plain vector
+        is steered at every layer asked for.
+    layer : int or str, or a list of them
+        The block whose output is steered (a block index or a hook name), or several: one
+        row per layer and vector. All share the base continuations.
     target : float, default 1.0
         The budget, in nats.
     stat : {"mean", "p50", "p90", "p95", "max"}, default "p95"
@@ -338,8 +345,8 @@ def iso_kl(
     Returns
     -------
     IsoKLResult
-        One row per vector; ``summary()`` sets each coefficient and cost against the rollout
-        definition's.
+        One row per layer and vector; ``summary()`` sets each coefficient and cost against
+        the rollout definition's.
 
     Examples
     --------
@@ -356,10 +363,10 @@ def iso_kl(
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise InvalidParameterError("give one or more prompts")
-    hook = adapter.hook_for_layer(layer)
-    d = adapter.hook_dim(hook)
-    named = dict(vector) if isinstance(vector, Mapping) else {"vector": vector}
-    vectors = {k: check_vector(torch.as_tensor(v), d, f"vector {k!r}") for k, v in named.items()}
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers:
+        raise InvalidParameterError("give one or more layers")
+    steered = {lay: _vectors_at(adapter, vector, lay) for lay in layers}
     ids_list = [_room_for(adapter, t, tokens, i, chat) for i, t in enumerate(texts)]
     say = progress or (lambda _line: None)
     shared = _Clock()
@@ -368,27 +375,52 @@ def iso_kl(
         say(f"base continuations: {len(texts)} prompts x {tokens} tokens")
         begin = time.perf_counter()
         keep = "measured" in forms
+        # no vector added: the hook is not used, and the continuations serve every layer
+        hook = adapter.hook_for_layer(layers[0])
         bases = [greedy(adapter, ids, tokens, hook, keep=keep) for ids in ids_list]
         shared.add("base", sum(b.cost for b in bases), time.perf_counter() - begin)
     rows, per_token = [], {}
-    for name, v in vectors.items():
-        clock = _Clock()
-        row = _one_vector(
-            adapter, name, v, hook, ids_list, bases, forms, clock, say,
-            target=target, stat=stat, tokens=tokens, rtol=rtol,
-            max_evaluations=max_evaluations, start=start,
-        )  # fmt: skip
-        for form in ("measured", "predicted"):
-            if form in forms:
-                clock.add(form, shared.tokens["base"], shared.seconds["base"])
-        for form in FORMS:
-            row[f"forward_tokens_{form}"] = clock.tokens.get(form, 0) if form in forms else 0
-            row[f"seconds_{form}"] = clock.seconds.get(form, math.nan)
-        row.update(layer=adapter.layer_name(layer), n=len(texts))
-        per_token[name] = row.pop("per_token")
-        rows.append(row)
-    return IsoKLResult(
-        adapter.name, adapter.layer_name(layer), target, stat, tokens, rows, per_token
+    for lay, vectors in steered.items():
+        hook, name_of_layer = adapter.hook_for_layer(lay), adapter.layer_name(lay)
+        for name, v in vectors.items():
+            clock = _Clock()
+            if len(layers) > 1:
+                say(f"layer {name_of_layer}")
+            row = _one_vector(
+                adapter, name, v, hook, ids_list, bases, forms, clock, say,
+                target=target, stat=stat, tokens=tokens, rtol=rtol,
+                max_evaluations=max_evaluations, start=start,
+            )  # fmt: skip
+            for form in ("measured", "predicted"):
+                if form in forms:
+                    clock.add(form, shared.tokens["base"], shared.seconds["base"])
+            for form in FORMS:
+                row[f"forward_tokens_{form}"] = clock.tokens.get(form, 0) if form in forms else 0
+                row[f"seconds_{form}"] = clock.seconds.get(form, math.nan)
+            row.update(layer=name_of_layer, n=len(texts))
+            per_token[(name, name_of_layer)] = row.pop("per_token")
+            rows.append(row)
+    names = ", ".join(dict.fromkeys(adapter.layer_name(lay) for lay in layers))
+    return IsoKLResult(adapter.name, names, target, stat, tokens, rows, per_token)
+
+
+def _vectors_at(adapter, vector, layer) -> dict[str, Tensor]:
+    """``{name: vector}`` for ``layer``, each checked against the hook's width. A per-layer
+    source (``{layer: vector}``, an object with ``directions``) gives that layer's vector."""
+    d = adapter.hook_dim(adapter.hook_for_layer(layer))
+    named = dict(vector) if _is_named(vector) else {"vector": vector}
+    out = {}
+    for name, source in named.items():
+        if isinstance(source, Mapping) or hasattr(source, "directions"):
+            source = vector_at_layer(source, layer, f"vector {name!r}")
+        out[name] = check_vector(torch.as_tensor(source), d, f"vector {name!r}")
+    return out
+
+
+def _is_named(vector) -> bool:
+    """A mapping of names to vectors (not ``{layer: vector}``: its keys are block indices)."""
+    return isinstance(vector, Mapping) and not all(
+        isinstance(k, int) or layer_of_key(k) is not None for k in vector
     )
 
 
