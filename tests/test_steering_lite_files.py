@@ -107,3 +107,26 @@ def test_steering_lite_files_read_with_their_coefficient(tmp_path):
     save_file({"layer3.v": v}, str(path), metadata={"cfg": json.dumps(spherical)})
     with pytest.raises(StableRegionsError, match="method 'spherical', which does not add"):
         read_vector_file(path, 3)
+
+
+def test_generate_steers_with_a_steering_lite_files_coefficient(tmp_path, capsys):
+    """``generate --steer-vector`` on a steering-lite file uses its ``cfg.coeff``: the same
+    rows as the raw vector with ``--steer-coef``."""
+    from conftest import saved_tiny_model
+
+    from stable_regions.cli import main
+
+    folder = saved_tiny_model(tmp_path / "model")
+    v = np.random.default_rng(3).normal(size=32).astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    cfg = {"method": "mean_diff", "layers": [1], "coeff": 0.04, "dtype": "float32"}
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({"layer1.v": v}, str(theirs), metadata={"cfg": json.dumps(cfg)})
+    base = ["generate", "hello", "--model", str(folder), "--max-new-tokens", "3", "--json"]
+    base += ["--steer-layer", "1"]
+    assert main([*base, "--steer-vector", str(theirs)]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert main([*base, "--steer-vector", str(tmp_path / "v.npy"), "--steer-coef", "0.04"]) == 0
+    explicit = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["kl_steer"] for r in rows] == pytest.approx([r["kl_steer"] for r in explicit])
+    assert all(r["kl_steer"] > 0 for r in rows)
