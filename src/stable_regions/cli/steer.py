@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
         "--save-vector",
         metavar="FILE",
         help="write the vector used (handy with --positive/--negative): .npy; with --iso-kl "
-        "also .safetensors or .gguf (repeng's layout), the coefficient in the file's metadata",
+        "also .safetensors (steering-lite's layout) or .gguf (repeng's), the coefficient in the "
+        "file's metadata",
     )
     add_model(st)
     add_chat(st)

@@ -382,10 +382,10 @@ def iso_kl(
     rows, per_token = [], {}
     for lay, vectors in steered.items():
         hook, name_of_layer = adapter.hook_for_layer(lay), adapter.layer_name(lay)
+        if len(layers) > 1:
+            say(f"layer {name_of_layer}")
         for name, v in vectors.items():
             clock = _Clock()
-            if len(layers) > 1:
-                say(f"layer {name_of_layer}")
             row = _one_vector(
                 adapter, name, v, hook, ids_list, bases, forms, clock, say,
                 target=target, stat=stat, tokens=tokens, rtol=rtol,
