@@ -88,14 +88,16 @@ def read_vector_file(path: str | Path, layer=None) -> np.ndarray:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
             # torch reads bfloat16 (steering-lite's default dtype), which numpy cannot hold
+            with safe_open(str(path), framework="pt") as handle:
+                _steering_lite_coefficient(handle.metadata() or {}, path)  # refuses its others
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
             tensors = {
                 k: (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
-                for k, t in load_file(str(path)).items()
+                for k, t in tensors.items()
             }
-            _check_steering_lite_method(path)
             if len(tensors) == 1 and layer_of_key(next(iter(tensors))) is None:
                 return next(iter(tensors.values()))
             if not any(layer_of_key(k) is not None for k in tensors):
@@ -228,13 +230,6 @@ def _steering_lite_coefficient(meta: Mapping[str, str], path) -> float | None:
             f"{STEERING_LITE_METHOD!r} vectors can be read here"
         )
     return coefficient
-
-
-def _check_steering_lite_method(path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as handle:
-        _steering_lite_coefficient(handle.metadata() or {}, path)
 
 
 def _write_repeng_gguf(path: Path, named: dict, meta: dict, model_hint: str) -> None:
