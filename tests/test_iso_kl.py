@@ -393,6 +393,54 @@ def test_cli_iso_kl_bad_input_is_one_line(saved, capsys, extra, words):
     assert captured.out == "" and len(lines) == 1 and words in lines[0], captured.err
 
 
+def test_cli_iso_kl_at_several_layers_gives_each_its_row(saved, tmp_path, capsys):
+    """``steer --iso-kl --layer 0 --layer 1`` with a ``{layer: vector}`` file: one row per layer, each
+    the library's answer for that layer and its own vector alone."""
+    from stable_regions.studies.vectors import write_vector_file
+
+    folder, path = saved
+    g = torch.Generator().manual_seed(5)
+    per_layer = {0: torch.randn(32, generator=g).numpy(), LAYER: np.load(path)}
+    both = write_vector_file(tmp_path / "both.safetensors", per_layer)
+    args = ["steer", "hello there", "--model", str(folder), "--layer", "0", "--layer", str(LAYER)]
+    args += ["--vector", str(both), "--iso-kl", "0.01", "--stat", "mean", "--tokens", "3"]
+    assert main([*args, "--json"]) == 0
+    rows = {row["layer"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert sorted(rows) == ["0", str(LAYER)]
+    model = sr.load(str(folder))
+    for layer, v in per_layer.items():
+        alone = sr.iso_kl(
+            model, ["hello there"], vector=torch.from_numpy(v), layer=layer, target=0.01,
+            stat="mean", tokens=3,
+        ).rows[0]  # fmt: skip
+        for form in ("rollout", "measured", "predicted"):
+            got = rows[str(layer)][f"coef_{form}"]
+            assert got == pytest.approx(alone[f"coef_{form}"], rel=1e-9), (layer, form)
+    assert rows["0"]["coef_rollout"] != pytest.approx(rows[str(LAYER)]["coef_rollout"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--layer", "0", "--layer", "1", "--no-exact"], "several layers go with --iso-kl"),
+        (["--layer", "1", "--layer", "1", "--iso-kl", "0.1"], "--layer 1 given more than once"),
+        (
+            ["--layer", "0", "--layer", "1", "--iso-kl", "0.1", "--save-vector", "OUT"],
+            "--save-vector writes one layer's vector and budget: give one --layer",
+        ),
+    ],
+)
+def test_cli_several_layers_bad_input_is_one_line(saved, tmp_path, capsys, extra, words):
+    folder, path = saved
+    out = tmp_path / "v.safetensors"
+    extra = [str(out) if x == "OUT" else x for x in extra]
+    assert main(["steer", "hi", "--model", str(folder), "--vector", str(path), *extra]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and words in lines[0], captured.err
+    assert not out.exists()
+
+
 def test_the_budget_travels_with_the_vector(saved, tmp_path, capsys):
     """``steer --iso-kl --save-vector`` writes the vector with its coefficient where a library
     reads it (.safetensors metadata, repeng's .gguf layout: tests/test_repeng.py reads that

@@ -44,7 +44,10 @@ def add_parser(sub) -> None:
     st.add_argument(
         "--layer",
         required=True,
-        help="block index i (blocks.{i}.hook_resid_post), 'embed' or 'final'",
+        action="append",
+        help="block index i (blocks.{i}.hook_resid_post), 'embed' or 'final'; with --iso-kl "
+        "it may be repeated (--layer 5 --layer 15): one row per layer, a {layer: vector} file "
+        "or the mean difference giving each layer its own vector",
     )
     st.add_argument(
         "--vector",
@@ -122,6 +125,11 @@ def run(args) -> int:
     check_columns(args.columns, ALL_COLUMNS)
     eps = check_eps(args.eps)
     positions = parse_positions(args.positions)
+    if len(args.layer) > 1:
+        raise StableRegionsError(
+            f"the per-position budget takes one --layer, got {len(args.layer)}; several layers "
+            "go with --iso-kl"
+        )
     err, adapter, prompts, vector, layer = _loaded(args)
     result = budget_of(args, err, adapter, prompts, vector, layer, eps, positions, "steering")
     return _emit(args, result, lambda: print_tables(result, args))
@@ -162,12 +170,20 @@ def budget_of(args, err, adapter, prompts, vector, layer, eps, positions, label:
 def _loaded(args, formats: tuple[str, ...] = (".npy",)):
     """``(stderr console, adapter, prompts, vector, layer)``: the inputs checked before the
     model loads, then the vector (saved as ``.npy`` where asked; other ``formats`` are the
-    caller's to write). A vector file that carries a budget says so."""
+    caller's to write). A vector file that carries a budget says so. With several
+    ``--layer``: ``layer`` is their list and ``vector`` a ``{layer: vector}`` dict."""
     from .._support.files import check_output_file
     from ..errors import OutputPathError
     from ..studies.vectors import read_budget
 
     prompts, positive, negative = _inputs(args)
+    layers = _layers(args.layer)
+    if args.save_vector and len(layers) > 1:
+        # a file of several layers is steered at all of them at once by the libraries that
+        # read it; these rows are one layer each
+        raise StableRegionsError(
+            "--save-vector writes one layer's vector and budget: give one --layer"
+        )
     if args.save_vector:
         suffix = Path(args.save_vector).suffix.lower()
         if suffix not in formats:
@@ -176,8 +192,8 @@ def _loaded(args, formats: tuple[str, ...] = (".npy",)):
             )
         check_output_file(args.save_vector, None, "--save-vector")
     err, adapter = load_with_status(args)
-    layer = parse_layer(args.layer)
-    vector = _vector(args, adapter, layer, positive, negative)
+    vectors = {layer: _vector(args, adapter, layer, positive, negative) for layer in layers}
+    layer, vector = (layers[0], vectors[layers[0]]) if len(layers) == 1 else (layers, vectors)
     budget = read_budget(args.vector) if args.vector else {}
     if budget.get("coefficient"):
         err.print(
@@ -188,6 +204,15 @@ def _loaded(args, formats: tuple[str, ...] = (".npy",)):
             highlight=False,
         )
     return err, adapter, prompts, vector, layer
+
+
+def _layers(texts: list[str]) -> list:
+    """The ``--layer`` values, each once."""
+    layers = [parse_layer(text) for text in texts]
+    repeated = sorted({str(x) for x in layers if layers.count(x) > 1})
+    if repeated:
+        raise StableRegionsError(f"--layer {', '.join(repeated)} given more than once")
+    return layers
 
 
 def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
