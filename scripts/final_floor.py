@@ -1,14 +1,17 @@
-"""Where the final-layer ``analyze`` of 64 positions spends its time, stage by stage, against a
-forward pass of the same tokens (all logits), and what the top-eigenvector search needs: its
-Lanczos products per position and the spread of ``p`` that sets them. One JSON line per model,
-then one for the bfloat16 products of this machine. Run from the repository root:
+"""Where the final-layer ``analyze`` of 64 positions and the ``scan`` of 128 tokens spend their
+time, stage by stage, against a forward pass of the same tokens (all logits), and what the
+top-eigenvector search needs: its Lanczos products per position and the spread of ``p`` that
+sets them. Two JSON lines per model, then one for the bfloat16 products of this machine. Run
+from the repository root:
 
     python scripts/final_floor.py llama3-1b-quick smollm2-135m gemma3-270m
 
 The stages call what ``engine.final`` calls, in its order: the float64 logits ``u0``, the
 Lanczos search (``top_curvature``), the diagonal of H, the float64 products ``W v`` and
 ``W sign(v)``; ``analyze_s`` is the whole command's library call (the measured boundary
-included). The bfloat16 line times one product of 64 rows with a random W of the 1B shape in
+included). The scan's stages are its own (``Scanner``): the pass to the pre-logit vectors,
+the float32 logits, the search (bfloat16 where native, residual 1e-2) and its float32
+refinement ``W v``. The bfloat16 line times one product of 64 rows with a random W of the 1B shape in
 float32 and in bfloat16, and the error of a two-piece bfloat16 split (``W = W_hi + W_lo``,
 ``q = q_hi + q_lo``) against float64: what a search in bfloat16 at float32's accuracy would
 cost here (docs/performance.md, "Issue 35's targets").
@@ -17,6 +20,7 @@ cost here (docs/performance.md, "Issue 35's targets").
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 
@@ -29,11 +33,14 @@ from stable_regions.geometry import curvature_diagonal, top_curvature
 
 
 def seconds(fn, repeat: int = 2) -> float:
+    """The median of ``repeat`` timed calls, after one untimed call."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeat
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def load(name: str):
@@ -53,7 +60,7 @@ def stages(name: str, n: int = 64) -> dict:
         with torch.no_grad():
             model.forward(ids, use_cache=False)
 
-    out["forward_s"] = seconds(forward)
+    out["forward_s"] = seconds(forward, 5)
     h = model.prelogits(ids, dtype=None)[:n].to(torch.float64)
     out["u0_s"] = seconds(lambda: head.raw_float64(h), 1)
     u0 = head.raw_float64(h)
@@ -81,6 +88,40 @@ def stages(name: str, n: int = 64) -> dict:
     out["analyze_s"] = time.perf_counter() - start
     f = out["forward_s"]
     for key in ("u0_s", "search_s", "diagonal_s", "directions_s", "analyze_s"):
+        out[key.replace("_s", "_forwards")] = round(out[key] / f, 2)
+    return {k: round(x, 4) if isinstance(x, float) else x for k, x in out.items()}
+
+
+def scan_stages(name: str, n: int = 128) -> dict:
+    from stable_regions.studies.scan import Scanner
+
+    model = load(name)
+    ids = model.tokenize(_tokens(model, n))
+    scanner = Scanner(model)
+    out: dict = {"model": name, "scan_tokens": int(ids.shape[1])}
+
+    def forward():
+        with torch.no_grad():
+            model.forward(ids, use_cache=False)
+
+    out["forward_s"] = seconds(forward, 5)
+    with torch.no_grad():
+        out["prelogits_s"] = seconds(lambda: model.prelogits(ids, dtype=None), 1)
+        h = model.prelogits(ids, dtype=None)
+        out["logits_s"] = seconds(lambda: scanner.logits(h), 1)
+        z = scanner.logits(h)
+        search = dict(tol=scanner.tol, tokens=scanner.tokens, search_weight=scanner.search)
+        out["search_s"] = seconds(
+            lambda: top_curvature(scanner.weight, z, refine=False, **search), 1
+        )
+        whole = seconds(lambda: top_curvature(scanner.weight, z, **search), 1)
+        out["refinement_s"] = whole - out["search_s"]
+        found = top_curvature(scanner.weight, z, **search)
+        out["scan_s"] = seconds(lambda: scanner.scan(model, ids, [0.1]), 1)
+    it = found.iterations.double()
+    out.update(iterations_mean=float(it.mean()), iterations_max=int(it.max()))
+    f = out["forward_s"]
+    for key in ("prelogits_s", "logits_s", "search_s", "refinement_s", "scan_s"):
         out[key.replace("_s", "_forwards")] = round(out[key] / f, 2)
     return {k: round(x, 4) if isinstance(x, float) else x for k, x in out.items()}
 
@@ -116,4 +157,5 @@ def bfloat16_products(V: int = 128256, d: int = 2048, P: int = 64) -> dict:
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         print(json.dumps(stages(name)), flush=True)
+        print(json.dumps(scan_stages(name)), flush=True)
     print(json.dumps(bfloat16_products()), flush=True)
