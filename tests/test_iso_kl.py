@@ -419,6 +419,29 @@ def test_cli_iso_kl_at_several_layers_gives_each_its_row(saved, tmp_path, capsys
     assert rows["0"]["coef_rollout"] != pytest.approx(rows[str(LAYER)]["coef_rollout"], rel=1e-3)
 
 
+def test_cli_iso_kl_at_several_layers_takes_the_mean_difference_at_each(saved, tmp_path, capsys):
+    """``--positive`` / ``--negative`` with two ``--layer``: each row steers with the mean
+    difference at its own layer (``sr.mean_difference`` there, alone)."""
+    folder, _ = saved
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("I love it\ngreat fun\n")
+    neg.write_text("I hate it\nawful\n")
+    args = ["steer", "hello there", "--model", str(folder), "--layer", "0", "--layer", "1"]
+    args += ["--positive", str(pos), "--negative", str(neg), "--iso-kl", "0.01"]
+    assert main([*args, "--stat", "mean", "--tokens", "3", "--json"]) == 0
+    rows = {row["layer"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    model = sr.load(str(folder))
+    for layer in (0, 1):
+        v = sr.mean_difference(
+            model, ["I love it", "great fun"], ["I hate it", "awful"], layer=layer
+        )
+        alone = sr.iso_kl(
+            model, ["hello there"], vector=v, layer=layer, target=0.01, stat="mean", tokens=3,
+            forms=("rollout",),
+        ).rows[0]  # fmt: skip
+        assert rows[str(layer)]["coef_rollout"] == pytest.approx(alone["coef_rollout"], rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [

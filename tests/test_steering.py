@@ -42,6 +42,22 @@ def test_mean_difference_is_the_mean_of_hidden_states(adapter):
     assert torch.allclose(vec, mean_last(pos) - mean_last(neg), atol=1e-12)
 
 
+def test_mean_difference_at_several_layers_shares_each_prompts_pass(adapter, monkeypatch):
+    """``layer=[...]`` gives ``{layer: vector}``, each the one-layer answer (itself checked
+    against the hidden states above), from one forward pass per prompt."""
+    pos, neg = ["I love it", "great fun!"], ["I hate it", "awful"]
+    layers = [1, "embed", "final"]
+    alone = {layer: mean_difference(adapter, pos, neg, layer=layer) for layer in layers}
+    passes = []
+    forward = adapter.forward
+    monkeypatch.setattr(adapter, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    together = mean_difference(adapter, pos, neg, layer=layers)
+    assert list(together) == layers and len(passes) == len(pos) + len(neg)
+    for layer in layers:
+        assert torch.equal(together[layer], alone[layer]), layer
+    assert not torch.allclose(together[1], together["final"])
+
+
 @pytest.mark.parametrize("layer", [1, "embed", "final"])
 def test_budget_measured_against_full_forward(adapter, layer):
     prompts = ["Hello world", "The cat sat"]

@@ -192,7 +192,7 @@ def _loaded(args, formats: tuple[str, ...] = (".npy",)):
             )
         check_output_file(args.save_vector, None, "--save-vector")
     err, adapter = load_with_status(args)
-    vectors = {layer: _vector(args, adapter, layer, positive, negative) for layer in layers}
+    vectors = _vectors(args, adapter, layers, positive, negative)
     layer, vector = (layers[0], vectors[layers[0]]) if len(layers) == 1 else (layers, vectors)
     budget = read_budget(args.vector) if args.vector else {}
     if budget.get("coefficient"):
@@ -233,20 +233,23 @@ def _inputs(args) -> tuple[list[str], list[str] | None, list[str] | None]:
     return prompts, positive, negative
 
 
-def _vector(args, adapter, layer, positive, negative):
-    """The steering vector from ``--vector``, or the mean difference; saved if asked."""
+def _vectors(args, adapter, layers, positive, negative) -> dict:
+    """``{layer: vector}`` from ``--vector``, or the mean difference (one pass per prompt for
+    every layer); a one-layer vector is saved as ``.npy`` where asked."""
     import numpy as np
 
     from ..studies.steering import load_vector, mean_difference
 
-    hook = adapter.hook_for_layer(layer)
     if args.vector:
-        vector = load_vector(args.vector, adapter.hook_dim(hook), layer)
+        vectors = {
+            layer: load_vector(args.vector, adapter.hook_dim(adapter.hook_for_layer(layer)), layer)
+            for layer in layers
+        }
     else:
-        vector = mean_difference(adapter, positive, negative, layer=layer)
+        vectors = mean_difference(adapter, positive, negative, layer=list(layers))
     if args.save_vector and args.save_vector.lower().endswith(".npy"):
-        np.save(args.save_vector, vector.cpu().numpy())
-    return vector
+        np.save(args.save_vector, vectors[layers[0]].cpu().numpy())
+    return vectors
 
 
 ISO_KL_TABLE = ["vector", "coef_rollout", "coef_measured", "coef_predicted", "reliable"]

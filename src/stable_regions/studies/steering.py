@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,33 +152,51 @@ def read_prompts(path: str | Path) -> list[str]:
 
 @full_float32_products()
 def mean_difference(
-    model, positive: Sequence[str], negative: Sequence[str], *, layer: str | int
-) -> Tensor:
+    model,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    layer: str | int | Sequence[str | int],
+) -> Tensor | dict:
     """A steering vector: the mean activation at ``layer`` (at each prompt's last token) over
     ``positive`` minus the mean over ``negative``.
+
+    ``layer`` may be a list: then ``{layer: vector}`` (a per-layer source for ``iso_kl``),
+    every layer's activation from the same pass over each prompt.
 
     Examples
     --------
     >>> vector = sr.mean_difference(model, ["I love this"], ["I hate this"], layer=12)  # doctest: +SKIP
+    >>> by_layer = sr.mean_difference(model, positive, negative, layer=[5, 15])  # doctest: +SKIP
     """
     adapter = as_adapter(model)
     if not positive or not negative:
         raise InvalidParameterError(
             "both prompt sets must be non-empty to build a mean-difference vector"
         )
-    hook = adapter.hook_for_layer(layer)
+    several = isinstance(layer, (list, tuple))
+    layers = list(dict.fromkeys(layer)) if several else [layer]
+    if not layers:
+        raise InvalidParameterError("give one or more layers")
+    hooks = [adapter.hook_for_layer(each) for each in layers]
 
-    def mean_activation(prompts: Sequence[str]) -> Tensor:
-        total = None
+    def mean_activation(prompts: Sequence[str]) -> list[Tensor]:
+        total = [None] * len(hooks)
         for prompt in prompts:
-            store: list[Tensor] = []
-            with adapter.capture(hook, store), torch.no_grad():
+            stores: list[list[Tensor]] = [[] for _ in hooks]
+            with ExitStack() as stack, torch.no_grad():
+                for hook, store in zip(hooks, stores, strict=True):
+                    stack.enter_context(adapter.capture(hook, store))
                 adapter.forward(adapter.tokenize(prompt), use_cache=False)
-            last = store[0][0, -1].to(torch.float64)
-            total = last if total is None else total + last
-        return total / len(prompts)
+            for i, store in enumerate(stores):
+                last = store[0][0, -1].to(torch.float64)
+                total[i] = last if total[i] is None else total[i] + last
+        return [t / len(prompts) for t in total]
 
-    return mean_activation(positive) - mean_activation(negative)
+    diffs = [
+        a - b for a, b in zip(mean_activation(positive), mean_activation(negative), strict=True)
+    ]
+    return dict(zip(layers, diffs, strict=True)) if several else diffs[0]
 
 
 @full_float32_products()
