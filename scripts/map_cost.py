@@ -2,6 +2,7 @@
 two trees (``PYTHONPATH=OTHER/src python ...``): one JSON line per run.
 
     python scripts/map_cost.py smollm2-135m map-new.npz
+    python scripts/map_cost.py smollm2-135m map-bare.npz 0    # rank_probes=0: no effective rank
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import stable_regions as sr
 from stable_regions.bench.scale import _tokens
 
 
-def main(name: str, out: str) -> None:
+def main(name: str, out: str, rank_probes: int = 16) -> None:
     model = sr.load(name)
     prompt = _tokens(model, 16)
     sr.analyze(model, "warm up", positions="last", exact=False)
     start = time.perf_counter()
-    smap = sr.stability_map(model, prompt, eps=0.1)
+    smap = sr.stability_map(model, prompt, eps=0.1, rank_probes=rank_probes)
     seconds = time.perf_counter() - start
     np.savez(
         out,
@@ -30,8 +31,9 @@ def main(name: str, out: str) -> None:
         effective_rank=smap.effective_rank,
     )
     cells = int(smap.lambda_max.size)
-    print(json.dumps({"model": name, "seconds": round(seconds, 2), "cells": cells}))
+    row = {"model": name, "seconds": round(seconds, 2), "cells": cells, "rank_probes": rank_probes}
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(x) for x in sys.argv[3:4]))

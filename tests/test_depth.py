@@ -17,6 +17,7 @@ from conftest import tiny_model
 
 import stable_regions as sr
 from stable_regions.cli import main
+from stable_regions.errors import InvalidParameterError
 from stable_regions.geometry import (
     FisherOperator,
     JacobianGram,
@@ -243,11 +244,49 @@ def test_stability_map_agrees_with_analyze(tokenizer, tmp_path, monkeypatch, gra
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_map_without_the_effective_rank_keeps_the_rest(tokenizer, monkeypatch, tmp_path):
+    """``rank_probes=0``: the same ``lambda_max`` and radii as the default map, the rank NaN,
+    no trace computed (no Hutchinson probe, no trace at the final layer), and two panels;
+    another probe count changes only the rank."""
+    import stable_regions.geometry.curvature as curvature
+    import stable_regions.studies.maps as maps
+
+    adapter = sr.wrap(tiny_model("llama", seed=2), tokenizer)
+    layers = ["embed", 1, "final"]
+    full = sr.stability_map(adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17])
+    traces = []
+    for module, name in (
+        (curvature.CurvatureOperator, "trace_estimate"),
+        (maps, "curvature_trace"),
+    ):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, real=real, **k: traces.append(1) or real(*a, **k)
+        )
+    bare = sr.stability_map(
+        adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17], rank_probes=0
+    )
+    assert traces == []
+    for grid in ("lambda_max", "radius_pade", "radius_quadratic", "activation_norm"):
+        np.testing.assert_array_equal(getattr(bare, grid), getattr(full, grid), err_msg=grid)
+    assert np.isnan(bare.effective_rank).all() and np.isfinite(full.effective_rank).all()
+    assert len(bare.draw().axes) == 4 and len(full.draw().axes) == 6  # panels and colorbars
+    eight = sr.stability_map(
+        adapter, PROMPT, eps=0.1, layers=layers, positions=[0, 5, 17], rank_probes=8
+    )
+    assert traces and np.array_equal(eight.lambda_max, full.lambda_max)
+    assert not np.array_equal(eight.effective_rank[:2], full.effective_rank[:2])
+    np.testing.assert_array_equal(eight.effective_rank[2], full.effective_rank[2])  # exact
+    with pytest.raises(InvalidParameterError, match="rank_probes must be a whole number"):
+        sr.stability_map(adapter, PROMPT, layers=["final"], rank_probes=-1)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["map", "Hi there", "--layers", "99"], "out of range"),
         (["map", "Hi there", "--eps", "0"], "eps must be"),
+        (["map", "Hi there", "--rank-probes", "-2"], "--rank-probes must be a whole number"),
         (["map", "", "--layers", "final"], "prompt is empty"),
         (["jacobian", "Hi there", "--position", "40"], "out of range"),
         (["jacobian", "Hi there", "--plot", "out.pdf"], ".png"),
@@ -272,6 +311,11 @@ def test_depth_commands_write_outputs(capsys, monkeypatch, tmp_path, tokenizer):
     assert printed == [str(tmp_path / "m" / f"map.{s}") for s in ("json", "parquet", "png")]
     doc = json.loads((tmp_path / "m" / "map.json").read_text())
     assert doc["layers"] == ["embed", "0", "1", "2", "final"]
+    assert main(["map", "Hi there", "--rank-probes", "0", "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    bare = json.loads((tmp_path / "r" / "map.json").read_text())
+    assert all(x is None for row in bare["effective_rank"] for x in row), bare["effective_rank"]
+    assert all(x > 0 for row in bare["lambda_max"] for x in row)
     png = tmp_path / "j.png"
     assert main(["jacobian", "Hi there", "--json", "--plot", str(png), "-k", "2"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
         "activation scales compare; map.json has both",
     )
     mp.add_argument(
+        "--rank-probes",
+        default="16",
+        metavar="N",
+        help="Hutchinson probes behind the effective rank inside the network (default 16); "
+        "0: no effective rank, the radii and lambda_max about 30%% sooner",
+    )
+    mp.add_argument(
         "--out",
         default="stability-map",
         metavar="DIR",
@@ -46,6 +53,7 @@ def run(args) -> int:
     from ..studies.maps import stability_map
 
     check_eps([args.eps])
+    probes = _probes(args.rank_probes)
     positions = parse_positions(args.positions)
     check_output_dir(args.out, "--out")
     err, adapter = load_with_status(args)
@@ -56,9 +64,20 @@ def run(args) -> int:
             eps=args.eps,
             layers=args.layers,
             positions=positions,
+            rank_probes=probes,
             progress=tick,
         )
     out = result.save(args.out, relative=args.relative)
     for name in ("map.json", "map.parquet", "map.png"):
         print(out / name)
     return 0
+
+
+def _probes(text: str) -> int:
+    from ..errors import StableRegionsError
+
+    if not text.isdigit():
+        raise StableRegionsError(
+            f"--rank-probes must be a whole number >= 0 (0: no effective rank), got {text!r}"
+        )
+    return int(text)

@@ -48,11 +48,13 @@ def map_cells(
     stage: Stage | None = None,
     shared_cache: SuffixBatch | None = None,
     progress: Callable[[int], None] | None = None,
+    probes: int = 16,
 ) -> dict[str, Block]:
     """One ``Block`` per hook inside the network (all of ``pos``): ``lambda_max``, the
-    effective rank from the Krylov space's trace and 16 Hutchinson probes, the top direction,
-    and the Pade radius at ``eps`` (the nearer of ``+-v``); nothing measured. ``progress(n)``
-    is called with the cells done after each recorded chunk."""
+    effective rank from the Krylov space's trace and ``probes`` Hutchinson probes (0: none,
+    the rank NaN), the top direction, and the Pade radius at ``eps`` (the nearer of
+    ``+-v``); nothing measured. ``progress(n)`` is called with the cells done after each
+    recorded chunk."""
     stage = stage or quiet
     tol = eig_tolerance(eig_tol, adapter.compute_dtype)
     order = sorted(hooks, key=adapter.hook_points().index)  # shallowest first
@@ -72,8 +74,8 @@ def map_cells(
             adapter, ids, [h for h, _ in chunk], [p for _, p in chunk], shared_cache=shared_cache
         )
         op = PullbackOperator.from_suffix(suffix)
-        stage("curvature and trace estimate")
-        found.append(top_and_rank_estimate(op, tol))
+        stage("curvature and trace estimate" if probes else "curvature")
+        found.append(top_and_rank_estimate(op, tol, probes))
         del op, suffix  # their recorded passes
         return_freed_memory()
         if progress is not None:

@@ -316,8 +316,14 @@ def closed_forms_along(
     return c2, pade, taylor
 
 
-def top_and_rank_estimate(op: PullbackOperator, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+def top_and_rank_estimate(
+    op: PullbackOperator, tol: float, probes: int = 16
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(lambda_max (P,), effective rank (P,), top eigenvector (P, d))`` with ``tr G`` the
-    Krylov space's trace plus 16 Hutchinson probes (what maps and ``analyze`` at blocks use)."""
-    lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=16)
+    Krylov space's trace plus ``probes`` Hutchinson probes (16: what maps and ``analyze`` at
+    blocks use); ``probes=0``: no trace, the rank NaN."""
+    if probes == 0:
+        lam, vecs = op.top_eigenpairs(k=1, tol=tol)
+        return lam[:, 0], torch.full_like(lam[:, 0], torch.nan), vecs[:, 0]
+    lam, vecs, trace_g = op.top_eigenpairs_and_trace(k=1, tol=tol, probes=probes)
     return lam[:, 0], effective_rank(trace_g, lam[:, 0]), vecs[:, 0]

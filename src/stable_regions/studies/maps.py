@@ -134,7 +134,7 @@ class StabilityMap(Result):
 
     def draw(self, ax=None, *, quantity: str | None = None, relative: bool = False):
         """Heatmaps, tokens across and layers down: without ``ax`` three panels (the Pade
-        radius, ``lambda_max``, the effective rank); with it, the panel of ``quantity``
+        radius, ``lambda_max``, the effective rank where the map has it); with it, the panel of ``quantity``
         (``radius_pade``, ``radius_relative``, ``lambda_max`` or ``effective_rank``).
         ``relative``: the radius panel shows ``radius_pade / |h|``."""
         radius = "radius_relative" if relative else "radius_pade"
@@ -148,6 +148,8 @@ class StabilityMap(Result):
             names = [quantity]
         elif ax is not None:
             names = [radius]
+        elif not np.isfinite(self.effective_rank).any():  # a map made without it
+            names.remove("effective_rank")
         n_l, n_p = self.radius_pade.shape
         if ax is None:
             width = min(40.0, max(7.0, 0.42 * n_p + 2.5))
@@ -196,6 +198,7 @@ def stability_map(
     positions: str | int | Sequence[int] = "all",
     layers: Sequence[str | int] | str | None = None,
     eig_tol: float = 1e-3,
+    rank_probes: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> StabilityMap:
     """The (layer x position) grid of the Pade radius at ``eps``, ``lambda_max`` and the
@@ -217,6 +220,10 @@ def stability_map(
         (``blocks.{i}.hook_resid_post``).
     eig_tol : float, default 1e-3
         The Lanczos tolerance inside the network (relative residual).
+    rank_probes : int, default 16
+        Hutchinson probes behind the effective rank inside the network (beside the Krylov
+        space's exact part; the final layer's trace is exact). ``0``: no effective rank (the
+        grid is NaN), for a map of the radii about 30% sooner.
     progress : callable, optional
         Called as ``progress(done, total)`` after each block of cells.
 
@@ -236,6 +243,10 @@ def stability_map(
             f"a map is drawn at one eps, got {len(eps_list)} ({eps_list}): make one map per eps"
         )
     (e,) = eps_list
+    if isinstance(rank_probes, bool) or not isinstance(rank_probes, int) or rank_probes < 0:
+        raise InvalidParameterError(
+            f"rank_probes must be a whole number >= 0 (0: no effective rank), got {rank_probes!r}"
+        )
     adapter = as_adapter(model)
     layer_list = check_layers(layers, adapter.n_layers, default=default_layers(adapter.n_layers))
     hooks = [adapter.hook_for_layer(layer) for layer in layer_list]  # validates before any work
@@ -262,11 +273,19 @@ def stability_map(
     inside = {}
     if inner:
         inside = map_cells(
-            adapter, ids, inner, pos, e, eig_tol, shared_cache=cache, progress=cells_done
+            adapter,
+            ids,
+            inner,
+            pos,
+            e,
+            eig_tol,
+            shared_cache=cache,
+            progress=cells_done,
+            probes=rank_probes,
         )
     for i, hook in enumerate(hooks):
         if is_final(hook) and adapter.logit_softcap is None:
-            blocks = _final_layer_cells(adapter, ids, pos, e, min(eig_tol, 1e-4))
+            blocks = _final_layer_cells(adapter, ids, pos, e, min(eig_tol, 1e-4), rank_probes > 0)
         elif is_final(hook):  # softcapped logits: the float64 head's exact operator
             blocks = prelogit_blocks(adapter, ids, pos, [e], exact=False, rtol=1e-6)
         else:
@@ -274,7 +293,8 @@ def stability_map(
         for b in blocks:
             cols = [pos.index(p) for p in b.positions]
             grids["lambda_max"][i, cols] = b.lambda_max.cpu().numpy()
-            grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
+            if rank_probes:
+                grids["effective_rank"][i, cols] = b.effective_rank.cpu().numpy()
             grids["radius_pade"][i, cols] = b.pade[:, 0]
             grids["radius_quadratic"][i, cols] = radius_quadratic(b.lambda_max, e).cpu().numpy()
             grids["activation_norm"][i, cols] = b.activation_norm.cpu().numpy()
@@ -309,23 +329,29 @@ class _Cells:
 
 
 def _final_layer_cells(
-    adapter: ModelAdapter, ids: Tensor, pos: list[int], eps: float, eig_tol: float
+    adapter: ModelAdapter, ids: Tensor, pos: list[int], eps: float, eig_tol: float, rank: bool
 ):
     """The pre-logit vector with a linear head, in float32 from the logits as a document scan
     does (``scan.Scanner``, ``geometry.curvature_trace``): no float64 copy of the head. The
     search runs in float32 to ``eig_tol``, as the inner layers' Lanczos: a bfloat16 search
-    (the scan's default) left 5e-4 in the radius of a flat position of a tiny model."""
+    (the scan's default) left 5e-4 in the radius of a flat position of a tiny model.
+    ``rank=False``: no trace (a pass over W), the rank NaN."""
     scanner = Scanner(adapter, tol=eig_tol, search=torch.float32)
     h = adapter.prelogits(ids, dtype=None)[pos]
     block = position_block(adapter.vocab_size)
     for s in range(0, len(pos), block):
         logits = scanner.logits(h[s : s + block])
         found = scanner.scan_logits(logits, [eps])
-        trace = curvature_trace(scanner.weight, logits)
+        lam = found["lambda_max"]
+        rank = (
+            effective_rank(curvature_trace(scanner.weight, logits), lam)
+            if rank
+            else torch.full_like(lam, torch.nan)
+        )
         yield _Cells(
             positions=pos[s : s + block],
-            lambda_max=found["lambda_max"],
-            effective_rank=effective_rank(trace, found["lambda_max"]),
+            lambda_max=lam,
+            effective_rank=rank,
             pade=found["radius_pade"].cpu().numpy(),
             activation_norm=h[s : s + block].float().norm(dim=-1),
         )
