@@ -134,8 +134,9 @@ class StabilityMap(Result):
 
     def draw(self, ax=None, *, quantity: str | None = None, relative: bool = False):
         """Heatmaps, tokens across and layers down: without ``ax`` three panels (the Pade
-        radius, ``lambda_max``, the effective rank where the map has it); with it, the panel of ``quantity``
-        (``radius_pade``, ``radius_relative``, ``lambda_max`` or ``effective_rank``).
+        radius, ``lambda_max``, the effective rank where the map has it); with it, the panel
+        of ``quantity`` (``radius_pade``, ``radius_relative``, ``lambda_max`` or
+        ``effective_rank``).
         ``relative``: the radius panel shows ``radius_pade / |h|``."""
         radius = "radius_relative" if relative else "radius_pade"
         names = [radius, "lambda_max", "effective_rank"]
