@@ -11,8 +11,8 @@ Lanczos search (``top_curvature``), the diagonal of H, the float64 products ``W 
 ``W sign(v)``; ``analyze_s`` is the whole command's library call (the measured boundary
 included). The scan's stages are its own (``Scanner``): the pass to the pre-logit vectors,
 the float32 logits, the search (bfloat16 where native, residual 1e-2) and its float32
-refinement ``W v``. The bfloat16 line times one product of 64 rows with a random W of the 1B shape in
-float32 and in bfloat16, and the error of a two-piece bfloat16 split (``W = W_hi + W_lo``,
+refinement ``W v``. The bfloat16 line times one product of 64 rows with a random W of the 1B
+shape in float32 and in bfloat16, and the error of a two-piece bfloat16 split (``W = W_hi + W_lo``,
 ``q = q_hi + q_lo``) against float64: what a search in bfloat16 at float32's accuracy would
 cost here (docs/performance.md, "Issue 35's targets").
 """
@@ -43,6 +43,24 @@ def seconds(fn, repeat: int = 2) -> float:
     return statistics.median(times)
 
 
+def forward_seconds(model, ids) -> float:
+    """A forward pass of ``ids`` with every position's logits: the median of 5."""
+
+    def forward():
+        with torch.no_grad():
+            model.forward(ids, use_cache=False)
+
+    return seconds(forward, 5)
+
+
+def in_forwards(out: dict, keys: tuple[str, ...]) -> dict:
+    """``out`` with each ``*_s`` of ``keys`` also as ``*_forwards`` (over ``forward_s``), the
+    floats rounded."""
+    for key in keys:
+        out[key.replace("_s", "_forwards")] = round(out[key] / out["forward_s"], 2)
+    return {k: round(x, 4) if isinstance(x, float) else x for k, x in out.items()}
+
+
 def load(name: str):
     if name.startswith("llama3-1b"):
         return build_model(ScaleShape.make(True), sr.load("smollm2-135m").tokenizer)
@@ -55,12 +73,7 @@ def stages(name: str, n: int = 64) -> dict:
     ids = model.tokenize(prompt)
     head = model.summing_head
     out: dict = {"model": name, "tokens": int(ids.shape[1])}
-
-    def forward():
-        with torch.no_grad():
-            model.forward(ids, use_cache=False)
-
-    out["forward_s"] = seconds(forward, 5)
+    out["forward_s"] = forward_seconds(model, ids)
     h = model.prelogits(ids, dtype=None)[:n].to(torch.float64)
     out["u0_s"] = seconds(lambda: head.raw_float64(h), 1)
     u0 = head.raw_float64(h)
@@ -86,10 +99,7 @@ def stages(name: str, n: int = 64) -> dict:
     start = time.perf_counter()
     sr.analyze(model, prompt, eps=[0.1, 1.0], positions="all", exact=True)
     out["analyze_s"] = time.perf_counter() - start
-    f = out["forward_s"]
-    for key in ("u0_s", "search_s", "diagonal_s", "directions_s", "analyze_s"):
-        out[key.replace("_s", "_forwards")] = round(out[key] / f, 2)
-    return {k: round(x, 4) if isinstance(x, float) else x for k, x in out.items()}
+    return in_forwards(out, ("u0_s", "search_s", "diagonal_s", "directions_s", "analyze_s"))
 
 
 def scan_stages(name: str, n: int = 128) -> dict:
@@ -99,12 +109,7 @@ def scan_stages(name: str, n: int = 128) -> dict:
     ids = model.tokenize(_tokens(model, n))
     scanner = Scanner(model)
     out: dict = {"model": name, "scan_tokens": int(ids.shape[1])}
-
-    def forward():
-        with torch.no_grad():
-            model.forward(ids, use_cache=False)
-
-    out["forward_s"] = seconds(forward, 5)
+    out["forward_s"] = forward_seconds(model, ids)
     with torch.no_grad():
         out["prelogits_s"] = seconds(lambda: model.prelogits(ids, dtype=None), 1)
         h = model.prelogits(ids, dtype=None)
@@ -120,10 +125,7 @@ def scan_stages(name: str, n: int = 128) -> dict:
         out["scan_s"] = seconds(lambda: scanner.scan(model, ids, [0.1]), 1)
     it = found.iterations.double()
     out.update(iterations_mean=float(it.mean()), iterations_max=int(it.max()))
-    f = out["forward_s"]
-    for key in ("prelogits_s", "logits_s", "search_s", "refinement_s", "scan_s"):
-        out[key.replace("_s", "_forwards")] = round(out[key] / f, 2)
-    return {k: round(x, 4) if isinstance(x, float) else x for k, x in out.items()}
+    return in_forwards(out, ("prelogits_s", "logits_s", "search_s", "refinement_s", "scan_s"))
 
 
 def bfloat16_products(V: int = 128256, d: int = 2048, P: int = 64) -> dict:
